@@ -1,0 +1,90 @@
+"""The ``splitinfer`` console script: a dispatcher, nothing more.
+
+Each package registers its subcommands under the ``splitinfer.commands`` entry-point
+group (see pyproject.toml). A registering module must be cheap to import: it adds an
+argparse sub-parser and sets ``func``; heavy imports (onnx, onnxruntime, paho) happen
+inside ``func``. So ``splitinfer --help`` works on an edge install that lacks ``onnx``.
+
+``func(args) -> int`` returns the exit code. Errors derived from
+:class:`splitinfer.errors.SplitInferError` become one line on stderr and their
+``exit_code`` (2 for bad input, 3 for a failed start-up), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
+from splitinfer.errors import EXIT_BAD_INPUT, EXIT_FAILED, SplitInferError
+
+__all__ = ["main", "build_parser", "env_default"]
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+log = logging.getLogger(__name__)
+
+
+def env_default(flag: str, default: str | None = None) -> str | None:
+    """Default for ``--some-flag`` read from ``SPLITINFER_SOME_FLAG`` when set."""
+    return os.environ.get("SPLITINFER_" + flag.lstrip("-").replace("-", "_").upper(), default)
+
+
+def _registrars() -> list[tuple[str, Register]]:
+    found = []
+    for ep in sorted(metadata.entry_points(group="splitinfer.commands"), key=lambda e: e.name):
+        try:
+            found.append((ep.name, ep.load()))
+        except ImportError as exc:  # a package whose extra is not installed
+            log.debug("command %s unavailable: %s", ep.name, exc)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitinfer",
+        description="Split inference for edge fleets: cut an ONNX model, run the head on "
+        "devices and the tail on cloud workers over MQTT.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    try:
+        version = metadata.version("splitinfer")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    parser.add_argument("--version", action="version", version=f"splitinfer {version}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _name, register in _registrars():
+        register(sub)
+    return parser
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    prog = f"splitinfer {args.command}"
+    try:
+        return int(func(args))
+    except SplitInferError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ImportError as exc:
+        print(f"{prog}: error: {exc}; install the extra this command needs, e.g. "
+              "pip install 'splitinfer[all]'", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The one error hierarchy every splitinfer package raises.
+
+::
+
+    SplitInferError
+     ├── BadInputError (ValueError)        bad user input: a file, a flag, a tensor name  → exit 2
+     │    ├── ManifestError                 manifest.json missing, unreadable or inconsistent
+     │    └── TensorError                   dtype / shape / quantization does not match the contract
+     ├── WireError (ValueError)            a message that cannot be decoded or is too large
+     ├── VerificationError                 head→tail differs from the full model beyond tolerance → exit 1
+     ├── StartupError                      a service could not start (broker unreachable, no artifacts) → exit 3
+     ├── RemoteError                       the far side answered with an error code
+     ├── DeadlineExceeded (TimeoutError)   no answer before the request's deadline
+     └── TransportError (ConnectionError)  the broker connection failed or was lost
+
+Every class carries the context it knows (``split_id``, ``device_id``, ``topic``) so that a
+log line or a CLI message can name what went wrong and what was expected.
+A dependency's exceptions are translated where they enter (``raise X(...) from exc``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ErrorCode",
+    "SplitInferError",
+    "BadInputError",
+    "ManifestError",
+    "TensorError",
+    "WireError",
+    "VerificationError",
+    "StartupError",
+    "RemoteError",
+    "DeadlineExceeded",
+    "TransportError",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_BAD_INPUT",
+    "EXIT_STARTUP",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STARTUP = 3
+
+
+class ErrorCode(str, enum.Enum):
+    """Codes that travel back to a device inside an error result."""
+
+    BAD_MESSAGE = "bad_message"  # undecodable envelope (not msgpack, truncated, wrong version)
+    UNKNOWN_SPLIT = "unknown_split"  # no worker artifact for this split id
+    BAD_TENSOR = "bad_tensor"  # dtype / shape / count does not match the manifest
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    DEADLINE_EXPIRED = "deadline_expired"  # arrived (or waited) past its deadline
+    OVERLOADED = "overloaded"  # the worker's bounded queue is full
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"  # the tail failed; the message says how
+
+
+class SplitInferError(Exception):
+    """Base of every error splitinfer raises on purpose."""
+
+    exit_code: int = EXIT_FAILED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        split_id: str | None = None,
+        device_id: str | None = None,
+        topic: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.split_id = split_id
+        self.device_id = device_id
+        self.topic = topic
+
+
+class BadInputError(SplitInferError, ValueError):
+    """The user gave us something we cannot use; the message says what was expected."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ManifestError(BadInputError):
+    """A manifest.json is missing, unreadable or inconsistent with its artifacts."""
+
+
+class TensorError(BadInputError):
+    """A tensor's dtype, shape or quantization does not match what the contract expects."""
+
+
+class WireError(SplitInferError, ValueError):
+    """A message on the wire cannot be decoded, or breaks a size limit."""
+
+    def __init__(
+        self, message: str, *, code: ErrorCode = ErrorCode.BAD_MESSAGE, **context: str | None
+    ) -> None:
+        super().__init__(message, **context)
+        self.code = code
+
+
+class VerificationError(SplitInferError):
+    """head→tail does not reproduce the full model within tolerance."""
+
+    exit_code = EXIT_FAILED
+
+
+class StartupError(SplitInferError):
+    """A service could not start: nothing to serve, or the broker cannot be reached."""
+
+    exit_code = EXIT_STARTUP
+
+
+class RemoteError(SplitInferError):
+    """The other side answered with an error result."""
+
+    def __init__(self, code: str, message: str, **context: str | None) -> None:
+        super().__init__(f"{code}: {message}", **context)
+        self.code = code
+        self.remote_message = message
+
+
+class DeadlineExceeded(SplitInferError, TimeoutError):
+    """No answer arrived before the request's deadline."""
+
+
+class TransportError(SplitInferError, ConnectionError):
+    """The broker connection failed or was lost."""

@@ -1,0 +1,307 @@
+"""``manifest.json``: what a split directory holds and what crosses the cut.
+
+Written by ``splitinfer split``; read by the edge agent (which runs ``head``) and by
+cloud workers (which run ``tail``). Plain JSON so that any language can read it::
+
+    {
+      "format": "splitinfer.manifest/1",
+      "split_id": "digits_cnn-1a2b3c4d-5e6f7a8b",
+      "model": "digits_cnn",
+      "source": {"path": "digits_cnn.onnx", "sha256": "…"},
+      "head": {"path": "head.onnx", "sha256": "…"},
+      "tail": {"path": "tail.onnx", "sha256": "…"},
+      "inputs":  [{"name": "x", "dtype": "float32", "shape": ["N", 1, 8, 8]}],
+      "cut":     [{"name": "q1", "dtype": "int8", "shape": ["N", 16, 4, 4],
+                   "quantization": {"scale": 0.02, "zero_point": 0}}],
+      "outputs": [{"name": "logits", "dtype": "float32", "shape": ["N", 10]}],
+      "bytes_per_sample": 256,
+      "opsets": {"": 17, "com.microsoft": 1},
+      "versions": {"splitinfer": "0.1.0", "onnx": "1.17.0", "onnxruntime": "1.20.0"},
+      "verification": {"max_abs_diff": 0.0, "samples": 8, "tolerance": 1e-05}
+    }
+
+Shapes use an int for a fixed dimension and a string (or null) for a dynamic one; the
+first dimension is the batch. ``bytes_per_sample`` excludes the batch dimension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitinfer.dtypes import numpy_dtype
+from splitinfer.errors import ManifestError, TensorError
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "Quantization",
+    "TensorSpec",
+    "FileRef",
+    "Manifest",
+    "make_split_id",
+    "sha256_file",
+    "safe_name",
+    "find_split_dirs",
+]
+
+MANIFEST_FORMAT = "splitinfer.manifest/1"
+MANIFEST_NAME = "manifest.json"
+Dim = int | str | None
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(text: str) -> str:
+    """A name usable in an MQTT topic level and a file name (no '/', '+', '#')."""
+    cleaned = _SAFE.sub("_", text).strip("._")
+    return cleaned or "model"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine int8/uint8 quantization: real = (q - zero_point) * scale (per tensor)."""
+
+    scale: float
+    zero_point: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise TensorError(f"quantization scale must be finite and > 0, got {self.scale!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": float(self.scale), "zero_point": int(self.zero_point)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Quantization:
+        return cls(scale=float(data["scale"]), zero_point=int(data["zero_point"]))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype, shape (batch first) and optional quantization of one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    quantization: Quantization | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise TensorError("tensor name must not be empty")
+        numpy_dtype(self.dtype)  # raises TensorError naming the bad dtype
+        for dim in self.shape:
+            if isinstance(dim, int) and dim < 0:
+                raise TensorError(f"tensor {self.name!r}: negative dimension in {self.shape}")
+        if self.quantization is not None and self.dtype not in ("int8", "uint8", "int16",
+                                                                  "uint16"):
+            raise TensorError(
+                f"tensor {self.name!r}: quantization given for dtype {self.dtype}, "
+                "expected an integer dtype"
+            )
+
+    @property
+    def itemsize(self) -> int:
+        return int(numpy_dtype(self.dtype).itemsize)
+
+    @property
+    def sample_shape(self) -> tuple[Dim, ...]:
+        return self.shape[1:]
+
+    def bytes_per_sample(self) -> int | None:
+        """Bytes of one sample (batch dim excluded); None when a non-batch dim is dynamic."""
+        total = self.itemsize
+        for dim in self.sample_shape:
+            if not isinstance(dim, int):
+                return None
+            total *= dim
+        return total
+
+    def check(self, array: np.ndarray[Any, Any], *, batched: bool = True) -> None:
+        """Raise TensorError unless ``array`` matches this spec (dtype and fixed dims)."""
+        if array.dtype.name != self.dtype:
+            raise TensorError(
+                f"tensor {self.name!r}: expected dtype {self.dtype}, got {array.dtype.name}"
+            )
+        expected = self.shape if batched else self.sample_shape
+        if array.ndim != len(expected):
+            raise TensorError(
+                f"tensor {self.name!r}: expected {len(expected)} dims "
+                f"{_fmt_shape(expected)}, got shape {tuple(array.shape)}"
+            )
+        for want, got in zip(expected, array.shape, strict=True):
+            if isinstance(want, int) and want != got:
+                raise TensorError(
+                    f"tensor {self.name!r}: expected shape {_fmt_shape(expected)}, "
+                    f"got {tuple(array.shape)}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        try:
+            quant = data.get("quantization")
+            return cls(
+                name=str(data["name"]),
+                dtype=str(data["dtype"]),
+                shape=tuple(data["shape"]),
+                quantization=Quantization.from_dict(quant) if quant else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, TensorError):
+                raise
+            raise ManifestError(f"bad tensor entry {dict(data)!r}: {exc}") from exc
+
+
+def _fmt_shape(shape: Sequence[Dim]) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+@dataclass(frozen=True)
+class FileRef:
+    path: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FileRef:
+        return cls(path=str(data["path"]), sha256=str(data["sha256"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    split_id: str
+    model: str
+    source: FileRef
+    head: FileRef
+    tail: FileRef
+    inputs: tuple[TensorSpec, ...]
+    cut: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opsets: Mapping[str, int] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    verification: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.split_id or safe_name(self.split_id) != self.split_id:
+            raise ManifestError(
+                f"split_id {self.split_id!r} must be non-empty and use only "
+                "letters, digits, '_', '.', '-'"
+            )
+        for label, specs in (("inputs", self.inputs), ("cut", self.cut),
+                             ("outputs", self.outputs)):
+            if not specs:
+                raise ManifestError(f"manifest {self.split_id}: {label} must not be empty")
+
+    @property
+    def bytes_per_sample(self) -> int | None:
+        sizes = [spec.bytes_per_sample() for spec in self.cut]
+        if any(size is None for size in sizes):
+            return None
+        return sum(size for size in sizes if size is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "split_id": self.split_id,
+            "model": self.model,
+            "source": self.source.to_dict(),
+            "head": self.head.to_dict(),
+            "tail": self.tail.to_dict(),
+            "inputs": [s.to_dict() for s in self.inputs],
+            "cut": [s.to_dict() for s in self.cut],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "bytes_per_sample": self.bytes_per_sample,
+            "opsets": dict(self.opsets),
+            "versions": dict(self.versions),
+            "verification": dict(self.verification),
+            **({"extra": dict(self.extra)} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        fmt = data.get("format")
+        if fmt != MANIFEST_FORMAT:
+            raise ManifestError(f"unsupported manifest format {fmt!r}; expected {MANIFEST_FORMAT!r}")
+        try:
+            return cls(
+                split_id=str(data["split_id"]),
+                model=str(data["model"]),
+                source=FileRef.from_dict(data["source"]),
+                head=FileRef.from_dict(data["head"]),
+                tail=FileRef.from_dict(data["tail"]),
+                inputs=tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
+                cut=tuple(TensorSpec.from_dict(d) for d in data["cut"]),
+                outputs=tuple(TensorSpec.from_dict(d) for d in data["outputs"]),
+                opsets={str(k): int(v) for k, v in data.get("opsets", {}).items()},
+                versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
+                verification=dict(data.get("verification", {})),
+                extra=dict(data.get("extra", {})),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest is missing or has a bad field: {exc}") from exc
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        """Load ``path`` (a manifest.json or the split directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no such file; expected a split directory written by "
+                                "'splitinfer split' (with manifest.json)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: not a readable JSON manifest: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    def resolve(self, directory: str | Path, which: str) -> Path:
+        """Absolute path of ``head`` or ``tail`` for a manifest loaded from ``directory``."""
+        ref = {"head": self.head, "tail": self.tail}[which]
+        return (Path(directory) / ref.path).resolve()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_split_id(model: str, source_sha256: str, cut_names: Iterable[str]) -> str:
+    """Stable id: same model file + same cut → same id, on every machine."""
+    cut_digest = hashlib.sha256("\0".join(sorted(cut_names)).encode()).hexdigest()
+    return f"{safe_name(model)}-{source_sha256[:8]}-{cut_digest[:8]}"
+
+
+def find_split_dirs(root: str | Path) -> list[Path]:
+    """``root`` itself if it holds a manifest, else every directory below it that does."""
+    root = Path(root)
+    if (root / MANIFEST_NAME).is_file():
+        return [root]
+    return sorted(p.parent for p in root.rglob(MANIFEST_NAME))
