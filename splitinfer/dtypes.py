@@ -42,7 +42,7 @@ _FROM_ORT = {
 def canonical_dtype(value: object) -> str:
     """Return the canonical name of a numpy dtype, a dtype name, or raise TensorError."""
     try:
-        name = np.dtype(value).name  # type: ignore[call-overload]
+        name = str(np.dtype(value).name)  # type: ignore[call-overload]
     except TypeError as exc:
         raise TensorError(f"unknown dtype {value!r}; expected one of {sorted(DTYPES)}") from exc
     if name not in DTYPES:

@@ -3,12 +3,12 @@
 ::
 
     SplitInferError
-     ├── BadInputError (ValueError)        bad user input: a file, a flag, a tensor name  → exit 2
+     ├── BadInputError (ValueError)        bad user input: file, flag, tensor name → exit 2
      │    ├── ManifestError                 manifest.json missing, unreadable or inconsistent
      │    └── TensorError                   dtype / shape / quantization does not match the contract
      ├── WireError (ValueError)            a message that cannot be decoded or is too large
-     ├── VerificationError                 head→tail differs from the full model beyond tolerance → exit 1
-     ├── StartupError                      a service could not start (broker unreachable, no artifacts) → exit 3
+     ├── VerificationError                 head→tail differs from the full model → exit 1
+     ├── StartupError                      a service could not start → exit 3
      ├── RemoteError                       the far side answered with an error code
      ├── DeadlineExceeded (TimeoutError)   no answer before the request's deadline
      └── TransportError (ConnectionError)  the broker connection failed or was lost

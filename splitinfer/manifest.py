@@ -238,7 +238,8 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         fmt = data.get("format")
         if fmt != MANIFEST_FORMAT:
-            raise ManifestError(f"unsupported manifest format {fmt!r}; expected {MANIFEST_FORMAT!r}")
+            raise ManifestError(
+                f"unsupported manifest format {fmt!r}; expected {MANIFEST_FORMAT!r}")
         try:
             return cls(
                 split_id=str(data["split_id"]),

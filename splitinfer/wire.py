@@ -1,0 +1,257 @@
+"""The message envelope: one msgpack map per MQTT payload, requests and results alike.
+
+::
+
+    {"v": 1,                      # envelope version; a decoder refuses any other
+     "k": "req" | "res",          # kind
+     "id": "…",                   # request id, echoed by the result
+     "dev": "cam-0007",           # device id
+     "split": "digits_cnn-…",     # split id (names head/tail artifacts)
+     "dl": 1764345600.123,        # absolute deadline, unix seconds (0 = none)
+     "rt": "splitinfer/v1/res/cam-0007",   # where to answer (MQTT 3.1.1 has no response topic)
+     "ts": {"head_start": …, "sent": …},   # stage timestamps, unix seconds, per side's clock
+     "t": [{"n": "q1", "d": "int8", "s": [4, 16, 4, 4], "b": <bin>, "q": [0.02, 0]}],
+     "err": {"code": "bad_tensor", "msg": "…"}}   # results only, instead of tensors
+
+Tensors travel as raw C-order bytes with their canonical dtype name and shape; int8/uint8
+tensors carry ``q = [scale, zero_point]``. Decoding checks every size before touching
+data and wraps the received bytes with :func:`numpy.frombuffer` (no further copy; the
+arrays are read-only). No pickle, no ext types, no code on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from splitinfer.dtypes import DTYPES, canonical_dtype
+from splitinfer.errors import ErrorCode, WireError
+from splitinfer.manifest import Quantization
+
+__all__ = [
+    "VERSION",
+    "DEFAULT_MAX_PAYLOAD",
+    "REQUEST",
+    "RESULT",
+    "WireTensor",
+    "ErrorInfo",
+    "Envelope",
+    "encode",
+    "decode",
+    "new_request_id",
+    "peek_reply_address",
+]
+
+VERSION = 1
+REQUEST = "req"
+RESULT = "res"
+# mosquitto's own default message_size_limit is 256 MB; ours is tighter on purpose.
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+_MAX_TENSORS = 64
+_MAX_DIMS = 8
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    name: str
+    array: np.ndarray[Any, Any]
+    quantization: Quantization | None = None
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str) -> ErrorInfo:
+        return cls(code=code.value, message=message)
+
+
+@dataclass
+class Envelope:
+    kind: str
+    request_id: str
+    device_id: str
+    split_id: str
+    tensors: Sequence[WireTensor] = ()
+    deadline: float = 0.0
+    reply_to: str = ""
+    timestamps: dict[str, float] = field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in (REQUEST, RESULT):
+            raise WireError(f"envelope kind must be {REQUEST!r} or {RESULT!r}, got {self.kind!r}")
+
+    def stamp(self, stage: str, when: float | None = None) -> None:
+        self.timestamps[stage] = time.time() if when is None else when
+
+    def arrays(self) -> dict[str, np.ndarray[Any, Any]]:
+        return {t.name: t.array for t in self.tensors}
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline > 0 and (time.time() if now is None else now) > self.deadline
+
+    def result(self, tensors: Sequence[WireTensor] = (), error: ErrorInfo | None = None,
+               ) -> Envelope:
+        """A result envelope answering this request (timestamps carried over)."""
+        return Envelope(kind=RESULT, request_id=self.request_id, device_id=self.device_id,
+                        split_id=self.split_id, tensors=tensors, deadline=self.deadline,
+                        timestamps=dict(self.timestamps), error=error)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _tensor_to_wire(t: WireTensor) -> dict[str, Any]:
+    array = t.array if t.array.flags.c_contiguous else t.array.copy(order="C")
+    entry: dict[str, Any] = {
+        "n": t.name,
+        "d": canonical_dtype(array.dtype),
+        "s": list(array.shape),
+        "b": array.reshape(-1).view(np.uint8).data if array.size else b"",
+    }
+    if t.quantization is not None:
+        entry["q"] = [float(t.quantization.scale), int(t.quantization.zero_point)]
+    return entry
+
+
+def encode(env: Envelope) -> bytes:
+    """Serialize an envelope; raises WireError for values the contract cannot carry."""
+    body: dict[str, Any] = {
+        "v": VERSION, "k": env.kind, "id": env.request_id, "dev": env.device_id,
+        "split": env.split_id, "dl": float(env.deadline), "ts": env.timestamps,
+        "t": [_tensor_to_wire(t) for t in env.tensors],
+    }
+    if env.reply_to:
+        body["rt"] = env.reply_to
+    if env.error is not None:
+        body["err"] = {"code": env.error.code, "msg": env.error.message}
+    try:
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"cannot encode envelope {env.request_id!r}: {exc}") from exc
+
+
+def _field(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind):
+        raise WireError(f"envelope field {key!r} ({what}) missing or of type "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _tensor_from_wire(entry: Any, index: int) -> WireTensor:
+    if not isinstance(entry, dict):
+        raise WireError(f"tensor #{index}: expected a map, got {type(entry).__name__}")
+    name = _field(entry, "n", str, "tensor name")
+    dtype_name = _field(entry, "d", str, "dtype name")
+    if dtype_name not in DTYPES:
+        raise WireError(f"tensor {name!r}: unsupported dtype {dtype_name!r}; expected one of "
+                        f"{sorted(DTYPES)}", code=ErrorCode.BAD_TENSOR)
+    shape = _field(entry, "s", list, "shape")
+    if len(shape) > _MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise WireError(f"tensor {name!r}: bad shape {shape!r}; expected up to {_MAX_DIMS} "
+                        "non-negative ints", code=ErrorCode.BAD_TENSOR)
+    data = _field(entry, "b", bytes, "raw tensor bytes")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise WireError(f"tensor {name!r}: {len(data)} bytes for {dtype_name} {tuple(shape)}, "
+                        f"expected {expected}", code=ErrorCode.BAD_TENSOR)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    quant = None
+    q = entry.get("q")
+    if q is not None:
+        if not (isinstance(q, list) and len(q) == 2 and isinstance(q[0], (int, float))
+                and isinstance(q[1], int)):
+            raise WireError(f"tensor {name!r}: quantization must be [scale, zero_point], got "
+                            f"{q!r}", code=ErrorCode.BAD_TENSOR)
+        try:
+            quant = Quantization(scale=float(q[0]), zero_point=int(q[1]))
+        except ValueError as exc:
+            raise WireError(f"tensor {name!r}: {exc}", code=ErrorCode.BAD_TENSOR) from exc
+    return WireTensor(name=name, array=array, quantization=quant)
+
+
+def decode(payload: bytes | bytearray | memoryview, *,
+           max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Envelope:
+    """Parse and validate one envelope. Every failure is a WireError naming the problem."""
+    size = len(payload)
+    if size > max_bytes:
+        raise WireError(f"payload of {size} bytes exceeds the limit of {max_bytes} bytes",
+                        code=ErrorCode.PAYLOAD_TOO_LARGE)
+    try:
+        body = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, max_bin_len=max_bytes,
+            max_str_len=64 * 1024, max_array_len=max(_MAX_TENSORS, _MAX_DIMS),
+            max_map_len=64, max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise WireError(f"payload is not a msgpack envelope ({size} bytes): "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(body, dict):
+        raise WireError(f"envelope must be a msgpack map, got {type(body).__name__}")
+    version = body.get("v")
+    if version != VERSION:
+        raise WireError(f"unsupported envelope version {version!r}; expected {VERSION}")
+    kind = _field(body, "k", str, "kind")
+    if kind not in (REQUEST, RESULT):
+        raise WireError(f"envelope kind must be {REQUEST!r} or {RESULT!r}, got {kind!r}")
+    raw_tensors = body.get("t", [])
+    if not isinstance(raw_tensors, list):
+        raise WireError("envelope field 't' (tensors) must be a list")
+    timestamps = body.get("ts", {})
+    if not isinstance(timestamps, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) for k, v in timestamps.items()
+    ):
+        raise WireError("envelope field 'ts' must map stage names to unix times")
+    deadline = body.get("dl", 0.0)
+    if not isinstance(deadline, (int, float)):
+        raise WireError(f"envelope field 'dl' (deadline) must be a number, got {deadline!r}")
+    error = None
+    err = body.get("err")
+    if err is not None:
+        if not isinstance(err, dict):
+            raise WireError("envelope field 'err' must be a map with 'code' and 'msg'")
+        error = ErrorInfo(code=str(err.get("code", ErrorCode.INTERNAL.value)),
+                          message=str(err.get("msg", "")))
+    reply_to = body.get("rt", "")
+    return Envelope(
+        kind=kind,
+        request_id=_field(body, "id", str, "request id"),
+        device_id=_field(body, "dev", str, "device id"),
+        split_id=_field(body, "split", str, "split id"),
+        tensors=tuple(_tensor_from_wire(e, i) for i, e in enumerate(raw_tensors)),
+        deadline=float(deadline),
+        reply_to=reply_to if isinstance(reply_to, str) else "",
+        timestamps={k: float(v) for k, v in timestamps.items()},
+        error=error,
+    )
+
+
+def peek_reply_address(payload: bytes | bytearray | memoryview, *,
+                       max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[str, str]:
+    """Best effort (request id, reply topic) from a payload that failed :func:`decode`.
+
+    Returns empty strings for what cannot be read. Never raises.
+    """
+    if len(payload) > max_bytes:
+        return "", ""
+    try:
+        body = msgpack.unpackb(payload, raw=False, max_bin_len=max_bytes, max_ext_len=0)
+    except Exception:
+        return "", ""
+    if not isinstance(body, dict):
+        return "", ""
+    rid, rt = body.get("id", ""), body.get("rt", "")
+    return (rid if isinstance(rid, str) else "", rt if isinstance(rt, str) else "")
