@@ -35,6 +35,12 @@ CALIBRATE_METHODS = ("minmax", "entropy", "percentile", "distribution")
 # a 224x224 model's intermediate tensors stay within a few hundred MB.
 _CALIB_BATCH = 16
 
+# Ops left in float. Softmax: int8 probabilities lose resolution (1/255 steps) for no
+# speed-up, and onnxruntime's fused QLinearSoftmax (a lookup table) differs by one step
+# from DequantizeLinear→Softmax→QuantizeLinear, which is what a tail starting right
+# before it runs, so a cut there would no longer be exact.
+_KEEP_FLOAT = frozenset({"Softmax"})
+
 Arrays = Mapping[str, npt.NDArray[Any]]
 Dim = int | str | None
 
@@ -195,6 +201,8 @@ def quantize_static(
 
     with tempfile.TemporaryDirectory(prefix="splitinfer-quant-") as tmp:
         prepared = _pre_process(Path(model), Path(tmp) / "prepared.onnx")
+        excluded = _name_nodes(prepared, Path(tmp) / "named.onnx", _KEEP_FLOAT)
+        prepared = Path(tmp) / "named.onnx"
         extra_options = {
             # Keep Relu/Clip as their own ops only where needed: with asymmetric int8
             # activations onnxruntime folds them into the producer's quantization range,
@@ -213,6 +221,7 @@ def quantize_static(
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 calibrate_method=methods[calibrate_method],
                 calibration_providers=["CPUExecutionProvider"],
+                nodes_to_exclude=excluded,
                 extra_options=extra_options,
             )
         except BadInputError:
@@ -220,6 +229,29 @@ def quantize_static(
         except Exception as exc:  # onnxruntime raises bare Exception/RuntimeError types
             raise BadInputError(f"{model}: onnxruntime could not quantize it: {exc}") from exc
     return out
+
+
+def _name_nodes(model: Path, out: Path, keep_float: frozenset[str]) -> list[str]:
+    """Give every node a unique name (the quantizer selects nodes by name); write ``out``.
+
+    Returns the names of the nodes to leave in float: ops in ``keep_float``.
+    """
+    import onnx
+
+    proto = onnx.load(str(model))
+    taken = {node.name for node in proto.graph.node if node.name}
+    excluded = []
+    for index, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+        if node.op_type in keep_float:
+            excluded.append(node.name)
+    onnx.save(proto, str(out))
+    return excluded
 
 
 def _pre_process(model: Path, out: Path) -> Path:
