@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,10 @@ def load_calibration(
     missing = [name for name in specs if name not in arrays]
     extra = [name for name in arrays if name not in specs]
     if missing or extra:
-        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"]
-                                                              if extra else [])
-        raise BadInputError(f"{label}: {'; '.join(parts)} key(s); expected exactly one array "
-                            f"per model input: {expected}")
+        parts = ([f"missing key(s) {missing}"] if missing else []) + (
+            [f"unexpected key(s) {extra}"] if extra else [])
+        raise BadInputError(f"{label}: {'; '.join(parts)}; expected exactly one array per "
+                            f"model input: {expected}")
     counts = set()
     for name, (dtype, shape) in specs.items():
         array = arrays[name]
@@ -120,6 +121,9 @@ def _read_arrays(data: str | Path | Arrays) -> dict[str, npt.NDArray[Any]]:
     if not path.is_file():
         raise BadInputError(f"{path}: no such calibration file; expected an .npz with one "
                             "array per model input")
+    if not zipfile.is_zipfile(path):
+        raise BadInputError(f"{path}: not an .npz archive; expected one array per model "
+                            "input, keyed by input name (numpy.savez)")
     try:
         # allow_pickle=False: a calibration file must never be able to run code.
         with np.load(path, allow_pickle=False) as npz:
