@@ -1,0 +1,576 @@
+"""EdgeAgent: one device's asyncio client — head, encode, publish, await the matching result.
+
+::
+
+    config = AgentConfig(device_id="cam-7", broker="mqtt://broker:1883")
+    async with EdgeAgent.from_artifacts("artifacts/digits_cnn-…", config=config) as agent:
+        result = await agent.infer({"x": batch})          # head on the device, tail remote
+        result.outputs["logits"], result.timings["e2e"]
+        await agent.infer_activation({"q1": recorded})    # skip the head: fleet replay
+
+Connection: :meth:`EdgeAgent.start` connects once (:class:`StartupError` when the broker
+cannot be reached), subscribes to ``{prefix}/v1/res/{device_id}`` and publishes a retained
+``online`` on ``{prefix}/v1/status/{device_id}`` (last will: retained ``offline``). A
+supervisor task then reads results. aiomqtt does not reconnect by itself, so when the
+connection drops the supervisor reconnects with jittered exponential backoff, subscribes
+again and re-publishes every request still pending whose deadline has not passed.
+
+Requests: one per call, QoS 1 on ``{prefix}/v1/req/{model}/{device_id}``; the envelope names
+the reply topic and the absolute deadline, and on MQTT 5 the PUBLISH also carries Response
+Topic, Correlation Data (the request id) and Message Expiry Interval (time left). Results
+are matched by request id through a dict of futures; an entry is removed in ``finally``
+whatever happens. An error result raises :class:`RemoteError`; no result before the
+deadline raises :class:`DeadlineExceeded`.
+
+Nothing here blocks the loop except, optionally, the head (``head_in_thread=False``), so
+thousands of agents — one connection each, no thread each — can share one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.runtime import HeadRuntime, check_head, load_head
+from edge_agent.stats import STAGES, worker_stages
+from edge_agent.transport import (
+    Connector,
+    IncomingMessage,
+    LastWill,
+    MqttConnector,
+    PublishOptions,
+    Transport,
+)
+from splitinfer.errors import (
+    BadInputError,
+    DeadlineExceeded,
+    ErrorCode,
+    RemoteError,
+    StartupError,
+    TensorError,
+    TransportError,
+    WireError,
+)
+from splitinfer.manifest import Manifest, TensorSpec, safe_name
+from splitinfer.topics import DEFAULT_PREFIX, Topics, check_level
+from splitinfer.wire import (
+    DEFAULT_MAX_PAYLOAD,
+    REQUEST,
+    RESULT,
+    Envelope,
+    WireTensor,
+    decode,
+    encode,
+    new_request_id,
+    peek_reply_address,
+)
+
+__all__ = ["AgentConfig", "EdgeAgent", "InferenceResult", "check_tensors", "ONLINE", "OFFLINE"]
+
+log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+Inputs = Mapping[str, Array] | Array
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """Everything an agent needs besides its split; maps one-to-one onto ``edge run`` flags."""
+
+    device_id: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    prefix: str = DEFAULT_PREFIX
+    timeout_s: float = 10.0  # default deadline of a call, head included
+    qos: int = 1
+    presence: bool = True
+    head_in_thread: bool = True  # keep the loop free while the head runs
+    reconnect_min_s: float = 0.05
+    reconnect_max_s: float = 2.0
+    connect_timeout_s: float = 10.0
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+    def __post_init__(self) -> None:
+        check_level(self.device_id, "device id")
+        Topics(self.prefix)  # raises BadInputError naming a bad prefix
+        if not (self.timeout_s > 0 and self.connect_timeout_s > 0):
+            raise BadInputError(f"timeouts must be > 0, got timeout_s={self.timeout_s}, "
+                                f"connect_timeout_s={self.connect_timeout_s}")
+        if self.qos not in (0, 1, 2):
+            raise BadInputError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise BadInputError("expected 0 < reconnect_min_s <= reconnect_max_s, got "
+                                f"{self.reconnect_min_s}, {self.reconnect_max_s}")
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """Outputs in manifest order (read-only arrays over the received bytes) and timings (s)."""
+
+    request_id: str
+    outputs: dict[str, Array]
+    timings: dict[str, float]
+    split_id: str = ""
+
+
+@dataclass(eq=False)
+class _Reply:
+    envelope: Envelope
+    received: float  # perf_counter
+    decode_s: float
+
+
+@dataclass(eq=False)
+class _Pending:
+    request_id: str
+    future: asyncio.Future[_Reply]
+    payload: bytes
+    expires: float  # loop.time()
+    epoch: int = 0  # connection it was last published on
+    sent: float = 0.0  # perf_counter of the last publish
+    publishes: int = 0
+
+
+@dataclass
+class _Counters:
+    published: int = 0
+    republished: int = 0
+    late_results: int = 0
+    reconnects: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class EdgeAgent:
+    """The device side of one split, on one broker connection."""
+
+    def __init__(self, *, manifest: Manifest, config: AgentConfig,
+                 head: HeadRuntime | None = None, connector: Connector | None = None) -> None:
+        if head is not None:
+            check_head(head, manifest)
+        self.manifest = manifest
+        self.config = config
+        self.head = head
+        self._connector: Connector = connector or MqttConnector(
+            config.broker, timeout_s=config.connect_timeout_s)
+        topics = Topics(config.prefix)
+        self.request_topic = topics.request(safe_name(manifest.model), config.device_id)
+        self.result_topic = topics.result(config.device_id)
+        self.status_topic = topics.status(config.device_id)
+        self.counters = _Counters()
+        self._pending: dict[str, _Pending] = {}
+        self._transport: Transport | None = None
+        self._protocol = ""
+        self._epoch = 0
+        self._connected = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @classmethod
+    def from_artifacts(cls, directory: str | Path, *, config: AgentConfig,
+                       connector: Connector | None = None, threads: int | None = None,
+                       verify: bool = True) -> EdgeAgent:
+        """Load ``manifest.json`` + the head from a split directory (``splitinfer split``)."""
+        manifest = Manifest.load(directory)
+        head = load_head(manifest, directory, threads=threads, verify=verify)
+        return cls(manifest=manifest, config=config, head=head, connector=connector)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def device_id(self) -> str:
+        return self.config.device_id
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    @property
+    def protocol(self) -> str:
+        """MQTT version of the current (or last) connection: ``"5"`` or ``"3.1.1"``."""
+        return self._protocol
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        """Connect, subscribe, announce presence; then keep the connection up in a task."""
+        if self._supervisor is not None:
+            return
+        if self._closed:
+            raise StartupError(f"edge agent {self.device_id}: closed agents cannot restart",
+                               device_id=self.device_id)
+        transport: Transport | None = None
+        try:
+            transport = await self._connect()
+            await self._establish(transport)
+        except TransportError as exc:
+            if transport is not None:
+                await transport.close()
+            raise StartupError(f"edge agent {self.device_id}: cannot reach the broker: "
+                               f"{exc}", device_id=self.device_id) from exc
+        self._supervisor = asyncio.create_task(self._supervise(transport),
+                                               name=f"edge-agent:{self.device_id}")
+
+    async def close(self) -> None:
+        """Announce ``offline``, disconnect, and fail whatever is still pending."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        for task in list(self._tasks):
+            task.cancel()
+        transport, self._transport = self._transport, None
+        self._connected.clear()
+        if transport is not None:
+            if self.config.presence:
+                try:
+                    await asyncio.wait_for(
+                        transport.publish(self.status_topic, OFFLINE, qos=1, retain=True), 2.0)
+                except (TransportError, asyncio.TimeoutError) as exc:
+                    log.debug("%s: could not announce offline: %s", self.device_id, exc)
+            await transport.close()
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(TransportError(
+                    f"edge agent {self.device_id} closed with the request pending",
+                    device_id=self.device_id))
+
+    async def __aenter__(self) -> EdgeAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Return once connected (a test or a daemon waiting out a broker restart)."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TransportError(f"edge agent {self.device_id}: not connected to "
+                                 f"{self._broker_name()} after {timeout} s",
+                                 device_id=self.device_id) from None
+
+    # ------------------------------------------------------------------ inference
+
+    async def infer(self, inputs: Inputs, *, timeout: float | None = None) -> InferenceResult:
+        """Run the head on ``inputs`` (one array per model input, batch first), send the cut,
+        and return the tail's outputs. The deadline (``timeout`` or the config's) covers it all.
+        """
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        timeout = self._timeout(timeout)
+        deadline, expires = time.time() + timeout, loop.time() + timeout
+        self._check_started()
+        if self.head is None:
+            raise BadInputError(f"edge agent {self.device_id} has no head for "
+                                f"{self.manifest.split_id}; use infer_activation()",
+                                split_id=self.manifest.split_id)
+        arrays = self.check_inputs(inputs)
+        stamps = {"head_start": time.time()}
+        t0 = time.perf_counter()
+        if self.config.head_in_thread:
+            cut = await loop.run_in_executor(None, functools.partial(self._run_head, arrays))
+        else:
+            cut = self._run_head(arrays)
+        head_s = time.perf_counter() - t0
+        stamps["head_end"] = time.time()
+        if loop.time() >= expires:
+            raise DeadlineExceeded(f"the head of {self.manifest.split_id} took {head_s:.3f} s, "
+                                   f"past the {timeout:.3g} s deadline",
+                                   split_id=self.manifest.split_id, device_id=self.device_id)
+        return await self._request(cut, head_s=head_s, stamps=stamps, started=started,
+                                   deadline=deadline, expires=expires, timeout=timeout)
+
+    async def infer_activation(self, cut_tensors: Mapping[str, Array], *,
+                               timeout: float | None = None) -> InferenceResult:
+        """Send recorded head outputs (the manifest's cut tensors) without running the head."""
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        timeout = self._timeout(timeout)
+        self._check_started()
+        cut = check_tensors(cut_tensors, self.manifest.cut, "cut tensors", self.manifest.split_id)
+        return await self._request(cut, head_s=0.0, stamps={}, started=started,
+                                   deadline=time.time() + timeout,
+                                   expires=loop.time() + timeout, timeout=timeout)
+
+    def check_inputs(self, inputs: Inputs) -> dict[str, Array]:
+        """The model inputs by name, checked against the manifest (TensorError/BadInputError)."""
+        if isinstance(inputs, np.ndarray):
+            if len(self.manifest.inputs) != 1:
+                raise BadInputError(
+                    f"{self.manifest.split_id} has {len(self.manifest.inputs)} inputs "
+                    f"{[s.name for s in self.manifest.inputs]}; pass a dict keyed by input name",
+                    split_id=self.manifest.split_id)
+            inputs = {self.manifest.inputs[0].name: inputs}
+        return check_tensors(inputs, self.manifest.inputs, "model inputs",
+                            self.manifest.split_id)
+
+    def _run_head(self, arrays: Mapping[str, Array]) -> dict[str, Array]:
+        if self.head is None:  # infer() checked; keeps mypy and python -O honest
+            raise BadInputError(f"edge agent {self.device_id} has no head")
+        out = self.head.run({n: arrays[n] for n in self.head.input_names})
+        try:
+            return check_tensors({s.name: out[s.name] for s in self.manifest.cut},
+                                self.manifest.cut, "head outputs", self.manifest.split_id)
+        except TensorError as exc:
+            raise TensorError(f"the head disagrees with the manifest's cut: {exc}",
+                              split_id=self.manifest.split_id) from None
+
+    async def _request(self, cut: Mapping[str, Array], *, head_s: float,
+                       stamps: dict[str, float], started: float, deadline: float,
+                       expires: float, timeout: float) -> InferenceResult:
+        loop = asyncio.get_running_loop()
+        request_id = new_request_id()
+        t0 = time.perf_counter()
+        envelope = Envelope(
+            kind=REQUEST, request_id=request_id, device_id=self.device_id,
+            split_id=self.manifest.split_id, deadline=deadline, reply_to=self.result_topic,
+            tensors=[WireTensor(s.name, cut[s.name], s.quantization) for s in self.manifest.cut],
+            timestamps=stamps)
+        envelope.stamp("sent")
+        payload = encode(envelope)
+        encode_s = time.perf_counter() - t0
+        if len(payload) > self.config.max_payload:
+            raise WireError(f"request of {len(payload)} bytes exceeds the {self.config.max_payload}"
+                            f" byte limit; send fewer samples per call",
+                            code=ErrorCode.PAYLOAD_TOO_LARGE, split_id=self.manifest.split_id)
+        pending = _Pending(request_id, loop.create_future(), payload, expires)
+        self._pending[request_id] = pending
+        try:
+            self._send(pending)
+            try:
+                reply = await asyncio.wait_for(pending.future, max(0.0, expires - loop.time()))
+            except asyncio.TimeoutError:
+                if pending.future.done() and not pending.future.cancelled():
+                    raise  # a TimeoutError the future itself carried
+                raise DeadlineExceeded(self._deadline_message(request_id, timeout),
+                                       split_id=self.manifest.split_id,
+                                       device_id=self.device_id) from None
+        except Exception as exc:
+            self.counters.errors[getattr(exc, "code", type(exc).__name__)] += 1
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+        t1 = time.perf_counter()
+        outputs = self._outputs(reply.envelope)
+        done = time.perf_counter()
+        worker = worker_stages(reply.envelope.timestamps)
+        measured = {
+            "e2e": done - started,
+            "head": head_s,
+            "encode": encode_s,
+            "network": max(0.0, reply.received - pending.sent - worker.get("worker", 0.0)),
+            "queue": worker.get("queue"),
+            "tail": worker.get("tail"),
+            "decode": reply.decode_s + (done - t1),
+        }
+        timings = {k: v for k in STAGES if (v := measured.get(k)) is not None}
+        return InferenceResult(request_id=request_id, outputs=outputs, timings=timings,
+                               split_id=reply.envelope.split_id)
+
+    def _outputs(self, envelope: Envelope) -> dict[str, Array]:
+        try:
+            return check_tensors(envelope.arrays(), self.manifest.outputs, "result tensors",
+                                self.manifest.split_id)
+        except BadInputError as exc:
+            raise TensorError(f"result {envelope.request_id} does not match the manifest: "
+                              f"{exc}", split_id=self.manifest.split_id) from None
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connect(self) -> Transport:
+        will = LastWill(self.status_topic, OFFLINE) if self.config.presence else None
+        return await self._connector(client_id=self.device_id, will=will)
+
+    async def _establish(self, transport: Transport) -> None:
+        await transport.subscribe(self.result_topic, qos=self.config.qos)
+        if self.config.presence:
+            await transport.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self._epoch += 1
+        self._transport = transport
+        self._protocol = transport.protocol
+        self._connected.set()
+        now = asyncio.get_running_loop().time()
+        again = [p for p in self._pending.values()
+                 if p.epoch < self._epoch and not p.future.done() and p.expires > now]
+        for pending in again:
+            if pending.publishes:
+                self.counters.republished += 1
+            self._send(pending)
+        if again:
+            log.info("%s: (re)published %d pending request(s)", self.device_id, len(again))
+
+    def _detach(self, transport: Transport) -> None:
+        if self._transport is transport:
+            self._transport = None
+            self._connected.clear()
+
+    async def _supervise(self, transport: Transport | None) -> None:
+        delay = self.config.reconnect_min_s
+        while True:
+            if transport is not None:
+                try:
+                    await self._pump(transport)
+                except TransportError as exc:
+                    log.warning("%s: %s; reconnecting", self.device_id, exc)
+                self._detach(transport)
+                await transport.close()
+                transport = None
+            try:
+                transport = await self._connect()
+                await self._establish(transport)
+            except TransportError as exc:
+                if transport is not None:
+                    self._detach(transport)
+                    await transport.close()
+                    transport = None
+                pause = delay * random.uniform(0.5, 1.0)  # jitter, not crypto
+                log.info("%s: reconnect to %s failed (%s); next try in %.2f s", self.device_id,
+                         self._broker_name(), exc, pause)
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, self.config.reconnect_max_s)
+            else:
+                self.counters.reconnects += 1
+                delay = self.config.reconnect_min_s
+                log.info("%s: reconnected to %s", self.device_id, self._broker_name())
+
+    async def _pump(self, transport: Transport) -> None:
+        async for message in transport.messages():
+            self._dispatch(message)
+        raise TransportError(f"the message stream from {self._broker_name()} ended")
+
+    def _send(self, pending: _Pending) -> None:
+        transport = self._transport
+        if transport is None:
+            return  # published by _establish() after the reconnect
+        pending.epoch = self._epoch
+        task = asyncio.create_task(self._publish(transport, pending),
+                                   name=f"edge-publish:{pending.request_id[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, transport: Transport, pending: _Pending) -> None:
+        remaining = pending.expires - asyncio.get_running_loop().time()
+        if remaining <= 0 or pending.future.done():
+            return
+        options = PublishOptions(response_topic=self.result_topic,
+                                 correlation=pending.request_id.encode(), expiry_s=remaining)
+        pending.sent = time.perf_counter()
+        pending.publishes += 1
+        self.counters.published += 1
+        try:
+            await transport.publish(self.request_topic, pending.payload, qos=self.config.qos,
+                                    options=options)
+        except TransportError as exc:
+            # The supervisor sees the same loss and re-publishes after reconnecting.
+            log.debug("%s: request %s not published: %s", self.device_id,
+                      pending.request_id, exc)
+
+    def _dispatch(self, message: IncomingMessage) -> None:
+        received = time.perf_counter()
+        if message.topic != self.result_topic:
+            return
+        try:
+            envelope = decode(message.payload, max_bytes=self.config.max_payload)
+        except WireError as exc:
+            request_id, _ = peek_reply_address(message.payload)
+            if not request_id and message.correlation:
+                request_id = message.correlation.decode("utf-8", "replace")
+            pending = self._pending.get(request_id)
+            if pending is None or pending.future.done():
+                log.warning("%s: dropped an undecodable message on %s: %s", self.device_id,
+                            message.topic, exc)
+            else:
+                pending.future.set_exception(WireError(
+                    f"result for request {request_id} cannot be decoded: {exc}", code=exc.code,
+                    split_id=self.manifest.split_id, device_id=self.device_id))
+            return
+        decode_s = time.perf_counter() - received
+        pending = self._pending.get(envelope.request_id)
+        if envelope.kind != RESULT or pending is None or pending.future.done():
+            self.counters.late_results += 1
+            log.debug("%s: late, duplicate or stray %s %s", self.device_id, envelope.kind,
+                      envelope.request_id)
+            return
+        if envelope.error is not None:
+            pending.future.set_exception(RemoteError(
+                envelope.error.code, envelope.error.message, split_id=envelope.split_id,
+                device_id=self.device_id, topic=self.request_topic))
+        else:
+            pending.future.set_result(_Reply(envelope, received, decode_s))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _timeout(self, timeout: float | None) -> float:
+        value = self.config.timeout_s if timeout is None else timeout
+        if not value > 0:
+            raise BadInputError(f"timeout must be > 0 seconds, got {value}")
+        return value
+
+    def _check_started(self) -> None:
+        if self._supervisor is None or self._closed:
+            raise TransportError(f"edge agent {self.device_id} is not running; use "
+                                 "'async with agent' or await agent.start()",
+                                 device_id=self.device_id)
+
+    def _broker_name(self) -> str:
+        url = getattr(self._connector, "url", None)
+        return url if isinstance(url, str) else "the broker"
+
+    def _deadline_message(self, request_id: str, timeout: float) -> str:
+        state = "" if self.connected else f"; not connected to {self._broker_name()}"
+        return (f"no result for request {request_id} of {self.manifest.split_id} within "
+                f"{timeout:.3g} s{state}; is a cloud worker serving model "
+                f"{self.manifest.model!r} under prefix {self.config.prefix!r}?")
+
+
+def check_tensors(arrays: Mapping[str, Any], specs: tuple[TensorSpec, ...], what: str,
+                 split_id: str) -> dict[str, Array]:
+    """``arrays`` keyed and ordered as ``specs``, each checked; names expected vs got."""
+    want = [s.name for s in specs]
+    if sorted(arrays) != sorted(want):
+        missing = [n for n in want if n not in arrays]
+        extra = [n for n in arrays if n not in want]
+        detail = "; ".join(part for part in (
+            f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "")
+            if part)
+        raise BadInputError(f"{what} of {split_id}: expected {want}, got {list(arrays)} "
+                            f"({detail})", split_id=split_id)
+    out: dict[str, Array] = {}
+    batch: int | None = None
+    for spec in specs:
+        array = arrays[spec.name]
+        if not isinstance(array, np.ndarray):
+            raise TensorError(f"{what} of {split_id}: tensor {spec.name!r} must be a numpy "
+                              f"array, got {type(array).__name__}", split_id=split_id)
+        try:
+            spec.check(array)
+        except TensorError as exc:
+            raise TensorError(f"{what} of {split_id}: {exc}", split_id=split_id) from None
+        if batch is not None and array.shape[0] != batch:
+            raise TensorError(f"{what} of {split_id}: tensor {spec.name!r} has {array.shape[0]} "
+                              f"samples, the others {batch}", split_id=split_id)
+        batch = array.shape[0] if array.ndim else None
+        out[spec.name] = array
+    return out

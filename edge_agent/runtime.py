@@ -1,0 +1,126 @@
+"""Head backends: run ``head.onnx`` on the device, behind one small interface.
+
+:class:`HeadRuntime` is what the agent calls; :class:`OrtHead` runs an ONNX head with
+onnxruntime (imported when a head is loaded, so ``import edge_agent`` stays light).
+:func:`load_head` reads a split directory, checks the head file against the manifest
+(sha256, input and output names) and picks the backend by file suffix. A TFLite backend
+(ai-edge-litert) would slot in here for ``.tflite`` heads; it is not written yet.
+
+Never imports ``onnx``: a Raspberry Pi install has onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from splitinfer.errors import ManifestError, StartupError, TensorError
+from splitinfer.manifest import Manifest, sha256_file
+
+__all__ = ["HeadRuntime", "OrtHead", "load_head"]
+
+log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+
+
+class HeadRuntime(Protocol):
+    """Runs the device half of a split: model inputs in, cut tensors out."""
+
+    @property
+    def input_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def output_names(self) -> tuple[str, ...]: ...
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Blocking; safe to call from several threads at once."""
+        ...
+
+
+class OrtHead:
+    """An ONNX head on onnxruntime (CPU unless ``providers`` says otherwise).
+
+    ``threads`` caps onnxruntime's intra-op pool (a Pi 4 has four cores; an agent sharing
+    the board with other work may want fewer). One session may serve many agents.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), sess_options=options,
+                providers=list(providers) if providers else ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own, unrelated types
+            raise ManifestError(f"{self.path}: onnxruntime cannot load the head model: "
+                                f"{exc}") from exc
+        self._inputs = tuple(str(i.name) for i in self._session.get_inputs())
+        self._outputs = tuple(str(o.name) for o in self._session.get_outputs())
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._outputs
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        try:
+            results = self._session.run(list(self._outputs), dict(inputs))
+        except Exception as exc:  # onnxruntime's InvalidArgument, Fail, …
+            got = {k: f"{v.dtype.name}{tuple(v.shape)}" for k, v in inputs.items()}
+            raise TensorError(f"head {self.path.name} rejected the inputs {got}: {exc}") from exc
+        return {name: np.asarray(value) for name, value in zip(self._outputs, results,
+                                                                 strict=True)}
+
+
+def load_head(manifest: Manifest, directory: str | Path, *, threads: int | None = None,
+              verify: bool = True) -> HeadRuntime:
+    """The head of the split in ``directory``, checked against its manifest.
+
+    ``verify`` compares the file's sha256 with the manifest's (a stale or partly copied
+    head otherwise fails much later, as a wrong answer from the tail).
+    """
+    path = manifest.resolve(directory, "head")
+    if not path.is_file():
+        raise ManifestError(f"{path}: head file named by the manifest of {manifest.split_id} "
+                            "is missing; copy the whole split directory to the device",
+                            split_id=manifest.split_id)
+    if verify:
+        actual = sha256_file(path)
+        if actual != manifest.head.sha256:
+            raise ManifestError(f"{path}: sha256 {actual[:12]}… does not match the manifest's "
+                                f"{manifest.head.sha256[:12]}…; the head and manifest.json come "
+                                "from different splits", split_id=manifest.split_id)
+    if path.suffix == ".tflite":
+        raise StartupError(f"{path}: TFLite heads are not supported yet; export the head as "
+                           "ONNX", split_id=manifest.split_id)
+    head = OrtHead(path, threads=threads)
+    check_head(head, manifest)
+    return head
+
+
+def check_head(head: HeadRuntime, manifest: Manifest) -> None:
+    """Raise ManifestError unless the head's names agree with the manifest."""
+    want_in = [s.name for s in manifest.inputs]
+    missing = [n for n in head.input_names if n not in want_in]
+    if missing:
+        raise ManifestError(f"head of {manifest.split_id} needs inputs {list(head.input_names)}"
+                            f", the manifest lists {want_in}", split_id=manifest.split_id)
+    want_out = [s.name for s in manifest.cut]
+    absent = [n for n in want_out if n not in head.output_names]
+    if absent:
+        raise ManifestError(f"head of {manifest.split_id} produces {list(head.output_names)}, "
+                            f"the manifest's cut is {want_out}", split_id=manifest.split_id)

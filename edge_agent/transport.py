@@ -1,0 +1,195 @@
+"""The agent's view of a broker connection, small enough to fake.
+
+:class:`~edge_agent.client.EdgeAgent` never touches aiomqtt directly: it asks a
+:class:`Connector` for a connected :class:`Transport` (again after every loss) and uses
+four calls on it. :class:`MqttConnector` is the real one (``splitinfer.mqtt.connect``:
+TCP_NODELAY, MQTT 5 with a 3.1.1 fall-back, TLS and credentials from the URL);
+:mod:`edge_agent.memory` holds an in-process fake for unit tests.
+
+A transport reports a lost connection by raising :class:`~splitinfer.errors.TransportError`
+from ``publish``/``subscribe`` or from its ``messages()`` stream; it never reconnects by
+itself (aiomqtt does not either) — the agent's supervisor does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from splitinfer.errors import TransportError
+from splitinfer.mqtt import BrokerConfig, connect, request_properties
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+__all__ = [
+    "PublishOptions",
+    "IncomingMessage",
+    "LastWill",
+    "Transport",
+    "Connector",
+    "MqttTransport",
+    "MqttConnector",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """MQTT 5 request properties; a 3.1.1 transport drops them (the envelope has them too)."""
+
+    response_topic: str
+    correlation: bytes
+    expiry_s: float | None = None
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    topic: str
+    payload: bytes
+    correlation: bytes | None = None
+
+
+@dataclass(frozen=True)
+class LastWill:
+    """What the broker publishes for us when the connection dies without a DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class Transport(Protocol):
+    """One connected session to a broker."""
+
+    @property
+    def protocol(self) -> str:
+        """``"5"`` or ``"3.1.1"``: what was negotiated."""
+        ...
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      options: PublishOptions | None = None) -> None: ...
+
+    async def subscribe(self, topic: str, *, qos: int = 1) -> None: ...
+
+    def messages(self) -> AsyncIterator[IncomingMessage]:
+        """Incoming messages; raises TransportError when the connection is lost."""
+        ...
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no last will); never raises."""
+        ...
+
+
+class Connector(Protocol):
+    async def __call__(self, *, client_id: str, will: LastWill | None) -> Transport:
+        """A connected transport, or TransportError."""
+        ...
+
+
+class MqttTransport:
+    """A :class:`Transport` over one ``aiomqtt.Client``."""
+
+    def __init__(self, client: aiomqtt.Client, protocol: str, url: str) -> None:
+        self._client = client
+        self._protocol = protocol
+        self._url = url
+
+    @property
+    def protocol(self) -> str:
+        return self._protocol
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      options: PublishOptions | None = None) -> None:
+        import aiomqtt
+
+        props = None
+        if options is not None and self._protocol == "5":
+            props = request_properties(options.response_topic, options.correlation,
+                                       options.expiry_s)
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"publish to {topic} via {self._url} failed: {exc}",
+                                 topic=topic) from exc
+
+    async def subscribe(self, topic: str, *, qos: int = 1) -> None:
+        import aiomqtt
+
+        try:
+            granted = await self._client.subscribe(topic, qos=qos)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"subscribe to {topic} via {self._url} failed: {exc}",
+                                 topic=topic) from exc
+        for code in granted:
+            # MQTT 5 gives ReasonCodes, 3.1.1 gives ints; 0x80 and above is a refusal.
+            value = code.value if hasattr(code, "value") else int(code)
+            if value >= 0x80:
+                raise TransportError(f"broker {self._url} refused the subscription to {topic} "
+                                     f"({code}); check the broker's ACL", topic=topic)
+
+    async def messages(self) -> AsyncIterator[IncomingMessage]:
+        import aiomqtt
+
+        try:
+            async for message in self._client.messages:
+                yield IncomingMessage(topic=message.topic.value,
+                                      payload=_as_bytes(message.payload),
+                                      correlation=_correlation(message.properties))
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"lost the connection to {self._url}: {exc}") from exc
+        raise TransportError(f"the message stream from {self._url} ended")
+
+    async def close(self) -> None:
+        try:
+            await self._client.__aexit__(None, None, None)
+        except Exception as exc:  # closing a broken connection may fail in many ways
+            log.debug("closing the connection to %s: %s", self._url, exc)
+
+
+def _as_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    return b"" if payload is None else str(payload).encode()
+
+
+def _correlation(properties: Any) -> bytes | None:
+    value = getattr(properties, "CorrelationData", None) if properties is not None else None
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
+
+
+class MqttConnector:
+    """Connects through :func:`splitinfer.mqtt.connect`; remembers the protocol it got.
+
+    Once the first connection has settled on MQTT 5 or 3.1.1, reconnects ask for that
+    protocol directly, so a restart does not pay for a refused MQTT 5 attempt each time.
+    One connector may serve many agents (each passes its own client id).
+    """
+
+    def __init__(self, broker: BrokerConfig | str, *, timeout_s: float = 10.0) -> None:
+        self.config = broker if isinstance(broker, BrokerConfig) else BrokerConfig.from_url(broker)
+        self.timeout_s = timeout_s
+
+    @property
+    def url(self) -> str:
+        return self.config.url()
+
+    async def __call__(self, *, client_id: str, will: LastWill | None) -> MqttTransport:
+        import aiomqtt
+
+        kwargs: dict[str, Any] = {"timeout": self.timeout_s}
+        if will is not None:
+            kwargs["will"] = aiomqtt.Will(will.topic, will.payload, qos=will.qos,
+                                          retain=will.retain)
+        client, protocol = await connect(self.config, client_id, **kwargs)
+        if self.config.protocol == "auto":
+            self.config = self.config.with_protocol(protocol)
+        return MqttTransport(client, protocol, self.config.url())
