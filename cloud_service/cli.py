@@ -1,0 +1,110 @@
+"""``splitinfer cloud serve``: one flag per :class:`~cloud_service.config.Config` field.
+
+Every flag also reads an environment variable (``--max-batch`` ↔ ``SPLITINFER_MAX_BATCH``).
+Cheap to import: the server, onnxruntime and aiomqtt load only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from splitinfer.cli import env_default
+from splitinfer.topics import DEFAULT_GROUP, DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from cloud_service.config import Config
+
+__all__ = ["register", "config_from_args"]
+
+
+def _env(flag: str, default: object) -> str | None:
+    return env_default(flag, None if default is None else str(default))
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cloud = sub.add_parser("cloud", help="cloud workers that run split tails")
+    commands = cloud.add_subparsers(dest="cloud_command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="serve every split under --artifacts from an MQTT broker",
+        description="Load every split directory under --artifacts, join the worker group "
+        "on the broker, batch requests dynamically and answer each device. Each flag can "
+        "also be set with an environment variable SPLITINFER_<FLAG> (e.g. "
+        "SPLITINFER_MAX_BATCH). Exit codes: 0 after a clean drain, 2 bad input, 3 failed "
+        "start (broker unreachable, no splits).")
+    artifacts = env_default("--artifacts")
+    serve.add_argument("--artifacts", default=artifacts, required=artifacts is None,
+                       help="a split directory or a folder of them (written by "
+                       "'splitinfer split') [SPLITINFER_ARTIFACTS]")
+    serve.add_argument("--broker", default=_env("--broker", "mqtt://127.0.0.1:1883"),
+                       help="mqtt[s]://[user[:password]@]HOST[:PORT][?options] "
+                       "[SPLITINFER_BROKER]")
+    group = serve.add_mutually_exclusive_group()
+    group.add_argument("--group", default=_env("--group", DEFAULT_GROUP),
+                       help="shared-subscription group; replicas in one group split the "
+                       "load (default %(default)s) [SPLITINFER_GROUP]")
+    group.add_argument("--no-group", dest="group", action="store_const", const="",
+                       help="plain subscription, for brokers without $share (amqtt)")
+    serve.add_argument("--prefix", default=_env("--prefix", DEFAULT_PREFIX),
+                       help="topic prefix (default %(default)s) [SPLITINFER_PREFIX]")
+    serve.add_argument("--max-batch", type=int, default=_env("--max-batch", 32),
+                       help="most samples per tail run (default %(default)s; 1 disables "
+                       "batching) [SPLITINFER_MAX_BATCH]")
+    serve.add_argument("--max-delay-ms", type=float, default=_env("--max-delay-ms", 2.0),
+                       help="longest a request waits for company (default %(default)s) "
+                       "[SPLITINFER_MAX_DELAY_MS]")
+    serve.add_argument("--queue-size", type=int, default=_env("--queue-size", 1024),
+                       help="requests waiting, beyond which the worker answers OVERLOADED "
+                       "(default %(default)s) [SPLITINFER_QUEUE_SIZE]")
+    serve.add_argument("--threads", type=int, default=_env("--threads", 0),
+                       help="onnxruntime intra-op threads per tail, 0 = its default "
+                       "[SPLITINFER_THREADS]")
+    serve.add_argument("--tail-workers", type=int, default=_env("--tail-workers", 1),
+                       help="tail runs at once (default %(default)s) [SPLITINFER_TAIL_WORKERS]")
+    serve.add_argument("--providers", default=_env("--providers", ""),
+                       help="comma-separated onnxruntime execution providers (default: CUDA "
+                       "when available, else CPU) [SPLITINFER_PROVIDERS]")
+    serve.add_argument("--max-payload", type=int, default=_env("--max-payload", None),
+                       help="largest request in bytes (default 8 MiB) [SPLITINFER_MAX_PAYLOAD]")
+    serve.add_argument("--drain-timeout", type=float, default=_env("--drain-timeout", 30.0),
+                       help="seconds to finish the queue on SIGTERM [SPLITINFER_DRAIN_TIMEOUT]")
+    serve.add_argument("--metrics-interval", type=float,
+                       default=_env("--metrics-interval", 30.0),
+                       help="seconds between metric log lines at INFO, 0 = never "
+                       "[SPLITINFER_METRICS_INTERVAL]")
+    serve.add_argument("--client-id", default=_env("--client-id", None),
+                       help="MQTT client id (default: unique per process) "
+                       "[SPLITINFER_CLIENT_ID]")
+    serve.set_defaults(func=_serve)
+
+    def usage(_args: argparse.Namespace) -> int:
+        cloud.print_help()
+        return 2
+
+    cloud.set_defaults(func=usage)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The :class:`~cloud_service.config.Config` the flags describe."""
+    from cloud_service.config import Config
+
+    fields: dict[str, Any] = dict(
+        artifacts=args.artifacts, broker=args.broker, group=args.group, prefix=args.prefix,
+        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
+        threads=args.threads, tail_workers=args.tail_workers,
+        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+        drain_timeout_s=args.drain_timeout, metrics_interval_s=args.metrics_interval,
+    )
+    if args.max_payload is not None:
+        fields["max_payload"] = args.max_payload
+    if args.client_id:
+        fields["client_id"] = args.client_id
+    return Config(**fields)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cloud_service.server import Server
+
+    server = Server(config_from_args(args))
+    server.run()
+    return 0 if server.drained_cleanly is not False else 1

@@ -1,0 +1,100 @@
+"""``Config``: everything a worker needs to know, as plain data.
+
+The CLI (``splitinfer cloud serve``) maps one flag onto each field; every flag can also
+come from an environment variable (``--max-batch`` ↔ ``SPLITINFER_MAX_BATCH``), which is
+how the container images are configured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitinfer.errors import BadInputError
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.topics import DEFAULT_GROUP, DEFAULT_PREFIX, Topics, check_level
+from splitinfer.wire import DEFAULT_MAX_PAYLOAD
+
+__all__ = ["Config"]
+
+
+def _default_client_id() -> str:
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"splitinfer-worker-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Config:
+    """A worker's settings. Validated on construction; a bad value raises BadInputError."""
+
+    artifacts: Path
+    broker: str = "mqtt://127.0.0.1:1883"
+    # Shared-subscription group; "" subscribes plainly (brokers without $share, e.g. amqtt).
+    group: str = DEFAULT_GROUP
+    prefix: str = DEFAULT_PREFIX
+    # Dynamic batching: a batch closes at max_batch samples or max_delay_ms after its
+    # oldest request arrived, whichever comes first.
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    # Requests waiting for the tail, all splits together; beyond it: OVERLOADED.
+    queue_size: int = 1024
+    # onnxruntime intra-op threads per tail session (0 = onnxruntime's default).
+    threads: int = 0
+    # Tail runs at once (all splits together); each run may use `threads` threads.
+    tail_workers: int = 1
+    # onnxruntime execution providers in preference order; () = CUDA if present, else CPU.
+    providers: tuple[str, ...] = ()
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    # On SIGTERM: how long to finish the queue and wait for PUBACKs before giving up.
+    drain_timeout_s: float = 30.0
+    # How long one answer may wait for a broker connection before it is dropped (counted).
+    reply_timeout_s: float = 30.0
+    metrics_interval_s: float = 30.0
+    reconnect_min_s: float = 0.1
+    reconnect_max_s: float = 5.0
+    client_id: str = field(default_factory=_default_client_id)
+
+    def __post_init__(self) -> None:
+        self.artifacts = Path(self.artifacts)
+        self.broker_config()  # raises BadInputError naming the bad URL
+        self.topics()
+        if self.group:
+            check_level(self.group, "subscription group")
+        for name in ("max_batch", "queue_size", "tail_workers", "max_payload"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BadInputError(f"{name} = {value!r}: expected an integer >= 1")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise BadInputError(f"threads = {self.threads!r}: expected an integer >= 0 "
+                                "(0 = onnxruntime's default)")
+        for name in ("max_delay_ms", "drain_timeout_s", "reply_timeout_s",
+                     "metrics_interval_s", "reconnect_min_s", "reconnect_max_s"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise BadInputError(f"{name} = {value!r}: expected a finite number >= 0")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise BadInputError(f"reconnect_max_s ({self.reconnect_max_s}) must be >= "
+                                f"reconnect_min_s ({self.reconnect_min_s})")
+        if not self.client_id:
+            raise BadInputError("client_id must not be empty")
+        self.providers = tuple(self.providers)
+
+    def broker_config(self) -> BrokerConfig:
+        return BrokerConfig.from_url(self.broker)
+
+    def topics(self) -> Topics:
+        return Topics(self.prefix)
+
+    def subscription(self) -> str:
+        """What the worker subscribes to: every model's requests, shared within the group."""
+        topics = self.topics()
+        return topics.shared_request_filter(self.group) if self.group \
+            else topics.request_filter()
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000.0

@@ -1,0 +1,232 @@
+"""Split artifacts on the worker: one onnxruntime session per tail, found by split id.
+
+:meth:`Registry.load` reads every split directory under ``--artifacts`` (as written by
+``splitinfer split``), checks each tail against its manifest and opens it. A broken split
+is logged and skipped; a worker with nothing to serve does not start.
+:meth:`Tail.prepare` checks a request's tensors against ``manifest.cut`` ("expected X,
+got Y") before it may join a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from splitinfer.dtypes import from_ort_type
+from splitinfer.errors import ManifestError, SplitInferError, StartupError, TensorError
+from splitinfer.manifest import Manifest, TensorSpec, find_split_dirs, sha256_file
+from splitinfer.wire import Envelope
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = ["Tail", "Prepared", "Registry", "session_options", "default_providers"]
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request's cut tensors in the tail's input order, checked against the manifest."""
+
+    feeds: tuple[Array, ...]
+    samples: int
+    # Requests batch together only when every tensor has the same per-sample shape.
+    key: tuple[tuple[int, ...], ...]
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+class Tail:
+    """One split's tail: its manifest, its session and the request checks."""
+
+    def __init__(self, manifest: Manifest, directory: Path, session: ort.InferenceSession
+                 ) -> None:
+        self.manifest = manifest
+        self.directory = directory
+        self.session = session
+        self.specs: tuple[TensorSpec, ...] = manifest.cut
+        self.input_names = tuple(spec.name for spec in manifest.cut)
+        self.output_names = tuple(spec.name for spec in manifest.outputs)
+        self.output_specs = {spec.name: spec for spec in manifest.outputs}
+        self.fixed_batch = self._check_session()
+        # Cleared when a batched run returns outputs whose first dim is not the batch;
+        # from then on this tail runs one request at a time.
+        self.batchable = self.fixed_batch is None
+
+    @property
+    def split_id(self) -> str:
+        return self.manifest.split_id
+
+    @classmethod
+    def open(cls, directory: str | Path, *, threads: int = 0,
+             providers: Sequence[str] = (), verify_sha256: bool = True) -> Tail:
+        """Load ``directory``'s manifest and tail; ManifestError says what does not fit."""
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        manifest = Manifest.load(directory)
+        path = manifest.resolve(directory, "tail")
+        if not path.is_file():
+            raise ManifestError(f"{directory}: tail file {manifest.tail.path!r} is missing; "
+                                "re-run 'splitinfer split'", split_id=manifest.split_id)
+        if verify_sha256 and manifest.tail.sha256:
+            digest = sha256_file(path)
+            if digest != manifest.tail.sha256:
+                raise ManifestError(
+                    f"{path}: sha256 {digest[:12]}… does not match the manifest's "
+                    f"{manifest.tail.sha256[:12]}…; the tail was changed after 'splitinfer "
+                    "split' — re-run it", split_id=manifest.split_id)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=session_options(threads),
+                                           providers=list(providers) or default_providers())
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ManifestError(f"{path}: onnxruntime cannot load the tail: {exc}",
+                                split_id=manifest.split_id) from exc
+        return cls(manifest, directory, session)
+
+    def _check_session(self) -> int | None:
+        """Check the session against the manifest; return its fixed batch size, if any."""
+        sid = self.split_id
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != set(self.input_names):
+            raise ManifestError(f"split {sid}: tail inputs {sorted(inputs)} differ from the "
+                                f"manifest's cut {sorted(self.input_names)}", split_id=sid)
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = [name for name in self.output_names if name not in outputs]
+        if missing:
+            raise ManifestError(f"split {sid}: tail lacks the manifest's outputs {missing}; "
+                                f"it has {sorted(outputs)}", split_id=sid)
+        fixed: set[int] = set()
+        for spec in self.specs:
+            node = inputs[spec.name]
+            got = from_ort_type(node.type)
+            if got != spec.dtype:
+                raise ManifestError(f"split {sid}: tail input {spec.name!r} is {got}, the "
+                                    f"manifest says {spec.dtype}", split_id=sid)
+            shape = list(node.shape)
+            if shape and isinstance(shape[0], int):
+                fixed.add(shape[0])
+        if len(fixed) > 1:
+            raise ManifestError(f"split {sid}: tail inputs disagree on the batch size "
+                                f"{sorted(fixed)}", split_id=sid)
+        return fixed.pop() if fixed else None
+
+    def prepare(self, env: Envelope) -> Prepared:
+        """The request's tensors in input order; TensorError names expected vs got."""
+        by_name = {t.name: t for t in env.tensors}
+        if set(by_name) != set(self.input_names) or len(by_name) != len(env.tensors):
+            raise TensorError(
+                f"split {self.split_id}: expected tensors {list(self.input_names)}, got "
+                f"{[t.name for t in env.tensors]}", split_id=self.split_id)
+        feeds = []
+        samples: int | None = None
+        for spec in self.specs:
+            tensor = by_name[spec.name]
+            spec.check(tensor.array)
+            want, got = spec.quantization, tensor.quantization
+            if want is not None and got is not None and not (
+                    math.isclose(want.scale, got.scale, rel_tol=1e-6)
+                    and want.zero_point == got.zero_point):
+                raise TensorError(
+                    f"tensor {spec.name!r}: expected quantization [{want.scale:g}, "
+                    f"{want.zero_point}], got [{got.scale:g}, {got.zero_point}]",
+                    split_id=self.split_id)
+            n = int(tensor.array.shape[0])
+            if samples is None:
+                samples = n
+            elif n != samples:
+                raise TensorError(f"tensor {spec.name!r}: {n} samples, but an earlier tensor "
+                                  f"has {samples}; expected the same batch size",
+                                  split_id=self.split_id)
+            feeds.append(tensor.array)
+        if not samples:
+            raise TensorError(f"split {self.split_id}: expected at least one sample, got an "
+                              "empty batch", split_id=self.split_id)
+        key = tuple(tuple(int(d) for d in a.shape[1:]) for a in feeds)
+        return Prepared(feeds=tuple(feeds), samples=samples, key=key)
+
+    def run(self, feeds: Sequence[Array]) -> list[Array]:
+        """Run the tail once (blocking; onnxruntime releases the GIL while it computes)."""
+        outputs = self.session.run(list(self.output_names),
+                                   dict(zip(self.input_names, feeds, strict=True)))
+        return [np.asarray(o) for o in outputs]
+
+
+class Registry(Mapping[str, Tail]):
+    """Every tail a worker serves, by split id."""
+
+    def __init__(self, tails: Sequence[Tail] = ()) -> None:
+        self._tails: dict[str, Tail] = {}
+        self.failed: dict[str, str] = {}  # directory -> why it was skipped
+        for tail in tails:
+            self.add(tail)
+
+    def add(self, tail: Tail) -> None:
+        if tail.split_id in self._tails:
+            other = self._tails[tail.split_id].directory
+            log.warning("split %s in %s is already served from %s; keeping the first",
+                        tail.split_id, tail.directory, other)
+            return
+        self._tails[tail.split_id] = tail
+
+    @classmethod
+    def load(cls, root: str | Path, *, threads: int = 0, providers: Sequence[str] = ()
+             ) -> Registry:
+        """Open every split under ``root``; StartupError when none can be served."""
+        root = Path(root)
+        if not root.exists():
+            raise StartupError(f"artifacts directory {root} does not exist; expected split "
+                               "directories written by 'splitinfer split'")
+        registry = cls()
+        for directory in find_split_dirs(root):
+            try:
+                tail = Tail.open(directory, threads=threads, providers=providers)
+            except SplitInferError as exc:
+                registry.failed[str(directory)] = str(exc)
+                log.error("skipping split directory %s: %s", directory, exc)
+                continue
+            registry.add(tail)
+            log.info("serving split %s (model %s, cut %s, %s) from %s", tail.split_id,
+                     tail.manifest.model, ", ".join(tail.input_names),
+                     "batched" if tail.batchable else f"fixed batch {tail.fixed_batch}",
+                     directory)
+        if not registry:
+            why = "; ".join(f"{d}: {e}" for d, e in registry.failed.items())
+            raise StartupError(f"no servable split under {root}" + (f" ({why})" if why else
+                               "; expected directories with manifest.json and tail.onnx "
+                               "written by 'splitinfer split'"))
+        return registry
+
+    def __getitem__(self, split_id: str) -> Tail:
+        return self._tails[split_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tails)
+
+    def __len__(self) -> int:
+        return len(self._tails)

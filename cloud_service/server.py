@@ -1,0 +1,418 @@
+"""``Server``: the worker on a broker — connect, subscribe, reconnect, drain, signals.
+
+::
+
+    server = Server(Config(artifacts="artifacts", broker="mqtt://127.0.0.1:1883"))
+    asyncio.run(server.serve())          # or server.run(); or start_in_thread() in tests
+
+``started`` (a threading.Event) is set once the subscription is in place; setting
+``should_exit`` (from any thread) or SIGTERM/SIGINT (captured only when serving on the
+main thread) drains: unsubscribe, answer everything already accepted, wait for the
+PUBACKs, disconnect. A second signal skips the wait. If the broker goes away the server
+reconnects with capped exponential backoff and subscribes again; answers waiting for a
+connection are sent once it is back (within ``reply_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cloud_service.config import Config
+from cloud_service.metrics import Metrics
+from cloud_service.registry import Registry
+from cloud_service.worker import Incoming, Worker
+from splitinfer.errors import StartupError, TransportError
+from splitinfer.mqtt import connect, result_properties
+
+if TYPE_CHECKING:
+    import aiomqtt
+
+__all__ = ["Server"]
+
+log = logging.getLogger(__name__)
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_UNSUBSCRIBE_TIMEOUT_S = 5.0
+_DISCONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(eq=False)
+class _Connection:
+    client: aiomqtt.Client
+    protocol: str
+    lost: asyncio.Future[None] = field(default_factory=asyncio.Future)
+
+
+class Server:
+    """One worker process: see the module docstring."""
+
+    def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = Metrics()
+        self.worker: Worker | None = None
+        self.started = threading.Event()
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None  # why serve() ended, if it failed
+        self.protocol: str | None = None  # "5" or "3.1.1" once connected
+        self.drained_cleanly: bool | None = None
+        self._should_exit = False
+        self._force_exit = False
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exit: asyncio.Event | None = None
+        self._force: asyncio.Event | None = None
+        self._conn: _Connection | None = None
+        self._connected: asyncio.Event | None = None
+
+    # --- exit requests (any thread) ------------------------------------------------------
+
+    @property
+    def should_exit(self) -> bool:
+        return self._should_exit
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        self._should_exit = value
+        if value:
+            self._notify(lambda: self._exit)
+
+    @property
+    def force_exit(self) -> bool:
+        return self._force_exit
+
+    @force_exit.setter
+    def force_exit(self, value: bool) -> None:
+        self._force_exit = value
+        if value:
+            self._should_exit = True
+            self._notify(lambda: self._exit)
+            self._notify(lambda: self._force)
+
+    def _notify(self, which: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def fire() -> None:
+            event = which()
+            if event is not None:
+                event.set()
+
+        try:
+            if _running_loop() is loop:
+                fire()
+            else:
+                loop.call_soon_threadsafe(fire)
+        except RuntimeError:  # the loop closed in between
+            pass
+
+    def handle_exit(self, sig: int | None = None, frame: Any = None) -> None:
+        if self._should_exit:
+            log.warning("second signal: exiting without waiting for the queue")
+            self.force_exit = True
+        else:
+            log.info("signal %s: draining (a second one exits at once)",
+                     signal.Signals(sig).name if sig else "-")
+            self.should_exit = True
+
+    # --- entry points --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until told to exit (blocking); raises StartupError if it cannot start."""
+        asyncio.run(self.serve())
+
+    def start_in_thread(self, timeout: float = 60.0) -> threading.Thread:
+        """Serve in a daemon thread; return once subscribed (raise what stopped it)."""
+
+        def target() -> None:
+            with contextlib.suppress(BaseException):
+                self.run()
+
+        thread = threading.Thread(target=target, name="cloud-server", daemon=True)
+        thread.start()
+        while not self.started.wait(0.05):
+            if self.stopped.is_set() or not thread.is_alive():
+                thread.join(5)
+                raise self.error or StartupError("server stopped before it started")
+            timeout -= 0.05
+            if timeout <= 0:
+                self.should_exit = True
+                raise StartupError("server did not start in time")
+        return thread
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._exit = asyncio.Event()
+        self._force = asyncio.Event()
+        self._connected = asyncio.Event()
+        if self._should_exit:
+            self._exit.set()
+        if self._force_exit:
+            self._force.set()
+        try:
+            with self._capture_signals():
+                await self._serve()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.stopped.set()
+
+    @contextlib.contextmanager
+    def _capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in _HANDLED_SIGNALS:
+            try:
+                loop.add_signal_handler(sig, self.handle_exit, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # Windows / no signal support
+                signal.signal(sig, self.handle_exit)
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    # --- the body ------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        cfg = self.config
+        if self.registry is None:
+            self.registry = await asyncio.to_thread(
+                Registry.load, cfg.artifacts, threads=cfg.threads, providers=cfg.providers)
+        try:
+            conn = await self._connect()
+        except TransportError as exc:
+            raise StartupError(f"cloud worker cannot start: {exc}") from exc
+        worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            await self._subscribe(conn)
+            log.info("worker %s serving %d split(s) on %s (%s, MQTT %s), max batch %d, "
+                     "max delay %.1f ms", cfg.client_id, len(self.registry),
+                     cfg.broker_config().url(), cfg.subscription(), conn.protocol,
+                     cfg.max_batch, cfg.max_delay_ms)
+            self.started.set()
+            supervisor = asyncio.create_task(self._supervise(conn), name="mqtt-supervisor")
+            exit_wait = asyncio.create_task(self._wait(self._exit), name="exit-wait")
+            tasks += [supervisor, exit_wait,
+                      asyncio.create_task(self._report(), name="metrics-log")]
+            await asyncio.wait({supervisor, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if supervisor.done():
+                supervisor.result()  # an unexpected failure: let it out
+            await self._drain(worker)
+            # The pump keeps running while draining: it hands over what the broker sent
+            # before the unsubscribe took effect, and PUBACKs arrive through it.
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await worker.aclose()
+            await self._disconnect()
+            log.info("worker %s stopped: %s", cfg.client_id, self.metrics.snapshot())
+
+    @staticmethod
+    async def _wait(event: asyncio.Event | None) -> None:
+        if event is not None:
+            await event.wait()
+
+    async def _connect(self) -> _Connection:
+        cfg = self.config
+        client, protocol = await connect(cfg.broker_config(), cfg.client_id)
+        conn = _Connection(client, protocol)
+        self._conn = conn
+        self.protocol = protocol
+        if self._connected is not None:
+            self._connected.set()
+        return conn
+
+    async def _subscribe(self, conn: _Connection) -> None:
+        import aiomqtt
+
+        topic = self.config.subscription()
+        try:
+            granted = await conn.client.subscribe(topic, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise StartupError(f"cannot subscribe to {topic!r}: {exc}") from exc
+        for code in granted:
+            value = code if isinstance(code, int) else code.value
+            if value >= 0x80:
+                raise StartupError(
+                    f"broker refused the subscription {topic!r} ({code}); a broker without "
+                    "shared subscriptions needs --no-group")
+
+    async def _supervise(self, conn: _Connection) -> None:
+        """Pump messages into the worker; on a lost connection reconnect and resubscribe."""
+        import aiomqtt
+
+        while True:
+            try:
+                await self._pump(conn)
+            except aiomqtt.MqttError as exc:
+                reason: object = exc
+            else:
+                reason = "message stream ended"
+            if not conn.lost.done():
+                conn.lost.set_result(None)
+            if self._conn is conn:
+                self._conn = None
+                if self._connected is not None:
+                    self._connected.clear()
+            log.warning("lost the broker (%s); reconnecting", reason)
+            conn = await self._reconnect()
+            self.metrics.reconnects += 1
+
+    async def _pump(self, conn: _Connection) -> None:
+        worker = self.worker
+        if worker is None:
+            return
+        async for message in conn.client.messages:
+            worker.submit(_incoming(message))
+
+    async def _reconnect(self) -> _Connection:
+        cfg = self.config
+        delay = cfg.reconnect_min_s
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(max(delay * 2, 0.05), cfg.reconnect_max_s)
+            try:
+                conn = await self._connect()
+            except TransportError as exc:
+                log.debug("reconnect failed: %s", exc)
+                continue
+            if self._draining:
+                log.info("reconnected to %s (draining: not subscribing)",
+                         cfg.broker_config().url())
+                return conn
+            try:
+                await self._subscribe(conn)
+            except StartupError as exc:
+                log.warning("reconnected but %s; retrying", exc)
+                await self._close(conn)
+                continue
+            log.info("reconnected to %s and resubscribed", cfg.broker_config().url())
+            return conn
+
+    async def _publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        """QoS 1 publish that survives reconnects (the worker bounds how long it tries)."""
+        import aiomqtt
+
+        while True:
+            conn = self._conn
+            if conn is None:
+                if self._connected is None:
+                    raise RuntimeError("server not serving")
+                await self._connected.wait()
+                continue
+            props = result_properties(correlation) if conn.protocol == "5" and correlation \
+                else None
+            publish = asyncio.ensure_future(conn.client.publish(
+                topic, payload, qos=1, properties=props, timeout=self.config.reply_timeout_s))
+            try:
+                await asyncio.wait({publish, conn.lost}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                publish.cancel()
+                raise
+            if publish.done():
+                try:
+                    publish.result()
+                    return
+                except aiomqtt.MqttError as exc:
+                    if not conn.lost.done():  # refused while connected: wait a little
+                        log.debug("publish to %s failed: %s", topic, exc)
+                        await asyncio.sleep(0.05)
+                    continue
+            publish.cancel()  # the connection went; send it again on the next one
+
+    async def _drain(self, worker: Worker) -> None:
+        import aiomqtt
+
+        self._draining = True
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.client.unsubscribe(self.config.subscription(),
+                                              timeout=_UNSUBSCRIBE_TIMEOUT_S)
+            except aiomqtt.MqttError as exc:
+                log.warning("unsubscribe failed while draining: %s", exc)
+            # Messages delivered before the UNSUBACK are ours: let the pump take them.
+            while len(conn.client.messages) and not conn.lost.done():
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0)
+        if self._force_exit:
+            self.drained_cleanly = False
+            return
+        drain = asyncio.create_task(worker.drain(), name="drain")
+        force = asyncio.create_task(self._wait(self._force), name="force-wait")
+        done, _ = await asyncio.wait({drain, force}, timeout=self.config.drain_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        self.drained_cleanly = drain in done
+        if drain not in done:
+            drain.cancel()
+            log.warning("drain stopped early: %d request(s) queued, %d answer(s) unconfirmed",
+                        self.metrics.queue_depth(), self.metrics.in_flight())
+        await asyncio.gather(drain, force, return_exceptions=True)
+
+    async def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._close(conn)
+
+    @staticmethod
+    async def _close(conn: _Connection) -> None:
+        try:
+            await asyncio.wait_for(conn.client.__aexit__(None, None, None),
+                                   _DISCONNECT_TIMEOUT_S)
+        except Exception as exc:  # already gone: nothing left to close cleanly
+            log.debug("disconnect: %r", exc)
+
+    async def _report(self) -> None:
+        interval = self.config.metrics_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            snap = self.metrics.snapshot()
+            log.info("received %d answered %d errors %d batches %d (mean %.1f samples) "
+                     "queue %d in flight %d reconnects %d", snap["received"], snap["answered"],
+                     snap["errors_total"], snap["batches"], snap["mean_batch_size"],
+                     snap["queue_depth"], snap["replies_in_flight"], snap["reconnects"])
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _incoming(message: aiomqtt.Message) -> Incoming:
+    payload = message.payload
+    if isinstance(payload, str):
+        data = payload.encode()
+    elif isinstance(payload, (bytes, bytearray)):
+        data = bytes(payload)
+    elif payload is None:
+        data = b""
+    else:
+        data = str(payload).encode()
+    props = message.properties
+    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    correlation = getattr(props, "CorrelationData", None) if props is not None else None
+    return Incoming(topic=message.topic.value, payload=data,
+                    response_topic=response_topic if isinstance(response_topic, str) else None,
+                    correlation=bytes(correlation) if correlation else None)

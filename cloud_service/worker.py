@@ -1,0 +1,342 @@
+"""The worker's core, free of MQTT: message in → checks → batch → tail → answer out.
+
+:class:`Worker` takes raw messages (:class:`Incoming`) and answers through an injected
+``publish(topic, payload, correlation)`` coroutine, so unit tests drive it without a
+broker and the server only adds the connection. Every request gets exactly one answer
+when a reply address can be read: a result, or an error result with an
+:class:`~splitinfer.errors.ErrorCode`. Nothing a device sends stops the worker.
+
+Reply address, first that applies: the MQTT 5 response topic (with its correlation
+data), the envelope's ``rt``, the result topic of the device named by the request topic.
+A response topic or ``rt`` outside ``{prefix}/v1/res/`` is ignored, so a device cannot
+make the worker publish where the device itself may not (the broker ACL confines devices,
+the worker is trusted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloud_service.batcher import Batcher
+from cloud_service.config import Config
+from cloud_service.metrics import ErrorLog, Metrics
+from cloud_service.registry import Prepared, Registry, Tail
+from splitinfer.errors import BadInputError, ErrorCode, TensorError, WireError
+from splitinfer.topics import Topics, check_level
+from splitinfer.wire import (
+    REQUEST,
+    RESULT,
+    Envelope,
+    ErrorInfo,
+    WireTensor,
+    decode,
+    encode,
+    peek_reply_address,
+)
+
+__all__ = ["Incoming", "ReplyAddress", "Publish", "Job", "Worker", "reply_address"]
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+Publish = Callable[[str, bytes, "bytes | None"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One message as the subscription delivered it."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None  # MQTT 5 properties
+    correlation: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    topic: str
+    correlation: bytes | None = None
+
+
+def _is_result_topic(topics: Topics, topic: str) -> bool:
+    head = f"{topics.prefix}/v1/res/"
+    if not topic.startswith(head):
+        return False
+    try:
+        check_level(topic[len(head):], "device id")
+    except BadInputError:
+        return False
+    return True
+
+
+def reply_address(topics: Topics, msg: Incoming, envelope_rt: str = "") -> ReplyAddress | None:
+    """Where to answer ``msg`` (see the module docstring), or None when nowhere."""
+    for candidate in (msg.response_topic, envelope_rt):
+        if candidate and _is_result_topic(topics, candidate):
+            return ReplyAddress(candidate, msg.correlation)
+    parsed = topics.parse_request(msg.topic)
+    if parsed is not None:
+        try:
+            return ReplyAddress(topics.result(parsed[1]), msg.correlation)
+        except BadInputError:
+            return None
+    return None
+
+
+@dataclass(eq=False)
+class Job:
+    """An accepted request waiting for its batch."""
+
+    request: Envelope
+    prepared: Prepared
+    reply: ReplyAddress
+    received: float  # unix seconds
+    lane: str = field(init=False)
+    samples: int = field(init=False)
+    key: tuple[tuple[int, ...], ...] = field(init=False)
+    deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lane = self.request.split_id
+        self.samples = self.prepared.samples
+        self.key = self.prepared.key
+        self.deadline = self.request.deadline
+
+
+class Worker:
+    """Checks, batches and answers requests; see the module docstring."""
+
+    def __init__(self, config: Config, registry: Registry, publish: Publish, *,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.topics = config.topics()
+        self.metrics = metrics or Metrics()
+        self._publish = publish
+        self._errors = ErrorLog(log)
+        self._executor = ThreadPoolExecutor(max_workers=config.tail_workers,
+                                            thread_name_prefix="tail")
+        self._replies: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._batcher: Batcher[Job] = Batcher(
+            run=self._run_batch, expire=self._expired, max_batch=config.max_batch,
+            max_delay_s=config.max_delay_s, max_queue=config.queue_size,
+            slots=config.tail_workers)
+        self.metrics.queue_depth = lambda: self._batcher.depth
+        self.metrics.in_flight = lambda: len(self._replies)
+
+    # --- intake --------------------------------------------------------------------------
+
+    def submit(self, msg: Incoming, received: float | None = None) -> None:
+        """Take one message; never raises (a failure becomes an error answer)."""
+        now = time.time() if received is None else received
+        self.metrics.received += 1
+        try:
+            self._submit(msg, now)
+        except Exception as exc:  # a bug must cost one request, not the worker
+            log.exception("unexpected failure handling a message on %s", msg.topic)
+            self._fail(ErrorCode.INTERNAL, f"worker failed on this request: {exc}", msg=msg,
+                       addr=reply_address(self.topics, msg), now=now)
+
+    def _submit(self, msg: Incoming, now: float) -> None:
+        try:
+            env = decode(msg.payload, max_bytes=self.config.max_payload)
+        except WireError as exc:
+            request_id, rt = peek_reply_address(msg.payload, max_bytes=self.config.max_payload)
+            self._fail(exc.code, exc.message, msg=msg, addr=reply_address(self.topics, msg, rt),
+                       now=now, request_id=request_id)
+            return
+        addr = reply_address(self.topics, msg, env.reply_to)
+        env.timestamps["recv"] = now
+        if env.kind != REQUEST:
+            self._fail(ErrorCode.BAD_MESSAGE, f"expected a {REQUEST!r} envelope on a request "
+                       f"topic, got {env.kind!r}", msg=msg, addr=addr, now=now, env=env)
+            return
+        if self._closing:
+            self._fail(ErrorCode.SHUTTING_DOWN, "worker is shutting down; retry (another "
+                       "replica takes it)", msg=msg, addr=addr, now=now, env=env)
+            return
+        if env.expired(now):
+            self._fail(ErrorCode.DEADLINE_EXPIRED, f"arrived {now - env.deadline:.3f} s after "
+                       "its deadline", msg=msg, addr=addr, now=now, env=env)
+            return
+        tail = self.registry.get(env.split_id)
+        if tail is None:
+            self._fail(ErrorCode.UNKNOWN_SPLIT, f"no tail for split {env.split_id!r} on this "
+                       f"worker; it serves {sorted(self.registry)}", msg=msg, addr=addr,
+                       now=now, env=env)
+            return
+        try:
+            prepared = tail.prepare(env)
+        except TensorError as exc:
+            self._fail(ErrorCode.BAD_TENSOR, exc.message, msg=msg, addr=addr, now=now, env=env)
+            return
+        if addr is None:  # a fine request that nobody could receive the answer to
+            self._fail(ErrorCode.BAD_MESSAGE, "no reply address (no response topic, no 'rt', "
+                       "not a request topic)", msg=msg, addr=None, now=now, env=env)
+            return
+        if not self._batcher.offer(Job(env, prepared, addr, now)):
+            self._fail(ErrorCode.OVERLOADED, f"queue full ({self.config.queue_size} requests "
+                       "waiting); retry later", msg=msg, addr=addr, now=now, env=env)
+
+    # --- answers -------------------------------------------------------------------------
+
+    def _fail(self, code: ErrorCode, message: str, *, msg: Incoming | None,
+              addr: ReplyAddress | None, now: float, env: Envelope | None = None,
+              request_id: str = "") -> None:
+        self.metrics.error(code)
+        topic = msg.topic if msg is not None else "?"
+        self._errors.report(code.value, "%s (request topic %s)", message, topic)
+        if addr is None:
+            self.metrics.unanswerable += 1
+            return
+        if env is not None:
+            answer = env.result(error=ErrorInfo.of(code, message))
+        else:
+            parsed = self.topics.parse_request(topic)
+            answer = Envelope(kind=RESULT, request_id=request_id,
+                              device_id=parsed[1] if parsed else "", split_id="",
+                              timestamps={"recv": now}, error=ErrorInfo.of(code, message))
+        self._send(addr, answer, ok=False)
+
+    def _send(self, addr: ReplyAddress, answer: Envelope, *, ok: bool) -> None:
+        answer.timestamps["reply"] = time.time()
+        try:
+            payload = encode(answer)
+        except WireError as exc:
+            log.error("cannot encode the answer to %s: %s", answer.request_id, exc)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(addr, payload, ok), name=f"reply-{answer.request_id[:12]}")
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _deliver(self, addr: ReplyAddress, payload: bytes, ok: bool) -> None:
+        try:
+            await asyncio.wait_for(self._publish(addr.topic, payload, addr.correlation),
+                                   self.config.reply_timeout_s)
+        except Exception as exc:
+            self.metrics.reply_failures += 1
+            self._errors.report("reply_failed", "answer to %s not delivered: %r",
+                                addr.topic, exc)
+            return
+        if ok:
+            self.metrics.answered += 1
+
+    def _expired(self, job: Job) -> None:
+        self._fail(ErrorCode.DEADLINE_EXPIRED, "deadline passed while queued "
+                   f"({time.time() - job.deadline:.3f} s late)", msg=None, addr=job.reply,
+                   now=job.received, env=job.request)
+
+    # --- tail runs -----------------------------------------------------------------------
+
+    async def _run_batch(self, split_id: str, jobs: list[Job]) -> None:
+        tail = self.registry[split_id]
+        batched = time.time()
+        for job in jobs:
+            job.request.timestamps["batched"] = batched
+            self.metrics.queue_wait_s += batched - job.received
+        loop = asyncio.get_running_loop()
+        try:
+            per_job, t0, t1 = await loop.run_in_executor(self._executor, _run, tail, jobs)
+        except Exception as exc:
+            for job in jobs:
+                self._fail(ErrorCode.INTERNAL, f"tail of split {split_id} failed: {exc}",
+                           msg=None, addr=job.reply, now=job.received, env=job.request)
+            return
+        self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0)
+        specs = tail.output_specs
+        for job, outputs in zip(jobs, per_job, strict=True):
+            job.request.timestamps["tail_start"] = t0
+            job.request.timestamps["tail_end"] = t1
+            if isinstance(outputs, Exception):
+                self._fail(ErrorCode.INTERNAL, f"tail of split {split_id} failed: {outputs}",
+                           msg=None, addr=job.reply, now=job.received, env=job.request)
+                continue
+            tensors = [WireTensor(name, array, specs[name].quantization)
+                       for name, array in zip(tail.output_names, outputs, strict=True)]
+            self._send(job.reply, job.request.result(tensors), ok=True)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop accepting: later requests are answered SHUTTING_DOWN."""
+        self._closing = True
+
+    async def drain(self) -> None:
+        """Close, then wait until every accepted request is answered and acknowledged."""
+        self.close()
+        await self._batcher.join()
+        while self._replies:
+            await asyncio.wait(set(self._replies))
+
+    async def aclose(self) -> None:
+        await self._batcher.aclose()
+        for task in list(self._replies):
+            task.cancel()
+        await asyncio.gather(*self._replies, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- run in the executor thread (onnxruntime releases the GIL) ---------------------------
+
+Outputs = list[Array]
+
+
+def _run(tail: Tail, jobs: Sequence[Job]) -> tuple[list[Outputs | Exception], float, float]:
+    t0 = time.time()
+    if tail.batchable and len(jobs) > 1:
+        per_job = _run_concatenated(tail, jobs)
+        if per_job is None:
+            per_job = [_run_one(tail, job) for job in jobs]
+    else:
+        per_job = [_run_one(tail, job) for job in jobs]
+    return per_job, t0, time.time()
+
+
+def _run_concatenated(tail: Tail, jobs: Sequence[Job]) -> list[Outputs | Exception] | None:
+    feeds = [np.concatenate([job.prepared.feeds[i] for job in jobs])
+             for i in range(len(tail.input_names))]
+    total = int(feeds[0].shape[0])
+    outputs = tail.run(feeds)
+    if any(out.ndim == 0 or out.shape[0] != total for out in outputs):
+        # The outputs do not keep the batch first: no way to split them back.
+        log.warning("split %s: outputs %s do not carry the batch (%d) first; running one "
+                    "request at a time from now on", tail.split_id,
+                    [tuple(o.shape) for o in outputs], total)
+        tail.batchable = False
+        return None
+    per_job: list[Outputs | Exception] = []
+    start = 0
+    for job in jobs:
+        end = start + job.samples
+        per_job.append([out[start:end] for out in outputs])
+        start = end
+    return per_job
+
+
+def _run_one(tail: Tail, job: Job) -> Outputs | Exception:
+    try:
+        fixed = tail.fixed_batch
+        if fixed is None or job.samples == fixed:
+            return tail.run(job.prepared.feeds)
+        if job.samples % fixed:
+            raise TensorError(f"split {tail.split_id}: the tail takes batches of {fixed}; "
+                              f"{job.samples} samples do not divide into them")
+        chunks = [tail.run([f[i:i + fixed] for f in job.prepared.feeds])
+                  for i in range(0, job.samples, fixed)]
+        return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+    except Exception as exc:  # answered as INTERNAL for this request only
+        return exc
