@@ -91,8 +91,8 @@ def _half(index: GraphIndex, nodes: Sequence[int], inputs: Sequence[onnx.ValueIn
 def _payload_bytes(model: onnx.ModelProto) -> int:
     # Summed per tensor: ByteSize() of a whole >2 GiB model is not dependable.
     graph = model.graph
-    return sum(t.ByteSize() for t in graph.initializer) + sum(
-        n.ByteSize() for n in graph.node)
+    return int(sum(t.ByteSize() for t in graph.initializer)
+               + sum(n.ByteSize() for n in graph.node))
 
 
 def save_half(model: onnx.ModelProto, path: Path, *, base_dir: Path | None,

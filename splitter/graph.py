@@ -438,9 +438,8 @@ def _merge_shape(meta: Any, observed: tuple[int, ...], dynamic_batch: bool
     if isinstance(meta, list) and len(meta) == len(observed):
         out: list[Dim] = []
         for d, seen in zip(meta, observed, strict=True):
-            if isinstance(d, int) and d >= 0:
-                out.append(d)
-            elif isinstance(d, str) and not d.startswith("unk__"):
+            if (isinstance(d, int) and d >= 0) or (isinstance(d, str)
+                                                   and not d.startswith("unk__")):
                 out.append(d)
             else:
                 out.append(None if d is None or isinstance(d, str) else seen)

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 import splitinfer
-from splitinfer.errors import BadInputError, SplitInferError
+from splitinfer.errors import BadInputError, SplitInferError, VerificationError
 from splitinfer.manifest import (
     MANIFEST_NAME,
     FileRef,
@@ -117,7 +117,12 @@ def split_model(
     if data is not None:
         report = verify_split(source, head_path, tail_path, data,
                               cut_specs=[specs[n] for n in plan.tensors])
-        report.check(tolerance, split_id=split_id)
+        try:
+            report.check(tolerance, split_id=split_id)
+        except VerificationError as exc:
+            raise VerificationError(f"{exc.message}; {head_path.name} and {tail_path.name} "
+                                    f"are left in {out} for inspection, no manifest written",
+                                    split_id=split_id) from None
         abs_diff, rel_diff = report.max_abs_diff, report.max_rel_diff
         verification = {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff,
                         "samples": len(next(iter(data.values()))) if data else 0,

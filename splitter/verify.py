@@ -89,8 +89,8 @@ def _random(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> Arr
     if dtype == "bool":
         return rng.random(shape) < 0.5
     if dtype in ("int8", "uint8"):
-        info = np.iinfo(np_dtype)
-        return rng.integers(int(info.min), int(info.max) + 1, shape).astype(np_dtype)
+        lo, hi = (-128, 128) if dtype == "int8" else (0, 256)
+        return rng.integers(lo, hi, shape).astype(np_dtype)
     return rng.integers(0, 8, shape).astype(np_dtype)
 
 
@@ -101,13 +101,16 @@ def load_npz(path: str | Path, expected_inputs: Sequence[TensorSpec]) -> dict[st
     if not path.is_file():
         raise BadInputError(f"{path}: no such file; expected an .npz with one array per model "
                             f"input ({wanted}), first axis = samples")
+    if not zipfile.is_zipfile(path):
+        raise BadInputError(f"{path}: not an .npz archive; expected one written by numpy.savez "
+                            f"with one array per model input ({wanted}), first axis = samples")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise BadInputError(f"{path}: not a readable .npz ({exc})") from exc
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise BadInputError(f"{path}: a single .npy array; expected an .npz (numpy.savez) with "
-                            f"one array per model input ({wanted})")
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a zip that numpy reads otherwise
+        raise BadInputError(f"{path}: not an .npz archive; expected one array per model input "
+                            f"({wanted})")
     try:
         with loaded:
             arrays = {key: loaded[key] for key in loaded.files}
@@ -156,7 +159,8 @@ def check_samples(arrays: Mapping[str, Any], expected_inputs: Sequence[TensorSpe
     return out
 
 
-def batches(samples: Mapping[str, Array], specs: Sequence[TensorSpec]) -> Iterator[dict[str, Array]]:
+def batches(samples: Mapping[str, Array], specs: Sequence[TensorSpec]
+            ) -> Iterator[dict[str, Array]]:
     """Feeds for a session: everything at once when every batch dim is dynamic."""
     if all(s.shape and not isinstance(s.shape[0], int) for s in specs):
         yield {s.name: samples[s.name] for s in specs}
@@ -230,7 +234,7 @@ class VerifyReport:
             if not o.max_abs_diff <= tolerance * o.ref_scale:
                 raise VerificationError(
                     f"head→tail differs from the full model on output {o.name!r}: "
-                    f"max|diff| {o.max_abs_diff:.3g} > tolerance {tolerance:g} × "
+                    f"max|diff| {o.max_abs_diff:.3g} > tolerance {tolerance:g} * "
                     f"max(1, max|reference|) = {tolerance * o.ref_scale:.3g}",
                     split_id=split_id,
                 )

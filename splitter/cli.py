@@ -1,0 +1,204 @@
+"""``splitinfer inspect | split | quantize``: thin argparse layers over the splitter API.
+
+Registered through the ``splitinfer.commands`` entry points. This module must stay cheap to
+import (``splitinfer --help`` on an edge install has no ``onnx``): the splitter itself is
+imported inside each command. Errors are raised, never printed; ``splitinfer.cli`` turns a
+SplitInferError into one stderr line and its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from splitinfer.cli import env_default
+from splitinfer.errors import EXIT_OK, BadInputError
+
+if TYPE_CHECKING:
+    from splitter.cuts import Cut, Inspection
+
+__all__ = ["register_inspect", "register_split", "register_quantize", "format_table"]
+
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _env_int(flag: str, default: int) -> int:
+    raw = env_default(flag)
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        raise BadInputError(f"environment value for {flag} must be an integer, got {raw!r}"
+                            ) from None
+
+
+# -- inspect --------------------------------------------------------------------------------
+
+def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="list every valid cut of an ONNX model",
+        description="List every valid cut in topological order: the crossing tensors, their "
+        "dtype and shape, bytes per sample (batch excluded) and the head side's share of "
+        "FLOPs and parameters. Cuts where 2+ tensors cross are listed too.")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--max-tensors", type=int, default=_env_int("--max-tensors", 3),
+                   metavar="K", help="list cuts with at most K crossing tensors (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from splitter.cuts import inspect_model
+
+    result = inspect_model(args.model, max_tensors=args.max_tensors)
+    if args.json:
+        print(json.dumps({"model": args.model, **result.to_dict()}))
+    else:
+        print(_summary(args.model, result))
+        print(format_table(result.cuts))
+    return EXIT_OK
+
+
+def _shape(shape: Sequence[Any]) -> str:
+    return "(" + ",".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "dynamic"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _summary(model: str, result: Inspection) -> str:
+    ins = ", ".join(f"{s.name} {s.dtype}{_shape(s.shape)}" for s in result.inputs)
+    outs = ", ".join(f"{s.name} {s.dtype}{_shape(s.shape)}" for s in result.outputs)
+    return (f"{model}: inputs {ins} → outputs {outs}\n"
+            f"{result.total_flops:,} FLOPs per sample, {result.total_params:,} parameters, "
+            f"{len(result.cuts)} valid cut(s)\n")
+
+
+def format_table(cuts: Sequence[Cut]) -> str:
+    """An aligned table, one row per crossing tensor (a cut's later rows leave idx blank)."""
+    header = ("idx", "tensors", "dtype", "shape", "bytes/sample", "head FLOPs", "head params",
+              "int8")
+    rows: list[tuple[str, ...]] = []
+    for cut in cuts:
+        for i, spec in enumerate(cut.tensors):
+            first = i == 0
+            rows.append((
+                str(cut.index) if first else "",
+                spec.name,
+                spec.dtype,
+                _shape(spec.shape),
+                _bytes(cut.bytes_per_sample) if first else "",
+                f"{100 * cut.head_flops_share:.1f}%" if first else "",
+                f"{100 * cut.head_params_share:.1f}%" if first else "",
+                ("yes" if cut.quantized else "") if first else "",
+            ))
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    right = {0, 4, 5, 6}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# -- split ----------------------------------------------------------------------------------
+
+def register_split(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "split", help="cut a model into head.onnx + tail.onnx + manifest.json",
+        description="Cut MODEL at the named tensors, write DIR/head.onnx, DIR/tail.onnx and "
+        "DIR/manifest.json, and check head→tail against the full model in onnxruntime "
+        "(exit 1 when they differ beyond the tolerance).")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--at", required=True, metavar="NAME[,NAME...]",
+                   help="the crossing tensor(s), as listed by 'splitinfer inspect'")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--samples", metavar="FILE.npz", default=env_default("--samples"),
+                   help="inputs to verify on: one array per model input, keyed by name, "
+                   "first axis = samples (default: generated)")
+    p.add_argument("--num-samples", type=int, default=_env_int("--num-samples", 8),
+                   metavar="N", help="generated samples when --samples is not given (default 8)")
+    p.add_argument("--tolerance", type=_float, default=_float(env_default("--tolerance", "1e-5")
+                                                              or "1e-5"),
+                   help="max|diff| <= TOL * max(1, max|reference|) per output (default 1e-5)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the head→tail check")
+    p.add_argument("--name", metavar="MODEL", help="model name for the split id (default: "
+                   "the file's stem)")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated samples")
+    p.add_argument("--external-data", action="store_true", default=None,
+                   help="always store weights in head.onnx.data/tail.onnx.data (default: only "
+                   "past 2 GB)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_split)
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from splitter.split import split_model
+
+    result = split_model(
+        args.model, args.at, args.out, samples=args.samples, num_samples=args.num_samples,
+        tolerance=args.tolerance, verify=args.verify, model_name=args.name, seed=args.seed,
+        external_data=args.external_data)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return EXIT_OK
+    m = result.manifest_obj
+    cut = ", ".join(f"{s.name} {s.dtype}{_shape(s.shape)}"
+                    + (" int8" if s.quantization else "") for s in m.cut)
+    verified = ("not verified (--no-verify)" if result.max_abs_diff is None else
+                f"verified: max|diff| {result.max_abs_diff:.3g} on "
+                f"{m.verification.get('samples')} sample(s)")
+    print(f"split {result.split_id}\n  cut:      {cut} ({_bytes(m.bytes_per_sample)}/sample)\n"
+          f"  head:     {result.head}\n  tail:     {result.tail}\n"
+          f"  manifest: {result.manifest}\n  {verified}")
+    return EXIT_OK
+
+
+# -- quantize -------------------------------------------------------------------------------
+
+def register_quantize(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="static int8 quantization with calibration data",
+        description="Quantize MODEL to int8 with calibration inputs (an .npz with one array "
+        "per model input, keyed by name, first axis = samples).")
+    p.add_argument("model", help="the ONNX model file")
+    p.add_argument("--calibration", required=True, metavar="DATA.npz",
+                   help="calibration inputs")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.onnx", help="quantized model")
+    p.add_argument("--format", choices=("qdq", "qoperator"), default="qdq",
+                   help="QDQ pairs (default) or QOperator ops (QLinearConv …)")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one scale per weight tensor instead of per output channel")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from splitter.quantize import quantize_static
+
+    out = quantize_static(args.model, args.calibration, args.out, fmt=args.format,
+                          per_channel=not args.per_tensor)
+    if args.json:
+        print(json.dumps({"output": str(out), "format": args.format,
+                          "per_channel": not args.per_tensor}))
+    else:
+        print(f"quantized ({args.format}, {'per-tensor' if args.per_tensor else 'per-channel'}"
+              f") → {out}", file=sys.stdout)
+    return EXIT_OK
