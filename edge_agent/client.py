@@ -210,11 +210,11 @@ class EdgeAgent:
 
     async def start(self) -> None:
         """Connect, subscribe, announce presence; then keep the connection up in a task."""
-        if self._supervisor is not None:
-            return
         if self._closed:
             raise StartupError(f"edge agent {self.device_id}: closed agents cannot restart",
                                device_id=self.device_id)
+        if self._supervisor is not None:
+            return
         transport: Transport | None = None
         try:
             transport = await self._connect()
