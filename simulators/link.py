@@ -48,7 +48,7 @@ from typing import Literal
 from splitinfer.errors import BadInputError
 
 __all__ = ["LinkProfile", "Outage", "OutageMode", "PROFILES", "ALIASES", "DEFAULT_MSS",
-           "MIN_RTO_S"]
+           "MIN_RTO_S", "parse_time", "format_time"]
 
 OutageMode = Literal["stall", "cut"]
 OUTAGE_MODES: tuple[OutageMode, ...] = ("stall", "cut")
@@ -99,12 +99,12 @@ class Outage:
         mode = mode.strip() or "stall"
         if mode not in OUTAGE_MODES:
             raise BadInputError(f"outage {text!r}: mode {mode!r}, expected stall or cut")
-        return cls(_parse_time(start, "outage start"), _parse_time(duration, "outage duration"),
+        return cls(parse_time(start, "outage start"), parse_time(duration, "outage duration"),
                    mode)
 
     def spec(self) -> str:
         mode = "" if self.mode == "stall" else f":{self.mode}"
-        return f"{_fmt_time(self.start_s)}+{_fmt_time(self.duration_s)}{mode}"
+        return f"{format_time(self.start_s)}+{format_time(self.duration_s)}{mode}"
 
 
 @dataclass(frozen=True)
@@ -214,13 +214,13 @@ class LinkProfile:
         if self.down_bps != math.inf:
             fields.append(f"down={_fmt_rate(self.down_bps)}")
         if self.delay_s:
-            fields.append(f"delay={_fmt_time(self.delay_s)}")
+            fields.append(f"delay={format_time(self.delay_s)}")
         if self.jitter_s:
-            fields.append(f"jitter={_fmt_time(self.jitter_s)}")
+            fields.append(f"jitter={format_time(self.jitter_s)}")
         if self.loss:
             fields.append(f"loss={_fmt_decimal(self.loss * 100)}%")
         if self.rto_s is not None:
-            fields.append(f"rto={_fmt_time(self.rto_s)}")
+            fields.append(f"rto={format_time(self.rto_s)}")
         if self.mss != DEFAULT_MSS:
             fields.append(f"mss={self.mss}")
         fields += [f"outage={o.spec()}" for o in self.outages]
@@ -262,7 +262,8 @@ def _parse_rate(text: str, what: str = "rate") -> float:
     return float(value)
 
 
-def _parse_time(text: str, what: str = "time") -> float:
+def parse_time(text: str, what: str = "time") -> float:
+    """Seconds from ``30ms``, ``2s``, ``150us`` (``0`` may go bare); ``what`` names it in errors."""
     num, unit = _split_unit(text)
     if unit == "" and num and _number(num, what, _TIME_FORM) == 0:
         return 0.0
@@ -288,7 +289,7 @@ def _parse_loss(text: str, what: str = "loss") -> float:
 
 
 def _parse_rto(text: str, what: str = "rto") -> float | None:
-    return None if text.strip().lower() == "auto" else _parse_time(text, what)
+    return None if text.strip().lower() == "auto" else parse_time(text, what)
 
 
 def _parse_mss(text: str, what: str = "mss") -> int:
@@ -305,8 +306,8 @@ def _parse_mss(text: str, what: str = "mss") -> int:
 _FIELDS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "up": ("up_bps", _parse_rate),
     "down": ("down_bps", _parse_rate),
-    "delay": ("delay_s", _parse_time),
-    "jitter": ("jitter_s", _parse_time),
+    "delay": ("delay_s", parse_time),
+    "jitter": ("jitter_s", parse_time),
     "loss": ("loss", _parse_loss),
     "rto": ("rto_s", _parse_rto),
     "mss": ("mss", _parse_mss),
@@ -339,9 +340,10 @@ def _fmt_rate(bps: float) -> str:
     return _fmt_unit(bps, units, _parse_rate)
 
 
-def _fmt_time(seconds: float) -> str:
+def format_time(seconds: float) -> str:
+    """The shortest of ``2s``/``30ms``/``150us`` that :func:`parse_time` reads back exactly."""
     units = {"s": Decimal(1), "ms": Decimal("1e-3"), "us": Decimal("1e-6")}
-    return _fmt_unit(seconds, units, _parse_time)
+    return _fmt_unit(seconds, units, parse_time)
 
 
 PROFILES: dict[str, LinkProfile] = {
