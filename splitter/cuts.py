@@ -119,7 +119,7 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
     found: set[frozenset[str]] = {cloud} if cloud and index.order else set()
     for order in _orders(index):
         found.update(s for s in _frontiers(index, order) if len(s) <= max_tensors)
-    index.ensure_types({n for s in found for n in s} | _live_tensors(index))
+    index.ensure_types({n for s in found for n in s} | index.live_tensors())
     costs.refresh()
     cuts: list[tuple[tuple[Any, ...], Cut]] = []
     for names in found:
@@ -155,10 +155,6 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
 def _fields(cut: Cut) -> tuple[Any, ...]:
     return (cut.tensors, cut.bytes_per_sample, cut.head_flops_share, cut.head_params_share,
             cut.quantized, cut.head_flops, cut.head_params)
-
-
-def _live_tensors(index: GraphIndex) -> set[str]:
-    return {n for i in index.order for n in index.nodes[i].outputs}
 
 
 def _pos(index: GraphIndex, name: str) -> int:
@@ -444,7 +440,7 @@ def spec_map(index: GraphIndex, names: Sequence[str]) -> Mapping[str, TensorSpec
 
 def cut_costs(index: GraphIndex, names: Sequence[str]) -> dict[str, int]:
     """Head-side and total FLOPs and parameters of the cut ``names``."""
-    index.ensure_types(_live_tensors(index))
+    index.ensure_types(index.live_tensors())
     costs = _Costs(index)
     return {
         "head_flops": costs.head_flops(costs.head_mask(names)),

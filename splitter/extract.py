@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 import splitinfer
 from splitinfer.dtypes import ONNX_ELEM_TYPE
@@ -112,13 +112,23 @@ def save_half(model: onnx.ModelProto, path: Path, *, base_dir: Path | None,
     data_path.unlink(missing_ok=True)
     use_external = external_data if external_data is not None else (
         _payload_bytes(model) >= EXTERNAL_DATA_LIMIT)
+    if use_external:
+        _to_raw_data(model)
     try:
         if use_external:
             onnx.save_model(model, str(path), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_path.name,
-                            size_threshold=1024)
+                            # asked for explicitly: every weight goes out; past 2 GB: the big
+                            size_threshold=0 if external_data else 1024)
         else:
             onnx.save_model(model, str(path))
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot write {path}: {exc}") from exc
     return data_path if data_path.exists() else None
+
+
+def _to_raw_data(model: onnx.ModelProto) -> None:
+    """onnx moves only ``raw_data`` to external files; typed fields (float_data…) stay put."""
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))

@@ -272,6 +272,10 @@ class GraphIndex:
             log.info("%d node(s) feed no graph output; they are dropped from both halves", dead)
         return live
 
+    def live_tensors(self) -> set[str]:
+        """Every tensor a live node produces."""
+        return {n for i in self.order for n in self.nodes[i].outputs}
+
     def is_graph_input(self, name: str) -> bool:
         return name in self.input_vi and name not in self.const_tensors
 

@@ -88,6 +88,8 @@ def split_model(
     index = open_index(source)
     names = _cut_names(index, cut)
     plan = plan_cut(index, names)
+    # One onnxruntime typing run (if any is needed) for everything typed below.
+    index.ensure_types([*index.inputs, *index.outputs, *index.live_tensors()])
     specs = spec_map(index, plan.tensors)
     inputs = tuple(index.spec(n) for n in index.inputs)
     outputs = tuple(index.spec(n) for n in index.outputs)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
+import onnx.numpy_helper
 import onnx.parser
 
 __all__ = ["MODELS", "build", "save_with_external_data", "chain", "residual", "concat", "fpn",
@@ -248,6 +250,12 @@ def build(name: str, directory: Path) -> Path:
 
 def save_with_external_data(model: onnx.ModelProto, path: Path) -> Path:
     """Save with every initializer in ``<name>.data`` next to the model."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for t in model.graph.initializer:  # onnx externalises raw_data only
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=0)
+    if not onnx.external_data_helper.uses_external_data(
+            onnx.load(str(path), load_external_data=False).graph.initializer[0]):
+        raise AssertionError("test model was not saved with external data")
     return path

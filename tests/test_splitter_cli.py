@@ -1,0 +1,141 @@
+"""``splitinfer inspect | split | quantize``: exit codes 0/1/2, JSON shapes, one-line errors.
+
+A few runs go through the installed console script (a subprocess, as a user runs it); the
+rest call ``splitinfer.cli.main`` in-process to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import models_text as mt
+import numpy as np
+import pytest
+
+from splitinfer.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cli_models")
+    return {name: mt.build(name, d) for name in ("chain", "residual", "qdq_chain", "noisy")}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["splitinfer", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def _one_error_line(stderr: str, command: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"splitinfer {command}: error: ") and "Traceback" not in stderr
+    return lines[0]
+
+
+# -- through the console script ---------------------------------------------------------------
+
+def test_inspect_json_via_console_script(models: dict[str, Path]) -> None:
+    proc = _run("inspect", str(models["residual"]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["cuts"][0]["tensors"] == [{"name": "x", "dtype": "float32",
+                                           "shape": ["N", 4, 6, 6]}]
+    for cut in data["cuts"]:
+        assert set(cut) >= {"tensors", "bytes_per_sample", "head_flops_share",
+                            "head_params_share", "quantized"}
+        assert isinstance(cut["bytes_per_sample"], int)
+    assert any(len(c["tensors"]) == 2 for c in data["cuts"])
+
+
+def test_split_exit_codes_via_console_script(models: dict[str, Path], tmp_path: Path) -> None:
+    ok = _run("split", str(models["chain"]), "--at", "p1", "-o", str(tmp_path / "ok"), "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert set(data) >= {"split_id", "head", "tail", "manifest", "max_abs_diff"}
+    assert Path(data["manifest"]).is_file() and data["max_abs_diff"] <= 1e-5
+
+    failed = _run("split", str(models["noisy"]), "--at", "r", "-o", str(tmp_path / "bad"))
+    assert failed.returncode == 1
+    assert "differs from the full model" in _one_error_line(failed.stderr, "split")
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+    bad = _run("split", str(models["residual"]), "--at", "c", "-o", str(tmp_path / "x"))
+    assert bad.returncode == 2
+    line = _one_error_line(bad.stderr, "split")
+    assert "leaves a path from input 'x' to output 'y' through 'r0' uncovered" in line
+
+
+# -- in-process -------------------------------------------------------------------------------
+
+def test_inspect_table(models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(models["qdq_chain"])]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("idx"))
+    for column in ("tensors", "dtype", "shape", "bytes/sample", "head FLOPs", "head params",
+                   "int8"):
+        assert column in header
+    q1 = next(line for line in out.splitlines() if " q1 " in line)
+    assert "uint8" in q1 and "256 B" in q1 and q1.rstrip().endswith("yes")
+
+
+def test_inspect_max_tensors(models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+                             ) -> None:
+    assert main(["inspect", str(models["residual"]), "--json", "--max-tensors", "1"]) == 0
+    cuts = json.loads(capsys.readouterr().out)["cuts"]
+    assert cuts and all(len(c["tensors"]) == 1 for c in cuts)
+
+
+def test_split_human_output_and_options(models: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    samples = tmp_path / "s.npz"
+    np.savez(samples, x=np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32))
+    assert main(["split", str(models["qdq_chain"]), "--at", "q1", "-o", str(tmp_path / "o"),
+                 "--samples", str(samples), "--tolerance", "0", "--name", "qdq"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("split qdq-") and "q1 uint8(N,4,8,8) int8" in out
+    assert "verified: max|diff| 0 on 3 sample(s)" in out
+    assert main(["split", str(models["chain"]), "--at", "g", "-o", str(tmp_path / "n"),
+                 "--no-verify", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["max_abs_diff"] is None and data["verified"] is False
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["inspect", "{d}/missing.onnx"], "no such file"),
+    (["inspect", "{d}/junk.onnx"], "not an ONNX model"),
+    (["split", "{chain}", "--at", "pl", "-o", "{d}/o"], "unknown tensor 'pl'; did you mean 'p1'"),
+    (["split", "{chain}", "--at", "w1", "-o", "{d}/o"], "is an initializer"),
+    (["split", "{chain}", "--at", "p1", "-o", "{d}/o", "--samples", "{d}/wrong.npz"],
+     "missing 'x'; unexpected 'image'"),
+    (["split", "{chain}", "--at", "p1", "-o", "{d}/o", "--samples", "{d}/junk.onnx"],
+     "not an .npz archive"),
+    (["split", "{chain}", "--at", "p1", "-o", "{d}/o", "--tolerance", "-1"], "tolerance"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, tmp_path: Path,
+                                          models: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "junk.onnx").write_text("not a model")
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((1, 3, 8, 8), np.float32))
+    args = [a.format(d=tmp_path, chain=models["chain"]) for a in argv]
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, args[0])
+    assert message in line
+
+
+def test_quantize_parser_is_registered() -> None:
+    args = build_parser().parse_args(["quantize", "m.onnx", "--calibration", "c.npz", "-o",
+                                      "q.onnx", "--format", "qoperator", "--per-tensor",
+                                      "--json"])
+    assert (args.model, args.calibration, args.out, args.format) == (
+        "m.onnx", "c.npz", "q.onnx", "qoperator")
+    assert args.per_tensor and args.json and callable(args.func)
+
+
+def test_cli_module_does_not_import_onnx() -> None:
+    code = ("import sys, splitter.cli; "
+            "sys.exit(int(any(m in sys.modules for m in ('onnx', 'onnxruntime'))))")
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
