@@ -218,7 +218,7 @@ class LinkProfile:
         if self.jitter_s:
             fields.append(f"jitter={format_time(self.jitter_s)}")
         if self.loss:
-            fields.append(f"loss={_fmt_decimal(self.loss * 100)}%")
+            fields.append(f"loss={_fmt_decimal(Decimal(repr(self.loss)) * 100)}%")
         if self.rto_s is not None:
             fields.append(f"rto={format_time(self.rto_s)}")
         if self.mss != DEFAULT_MSS:
@@ -318,8 +318,8 @@ _FIELDS: dict[str, tuple[str, Callable[[str, str], object]]] = {
 # ---- formatting that parses back to the same float ------------------------------------
 
 def _fmt_decimal(value: float | Decimal) -> str:
-    d = Decimal(repr(value)) if isinstance(value, float) else value
-    return format(d.normalize(), "f")
+    d = (Decimal(repr(value)) if isinstance(value, float) else value).normalize()
+    return format(d, "f") if -12 < d.adjusted() < 15 else str(d)  # 1E-300, not 300 zeros
 
 
 def _fmt_unit(value: float, units: dict[str, Decimal], parse: Callable[[str], float]) -> str:
@@ -331,7 +331,7 @@ def _fmt_unit(value: float, units: dict[str, Decimal], parse: Callable[[str], fl
         text = f"{_fmt_decimal(exact / scale)}{unit}"
         if exact >= scale and parse(text) == value:
             return text
-    return f"{_fmt_decimal(exact)}{next(reversed(units))}"
+    return f"{_fmt_decimal(exact)}{next(u for u, scale in units.items() if scale == 1)}"
 
 
 def _fmt_rate(bps: float) -> str:
