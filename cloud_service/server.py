@@ -232,6 +232,8 @@ class Server:
     async def _connect(self) -> _Connection:
         cfg = self.config
         client, protocol = await connect(cfg.broker_config(), cfg.client_id)
+        # aiomqtt warns past 10 unacknowledged publishes; a busy worker has hundreds.
+        client.pending_calls_threshold = 1_000_000
         conn = _Connection(client, protocol)
         self._conn = conn
         self.protocol = protocol

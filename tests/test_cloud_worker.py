@@ -1,0 +1,287 @@
+"""Registry and worker core without a broker: the publisher is a fake that records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from test_cloud_support import TinySplit, make_split, request_payload
+
+from cloud_service.config import Config
+from cloud_service.metrics import ErrorLog, Metrics, render_prometheus
+from cloud_service.registry import Registry, Tail
+from cloud_service.worker import Incoming, ReplyAddress, Worker, reply_address
+from splitinfer.errors import BadInputError, ErrorCode, ManifestError, StartupError, TensorError
+from splitinfer.manifest import Quantization
+from splitinfer.topics import Topics
+from splitinfer.wire import decode
+
+PREFIX = "unit"
+TOPICS = Topics(PREFIX)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinySplit]:
+    root = tmp_path_factory.mktemp("artifacts")
+    return {
+        "q": make_split(root, "tiny-q", seed=1),
+        "f": make_split(root, "tiny-f", quantized=False, features=6, classes=2, seed=2),
+        "fixed": make_split(root, "tiny-fixed", fixed_batch=1, seed=3),
+        "odd": make_split(root, "tiny-odd", batch_last_output=True, seed=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def registry(splits: dict[str, TinySplit]) -> Registry:
+    return Registry.load(next(iter(splits.values())).directory.parent, threads=1)
+
+
+class FakePublish:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def __call__(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        self.sent.append((topic, payload, correlation))
+
+    def answers(self) -> dict[str, Any]:
+        return {decode(p).request_id: (t, decode(p), c) for t, p, c in self.sent}
+
+
+def run_worker(registry: Registry, body: Callable[[Worker], Coroutine[Any, Any, None]],
+               **config: Any) -> tuple[FakePublish, Worker]:
+    pub = FakePublish()
+
+    async def main() -> Worker:
+        cfg = Config(artifacts=Path("."), prefix=PREFIX, **config)
+        worker = Worker(cfg, registry, pub)
+        try:
+            await body(worker)
+            await asyncio.wait_for(worker.drain(), 20)
+        finally:
+            await worker.aclose()
+        return worker
+
+    return pub, asyncio.run(main())
+
+
+def msg(split: TinySplit | str, array: np.ndarray[Any, Any], device: str = "dev-1",
+        **kw: Any) -> tuple[str, Incoming]:
+    rid, payload = request_payload(split, array, device_id=device, **kw)
+    return rid, Incoming(TOPICS.request("tiny", device), payload)
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_registry_loads_every_split(registry: Registry, splits: dict[str, TinySplit]) -> None:
+    assert set(registry) == {s.split_id for s in splits.values()}
+    assert registry["tiny-fixed"].fixed_batch == 1 and not registry["tiny-fixed"].batchable
+    assert registry["tiny-q"].batchable
+
+
+def test_registry_single_split_dir_and_failures(tmp_path: Path) -> None:
+    one = make_split(tmp_path, "one")
+    assert list(Registry.load(one.directory)) == ["one"]
+    broken = make_split(tmp_path, "broken")
+    (broken.directory / "tail.onnx").write_bytes(b"changed")
+    reg = Registry.load(tmp_path)
+    assert list(reg) == ["one"] and "sha256" in reg.failed[str(broken.directory)]
+    with pytest.raises(StartupError, match="no servable split"):
+        Registry.load(broken.directory)
+    with pytest.raises(StartupError, match="does not exist"):
+        Registry.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StartupError, match="no servable split"):
+        Registry.load(empty)
+
+
+def test_tail_must_match_its_manifest(tmp_path: Path) -> None:
+    split = make_split(tmp_path, "m")
+    data = json.loads((split.directory / "manifest.json").read_text())
+    data["cut"][0]["name"] = "other"
+    (split.directory / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="differ from the manifest's cut"):
+        Tail.open(split.directory)
+
+
+def test_prepare_names_expected_and_got(registry: Registry, splits: dict[str, TinySplit]
+                                        ) -> None:
+    from splitinfer.wire import decode as dec
+
+    tail = registry["tiny-q"]
+    q = splits["q"]
+    good = dec(request_payload(q, q.sample(3))[1])
+    assert tail.prepare(good).samples == 3
+    cases: dict[str, np.ndarray[Any, Any]] = {
+        "expected dtype int8, got float32": q.sample(2).astype(np.float32),
+        "expected shape (N, 4), got (2, 5)": np.zeros((2, 5), np.int8),
+        "expected 2 dims": np.zeros((2, 4, 1), np.int8),
+        "at least one sample": np.zeros((0, 4), np.int8),
+    }
+    for match, array in cases.items():
+        with pytest.raises(TensorError, match=match.replace("(", r"\(").replace(")", r"\)")):
+            tail.prepare(dec(request_payload(q, array)[1]))
+    with pytest.raises(TensorError, match=r"expected tensors \['cut'\], got \['x'\]"):
+        tail.prepare(dec(request_payload(q, q.sample(), name="x")[1]))
+    with pytest.raises(TensorError, match=r"expected quantization \[0.05, 3\], got \[0.1, 3\]"):
+        tail.prepare(dec(request_payload(q, q.sample(),
+                                         quantization=Quantization(0.1, 3))[1]))
+
+
+# --- worker -----------------------------------------------------------------------------
+
+
+def test_batched_answers_are_each_requests_own(registry: Registry,
+                                               splits: dict[str, TinySplit]) -> None:
+    sent: dict[str, tuple[TinySplit, np.ndarray[Any, Any]]] = {}
+
+    async def body(worker: Worker) -> None:
+        for i in range(40):
+            split = splits[("q", "f", "fixed", "odd")[i % 4]]
+            array = split.sample(1 + i % 3 if split is not splits["fixed"] else 1, seed=i)
+            rid, m = msg(split, array, device=f"d{i}")
+            sent[rid] = (split, array)
+            worker.submit(m)
+
+    pub, worker = run_worker(registry, body, max_batch=8, max_delay_ms=5)
+    answers = pub.answers()
+    assert set(answers) == set(sent)
+    for rid, (split, array) in sent.items():
+        topic, env, _ = answers[rid]
+        assert env.error is None, env.error
+        assert topic == TOPICS.result(env.device_id)
+        expected = split.expected(array)
+        got = env.arrays()["logits"]
+        if split is splits["odd"]:
+            expected = expected.T
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        assert {"sent", "recv", "batched", "tail_start", "tail_end", "reply"} <= set(
+            env.timestamps)
+    snap = worker.metrics.snapshot()
+    assert snap["answered"] == 40 and snap["errors_total"] == 0
+    assert snap["mean_batch_size"] > 1  # the 40 arrived together
+    assert not registry["tiny-odd"].batchable  # learnt that its outputs are not batch-first
+
+
+def test_bad_messages_answered_with_their_code(registry: Registry,
+                                               splits: dict[str, TinySplit]) -> None:
+    q = splits["q"]
+    expected: dict[str, ErrorCode] = {}
+    corr_of: dict[str, bytes] = {}
+
+    async def body(worker: Worker) -> None:
+        good_rid, good = msg(q, q.sample(2))
+        rid, m = msg(q, q.sample().astype(np.float32))
+        expected[rid] = ErrorCode.BAD_TENSOR
+        rid2, m2 = msg("no-such-split", q.sample())
+        expected[rid2] = ErrorCode.UNKNOWN_SPLIT
+        rid3, m3 = msg(q, q.sample(), deadline=time.time() - 1)
+        expected[rid3] = ErrorCode.DEADLINE_EXPIRED
+        _rid4, m4 = msg(q, q.sample())
+        truncated = Incoming(m4.topic, m4.payload[: len(m4.payload) // 2])
+        # half a msgpack map: no request id readable → answered on the device's topic
+        bad_body = msgpack.packb({"v": 1, "k": "req", "id": "rid-5", "rt": TOPICS.result("x"),
+                                  "t": "not-a-list"})
+        expected["rid-5"] = ErrorCode.BAD_MESSAGE
+        corr_of[good_rid] = b"corr-good"
+        for item in (Incoming(good.topic, good.payload, TOPICS.result("dev-1"), b"corr-good"),
+                     m, m2, m3, truncated, Incoming(TOPICS.request("tiny", "x"), bad_body),
+                     Incoming(TOPICS.request("tiny", "big"), b"\0" * (2 * 1024 * 1024)),
+                     Incoming("not/a/request/topic", b"garbage")):
+            worker.submit(item)
+        expected[good_rid] = ErrorCode.INTERNAL  # placeholder: checked separately below
+
+    pub, worker = run_worker(registry, body, max_payload=1024 * 1024)
+    answers = pub.answers()
+    for rid, code in expected.items():
+        _topic, env, corr = answers[rid]
+        if code is ErrorCode.INTERNAL:
+            assert env.error is None and corr == b"corr-good"
+            continue
+        assert env.error is not None and env.error.code == code.value, (rid, env.error)
+    # The truncated and the oversized payload carry no readable id: answered by topic.
+    by_topic = {t: decode(p) for t, p, _ in pub.sent if not decode(p).request_id}
+    assert by_topic[TOPICS.result("dev-1")].error.code == "bad_message"  # type: ignore[union-attr]
+    assert by_topic[TOPICS.result("big")].error.code == "payload_too_large"  # type: ignore[union-attr]
+    snap = worker.metrics.snapshot()
+    assert snap["unanswerable"] == 1  # "garbage" on a topic that names no device
+    assert snap["answered"] == 1 and snap["received"] == 8
+    assert snap["errors"]["bad_message"] == 3
+
+
+def test_overloaded_and_shutting_down(registry: Registry, splits: dict[str, TinySplit]) -> None:
+    q = splits["q"]
+    codes: list[str] = []
+
+    async def body(worker: Worker) -> None:
+        rids = []
+        for i in range(12):
+            rid, m = msg(q, q.sample(), device=f"d{i}")
+            rids.append(rid)
+            worker.submit(m)  # all before the loop runs a batch: the queue holds 4
+        worker.close()
+        rid, m = msg(q, q.sample())
+        rids.append(rid)
+        worker.submit(m)
+        codes.extend(rids)
+
+    pub, _ = run_worker(registry, body, max_batch=1, queue_size=4)
+    answers = pub.answers()
+    got = [answers[r][1].error.code if answers[r][1].error else None for r in codes]
+    assert got[:4] == [None] * 4
+    assert got[4:12] == ["overloaded"] * 8
+    assert got[12] == "shutting_down"
+
+
+def test_reply_address_rules() -> None:
+    req = TOPICS.request("m", "cam-7")
+    assert reply_address(TOPICS, Incoming(req, b"")) == ReplyAddress(TOPICS.result("cam-7"))
+    assert reply_address(TOPICS, Incoming(req, b"", TOPICS.result("gw"), b"c")) == \
+        reply_address(TOPICS, Incoming(req, b"", None, b"c"), TOPICS.result("gw"))
+    # A response topic outside the result namespace is not trusted.
+    assert reply_address(TOPICS, Incoming(req, b""), "elsewhere/x") == \
+        ReplyAddress(TOPICS.result("cam-7"))
+    assert reply_address(TOPICS, Incoming("x/y", b""), "unit/v1/res/a/b") is None
+
+
+def test_metrics_render_and_error_log(caplog: pytest.LogCaptureFixture) -> None:
+    m = Metrics()
+    m.received = 5
+    m.error(ErrorCode.BAD_TENSOR)
+    m.batch(3, 4, 0.01)
+    text = render_prometheus(m, labels={"worker": 'w"1'})
+    assert 'splitinfer_worker_received_total{worker="w\\"1"} 5' in text
+    assert 'splitinfer_worker_errors_total{worker="w\\"1",code="bad_tensor"} 1' in text
+    assert "# TYPE splitinfer_worker_queue_depth gauge" in text
+    assert m.snapshot()["mean_batch_size"] == 4
+
+    now = [0.0]
+    import logging
+
+    elog = ErrorLog(logging.getLogger("t"), interval_s=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING):
+        assert elog.report("bad_tensor", "x %d", 1)
+        assert not elog.report("bad_tensor", "x %d", 2)
+        assert elog.report("bad_message", "y")
+        now[0] = 11
+        assert elog.report("bad_tensor", "x %d", 3)
+    assert "1 more bad_tensor" in caplog.text
+
+
+def test_config_validation() -> None:
+    bad: dict[str, Any]
+    for bad in ({"max_batch": 0}, {"group": "a/b"}, {"broker": "http://x"},
+                {"max_delay_ms": -1}, {"prefix": "#"}, {"threads": -1}):
+        with pytest.raises(BadInputError):
+            Config(artifacts=Path("."), **bad)
+    assert Config(artifacts=Path("."), group="").subscription() == "splitinfer/v1/req/+/+"
+    assert Config(artifacts=Path("."), group="g").subscription() == \
+        "$share/g/splitinfer/v1/req/+/+"
