@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 from splitinfer.errors import StartupError
 
 __all__ = ["TUNING", "Broker", "MosquittoBroker", "EmbeddedBroker", "start_broker",
-           "free_port", "wait_for_port"]
+           "free_port", "wait_for_port", "mosquitto_binary"]
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class MosquittoBroker(_Lifecycle):
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, binary: str | None = None,
                  extra_config: tuple[str, ...] = ()) -> None:
-        found = binary or shutil.which("mosquitto") or (
-            "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        found = binary or mosquitto_binary()
         if not found:
             raise StartupError("mosquitto is not installed; install it (apt-get install -y "
                                "mosquitto) or use the embedded broker")
@@ -249,10 +249,21 @@ def warnings_silenced() -> Any:
         yield
 
 
+def mosquitto_binary() -> str | None:
+    """The mosquitto to run: ``$SPLITINFER_MOSQUITTO`` if set ("" = pretend none is
+    installed), else ``mosquitto`` on PATH, else Debian's ``/usr/sbin/mosquitto``."""
+    configured = os.environ.get("SPLITINFER_MOSQUITTO")
+    if configured is not None:
+        return configured or None
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
 def start_broker(prefer: str = "mosquitto") -> MosquittoBroker | EmbeddedBroker:
     """Start mosquitto when installed (unless ``prefer="embedded"``), else amqtt."""
-    if prefer != "embedded" and (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto")
-                                 .exists()):
+    if prefer != "embedded" and mosquitto_binary():
         broker: MosquittoBroker | EmbeddedBroker = MosquittoBroker()
     else:
         broker = EmbeddedBroker()

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from simulators.broker import EmbeddedBroker, MosquittoBroker
+from simulators.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
 
 
 @pytest.fixture(scope="session")
 def mosquitto() -> Iterator[MosquittoBroker]:
     """A private, latency-tuned mosquitto for the whole session (never a public broker)."""
-    if not shutil.which("mosquitto") and not shutil.which("/usr/sbin/mosquitto"):
+    if not mosquitto_binary():
         pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does)")
     broker = MosquittoBroker()
     broker.start()
