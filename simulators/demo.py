@@ -205,7 +205,8 @@ def _serve_and_infer(args: DemoOptions, split_dir: Path, inputs: Mapping[str, Ar
         server.start_in_thread()
         _say(args, f"serving    broker {kind} at {url.split('?')[0]}; 1 worker; "
                    f"{args.devices} edge agents")
-        return asyncio.run(_drive(args, split_dir, url, inputs)) + (kind,)
+        outputs, timings, protocol = asyncio.run(_drive(args, split_dir, url, inputs))
+        return outputs, timings, protocol, kind
     finally:
         server.should_exit = True
         if broker is not None:
