@@ -79,8 +79,8 @@ class DirectionStats:
     lost_segments: int = 0  # original segments lost (Binomial(segments, p))
     retransmissions: int = 0  # >= lost_segments: retransmissions get lost too
     loss_delay_s: float = 0.0  # sum of RTO penalties
-    stalled_chunks: int = 0
-    stall_s: float = 0.0  # sum of time chunks waited on stall windows
+    stalled_chunks: int = 0  # chunks that arrived during a stall, or were held by one
+    stall_s: float = 0.0  # serializer time lost to stall windows
     dropped_bytes: int = 0  # queued when a cut or a closed peer threw them away
 
     @property
@@ -125,17 +125,22 @@ class StallWindows:
                 merged.append((a, b))
         self.windows = merged
 
-    def adjust(self, start: float, busy: float) -> tuple[float, float, float]:
+    def adjust(self, now: float, start: float, busy: float) -> tuple[float, float, float, bool]:
         """Push a serialization ``[start, start + busy)`` past the windows it meets.
 
-        Returns ``(start, busy, held)``: a start inside a window moves to its end; a window
-        opening mid-serialization pauses it; ``held`` is the time added.
+        Returns ``(start, busy, held, stalled)``: a start inside a window moves to its end;
+        a window opening mid-serialization pauses it; ``held`` is the time added; and
+        ``stalled`` says whether the chunk met a window, either arriving (at ``now``) inside
+        one or being held by one.
         """
         windows = self.windows
-        while windows and windows[0][1] <= start:
-            windows.pop(0)  # past for good: starts only move forward
+        while windows and windows[0][1] <= now:
+            windows.pop(0)  # past for good: the clock only moves forward
         held = 0.0
+        stalled = bool(windows) and windows[0][0] <= now
         for a, b in windows:
+            if b <= start:
+                continue
             if a <= start:
                 held += b - start
                 start = b
@@ -144,7 +149,7 @@ class StallWindows:
                 busy += b - a
             else:
                 break
-        return start, busy, held
+        return start, busy, held, stalled or held > 0
 
 
 class Shaper:
@@ -189,8 +194,8 @@ class Shaper:
         start = self.free_at if self.free_at > now else now
         busy = nbytes * self.sec_per_byte
         if self.stalls is not None and self.stalls.windows:
-            start, busy, held = self.stalls.adjust(start, busy)
-            if held:
+            start, busy, held, stalled = self.stalls.adjust(now, start, busy)
+            if stalled:
                 stats.stalled_chunks += 1
                 stats.stall_s += held
         end = start + busy
