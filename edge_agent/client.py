@@ -35,7 +35,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -86,6 +86,9 @@ Inputs = Mapping[str, Array] | Array
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+# Re-publishing after a reconnect: first retry, and the cap of the doubling interval.
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 2.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,6 +423,8 @@ class EdgeAgent:
             self._send(pending)
         if again:
             log.info("%s: (re)published %d pending request(s)", self.device_id, len(again))
+            self._spawn(self._retry_after_reconnect(self._epoch, [p.request_id for p in again]),
+                        f"edge-retry:{self.device_id}")
 
     def _detach(self, transport: Transport) -> None:
         if self._transport is transport:
@@ -460,13 +465,37 @@ class EdgeAgent:
             self._dispatch(message)
         raise TransportError(f"the message stream from {self._broker_name()} ended")
 
+    async def _retry_after_reconnect(self, epoch: int, request_ids: list[str]) -> None:
+        """Publish again, with backoff, what went out right after a reconnect.
+
+        A restarted broker has no subscriptions until the workers are back: requests that
+        beat them there reach nobody (QoS 1 ends at the broker). Only these requests are
+        retried, so a slow worker under load never sees duplicates from healthy agents.
+        """
+        loop = asyncio.get_running_loop()
+        delay = _RETRY_MIN_S
+        while request_ids:
+            await asyncio.sleep(delay)
+            if self._epoch != epoch or self._transport is None:
+                return  # the next connection re-publishes them itself
+            now = loop.time()
+            waiting = [p for i in request_ids if (p := self._pending.get(i)) is not None
+                       and not p.future.done() and p.expires > now]
+            for pending in waiting:
+                self.counters.republished += 1
+                self._send(pending)
+            request_ids = [p.request_id for p in waiting]
+            delay = min(delay * 2, _RETRY_MAX_S)
+
     def _send(self, pending: _Pending) -> None:
         transport = self._transport
         if transport is None:
             return  # published by _establish() after the reconnect
         pending.epoch = self._epoch
-        task = asyncio.create_task(self._publish(transport, pending),
-                                   name=f"edge-publish:{pending.request_id[:8]}")
+        self._spawn(self._publish(transport, pending), f"edge-publish:{pending.request_id[:8]}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -98,6 +98,9 @@ class MqttTransport:
         self._client = client
         self._protocol = protocol
         self._url = url
+        # aiomqtt warns past 10 unacknowledged publishes; an agent with requests in flight
+        # is normal, not a concern.
+        client.pending_calls_threshold = 100_000
 
     @property
     def protocol(self) -> str:

@@ -317,14 +317,13 @@ def test_outage_reconnects_resubscribes_and_republishes(topic_prefix: str) -> No
         assert not agent.connected and agent.pending == 1
         broker.start()
         await agent.wait_connected(2)
+        # The worker is back only after the agent re-published: that copy reached nobody,
+        # as after a real broker restart; the agent's retry must get it there.
         async with fake_worker(broker, topic_prefix) as seen:
-            # the worker subscribed after the first publish: the request is lost unless
-            # the agent publishes again, so do what a broker restart does to it
-            broker.drop("dev-1")
             result = await call
         assert result.outputs["y"].shape == (2, 1)
         assert len(seen) == 1
-        assert agent.counters.reconnects >= 2 and agent.counters.republished >= 1
+        assert agent.counters.reconnects == 1 and agent.counters.republished >= 1
         assert broker.retained[f"{topic_prefix}/v1/status/dev-1"] == ONLINE
         await agent.close()
 
