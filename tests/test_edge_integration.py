@@ -41,7 +41,7 @@ from splitinfer.errors import (
 )
 from splitinfer.manifest import Manifest
 from splitinfer.mqtt import BrokerConfig, connect
-from splitter import split_model, zoo
+from splitter import list_cuts, split_model, zoo
 from splitter.quantize import quantize_static
 
 pytestmark = pytest.mark.integration
@@ -157,6 +157,30 @@ def test_outputs_match_the_full_model(request: pytest.FixtureRequest, splits: Pa
     assert_same(got, full_model(source_of(splits, which), {"image": images}),
                 exact=which == "int8")
     assert {"e2e", "head", "encode", "network", "queue", "tail", "decode"} == set(timings)
+
+
+ZOO = {"mobilenet_v2": (zoo.mobilenet_v2, {"width": 0.5, "resolution": 64}),
+       "resnet18": (zoo.resnet18, {"width": 0.25, "resolution": 64})}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_end_to_end(mosquitto: MosquittoBroker, tmp_path: Path, topic_prefix: str,
+                               name: str) -> None:
+    """A cut in the middle of each standard architecture, head here, tail on the worker."""
+    build, kwargs = ZOO[name]
+    model = build(tmp_path / f"{name}.onnx", **kwargs)
+    cuts = list_cuts(model, max_tensors=1)
+    cut = cuts[len(cuts) // 2]
+    split_model(model, [t.name for t in cut.tensors], tmp_path / "splits" / name)
+    x = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+
+    async def main() -> Arrays:
+        async with agent_for(tmp_path / "splits" / name, mosquitto.url, topic_prefix) as agent:
+            return (await agent.infer({"input": x})).outputs
+
+    with worker(mosquitto.url, topic_prefix, artifacts=tmp_path / "splits"):
+        got = asyncio.run(main())
+    assert_same(got, full_model(model, {"input": x}), exact=False)
 
 
 def test_deadline_exceeded_when_no_worker_answers(mosquitto: MosquittoBroker, splits: Path,
