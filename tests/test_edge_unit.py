@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from edge_agent import (
     InferenceResult,
     LatencyStats,
     MemoryBroker,
+    SplitClient,
     summarize,
 )
 from edge_agent.memory import topic_matches
@@ -470,3 +472,38 @@ def test_stats_percentiles_and_summary() -> None:
 ])
 def test_memory_topic_matching(pattern: str, topic: str, match: bool) -> None:
     assert topic_matches(pattern, topic) is match
+
+
+def test_split_client_start_failure_leaves_no_thread(topic_prefix: str) -> None:
+    broker = MemoryBroker()
+    broker.stop()
+    client = SplitClient(agent=make_agent(broker, topic_prefix, device_id="sync-1"))
+    with pytest.raises(StartupError, match="cannot reach the broker"), client:
+        pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("split-client")]
+    with pytest.raises(StartupError, match="not started"):
+        client.infer(X)
+    with pytest.raises(BadInputError, match="split directory"):
+        SplitClient()
+
+
+def test_split_client_round_trip_on_its_own_loop(topic_prefix: str) -> None:
+    broker = MemoryBroker()
+    with SplitClient(agent=make_agent(broker, topic_prefix, device_id="sync-2")) as client:
+        loop = client._loop
+        assert loop is not None
+        ready = threading.Event()
+        served = asyncio.run_coroutine_threadsafe(_serve_once(broker, topic_prefix, ready),
+                                                  loop)
+        assert ready.wait(5)  # the worker subscribed, on the client's loop
+        result = client.infer(X, timeout=5)
+        served.result(5)
+    np.testing.assert_allclose(result.outputs["y"], tail(X @ W, None))
+
+
+async def _serve_once(broker: MemoryBroker, prefix: str, ready: threading.Event) -> None:
+    async with fake_worker(broker, prefix) as seen:
+        ready.set()
+        while not seen:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
