@@ -46,7 +46,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commands = parser.add_subparsers(dest="edge_command", metavar="COMMAND")
     run_parser = commands.add_parser(
         "run", help="run samples from an .npz through a split (head here, tail remote)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
+        description="Push a file of samples through a split: the head runs here, the tail "
+        "on cloud workers. OUT.npz is written only when every request succeeded.",
+        epilog="Every flag also reads SPLITINFER_<FLAG> (e.g. SPLITINFER_BROKER). Exit codes: "
+        "0 ok, 1 some requests failed, 2 bad input, 3 broker unreachable.")
     add_run_arguments(run_parser)
     run_parser.set_defaults(func=run)
 
