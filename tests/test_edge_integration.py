@@ -33,6 +33,7 @@ from simulators.broker import EmbeddedBroker, MosquittoBroker, free_port
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import (
     EXIT_BAD_INPUT,
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_STARTUP,
     DeadlineExceeded,
@@ -335,6 +336,23 @@ def test_cli_edge_run_json_and_output(mosquitto: MosquittoBroker, splits: Path,
         assert data.files == ["logits"]
         assert_same({"logits": data["logits"]},
                     full_model(zoo.digits_cnn_path(), {"image": images[:10]}), exact=False)
+
+
+def test_cli_edge_run_counts_failures_and_writes_nothing(
+        mosquitto: MosquittoBroker, splits: Path, images: np.ndarray[Any, Any],
+        topic_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inp, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(inp, image=images[:2])
+    code = cli_main(["edge", "run", "--broker", mosquitto.url, "--artifacts",
+                     str(splits / "splits" / "fp32"), "--input", str(inp), "--output", str(out),
+                     "--prefix", topic_prefix, "--timeout", "0.2", "--concurrency", "2",
+                     "--json"])
+    captured = capsys.readouterr()
+    assert code == EXIT_FAILED
+    summary = json.loads(captured.out)
+    assert (summary["ok"], summary["failed"], summary["errors"], summary["output"]) == \
+        (0, 2, {"DeadlineExceeded": 2}, None)
+    assert "2 of 2 requests failed" in captured.err and not out.exists()
 
 
 @pytest.mark.parametrize(("arrays", "broker", "code", "words"), [
