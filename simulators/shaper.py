@@ -23,8 +23,9 @@ The model, per direction of each connection (:class:`Shaper`, pure and clock-fre
   ``max(200 ms, 2 * RTT)``.
 * **Outages.** ``stall``: serialization stops for the window, data waits and flows when it
   ends (bytes already in flight still land). ``cut``: open connections are reset (RST on
-  both sides: the broker sees the device vanish) and new ones are reset on accept until
-  the window ends.
+  both sides: the broker sees the device vanish at once, rather than a keep-alive later)
+  and the listener stops listening until the window ends, so a connect fails fast with
+  ECONNREFUSED (a bound socket keeps the port meanwhile).
 * **Back-pressure.** A direction stops reading from its source when more than
   ``queue_limit`` bytes wait in it, or when its destination's write buffer is full, so
   a sender cannot run ahead of the emulated link by more than a bounded queue.
@@ -96,7 +97,7 @@ class LinkStats:
     down: DirectionStats = field(default_factory=DirectionStats)
     accepted: int = 0
     active: int = 0
-    refused: int = 0  # connections reset on accept during a cut
+    refused: int = 0  # reset on accept during a cut (the kernel refuses the rest, uncounted)
     cut: int = 0  # open connections reset by a cut
     upstream_failed: int = 0  # the broker could not be reached
     cuts: int = 0  # cut windows begun
@@ -497,6 +498,8 @@ class ShapingProxy:
         self._conns: set[_Conn] = set()
         self._cut_until = -math.inf
         self._timers: list[asyncio.TimerHandle] = []
+        self._hold: socket.socket | None = None  # holds the port while a cut refuses
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -516,12 +519,10 @@ class ShapingProxy:
     async def start(self) -> ShapingProxy:
         loop = self._loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(lambda: _ClientSide(self), self.host,
-                                                    self.port, backlog=4096)
+            await self._listen()
         except OSError as exc:
             raise StartupError(f"link proxy {self.name!r} cannot listen on "
                                f"{self.host}:{self.port}: {exc}") from exc
-        self.port = self._server.sockets[0].getsockname()[1]
         self.epoch = loop.time()
         for outage in self.profile.outages:
             self.add_outage(outage)
@@ -529,18 +530,28 @@ class ShapingProxy:
                  *self.upstream, self.profile.spec())
         return self
 
+    async def _listen(self) -> None:
+        # SO_REUSEPORT lets a bound, non-listening socket hold the port through a cut
+        self._server = await self.loop.create_server(
+            lambda: _ClientSide(self), self.host, self.port, backlog=4096, reuse_port=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+
     async def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        if self._server is not None:
-            self._server.close()
+        self._timers.clear()
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         for conn in list(self._conns):
             conn.reset()
         self._conns.clear()
         self.stats.active = 0
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        if server is not None:
+            await server.wait_closed()
 
     async def __aenter__(self) -> ShapingProxy:
         return await self.start()
@@ -582,15 +593,45 @@ class ShapingProxy:
         return self.loop.time() < self._cut_until
 
     def _begin_cut(self, duration_s: float) -> None:
-        self._cut_until = max(self._cut_until, self.loop.time() + duration_s)
+        loop = self.loop
+        self._cut_until = max(self._cut_until, loop.time() + duration_s)
         self.stats.cuts += 1
+        if self._server is not None:
+            # Stop listening, so a device's connect fails at once with ECONNREFUSED, while a
+            # bound socket keeps the port ours until the window ends.
+            hold = socket.socket(self._server.sockets[0].family, socket.SOCK_STREAM)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind(self._server.sockets[0].getsockname())
+            self._hold = hold
+            self._server.close()
+            self._server = None
         conns, self._conns = list(self._conns), set()
         for conn in conns:
             conn.reset()
         self.stats.cut += len(conns)
         self.stats.active = 0
+        self._timers.append(loop.call_at(self._cut_until, self._end_cut))
         log.info("link %s cut for %.3f s (%d connections reset)", self.name, duration_s,
                  len(conns))
+
+    def _end_cut(self) -> None:
+        if self.loop.time() < self._cut_until or self._server is not None or self._hold is None:
+            return  # a longer cut overlapped this one, or the proxy is closed
+
+        async def reopen() -> None:
+            try:
+                await self._listen()
+            except OSError as exc:
+                log.error("link %s cannot listen again on port %d after a cut: %s",
+                          self.name, self.port, exc)
+            finally:
+                if self._hold is not None:
+                    self._hold.close()
+                    self._hold = None
+
+        self._tasks.add(task := self.loop.create_task(reopen(), name=f"link-{self.name}-reopen"))
+        task.add_done_callback(self._tasks.discard)
 
     def _off_loop(self, fn: Any, *args: Any) -> bool:
         """Hop onto the proxy's loop when called from another thread; True if it hopped."""
@@ -606,7 +647,7 @@ class ShapingProxy:
     # ---- connections ---------------------------------------------------------------------
 
     def _accept(self, transport: asyncio.Transport) -> _Conn | None:
-        if self.loop.time() < self._cut_until:
+        if self.loop.time() < self._cut_until:  # accepted just as a cut began
             self.stats.refused += 1
             _reset(transport)
             return None

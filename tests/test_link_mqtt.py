@@ -1,0 +1,98 @@
+"""A real mosquitto behind the shaping proxy: a 100 KB activation pays the link, and a cut
+drops an MQTT client that then reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiomqtt
+import pytest
+
+from simulators.broker import MosquittoBroker
+from simulators.link import LinkProfile
+from simulators.shaper import ShapingProxy
+from splitinfer.mqtt import BrokerConfig, connect
+
+N = 100_000
+
+
+async def _first(client: aiomqtt.Client) -> bytes:
+    async for message in client.messages:
+        assert isinstance(message.payload, bytes)
+        return message.payload
+    raise AssertionError("subscription ended")
+
+
+async def _arrival(client: aiomqtt.Client) -> tuple[float, bytes]:
+    payload = await _first(client)
+    return asyncio.get_running_loop().time(), payload
+
+
+def test_100kb_publish_over_4g_pays_rate_plus_delay(mosquitto: MosquittoBroker,
+                                                    topic_prefix: str) -> None:
+    """Device → proxy (4g) → mosquitto → a subscriber: direct, then behind the same link."""
+    profile = LinkProfile.parse("4g")
+    topic = f"{topic_prefix}/act"
+
+    async def main() -> tuple[list[float], list[float]]:
+        loop = asyncio.get_running_loop()
+        async with ShapingProxy(profile, upstream=(mosquitto.host, mosquitto.port),
+                                seed=3) as link:
+            device, _ = await connect(BrokerConfig(port=link.port), "dev-pub")
+            direct, _ = await connect(BrokerConfig(port=mosquitto.port), "cloud-sub")
+            remote, _ = await connect(BrokerConfig(port=link.port), "dev-sub")
+            ups, rounds = [], []
+            try:
+                await direct.subscribe(topic, qos=1)
+                await remote.subscribe(topic, qos=1)
+                await asyncio.sleep(2 * profile.rtt_s)  # the SUBACKs crossed the link
+                for _ in range(3):
+                    payload = os.urandom(N)
+                    at_direct = asyncio.create_task(_arrival(direct))
+                    at_remote = asyncio.create_task(_arrival(remote))
+                    t0 = loop.time()
+                    await device.publish(topic, payload, qos=1)  # returns on PUBACK
+                    t1, got = await at_direct
+                    assert got == payload
+                    ups.append(t1 - t0)
+                    t2, got = await at_remote
+                    assert got == payload
+                    rounds.append(t2 - t0)
+                    await asyncio.sleep(0.1)  # let the PUBACKs drain; an idle link again
+            finally:
+                for client in (device, direct, remote):
+                    await client.__aexit__(None, None, None)
+            return ups, rounds
+
+    ups, rounds = asyncio.run(main())
+    up = profile.transfer_s(N, "up")  # 100 KB / 5.85 Mbit/s + 30 ms = 166.8 ms
+    both = up + profile.transfer_s(N, "down")
+    assert sorted(ups)[1] == pytest.approx(up, rel=0.10), ups
+    assert sorted(rounds)[1] == pytest.approx(both, rel=0.10), rounds
+
+
+def test_cut_drops_an_mqtt_client_which_reconnects_after_the_window(
+        mosquitto: MosquittoBroker, topic_prefix: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with ShapingProxy("wifi", upstream=(mosquitto.host, mosquitto.port)) as link:
+            client, _ = await connect(BrokerConfig(port=link.port), "dev-cut")
+            await client.subscribe(f"{topic_prefix}/x")
+            link.cut(0.3)
+            t0 = loop.time()
+            with pytest.raises(aiomqtt.MqttError):
+                await asyncio.wait_for(_first(client), 2)
+            await client.__aexit__(None, None, None)
+            while True:
+                try:
+                    client, _ = await connect(BrokerConfig(port=link.port), "dev-cut")
+                    break
+                except ConnectionError:
+                    await asyncio.sleep(0.02)
+            back = loop.time() - t0
+            await client.__aexit__(None, None, None)
+            assert 0.3 <= back < 0.6
+            assert link.stats.cut == 1
+
+    asyncio.run(main())
