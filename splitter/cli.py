@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from splitinfer.cli import env_default
-from splitinfer.errors import EXIT_OK, BadInputError
+from splitinfer.errors import EXIT_OK
 
 if TYPE_CHECKING:
     from splitter.cuts import Cut, Inspection
@@ -31,15 +31,6 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _env_int(flag: str, default: int) -> int:
-    raw = env_default(flag)
-    try:
-        return int(raw) if raw is not None else default
-    except ValueError:
-        raise BadInputError(f"environment value for {flag} must be an integer, got {raw!r}"
-                            ) from None
-
-
 # -- inspect --------------------------------------------------------------------------------
 
 def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,7 +40,8 @@ def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         "dtype and shape, bytes per sample (batch excluded) and the head side's share of "
         "FLOPs and parameters. Cuts where 2+ tensors cross are listed too.")
     p.add_argument("model", help="the ONNX model file")
-    p.add_argument("--max-tensors", type=int, default=_env_int("--max-tensors", 3),
+    # String defaults go through ``type`` too, so a bad environment value is a usage error.
+    p.add_argument("--max-tensors", type=int, default=env_default("--max-tensors", "3"),
                    metavar="K", help="list cuts with at most K crossing tensors (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_inspect)
@@ -74,11 +66,9 @@ def _shape(shape: Sequence[Any]) -> str:
 def _bytes(n: int | None) -> str:
     if n is None:
         return "dynamic"
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024 or unit == "MiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
 
 
 def _summary(model: str, result: Inspection) -> str:
@@ -132,10 +122,9 @@ def register_split(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--samples", metavar="FILE.npz", default=env_default("--samples"),
                    help="inputs to verify on: one array per model input, keyed by name, "
                    "first axis = samples (default: generated)")
-    p.add_argument("--num-samples", type=int, default=_env_int("--num-samples", 8),
+    p.add_argument("--num-samples", type=int, default=env_default("--num-samples", "8"),
                    metavar="N", help="generated samples when --samples is not given (default 8)")
-    p.add_argument("--tolerance", type=_float, default=_float(env_default("--tolerance", "1e-5")
-                                                              or "1e-5"),
+    p.add_argument("--tolerance", type=_float, default=env_default("--tolerance", "1e-5"),
                    help="max|diff| <= TOL * max(1, max|reference|) per output (default 1e-5)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the head→tail check")

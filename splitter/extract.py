@@ -89,10 +89,15 @@ def _half(index: GraphIndex, nodes: Sequence[int], inputs: Sequence[onnx.ValueIn
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:
-    # Summed per tensor: ByteSize() of a whole >2 GiB model is not dependable.
-    graph = model.graph
-    return int(sum(t.ByteSize() for t in graph.initializer)
-               + sum(n.ByteSize() for n in graph.node))
+    """Roughly what the weights serialise to (ByteSize() re-encodes: slow, and unreliable
+    past 2 GiB)."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (
+            len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
+    for node in model.graph.node:
+        total += sum(len(a.t.raw_data) for a in node.attribute if a.HasField("t"))
+    return total
 
 
 def save_half(model: onnx.ModelProto, path: Path, *, base_dir: Path | None,

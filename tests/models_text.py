@@ -17,7 +17,8 @@ import onnx.numpy_helper
 import onnx.parser
 
 __all__ = ["MODELS", "build", "save_with_external_data", "chain", "residual", "concat", "fpn",
-           "two_inputs", "qdq_chain", "qoperator", "if_capture", "dynamic", "noisy"]
+           "two_inputs", "qdq_chain", "qoperator", "if_capture", "loop_capture", "shared_weight",
+           "dynamic", "noisy"]
 
 _HEADER = '<ir_version: 8, opset_import: ["" : 17{extra}]>'
 
@@ -202,6 +203,32 @@ def if_capture() -> onnx.ModelProto:
         """)
 
 
+def loop_capture() -> onnx.ModelProto:
+    """A Loop whose body captures an outer tensor (r) and an outer initializer (k)."""
+    return _parse(
+        "loop_capture (float[N, 4] x) => (float[N, 4] y)",
+        ["int64 trips = {3}", "bool go = {1}", "float k = {0.5}"],
+        """
+        r = Relu(x)
+        lo = Loop(trips, go, x) <body = body (int64 i, bool c, float[N, 4] acc)
+            => (bool c2, float[N, 4] acc2) { c2 = Identity(c) rk = Mul(r, k)
+                                              acc2 = Add(acc, rk) }>
+        y = Sigmoid(lo)
+        """)
+
+
+def shared_weight() -> onnx.ModelProto:
+    """One initializer read on both sides of most cuts: it goes into both halves."""
+    return _parse(
+        "shared_weight (float[N, 4] x) => (float[N, 4] y)",
+        [_init("w", "float", (4, 4), 81)],
+        """
+        h = MatMul(x, w)
+        r = Relu(h)
+        y = MatMul(r, w)
+        """)
+
+
 def dynamic() -> onnx.ModelProto:
     """Dynamic batch and spatial dims, with a Shape→Reshape chain like torch exports."""
     return _parse(
@@ -237,7 +264,8 @@ def noisy() -> onnx.ModelProto:
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain, "residual": residual, "concat": concat, "fpn": fpn,
     "two_inputs": two_inputs, "qdq_chain": qdq_chain, "qoperator": qoperator,
-    "if_capture": if_capture, "dynamic": dynamic,
+    "if_capture": if_capture, "loop_capture": loop_capture, "shared_weight": shared_weight,
+    "dynamic": dynamic,
 }
 
 

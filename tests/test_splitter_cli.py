@@ -139,3 +139,14 @@ def test_cli_module_does_not_import_onnx() -> None:
     code = ("import sys, splitter.cli; "
             "sys.exit(int(any(m in sys.modules for m in ('onnx', 'onnxruntime'))))")
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
+
+
+def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPLITINFER_TOLERANCE", "0.5")
+    monkeypatch.setenv("SPLITINFER_NUM_SAMPLES", "3")
+    args = build_parser().parse_args(["split", "m.onnx", "--at", "a", "-o", "d"])
+    assert (args.tolerance, args.num_samples) == (0.5, 3)
+    monkeypatch.setenv("SPLITINFER_NUM_SAMPLES", "many")
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error, not a traceback
+        build_parser().parse_args(["split", "m.onnx", "--at", "a", "-o", "d"])
+    assert exc.value.code == 2

@@ -157,6 +157,34 @@ def test_if_node_is_atomic_and_its_captures_count_as_inputs() -> None:
     assert ("ifo",) not in names  # y also reads r
 
 
+def test_loop_body_capture_pulls_its_inputs_along(tmp_path: Path, models: dict[str, Path]
+                                                   ) -> None:
+    assert [c.names for c in list_cuts(mt.loop_capture())] == [("x",), ("x", "r"), ("lo",)]
+    result = split_model(models["loop_capture"], ["x", "r"], tmp_path)
+    tail = onnx.load(str(result.tail))
+    assert [n.op_type for n in tail.graph.node] == ["Loop", "Sigmoid"]
+    assert {t.name for t in tail.graph.initializer} == {"trips", "go", "k"}
+
+
+def test_shared_initializer_goes_into_both_halves(tmp_path: Path, models: dict[str, Path]
+                                                  ) -> None:
+    result = split_model(models["shared_weight"], ["r"], tmp_path)
+    for half in (result.head, result.tail):
+        assert [t.name for t in onnx.load(str(half)).graph.initializer] == ["w"]
+    assert result.manifest_obj.extra["total_params"] == 16  # counted once
+
+
+def test_unsorted_node_order_is_sorted(tmp_path: Path) -> None:
+    model = mt.chain()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    path = tmp_path / "reversed.onnx"
+    onnx.save_model(model, str(path))
+    assert [c.names for c in list_cuts(path)] == [c.names for c in list_cuts(mt.chain())]
+    assert split_model(path, ["r2"], tmp_path / "out").max_abs_diff == 0.0
+
+
 def test_dynamic_dims() -> None:
     cuts = {c.names: c for c in list_cuts(mt.dynamic())}
     assert cuts[("x",)].tensors[0].shape == ("N", 3, "H", "W")
@@ -236,6 +264,16 @@ def test_external_data_source_and_halves(tmp_path: Path, models: dict[str, Path]
     # A rerun into the same directory must not append to the old data files.
     again = split_model(models["external"], ["p1"], tmp_path / "ext", external_data=True)
     assert again.manifest_obj.extra["external_data"] == files
+
+
+def test_external_data_switches_on_past_the_limit(tmp_path: Path, models: dict[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import splitter.extract
+
+    monkeypatch.setattr(splitter.extract, "EXTERNAL_DATA_LIMIT", 1000)  # stands in for 2 GB
+    result = split_model(models["chain"], ["p1"], tmp_path)
+    assert set(result.manifest_obj.extra["external_data"]) == {"tail"}  # head: 448 bytes
+    assert result.max_abs_diff == 0.0
 
 
 def test_external_data_qoperator_typed_by_onnxruntime(tmp_path: Path, models: dict[str, Path],
