@@ -172,7 +172,8 @@ def batches(samples: Mapping[str, Array], specs: Sequence[TensorSpec]
         feed = {}
         for s in specs:
             arr = samples[s.name]
-            feed[s.name] = arr[k] if not s.shape else arr[k * per[s.name]:(k + 1) * per[s.name]]
+            feed[s.name] = (np.asarray(arr[k]) if not s.shape  # a scalar input: 0-d array
+                            else arr[k * per[s.name]:(k + 1) * per[s.name]])
         yield feed
 
 
