@@ -26,7 +26,8 @@ Plan grammar: comma separated ``KIND[:TARGET]@AT[+DURATION]``, times with ``ms``
 A link ``NAME`` may be a glob (``dev-1*``); without one every link is hit. Each fault runs
 as a task of its own, so a slow broker restart does not delay the fault after it. More
 kinds: ``faults.register("restart-worker", fn)`` where ``fn(fault)`` returns a detail
-string (or an awaitable of one).
+string; a plain function runs in a worker thread (it may block), a coroutine function on
+the event loop.
 """
 
 from __future__ import annotations
@@ -286,7 +287,11 @@ class FaultInjector:
         return event
 
     async def run(self, plan: FaultPlan | str, *, t0: float | None = None) -> list[FaultEvent]:
-        """Apply each fault at ``t0 + at`` (``t0``: the loop time now, unless given)."""
+        """Apply each fault at ``t0 + at`` (``t0``: the loop time now, unless given).
+
+        Returns the plan's events in the order they began; :attr:`events` keeps every
+        event this injector recorded, in the order they finished.
+        """
         if isinstance(plan, str):
             plan = FaultPlan.parse(plan, extra_kinds=list(self.handlers))
         loop = asyncio.get_running_loop()
@@ -298,7 +303,7 @@ class FaultInjector:
 
         tasks = [asyncio.create_task(one(f), name=f"fault-{f.spec()}") for f in plan]
         try:
-            return list(await asyncio.gather(*tasks))
+            return sorted(await asyncio.gather(*tasks), key=lambda e: e.start_s)
         finally:
             for task in tasks:
                 task.cancel()
