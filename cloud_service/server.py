@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import signal
 import threading
@@ -281,8 +282,15 @@ class Server:
         worker = self.worker
         if worker is None:
             return
+        # aiomqtt's iterator spends a task and an asyncio.wait on every message; under
+        # load its queue holds many, so take those directly and await only when empty.
+        queue = getattr(conn.client, "_queue", None)
+        if not isinstance(queue, asyncio.Queue):
+            queue = None
         async for message in conn.client.messages:
             worker.submit(_incoming(message))
+            while queue is not None and not queue.empty():
+                worker.submit(_incoming(queue.get_nowait()))
 
     async def _reconnect(self) -> _Connection:
         cfg = self.config
@@ -309,35 +317,48 @@ class Server:
             return conn
 
     async def _publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
-        """QoS 1 publish that survives reconnects (the worker bounds how long it tries)."""
+        """QoS 1 publish that survives reconnects; gives up after ``reply_timeout_s``.
+
+        One task per answer and no ``wait_for`` (each would add a task): the publish races
+        the connection's ``lost`` future, bounded by the time left.
+        """
         import aiomqtt
 
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.reply_timeout_s
         while True:
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no broker connection to answer on {topic} within "
+                                   f"{self.config.reply_timeout_s:g} s")
             conn = self._conn
             if conn is None:
                 if self._connected is None:
                     raise RuntimeError("server not serving")
-                await self._connected.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._connected.wait(), remaining)
                 continue
             props = result_properties(correlation) if conn.protocol == "5" and correlation \
                 else None
+            # timeout=inf: aiomqtt then awaits the PUBACK without a wait_for task.
             publish = asyncio.ensure_future(conn.client.publish(
-                topic, payload, qos=1, properties=props, timeout=self.config.reply_timeout_s))
+                topic, payload, qos=1, properties=props, timeout=math.inf))
             try:
-                await asyncio.wait({publish, conn.lost}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((publish, conn.lost), timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
                 publish.cancel()
                 raise
-            if publish.done():
-                try:
-                    publish.result()
-                    return
-                except aiomqtt.MqttError as exc:
-                    if not conn.lost.done():  # refused while connected: wait a little
-                        log.debug("publish to %s failed: %s", topic, exc)
-                        await asyncio.sleep(0.05)
-                    continue
-            publish.cancel()  # the connection went; send it again on the next one
+            if not publish.done():
+                publish.cancel()  # lost (send it again on the next connection) or timed out
+                continue
+            try:
+                publish.result()
+                return
+            except aiomqtt.MqttError as exc:
+                if not conn.lost.done():  # refused while connected: wait a little
+                    log.debug("publish to %s failed: %s", topic, exc)
+                    await asyncio.sleep(0.05)
 
     async def _drain(self, worker: Worker) -> None:
         import aiomqtt

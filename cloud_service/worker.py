@@ -47,6 +47,8 @@ __all__ = ["Incoming", "ReplyAddress", "Publish", "Job", "Worker", "reply_addres
 log = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
+# publish(topic, payload, correlation): QoS 1, returns once acknowledged; raises when it
+# gives up (the server's gives up after Config.reply_timeout_s without a broker).
 Publish = Callable[[str, bytes, "bytes | None"], Awaitable[None]]
 
 
@@ -220,9 +222,10 @@ class Worker:
         task.add_done_callback(self._replies.discard)
 
     async def _deliver(self, addr: ReplyAddress, payload: bytes, ok: bool) -> None:
+        # No wait_for here: it would cost a task per answer; the publisher gives up by
+        # itself after reply_timeout_s (the server's does).
         try:
-            await asyncio.wait_for(self._publish(addr.topic, payload, addr.correlation),
-                                   self.config.reply_timeout_s)
+            await self._publish(addr.topic, payload, addr.correlation)
         except Exception as exc:
             self.metrics.reply_failures += 1
             self._errors.report("reply_failed", "answer to %s not delivered: %r",
