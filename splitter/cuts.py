@@ -15,6 +15,7 @@ their multi-tensor cuts listed, keeping the distinct ones with at most ``max_ten
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import math
@@ -114,13 +115,12 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
     if max_tensors < 1:
         raise BadInputError(f"max_tensors must be >= 1, got {max_tensors}")
     index = model if isinstance(model, GraphIndex) else open_index(model)
-    costs = _Costs(index)
     cloud = frozenset(n for n in index.inputs if n in index.consumers or n in index.outputs)
     found: set[frozenset[str]] = {cloud} if cloud and index.order else set()
     for order in _orders(index):
         found.update(s for s in _frontiers(index, order) if len(s) <= max_tensors)
     index.ensure_types({n for s in found for n in s} | index.live_tensors())
-    costs.refresh()
+    costs = _Costs(index)
     cuts: list[tuple[tuple[Any, ...], Cut]] = []
     for names in found:
         try:
@@ -146,15 +146,10 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
             head_params=params,
         )))
     cuts.sort(key=lambda kc: kc[0])
-    ordered = tuple(Cut(i, *_fields(c)) for i, (_, c) in enumerate(cuts))
+    ordered = tuple(dataclasses.replace(c, index=i) for i, (_, c) in enumerate(cuts))
     specs_in = tuple(index.spec(n) for n in index.inputs)
     specs_out = tuple(index.spec(n) for n in index.outputs)
     return Inspection(specs_in, specs_out, costs.total_flops, costs.total_params, ordered)
-
-
-def _fields(cut: Cut) -> tuple[Any, ...]:
-    return (cut.tensors, cut.bytes_per_sample, cut.head_flops_share, cut.head_params_share,
-            cut.quantized, cut.head_flops, cut.head_params)
 
 
 def _pos(index: GraphIndex, name: str) -> int:
@@ -226,10 +221,7 @@ class _Costs:
         for m in self.anc_init:
             used |= m
         self.total_params = int(self.init_sizes[_bits(used, len(self.init_names))].sum())
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recount FLOPs (after onnxruntime typed what shape inference could not)."""
+        # Shapes must be complete by now (ensure_types) or FLOPs count as 0 where unknown.
         self.flops = np.array([node_flops(self.index.nodes[n].proto, self.index.shape)
                                for n in self.index.order], dtype=np.int64)
         self.total_flops = int(self.flops.sum())
