@@ -500,6 +500,7 @@ class ShapingProxy:
         self._timers: list[asyncio.TimerHandle] = []
         self._hold: socket.socket | None = None  # holds the port while a cut refuses
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -537,9 +538,12 @@ class ShapingProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        self._closed = True
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
         if self._hold is not None:
             self._hold.close()
             self._hold = None
@@ -616,12 +620,15 @@ class ShapingProxy:
                  len(conns))
 
     def _end_cut(self) -> None:
-        if self.loop.time() < self._cut_until or self._server is not None or self._hold is None:
+        if self.loop.time() < self._cut_until or self._server is not None or self._closed:
             return  # a longer cut overlapped this one, or the proxy is closed
 
         async def reopen() -> None:
             try:
                 await self._listen()
+                if self._closed and self._server is not None:  # closed while we listened
+                    self._server.close()
+                    self._server = None
             except OSError as exc:
                 log.error("link %s cannot listen again on port %d after a cut: %s",
                           self.name, self.port, exc)
@@ -704,20 +711,74 @@ async def _one_way_times(profile: LinkProfile, nbytes: int, reps: int) -> tuple[
     return ups[reps // 2], downs[reps // 2]
 
 
-async def _selftest(nbytes: int, reps: int) -> int:
+async def _mqtt_times(profile: LinkProfile, nbytes: int, reps: int,
+                      broker: tuple[str, int]) -> tuple[float, float]:
+    """Median times of an ``nbytes`` QoS1 publish from behind ``profile`` to a subscriber
+    on the broker's side, and to one behind the same profile."""
+    from splitinfer.mqtt import BrokerConfig, connect
+
+    loop = asyncio.get_running_loop()
+
+    async def arrival(client: Any) -> float:
+        async for _ in client.messages:
+            return loop.time()
+        return math.nan
+
+    ups: list[float] = []
+    rounds: list[float] = []
+    async with ShapingProxy(profile, upstream=broker, seed=0) as link:
+        clients = [(await connect(BrokerConfig(host=h, port=p), f"selftest-{i}"))[0]
+                   for i, (h, p) in enumerate([link.address, broker, link.address])]
+        device, direct, remote = clients
+        try:
+            for client in (direct, remote):
+                await client.subscribe("selftest/act", qos=1)
+            await asyncio.sleep(2 * profile.rtt_s + 0.01)
+            for _ in range(reps):
+                at_direct = loop.create_task(arrival(direct))
+                at_remote = loop.create_task(arrival(remote))
+                t0 = loop.time()
+                await device.publish("selftest/act", bytes(nbytes), qos=1)
+                ups.append(await at_direct - t0)
+                rounds.append(await at_remote - t0)
+                await asyncio.sleep(2 * profile.rtt_s + 0.01)
+        finally:
+            for client in clients:
+                await client.__aexit__(None, None, None)
+    ups.sort()
+    rounds.sort()
+    return ups[reps // 2], rounds[reps // 2]
+
+
+async def _selftest(nbytes: int, reps: int, mqtt: bool) -> int:
     from simulators.link import PROFILES
 
-    print(f"{'profile':8} {'dir':4} {'expected ms':>12} {'measured ms':>12} {'error':>7}")
+    broker = None
+    if mqtt:
+        from simulators.broker import MosquittoBroker
+
+        broker = MosquittoBroker()
+        await asyncio.to_thread(broker.start)
+    print(f"{'profile':8} {'path':18} {'expected ms':>12} {'measured ms':>12} {'error':>7}")
     worst = 0.0
-    for name, profile in PROFILES.items():
-        up, down = await _one_way_times(profile, nbytes, reps)
-        for direction, measured in (("up", up), ("down", down)):
-            expected = profile.transfer_s(nbytes, direction)  # type: ignore[arg-type]
-            err = measured / expected - 1
-            if expected > 0.01:  # a loopback's ~1 ms of noise swamps the lan figures
-                worst = max(worst, abs(err))
-            print(f"{name:8} {direction:4} {expected * 1e3:12.2f} {measured * 1e3:12.2f} "
-                  f"{err:+7.1%}")
+    try:
+        for name, profile in PROFILES.items():
+            up, down = await _one_way_times(profile, nbytes, reps)
+            up_s, down_s = profile.transfer_s(nbytes, "up"), profile.transfer_s(nbytes, "down")
+            rows = [("tcp up", up_s, up), ("tcp down", down_s, down)]
+            if broker is not None:
+                m_up, m_both = await _mqtt_times(profile, nbytes, reps,
+                                                 (broker.host, broker.port))
+                rows += [("mqtt up", up_s, m_up), ("mqtt up+down", up_s + down_s, m_both)]
+            for path, expected, measured in rows:
+                err = measured / expected - 1
+                if expected > 0.01:  # a loopback's ~1 ms of noise swamps the lan figures
+                    worst = max(worst, abs(err))
+                print(f"{name:8} {path:18} {expected * 1e3:12.2f} {measured * 1e3:12.2f} "
+                      f"{err:+7.1%}")
+    finally:
+        if broker is not None:
+            broker.close()
     print(f"{nbytes} bytes, median of {reps}; worst error beyond lan {worst:.1%}")
     return 0 if worst <= 0.10 else 1
 
@@ -846,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured against expected transfer times for each named profile")
     parser.add_argument("--bytes", type=int, default=100_000, help="selftest payload size")
     parser.add_argument("--reps", type=int, default=3, help="selftest repetitions")
+    parser.add_argument("--no-mqtt", action="store_true",
+                        help="selftest raw TCP only (no mosquitto round trips)")
     parser.add_argument("--load", type=int, metavar="N",
                         help="CPU cost of the proxy for N connections x 1 msg/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="load test length")
@@ -853,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.selftest:
-            return asyncio.run(_selftest(args.bytes, args.reps))
+            return asyncio.run(_selftest(args.bytes, args.reps, not args.no_mqtt))
         if args.load:
             return asyncio.run(_load(args.load, args.seconds, args.size, args.profile))
         if not args.upstream:
