@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "main"]
+__all__ = ["add_parser", "run", "main", "format_report"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=5.0,
                         help="seconds measured per worker phase (after --warmup)")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--single-duration", type=float, default=3.0,
+                        help="seconds measured for the single-device latency")
     parser.add_argument("--raw-seconds", type=float, default=1.5,
                         help="seconds per batch size for the raw onnxruntime floor")
     parser.add_argument("--broker", default=None,
@@ -391,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
             "split_id": manifest.split_id, "devices": args.devices, "warmup": args.warmup,
             "duration": args.duration, "replay": replay,
         }
-        single_seconds = max(2.0, args.duration / 2)
+        single_seconds = args.single_duration
         phases = {}
         try:
             ctx = multiprocessing.get_context("spawn")
@@ -410,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(_table(report))
+        print(format_report(report))
     return 1 if args.check and not all(report["targets"].values()) else 0
 
 
@@ -455,7 +457,7 @@ def _report(args: argparse.Namespace, manifest: Any, raw: dict[int, float], best
     }
 
 
-def _table(r: dict[str, Any]) -> str:
+def format_report(r: dict[str, Any]) -> str:
     raw = r["raw_ort_samples_per_s"]
     best = r["raw_ort_best"]
     lines = [
