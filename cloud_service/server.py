@@ -83,8 +83,7 @@ class Server:
     @should_exit.setter
     def should_exit(self, value: bool) -> None:
         self._should_exit = value
-        if value:
-            self._notify(lambda: self._exit)
+        self._wake()
 
     @property
     def force_exit(self) -> bool:
@@ -95,26 +94,25 @@ class Server:
         self._force_exit = value
         if value:
             self._should_exit = True
-            self._notify(lambda: self._exit)
-            self._notify(lambda: self._force)
+        self._wake()
 
-    def _notify(self, which: Any) -> None:
+    def _wake(self) -> None:
+        """Let the serving loop see should_exit / force_exit; safe from any thread."""
         loop = self._loop
         if loop is None or loop.is_closed():
-            return
+            return  # serve() reads the flags when it starts
 
-        def fire() -> None:
-            event = which()
-            if event is not None:
-                event.set()
+        def apply() -> None:
+            if self._should_exit and self._exit is not None:
+                self._exit.set()
+            if self._force_exit and self._force is not None:
+                self._force.set()
 
-        try:
-            if _running_loop() is loop:
-                fire()
-            else:
-                loop.call_soon_threadsafe(fire)
-        except RuntimeError:  # the loop closed in between
-            pass
+        if _running_loop() is loop:
+            apply()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(apply)
 
     def handle_exit(self, sig: int | None = None, frame: Any = None) -> None:
         if self._should_exit:
@@ -135,8 +133,12 @@ class Server:
         """Serve in a daemon thread; return once subscribed (raise what stopped it)."""
 
         def target() -> None:
-            with contextlib.suppress(BaseException):
+            try:
                 self.run()
+            except StartupError:
+                pass  # raised below, in the caller's thread
+            except BaseException:
+                log.exception("cloud server failed")
 
         thread = threading.Thread(target=target, name="cloud-server", daemon=True)
         thread.start()
