@@ -36,7 +36,13 @@ after a loss), and header overhead. A chunk is delivered whole when its last byt
 land (cut-through at the granularity of the proxy's reads).
 
 Cost: asyncio Protocols, one timer (``loop.call_at``) per direction with data in flight,
-no per-byte Python work, no thread per connection.
+no per-byte Python work, no thread per connection. Timers fire up to ~1 ms late (epoll's
+millisecond timeout). Measured on the 2-core dev box: 100 KB over ``4g`` lands within 1%
+of ``bytes * 8 / rate + delay`` on raw TCP, within ~3% as an MQTT QoS1 publish through
+mosquitto (paho and the broker add ~3 ms); 1,000 connections x 1 msg/s x 1 KB echoed
+through a ``4g`` proxy cost it ~18% of one core (~90 us per chunk hop, mostly the
+send/recv syscalls), echo p99 73 ms against a 62 ms floor (the +-5 ms jitter each way).
+For a big fleet, run the proxy in a process of its own (the serve mode below).
 
 ``python -m simulators.shaper --selftest`` prints measured against expected transfer
 times per named profile; ``--load N`` measures the proxy's CPU for N connections; a
