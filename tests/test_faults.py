@@ -107,7 +107,7 @@ def test_a_plan_runs_on_time_and_records_events(fresh_mosquitto: MosquittoBroker
         event = events[kind]
         assert event["ok"], event
         assert event["planned_s"] == planned
-        assert event["start_s"] == pytest.approx(planned, abs=0.05)
+        assert event["start_s"] == pytest.approx(planned, abs=0.1)  # a shared, busy box
     restart = events["broker-restart"]
     assert restart["end_s"] - restart["start_s"] >= 0.1  # type: ignore[operator]
     assert not events["stall-link"]["ok"]  # a failed fault is an event, not a crash
