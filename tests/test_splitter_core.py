@@ -75,11 +75,25 @@ def test_every_listed_cut_disconnects_inputs_from_outputs(name: str) -> None:
         plan_cut(index, cut.names)  # the splitter accepts what it lists
 
 
+def test_dequantized_activations_hidden_by_default() -> None:
+    model = mt.MODELS["qdq_chain"]()
+    shown = {n for c in list_cuts(model) for n in c.names}
+    every = {n for c in list_cuts(model, dequantized=True) for n in c.names}
+    hidden = every - shown
+    dq_outputs = {o for node in model.graph.node if node.op_type == "DequantizeLinear"
+                  for o in node.output}
+    assert hidden and hidden <= dq_outputs
+    # the int8 tensor feeding each hidden DequantizeLinear is still offered
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in hidden:
+            assert node.input[0] in shown
+
+
 @pytest.mark.parametrize("name", list(mt.MODELS))
 def test_every_single_tensor_cut_is_listed(name: str) -> None:
     model = mt.MODELS[name]()
     index = GraphIndex(model)
-    listed = {c.names for c in list_cuts(model, max_tensors=1)}
+    listed = {c.names for c in list_cuts(model, max_tensors=1, dequantized=True)}
     for t in index.cut_candidates():
         if t not in index.outputs and _disconnects(model, {t}):
             assert (t,) in listed, t
