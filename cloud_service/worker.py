@@ -19,7 +19,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,14 +123,16 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._publish = publish
         self._errors = ErrorLog(log)
-        self._executor = ThreadPoolExecutor(max_workers=config.tail_workers,
-                                            thread_name_prefix="tail")
         self._replies: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepted = 0  # offered to the batcher, not yet answered
+        self._settled = asyncio.Event()  # set while _accepted == 0
+        self._settled.set()
         self._batcher: Batcher[Job] = Batcher(
             run=self._run_batch, expire=self._expired, max_batch=config.max_batch,
             max_delay_s=config.max_delay_s, max_queue=config.queue_size,
-            slots=config.tail_workers)
+            threads=config.tail_workers)
         self.metrics.queue_depth = lambda: self._batcher.depth
         self.metrics.in_flight = lambda: len(self._replies)
 
@@ -141,6 +142,9 @@ class Worker:
         """Take one message; never raises (a failure becomes an error answer)."""
         now = time.time() if received is None else received
         self.metrics.received += 1
+        if self._loop is None:  # the first message: tail threads start with the loop known
+            self._loop = asyncio.get_running_loop()
+            self._batcher.start()
         try:
             self._submit(msg, now)
         except Exception as exc:  # a bug must cost one request, not the worker
@@ -188,6 +192,14 @@ class Worker:
         if not self._batcher.offer(Job(env, prepared, addr, now)):
             self._fail(ErrorCode.OVERLOADED, f"queue full ({self.config.queue_size} requests "
                        "waiting); retry later", msg=msg, addr=addr, now=now, env=env)
+            return
+        self._accepted += 1
+        self._settled.clear()
+
+    def _settle(self, jobs: int) -> None:
+        self._accepted -= jobs
+        if self._accepted <= 0:
+            self._settled.set()
 
     # --- answers -------------------------------------------------------------------------
 
@@ -234,28 +246,50 @@ class Worker:
         if ok:
             self.metrics.answered += 1
 
+    # --- tail runs (on a tail thread; answers hop back to the loop) --------------------
+
     def _expired(self, job: Job) -> None:
-        self._fail(ErrorCode.DEADLINE_EXPIRED, "deadline passed while queued "
-                   f"({time.time() - job.deadline:.3f} s late)", msg=None, addr=job.reply,
-                   now=job.received, env=job.request)
+        late = time.time() - job.deadline
+        self._post(self._answer_expired, job, late)
 
-    # --- tail runs -----------------------------------------------------------------------
+    def _answer_expired(self, job: Job, late: float) -> None:
+        self._settle(1)
+        self._fail(ErrorCode.DEADLINE_EXPIRED, f"deadline passed while queued ({late:.3f} s "
+                   "late)", msg=None, addr=job.reply, now=job.received, env=job.request)
 
-    async def _run_batch(self, split_id: str, jobs: list[Job]) -> None:
-        tail = self.registry[split_id]
+    def _run_batch(self, split_id: str, jobs: list[Job]) -> None:
         batched = time.time()
+        try:
+            per_job, t0, t1 = _run(self.registry[split_id], jobs)
+        except Exception as exc:
+            self._post(self._answer_batch, split_id, jobs, exc, batched, batched, batched)
+            return
+        self._post(self._answer_batch, split_id, jobs, per_job, batched, t0, t1)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            log.error("event loop gone: answers dropped")
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # closed in between (forced exit)
+            log.error("event loop closed: answers dropped")
+
+    def _answer_batch(self, split_id: str, jobs: list[Job],
+                      per_job: list[Outputs | Exception] | Exception, batched: float,
+                      t0: float, t1: float) -> None:
+        self._settle(len(jobs))
         for job in jobs:
             job.request.timestamps["batched"] = batched
             self.metrics.queue_wait_s += batched - job.received
-        loop = asyncio.get_running_loop()
-        try:
-            per_job, t0, t1 = await loop.run_in_executor(self._executor, _run, tail, jobs)
-        except Exception as exc:
+        if isinstance(per_job, Exception):
             for job in jobs:
-                self._fail(ErrorCode.INTERNAL, f"tail of split {split_id} failed: {exc}",
+                self._fail(ErrorCode.INTERNAL, f"tail of split {split_id} failed: {per_job}",
                            msg=None, addr=job.reply, now=job.received, env=job.request)
             return
         self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0)
+        tail = self.registry[split_id]
         specs = tail.output_specs
         for job, outputs in zip(jobs, per_job, strict=True):
             job.request.timestamps["tail_start"] = t0
@@ -281,19 +315,19 @@ class Worker:
     async def drain(self) -> None:
         """Close, then wait until every accepted request is answered and acknowledged."""
         self.close()
-        await self._batcher.join()
+        await self._settled.wait()
         while self._replies:
             await asyncio.wait(set(self._replies))
 
     async def aclose(self) -> None:
-        await self._batcher.aclose()
+        """Stop the tail threads (not waiting for a run in progress) and pending answers."""
+        self._batcher.stop(timeout=0)
         for task in list(self._replies):
             task.cancel()
         await asyncio.gather(*self._replies, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-# --- run in the executor thread (onnxruntime releases the GIL) ---------------------------
+# --- on a tail thread (onnxruntime releases the GIL while it computes) -------------------
 
 Outputs = list[Array]
 

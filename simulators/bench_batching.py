@@ -331,8 +331,12 @@ def _worker_phase(split_dir: Path, broker: str, prefix: str, pool: Any, spec: di
     server = Server(config)
     thread = server.start_in_thread(60)
     try:
+        tail_s0, t0 = server.metrics.tail_s, time.perf_counter()
         many = pool.submit(_devices_main, spec).result()
         snap = server.metrics.snapshot()
+        # Share of the phase the tail was running: well below 1 means the worker
+        # starved it (a bubble between batches), not that onnxruntime got slower.
+        tail_busy = (server.metrics.tail_s - tail_s0) / (time.perf_counter() - t0)
         one = pool.submit(_devices_main, {**spec, "devices": 1,
                                           "duration": single_seconds}).result()
     finally:
@@ -346,6 +350,8 @@ def _worker_phase(split_dir: Path, broker: str, prefix: str, pool: Any, spec: di
         "errors": many["errors"] + one["errors"],
         "mean_batch_size": snap["mean_batch_size"],
         "mean_queue_wait_ms": snap["mean_queue_wait_ms"],
+        "mean_tail_ms": snap["mean_tail_ms"],
+        "tail_busy": tail_busy,
         "single_device_p50_ms": one["p50_ms"],
         "single_device_requests": one["requests"],
     }
@@ -471,7 +477,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"worker {name:>12}: {phase['samples_per_s']:7.0f} samples/s "
             f"({phase['samples_per_s'] / best['samples_per_s']:.2f}x raw best), "
-            f"mean batch {phase['mean_batch_size']:.1f}, p50 {_ms(phase['p50_ms'])}, "
+            f"mean batch {phase['mean_batch_size']:.1f}, tail busy "
+            f"{100 * phase['tail_busy']:.0f}%, p50 {_ms(phase['p50_ms'])}, "
             f"p99 {_ms(phase['p99_ms'])} with {r['devices']} devices; errors "
             f"{phase['errors']}")
     single = r["single_device"]

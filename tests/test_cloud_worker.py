@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -217,27 +218,38 @@ def test_bad_messages_answered_with_their_code(registry: Registry,
     assert snap["errors"]["bad_message"] == 3
 
 
-def test_overloaded_and_shutting_down(registry: Registry, splits: dict[str, TinySplit]) -> None:
+def test_overloaded_and_shutting_down(registry: Registry, splits: dict[str, TinySplit],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     q = splits["q"]
+    tail = registry["tiny-q"]
+    gate = threading.Event()
+    real_run = tail.run
+
+    def held_run(feeds: Any) -> Any:
+        gate.wait(10)
+        return real_run(feeds)
+
+    monkeypatch.setattr(tail, "run", held_run)
     codes: list[str] = []
 
     async def body(worker: Worker) -> None:
-        rids = []
         for i in range(12):
             rid, m = msg(q, q.sample(), device=f"d{i}")
-            rids.append(rid)
-            worker.submit(m)  # all before the loop runs a batch: the queue holds 4
+            codes.append(rid)
+            worker.submit(m)
+            while i == 0 and worker.metrics.queue_depth():  # the first one is running
+                await asyncio.sleep(0.001)
         worker.close()
         rid, m = msg(q, q.sample())
-        rids.append(rid)
+        codes.append(rid)
         worker.submit(m)
-        codes.extend(rids)
+        gate.set()
 
     pub, _ = run_worker(registry, body, max_batch=1, queue_size=4)
     answers = pub.answers()
     got = [answers[r][1].error.code if answers[r][1].error else None for r in codes]
-    assert got[:4] == [None] * 4
-    assert got[4:12] == ["overloaded"] * 8
+    assert got[:5] == [None] * 5  # one running, four queued
+    assert got[5:12] == ["overloaded"] * 7
     assert got[12] == "shutting_down"
 
 
