@@ -130,16 +130,26 @@ class Batcher(Generic[J]):
             return self._cond.wait_for(lambda: not self._depth and not self._running,
                                        timeout)
 
-    def stop(self, timeout: float | None = 5.0) -> None:
-        """Finish what is queued, then end the threads (``timeout`` 0: do not wait)."""
+    def stop(self, timeout: float | None = 5.0, *, discard: bool = False) -> int:
+        """End the threads once the queue is empty; return how many jobs were discarded.
+
+        ``discard`` drops what still waits instead of running it; ``timeout`` 0 returns
+        without waiting for the threads (a run in progress finishes on its own).
+        """
+        dropped = 0
         with self._cond:
             self._stopping = True
+            if discard:
+                for lane in self._lanes.values():
+                    dropped += len(lane.queue)
+                    lane.queue.clear()
+                self._depth = 0
             self._cond.notify_all()
-        if timeout == 0:
-            return
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout)
+        if timeout != 0:
+            for thread in self._threads:
+                if thread.is_alive():
+                    thread.join(timeout)
+        return dropped
 
     # --- tail threads --------------------------------------------------------------------
 

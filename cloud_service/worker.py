@@ -321,7 +321,9 @@ class Worker:
 
     async def aclose(self) -> None:
         """Stop the tail threads (not waiting for a run in progress) and pending answers."""
-        self._batcher.stop(timeout=0)
+        dropped = self._batcher.stop(timeout=0, discard=True)
+        if dropped:
+            log.warning("%d queued request(s) left unanswered (forced exit)", dropped)
         for task in list(self._replies):
             task.cancel()
         await asyncio.gather(*self._replies, return_exceptions=True)

@@ -144,3 +144,12 @@ def test_stop_finishes_the_queue_then_refuses() -> None:
 def test_bad_sizes_rejected() -> None:
     with pytest.raises(ValueError, match="max_batch=0"):
         make(Recorder(), max_batch=0, start=False)
+
+
+def test_stop_discarding_drops_the_queue() -> None:
+    rec = Recorder()
+    b = make(rec, start=False)
+    for i in range(3):
+        b.offer(FakeJob(f"j{i}"))
+    assert b.stop(discard=True) == 3
+    assert b.depth == 0 and rec.batches == []
