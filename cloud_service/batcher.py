@@ -87,6 +87,10 @@ class Batcher(Generic[J]):
         self._threads = [threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
                          for i in range(threads)]
         self._started = False
+        # Seconds the tail threads spent waiting: for any job at all (the tail was
+        # starved), and for company within max_delay (the price of batching).
+        self.starved_s = 0.0
+        self.held_s = 0.0
 
     @property
     def depth(self) -> int:
@@ -177,7 +181,9 @@ class Batcher(Generic[J]):
             if name is None:
                 if self._stopping:
                     return None
+                since = self._clock()
                 self._cond.wait()
+                self.starved_s += self._clock() - since
                 continue
             lane = self._lanes[name]
             if self._drop_expired(name, lane):
@@ -188,7 +194,9 @@ class Batcher(Generic[J]):
                     or self._stopping):
                 self._take(lane, chosen)
                 return name, [job for _, job in chosen]
+            since = self._clock()
             self._cond.wait(remaining)  # an offer wakes us to look again
+            self.held_s += self._clock() - since
 
     def _oldest_lane(self) -> str | None:
         oldest: tuple[float, str] | None = None

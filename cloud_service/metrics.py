@@ -34,6 +34,9 @@ class Metrics:
     tail_s: float = 0.0  # sum over batches: onnxruntime run time
     reconnects: int = 0
     queue_depth: Callable[[], int] = field(default=lambda: 0, repr=False)
+    # (starved, held) seconds of the tail threads: no job at all / waiting for company
+    tail_waits: Callable[[], tuple[float, float]] = field(default=lambda: (0.0, 0.0),
+                                                          repr=False)
     in_flight: Callable[[], int] = field(default=lambda: 0, repr=False)
     started_at: float = field(default_factory=time.time)
 
@@ -62,6 +65,8 @@ class Metrics:
             "mean_queue_wait_ms": (1e3 * self.queue_wait_s / self.batched_requests
                                    if self.batched_requests else 0.0),
             "mean_tail_ms": 1e3 * self.tail_s / batches if batches else 0.0,
+            "tail_starved_s": self.tail_waits()[0],
+            "tail_held_s": self.tail_waits()[1],
             "queue_depth": self.queue_depth(),
             "replies_in_flight": self.in_flight(),
             "reconnects": self.reconnects,

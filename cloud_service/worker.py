@@ -134,6 +134,7 @@ class Worker:
             max_delay_s=config.max_delay_s, max_queue=config.queue_size,
             threads=config.tail_workers)
         self.metrics.queue_depth = lambda: self._batcher.depth
+        self.metrics.tail_waits = lambda: (self._batcher.starved_s, self._batcher.held_s)
         self.metrics.in_flight = lambda: len(self._replies)
 
     # --- intake --------------------------------------------------------------------------

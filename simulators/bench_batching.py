@@ -19,6 +19,7 @@ worker. On a small shared CPU the figures are noisy: rerun before believing a ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -61,6 +62,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds measured for the single-device latency")
     parser.add_argument("--raw-seconds", type=float, default=1.5,
                         help="seconds per batch size for the raw onnxruntime floor")
+    parser.add_argument("--nice", type=int, default=10,
+                        help="niceness of the device process (default %(default)s: the "
+                        "devices stand for other machines; 0 to compete as equals)")
     parser.add_argument("--broker", default=None,
                         help="mqtt://HOST:PORT of a running broker (default: a private "
                         "mosquitto)")
@@ -236,8 +240,17 @@ def _raw_ort(directory: Path, replay: list[dict[str, Any]], threads: int, second
 
 
 def _devices_main(spec: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of the requester process."""
+    """Entry point of the requester process.
+
+    It runs niced: the devices stand for machines elsewhere, so on a small box they
+    should take the CPU the worker leaves, not compete with its tail for it.
+    """
     import asyncio
+    import os
+
+    if spec.get("nice"):
+        with contextlib.suppress(OSError):
+            os.nice(int(spec["nice"]) - os.nice(0))
 
     return asyncio.run(_devices(spec))
 
@@ -258,7 +271,7 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
     replay = [[WireTensor(name, np.asarray(t["array"]),
                           Quantization.from_dict(t["q"]) if t["q"] else None)
                for name, t in sample.items()] for sample in spec["replay"]]
-    start = time.time() + 0.5 + 0.02 * spec["devices"]
+    start = max(spec.get("start_at") or 0.0, time.time() + 0.2)
     measure_from = start + spec["warmup"]
     stop_at = measure_from + spec["duration"]
     done: list[tuple[float, float, bool]] = []  # (sent, answered, ok) in the window
@@ -322,6 +335,8 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
 def _worker_phase(split_dir: Path, broker: str, prefix: str, pool: Any, spec: dict[str, Any],
                   *, max_batch: int, max_delay_ms: float, threads: int,
                   single_seconds: float) -> dict[str, Any]:
+    import threading
+
     from cloud_service.config import Config
     from cloud_service.server import Server
 
@@ -330,28 +345,50 @@ def _worker_phase(split_dir: Path, broker: str, prefix: str, pool: Any, spec: di
                     metrics_interval_s=0)
     server = Server(config)
     thread = server.start_in_thread(60)
+    # The window the devices measure, fixed here so the worker's counters can be read
+    # at its edges (a spawned process and 32 connections take a second or two).
+    start_at = time.time() + 2.0 + 0.02 * spec["devices"]
+    edges = (start_at + spec["warmup"], start_at + spec["warmup"] + spec["duration"])
+    marks: list[tuple[float, float, float, float, int, int]] = []
+
+    def mark() -> None:
+        m = server.metrics
+        starved, held = m.tail_waits()
+        marks.append((time.time(), m.tail_s, starved, held, m.batches, m.batched_samples))
+
+    timers = [threading.Timer(max(0.0, edge - time.time()), mark) for edge in edges]
     try:
-        tail_s0, t0 = server.metrics.tail_s, time.perf_counter()
-        many = pool.submit(_devices_main, spec).result()
-        snap = server.metrics.snapshot()
-        # Share of the phase the tail was running: well below 1 means the worker
-        # starved it (a bubble between batches), not that onnxruntime got slower.
-        tail_busy = (server.metrics.tail_s - tail_s0) / (time.perf_counter() - t0)
-        one = pool.submit(_devices_main, {**spec, "devices": 1,
-                                          "duration": single_seconds}).result()
+        for timer in timers:
+            timer.start()
+        many = pool.submit(_devices_main, {**spec, "start_at": start_at}).result()
+        for timer in timers:
+            timer.join()
+        one = pool.submit(_devices_main, {**spec, "devices": 1, "duration": single_seconds,
+                                          "start_at": time.time() + 1.0}).result()
     finally:
+        for timer in timers:
+            timer.cancel()
         server.should_exit = True
         thread.join(60)
+    (t_a, tail_a, starved_a, held_a, batches_a, samples_a), \
+        (t_b, tail_b, starved_b, held_b, batches_b, samples_b) = marks
+    window, batches = t_b - t_a, max(1, batches_b - batches_a)
+    samples = samples_b - samples_a
     return {
         "max_batch": max_batch,
         "samples_per_s": many["throughput_per_s"],
         "p50_ms": many["p50_ms"],
         "p99_ms": many["p99_ms"],
         "errors": many["errors"] + one["errors"],
-        "mean_batch_size": snap["mean_batch_size"],
-        "mean_queue_wait_ms": snap["mean_queue_wait_ms"],
-        "mean_tail_ms": snap["mean_tail_ms"],
-        "tail_busy": tail_busy,
+        # Counters over the measured window:
+        "mean_batch_size": samples / batches,
+        "tail_ms_per_sample": 1e3 * (tail_b - tail_a) / max(1, samples),
+        # Share of the window the tail ran / waited for any job / waited for company.
+        # Busy near 1 with a slower tail_ms_per_sample than the raw floor means the
+        # tail was fed but shared the CPU with receiving and answering.
+        "tail_busy": (tail_b - tail_a) / window,
+        "tail_starved": (starved_b - starved_a) / window,
+        "tail_held": (held_b - held_a) / window,
         "single_device_p50_ms": one["p50_ms"],
         "single_device_requests": one["requests"],
     }
@@ -397,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
         spec = {
             "broker": url, "prefix": f"bench{uuid.uuid4().hex[:8]}", "model": manifest.model,
             "split_id": manifest.split_id, "devices": args.devices, "warmup": args.warmup,
-            "duration": args.duration, "replay": replay,
+            "duration": args.duration, "replay": replay, "nice": args.nice,
         }
         single_seconds = args.single_duration
         phases = {}
@@ -446,7 +483,8 @@ def _report(args: argparse.Namespace, manifest: Any, raw: dict[int, float], best
         "max_delay_ms": args.max_delay_ms,
         "duration_s": args.duration,
         "raw_ort_samples_per_s": {str(b): v for b, v in raw.items()},
-        "raw_ort_best": {"batch": best_batch, "samples_per_s": best},
+        "raw_ort_best": {"batch": best_batch, "samples_per_s": best,
+                         "ms_per_sample": 1e3 / best},
         "raw_ort_batch_1_ms": 1e3 / raw[1],
         "worker": {f"max_batch_{b}": phase for b, phase in phases.items()},
         "single_device": {"p50_ms_batching": p50_on, "p50_ms_max_batch_1": p50_off,
@@ -471,14 +509,17 @@ def format_report(r: dict[str, Any]) -> str:
         f"{', '.join(c['name'] + ' ' + c['dtype'] for c in r['cut'])}, "
         f"{r['bytes_per_request']} B/request, onnxruntime threads {r['threads']}",
         "raw onnxruntime (floor):  " + "  ".join(f"b{b}: {v:.0f}/s" for b, v in raw.items())
-        + f"  → best {best['samples_per_s']:.0f}/s at batch {best['batch']}",
+        + f"  → best {best['samples_per_s']:.0f}/s at batch {best['batch']} "
+        f"({best['ms_per_sample']:.2f} ms/sample)",
     ]
     for name, phase in r["worker"].items():
         lines.append(
             f"worker {name:>12}: {phase['samples_per_s']:7.0f} samples/s "
             f"({phase['samples_per_s'] / best['samples_per_s']:.2f}x raw best), "
-            f"mean batch {phase['mean_batch_size']:.1f}, tail busy "
-            f"{100 * phase['tail_busy']:.0f}%, p50 {_ms(phase['p50_ms'])}, "
+            f"mean batch {phase['mean_batch_size']:.1f}, tail "
+            f"{phase['tail_ms_per_sample']:.2f} ms/sample, busy "
+            f"{100 * phase['tail_busy']:.0f}% (starved {100 * phase['tail_starved']:.0f}%, "
+            f"held {100 * phase['tail_held']:.0f}%), p50 {_ms(phase['p50_ms'])}, "
             f"p99 {_ms(phase['p99_ms'])} with {r['devices']} devices; errors "
             f"{phase['errors']}")
     single = r["single_device"]
