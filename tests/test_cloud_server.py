@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,12 @@ import pytest
 from test_cloud_support import Requester, TinySplit, make_split, request_payload
 
 from cloud_service.config import Config
+from cloud_service.registry import Registry
 from cloud_service.server import Server
 from simulators.broker import EmbeddedBroker, MosquittoBroker, free_port
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import ErrorCode, StartupError
+from splitinfer.mqtt import connect
 from splitinfer.topics import Topics
 
 pytestmark = pytest.mark.integration
@@ -271,6 +274,70 @@ def test_reconnects_after_broker_restart(
             time.sleep(0.05)
         assert server.metrics.reconnects >= 1
         asyncio.run(one_round_trip())
+
+
+def test_answers_wait_for_the_broker_to_come_back(
+        fresh_mosquitto: MosquittoBroker, artifacts: tuple[Path, dict[str, TinySplit]],
+        topic_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers ready while the broker is down go out once the worker has reconnected."""
+    root, splits = artifacts
+    topics = Topics(topic_prefix)
+    a = splits["a"]
+    registry = Registry.load(root, threads=1)
+    tail = registry[a.split_id]
+    tail_gate, reconnect_gate = threading.Event(), threading.Event()
+    real_run = tail.run
+    connects: list[float] = []
+
+    def held_run(feeds: Any) -> Any:
+        tail_gate.wait(20)
+        return real_run(feeds)
+
+    async def held_connect(*args: Any, **kwargs: Any) -> Any:
+        connects.append(time.monotonic())
+        while len(connects) > 1 and not reconnect_gate.is_set():  # the first goes through
+            await asyncio.sleep(0.01)
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(tail, "run", held_run)
+    monkeypatch.setattr("cloud_service.server.connect", held_connect)
+    cfg = config(fresh_mosquitto.url, root, topic_prefix, reconnect_min_s=0.02,
+                 reconnect_max_s=0.05)
+    server = Server(cfg, registry=registry)
+    thread = server.start_in_thread(30)
+    sent: dict[str, np.ndarray[Any, Any]] = {}
+
+    async def send() -> None:
+        async with Requester(fresh_mosquitto.url, topics) as req:
+            for i in range(3):
+                x = a.sample(seed=i)
+                rid, payload = request_payload(a, x, device_id=f"d{i}")
+                sent[rid] = x
+                await req.send("tiny", f"d{i}", payload)
+
+    async def collect() -> None:
+        async with Requester(fresh_mosquitto.url, topics) as req:
+            reconnect_gate.set()  # only now may the worker come back
+            await req.wait_for(list(sent), timeout=20)
+            for rid, x in sent.items():
+                np.testing.assert_allclose(req.answers[rid].arrays()["logits"], a.expected(x),
+                                           rtol=1e-5, atol=1e-5)
+
+    try:
+        asyncio.run(send())
+        eventually(lambda: server.metrics.received == 3)
+        fresh_mosquitto.stop()
+        tail_gate.set()
+        eventually(lambda: server.metrics.in_flight() == 3)  # answers, no broker
+        fresh_mosquitto.start()
+        asyncio.run(collect())
+        eventually(lambda: server.metrics.answered == 3)
+        assert server.metrics.reconnects == 1 and server.metrics.reply_failures == 0
+    finally:
+        tail_gate.set()
+        reconnect_gate.set()
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_startup_errors(artifacts: tuple[Path, dict[str, TinySplit]], tmp_path: Path,
