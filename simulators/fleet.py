@@ -1,0 +1,841 @@
+"""The fleet simulator: N virtual devices in one asyncio process against a real broker.
+
+::
+
+    config = FleetConfig(artifacts="artifacts/digits", devices=1000, rate=1.0,
+                         duration_s=60, replay=True)
+    result = asyncio.run(Fleet(config).run())       # FleetResult: .report (a dict), raw data
+    result.report["p99_ms"], result.report["lost"], result.report["stages"]
+
+Each device is an :class:`~edge_agent.EdgeAgent` (the real client: envelopes, topics,
+deadlines, reconnects and re-publishing) with its own client id and MQTT connection; many
+share one head runtime. Devices send on their own seeded arrival process
+(:mod:`simulators.arrivals`; ``--rate`` is per device), open loop: a slow answer does not
+delay the next request. Without ``broker`` the fleet starts a mosquitto (else the embedded
+amqtt) and ``workers`` cloud workers, each ``splitinfer cloud serve`` in its own process.
+
+**Replay** sends recorded head outputs (:meth:`EdgeAgent.infer_activation`): a few inputs
+go through the head once, and devices cycle through the recorded activations, so a large
+fleet costs no head compute. The head stage is then *emulated*: a device waits the head
+time recorded for that sample times ``speed`` (``asyncio.sleep`` when it is 1 ms or more;
+shorter times are added to the figures without waiting).
+
+**Speed factor** ``speed = F`` emulates a device F times slower than this machine: the head
+runs for real, then its thread sleeps ``(F - 1) * head_time`` (:class:`SlowHead`), so the
+device's head time is F times this machine's without spending that CPU here.
+
+**Links**: each ``links`` entry (a :class:`~simulators.link.LinkProfile` spec) is one
+shaping proxy (:mod:`simulators.shaper`) in this process; devices are split into
+contiguous, equal groups, one per entry, and connect through their group's proxy.
+
+**Accounting**, per request, by what the agent's call ended with: ``answered`` (a result),
+``errors`` (an error result or a failure, by kind), ``timeouts`` (no result by the
+deadline), and ``lost`` = ``sent - answered - errors - timeouts``: requests with no outcome
+at all when the run ended (cancelled after ``drain_s``). Requests scheduled during the
+warm-up are counted apart and left out of every figure.
+
+**Latency** of a request runs from its *scheduled* arrival to the result (so the fleet's
+own lag is charged, never hidden). Stages: see :data:`STAGE_SOURCES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from simulators.arrivals import ArrivalProcess
+from simulators.faults import FaultInjector, FaultPlan
+from simulators.fleet_support import (
+    CpuMeter,
+    Inputs,
+    SlowHead,
+    WorkerPool,
+    find_source_model,
+    load_inputs,
+    mqtt_publish_bytes,
+    payload_sizes,
+    random_inputs,
+    reference_predictions,
+)
+from simulators.fleet_transport import TRANSPORTS, connector_for, pick_transport
+from simulators.link import LinkProfile
+from splitinfer.errors import (
+    BadInputError,
+    DeadlineExceeded,
+    RemoteError,
+    SplitInferError,
+    StartupError,
+)
+from splitinfer.manifest import Manifest, find_split_dirs, safe_name
+from splitinfer.topics import DEFAULT_PREFIX, Topics
+
+__all__ = ["FleetConfig", "Fleet", "FleetResult", "Progress", "STAGE_SOURCES",
+           "REPORT_STAGES", "FAULT_EXTRA_KINDS", "jsonable"]
+
+log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+
+# The breakdown of a request, in order, and where each figure comes from.
+STAGE_SOURCES: dict[str, str] = {
+    "head": "measured on the device (replay: recorded head time x speed, emulated)",
+    "encode": "measured: building and encoding the request envelope",
+    "uplink": "derived from the link model: request bytes / up rate + delay "
+              "(+ expected loss delay); 0 without --link (loopback)",
+    "broker_queue": "measured - derived: round trip minus worker time minus uplink and "
+                    "downlink, plus the worker's queue (its batcher)",
+    "tail": "measured by the worker (tail run, shared by its batch)",
+    "downlink": "derived from the link model: result bytes / down rate + delay "
+                "(+ expected loss delay); 0 without --link",
+    "decode": "measured: decoding the result on the device",
+    "other": "e2e minus the measured stages: the fleet's scheduling lag and agent time "
+             "between stamps",
+}
+REPORT_STAGES = tuple(STAGE_SOURCES)
+_RAW_STAGES = ("network", "queue")  # as the agent measures them, kept in the report too
+FAULT_EXTRA_KINDS = ("restart-worker",)
+PROTOCOLS = ("3.1.1", "5", "auto")
+_HEAD_WAIT_MIN_S = 1e-3
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetConfig:
+    """One fleet run; maps one-to-one onto ``splitinfer fleet`` flags."""
+
+    artifacts: Path
+    devices: int = 10
+    rate: float = 1.0  # requests/s per device
+    duration_s: float = 10.0  # the measured window
+    arrivals: str = "poisson"  # a kind or an ArrivalProcess spec; `rate` overrides its rate
+    seed: int = 0
+    replay: bool = False
+    speed: float = 1.0
+    links: tuple[str, ...] = ()
+    broker: str | None = None  # None: start one
+    embedded_broker: bool = False
+    faults: str = ""
+    input: Path | None = None
+    reference: Path | None = None
+    split: str | None = None  # which split under `artifacts` (default: the only one)
+    workers: int = 1  # started by the fleet; 0 = workers already serve the broker
+    worker_threads: int = 1
+    max_batch: int | None = None
+    max_delay_ms: float | None = None
+    timeout_s: float = 10.0
+    drain_s: float | None = None  # after the window; default timeout_s + 1
+    warmup_s: float = 1.0
+    connect_rate: float = 1000.0  # connections per second while the fleet ramps up
+    prefix: str | None = None
+    mqtt: str = "3.1.1"
+    transport: str = "auto"  # lite (MQTT 3.1.1 QoS 0/1), paho, aiomqtt; auto picks
+    qos: int = 1
+    presence: bool = True
+    record: int = 16  # replay: head outputs recorded
+    out: Path | None = None
+    png: bool = True
+    pin: bool = False  # fleet on half the CPUs, broker and workers on the other half
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "artifacts", Path(self.artifacts))
+        if self.devices < 1:
+            raise BadInputError(f"devices {self.devices}: expected at least 1")
+        for name in ("rate", "duration_s", "timeout_s", "connect_rate"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise BadInputError(f"{name} {value!r}: expected a number > 0")
+        if not (np.isfinite(self.warmup_s) and self.warmup_s >= 0):
+            raise BadInputError(f"warmup_s {self.warmup_s!r}: expected seconds >= 0")
+        if self.drain_s is not None and not self.drain_s >= 0:
+            raise BadInputError(f"drain_s {self.drain_s!r}: expected seconds >= 0")
+        if not (np.isfinite(self.speed) and self.speed >= 1.0):
+            raise BadInputError(f"speed {self.speed!r}: expected a factor >= 1 (1 = this "
+                                "machine, 4 = a device four times slower)")
+        if self.workers < 0 or self.worker_threads < 0 or self.record < 1:
+            raise BadInputError("expected workers >= 0, worker_threads >= 0, record >= 1")
+        if self.workers == 0 and self.broker is None:
+            raise BadInputError("workers 0 means workers already serve the broker; give "
+                                "--broker URL too")
+        if self.mqtt not in PROTOCOLS:
+            raise BadInputError(f"mqtt {self.mqtt!r}: expected one of {', '.join(PROTOCOLS)}")
+        if self.transport not in TRANSPORTS:
+            raise BadInputError(f"transport {self.transport!r}: expected one of "
+                                f"{', '.join(TRANSPORTS)}")
+        if self.qos not in (0, 1, 2):
+            raise BadInputError(f"qos {self.qos}: expected 0, 1 or 2")
+        if self.embedded_broker and self.workers > 1:
+            raise BadInputError("the embedded broker has no shared subscriptions: use one "
+                                "worker, or mosquitto")
+        self.arrival_process()
+        self.link_profiles()
+        self.fault_plan()
+
+    def arrival_process(self) -> ArrivalProcess:
+        return ArrivalProcess.parse(self.arrivals).with_rate(self.rate)
+
+    def link_profiles(self) -> list[LinkProfile]:
+        return [LinkProfile.parse(spec) for spec in self.links]
+
+    def fault_plan(self) -> FaultPlan:
+        return FaultPlan.parse(self.faults, extra_kinds=FAULT_EXTRA_KINDS)
+
+    @property
+    def drain(self) -> float:
+        return self.timeout_s + 1.0 if self.drain_s is None else self.drain_s
+
+
+@dataclass(frozen=True)
+class Progress:
+    elapsed_s: float
+    total_s: float  # warm-up + window
+    sent: int
+    answered: int
+    failed: int
+    phase: str  # "warmup", "run", "drain"
+
+
+@dataclass
+class _Tally:
+    """Outcomes and figures of one set of requests (the warm-up or the measured window)."""
+
+    sent: int = 0
+    answered: int = 0
+    timeouts: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    stages: dict[str, list[float]] = field(default_factory=dict)
+    e2e: list[float] = field(default_factory=list)
+    lag: list[float] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    checks: list[tuple[int, int]] = field(default_factory=list)  # (sample, predicted class)
+    last_done: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return self.timeouts + sum(self.errors.values())
+
+
+@dataclass(eq=False)
+class _Group:
+    name: str
+    profile: LinkProfile | None
+    url: str
+    proxy: Any = None  # ShapingProxy
+    up_s: float = 0.0  # derived one-way time of a request
+    down_s: float = 0.0  # and of a result
+    devices: int = 0
+    connector: Any = None
+
+
+@dataclass(eq=False)
+class _Device:
+    index: int
+    agent: Any  # EdgeAgent
+    group: int
+    sent: int = 0
+
+
+@dataclass
+class FleetResult:
+    """The report (JSON-ready) and the raw figures the plots need."""
+
+    report: dict[str, Any]
+    e2e_ms: Array
+    groups: Array
+    group_names: list[str]
+    stages_ms: dict[str, Array]
+
+
+class Fleet:
+    """Runs one :class:`FleetConfig`; see the module docstring."""
+
+    def __init__(self, config: FleetConfig, *,
+                 progress: Callable[[Progress], None] | None = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.token = secrets.token_hex(3)
+        self.warm = _Tally()
+        self.measured = _Tally()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: list[_Group] = []
+        self._devices: list[_Device] = []
+        self._phase = "warmup"
+        self._t0 = 0.0  # perf_counter at the start of the schedule (warm-up included)
+        self._pinning: dict[str, list[int]] = {}
+        self.transport = config.transport
+
+    # ------------------------------------------------------------------ preparation
+
+    def _split(self) -> tuple[Path, Manifest]:
+        dirs = find_split_dirs(self.config.artifacts)
+        if not dirs:
+            raise StartupError(f"no split under {self.config.artifacts} (no manifest.json); "
+                               "run 'splitinfer split' first")
+        if self.config.split:
+            dirs = [d for d in dirs if d.name == self.config.split or
+                    Manifest.load(d).split_id == self.config.split]
+            if not dirs:
+                raise BadInputError(f"split {self.config.split!r} not found under "
+                                    f"{self.config.artifacts}")
+        elif len(dirs) > 1:
+            raise BadInputError(f"{self.config.artifacts} holds {len(dirs)} splits; pick one "
+                                f"with --split (one of {[d.name for d in dirs]})")
+        return dirs[0], Manifest.load(dirs[0])
+
+    def _prefix(self) -> str:
+        if self.config.prefix:
+            return self.config.prefix
+        return DEFAULT_PREFIX if self.config.workers == 0 else f"fleet{self.token}"
+
+    def _with_protocol(self, url: str) -> str:
+        if self.config.mqtt == "auto" or "protocol=" in url:
+            return url
+        return f"{url}{'&' if '?' in url else '?'}protocol={self.config.mqtt}"
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> FleetResult:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        split_dir, manifest = self._split()
+        out = cfg.out or Path(f"reports/fleet-{time.strftime('%Y%m%d-%H%M%S')}-{self.token}")
+        out.mkdir(parents=True, exist_ok=True)
+        inputs = load_inputs(cfg.input, manifest) if cfg.input else \
+            random_inputs(manifest, max(cfg.record, 1), cfg.seed)
+        reference = cfg.reference or find_source_model(manifest, split_dir)
+        ref_pred = reference_predictions(reference, inputs) if reference is not None and \
+            (inputs.labels is not None or cfg.reference is not None) else None
+        from edge_agent import AgentConfig, EdgeAgent, load_head
+
+        head = load_head(manifest, split_dir, threads=1)
+        recorded: list[dict[str, Array]] = []
+        head_times: list[float] = []
+        if cfg.replay:
+            recorded, head_times = _record(head, inputs, cfg.record)
+        elif cfg.speed > 1.0:
+            head = SlowHead(head, cfg.speed)
+            from concurrent.futures import ThreadPoolExecutor
+
+            # sleeping heads hold a thread each; the default pool (cores + 4) would queue them
+            loop.set_default_executor(ThreadPoolExecutor(max(8, min(cfg.devices, 256)),
+                                                         thread_name_prefix="fleet-head"))
+        _raise_file_limit(3 * cfg.devices + 256)
+        prefix = self._prefix()
+        topics = Topics(prefix)
+        self.transport = self._transport_for(cfg.broker)
+        sizes = payload_sizes(manifest, device_id=f"{self.token}-{cfg.devices - 1:05d}",
+                              result_topic=topics.result(f"{self.token}-{cfg.devices:05d}"),
+                              replay=cfg.replay)
+        request_topic = topics.request(safe_name(manifest.model), f"{self.token}-{cfg.devices:05d}")
+        wire_up = mqtt_publish_bytes(request_topic, sizes[0], cfg.qos)
+        wire_down = mqtt_publish_bytes(topics.result(f"{self.token}-{cfg.devices:05d}"),
+                                       sizes[1], cfg.qos)
+        checking = inputs.labels is not None or ref_pred is not None
+        plan = cfg.fault_plan()
+        events: list[Any] = []
+        broker: Any = None
+        pool: WorkerPool | None = None
+        async with contextlib.AsyncExitStack() as stack:
+            broker, url, broker_kind = await self._start_broker(stack)
+            if cfg.workers:
+                pool = WorkerPool(count=cfg.workers, broker=self._with_protocol(url),
+                                  artifacts=split_dir, prefix=prefix,
+                                  group="" if broker_kind.startswith("embedded") else "fleet",
+                                  log_dir=out, threads=cfg.worker_threads,
+                                  extra=self._worker_flags())
+                stack.callback(pool.stop)
+                await asyncio.to_thread(pool.start)
+            await self._start_links(stack, url, plan, wire_up, wire_down)
+            for index in range(cfg.devices):
+                group = index * len(self._groups) // cfg.devices
+                self._groups[group].devices += 1
+                agent = EdgeAgent(manifest=manifest, head=None if cfg.replay else head,
+                                  connector=self._groups[group].connector,
+                                  config=AgentConfig(
+                                      device_id=f"{self.token}-{index:05d}",
+                                      broker=self._groups[group].url, prefix=prefix,
+                                      timeout_s=cfg.timeout_s, qos=cfg.qos,
+                                      presence=cfg.presence))
+                self._devices.append(_Device(index, agent, group))
+            stack.push_async_callback(self._close_devices)
+            connect_s = await self._connect_all()
+            await self._warm_up_path(recorded, inputs)
+            schedule_t, schedule_dev = self._schedule()
+            meter = CpuMeter(self._cpu_roles(broker, broker_kind, pool))
+            injector = FaultInjector(broker=broker, workers=pool.procs if pool else [],
+                                     links={g.name: g.proxy for g in self._groups if g.proxy})
+            if pool is not None:
+                injector.register("restart-worker", lambda f: pool.spawn_and_wait())
+            if cfg.pin:
+                self._pinning = _pin(broker, broker_kind, pool)
+            self._t0 = time.perf_counter()
+            window_start = self._t0 + cfg.warmup_s
+            ticker = asyncio.create_task(self._tick(meter, window_start), name="fleet-tick")
+            faults_task: asyncio.Task[list[Any]] | None = None
+            try:
+                dispatch = asyncio.create_task(
+                    self._dispatch(schedule_t, schedule_dev, recorded, head_times, inputs,
+                                   checking), name="fleet-dispatch")
+                await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
+                self._phase = "run"
+                meter.start()
+                if len(plan):
+                    faults_task = asyncio.create_task(
+                        injector.run(plan, t0=loop.time()), name="fleet-faults")
+                await dispatch
+                self._phase = "drain"
+                await self._drain(cfg.drain)
+                meter.stop()
+                if faults_task is not None:
+                    if not faults_task.done():
+                        log.warning("faults planned past the end of the run were skipped")
+                    faults_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await faults_task
+                    events = [e.as_dict() for e in injector.events]
+            finally:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+                for task in list(self._tasks):
+                    task.cancel()
+            retries = self._retry_counters()
+            link_stats = [self._link_report(g) for g in self._groups]
+        result = self._result(
+            manifest=manifest, split_dir=split_dir, url=url, broker_kind=broker_kind,
+            connect_s=connect_s, cpu=meter.report(), events=events, retries=retries,
+            link_stats=link_stats, inputs=inputs, ref_pred=ref_pred, reference=reference,
+            window_start=window_start, sizes=sizes, wire=(wire_up, wire_down),
+            head_times=head_times, prefix=prefix)
+        result.report["out"] = str(out)
+        _write(result, out, png=cfg.png)
+        return result
+
+    def _transport_for(self, url: str | None) -> str:
+        from splitinfer.mqtt import BrokerConfig
+
+        cfg = self.config
+        broker = BrokerConfig.from_url(url) if url else BrokerConfig()
+        protocol = broker.protocol if broker.protocol != "auto" else cfg.mqtt
+        if cfg.embedded_broker:
+            protocol = "3.1.1"
+        return pick_transport(cfg.transport, protocol=protocol, qos=cfg.qos, tls=broker.tls)
+
+    def _worker_flags(self) -> list[str]:
+        flags: list[str] = []
+        if self.config.max_batch is not None:
+            flags += ["--max-batch", str(self.config.max_batch)]
+        if self.config.max_delay_ms is not None:
+            flags += ["--max-delay-ms", str(self.config.max_delay_ms)]
+        return flags
+
+    async def _start_broker(self, stack: contextlib.AsyncExitStack) -> tuple[Any, str, str]:
+        cfg = self.config
+        if cfg.broker is not None:
+            return None, cfg.broker, "external"
+        from simulators.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+
+        if cfg.embedded_broker or not mosquitto_binary():
+            embedded = EmbeddedBroker()
+            await asyncio.to_thread(embedded.start)
+            stack.callback(embedded.stop)
+            # amqtt speaks 3.1.1 only and has no $share: one plain-subscribing worker
+            return embedded, embedded.url + "?protocol=3.1.1", "embedded amqtt (MQTT 3.1.1)"
+        broker = MosquittoBroker()
+        await asyncio.to_thread(broker.start)
+        stack.callback(broker.close)
+        return broker, broker.url, "mosquitto (latency-tuned)"
+
+    async def _start_links(self, stack: contextlib.AsyncExitStack, url: str, plan: FaultPlan,
+                           wire_up: int, wire_down: int) -> None:
+        from simulators.shaper import ShapingProxy
+        from splitinfer.mqtt import BrokerConfig
+
+        cfg = self.config
+        profiles: list[LinkProfile | None] = list(cfg.link_profiles())
+        wants_link = any(f.kind in ("cut-link", "stall-link") for f in plan)
+        if not profiles:
+            # link faults need a proxy to break: an unshaped one ("direct")
+            profiles = [LinkProfile(name="direct")] if wants_link else [None]
+        upstream = BrokerConfig.from_url(url)
+        query = url.partition("?")[2]
+        names: Counter[str] = Counter()
+        for index, profile in enumerate(profiles):
+            if profile is None:
+                group = _Group("loopback", None, self._with_protocol(url))
+            else:
+                base = profile.name if len(profile.name) <= 24 else f"link{index}"
+                names[base] += 1
+                name = base if names[base] == 1 else f"{base}-{names[base]}"
+                proxy = ShapingProxy(profile, upstream=(upstream.host, upstream.port),
+                                     seed=cfg.seed + index, name=name)
+                await proxy.start()
+                stack.push_async_callback(proxy.close)
+                proxy_url = f"mqtt://{proxy.host}:{proxy.port}" + (f"?{query}" if query else "")
+                group = _Group(name, profile, self._with_protocol(proxy_url), proxy)
+                group.up_s = profile.transfer_s(wire_up, "up") + \
+                    profile.expected_loss_delay_s(wire_up)
+                group.down_s = profile.transfer_s(wire_down, "down") + \
+                    profile.expected_loss_delay_s(wire_down)
+            group.connector = connector_for(
+                group.url, self.transport, timeout_s=max(10.0, cfg.timeout_s))
+            self._groups.append(group)
+
+    async def _connect_all(self) -> float:
+        """Connect every device, ``connect_rate`` per second at most (no connection storm)."""
+        t0 = time.perf_counter()
+        gap = 1.0 / self.config.connect_rate
+        failures: list[BaseException] = []
+        limit = asyncio.Semaphore(256)
+
+        async def one(device: _Device) -> None:
+            async with limit:
+                for attempt in range(3):
+                    try:
+                        await device.agent.start()
+                        return
+                    except StartupError as exc:
+                        if attempt == 2:
+                            failures.append(exc)
+                        await asyncio.sleep(0.2 * (attempt + 1))
+
+        tasks = []
+        for k, device in enumerate(self._devices):
+            delay = t0 + k * gap - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(device), name=f"fleet-connect-{k}"))
+        await asyncio.gather(*tasks)
+        if failures:
+            raise StartupError(f"{len(failures)} of {len(self._devices)} devices could not "
+                               f"connect; first: {failures[0]}")
+        return time.perf_counter() - t0
+
+    async def _warm_up_path(self, recorded: list[dict[str, Array]], inputs: Inputs) -> None:
+        """One request through each worker's path before the clock starts (sessions warm)."""
+        device = self._devices[0]
+        for _ in range(max(1, self.config.workers) * 2):
+            try:
+                if recorded:
+                    await device.agent.infer_activation(recorded[0], timeout=60.0)
+                else:
+                    await device.agent.infer(inputs.sample(0), timeout=60.0)
+            except SplitInferError as exc:
+                raise StartupError(f"the first request got no answer: {exc}") from exc
+
+    def _schedule(self) -> tuple[Array, Array]:
+        """Every device's send times (s from the start, warm-up included), merged in order."""
+        cfg = self.config
+        process = cfg.arrival_process()
+        total = cfg.warmup_s + cfg.duration_s
+        times = [process.schedule(total, cfg.seed, device=i) for i in range(cfg.devices)]
+        t = np.concatenate(times) if times else np.empty(0)
+        d = np.concatenate([np.full(len(x), i, dtype=np.int64) for i, x in enumerate(times)])
+        order = np.argsort(t, kind="stable")
+        return t[order], d[order]
+
+    def _cpu_roles(self, broker: Any, broker_kind: str,
+                   pool: WorkerPool | None) -> dict[str, Callable[[], list[int]]]:
+        pid = os.getpid()
+        roles: dict[str, Callable[[], list[int]]] = {"fleet": lambda: [pid]}
+        if broker is not None and not broker_kind.startswith("embedded"):
+            roles["broker"] = lambda: [broker.pid] if broker.pid else []
+        if pool is not None:
+            roles["workers"] = lambda: pool.pids
+        return roles
+
+    # ------------------------------------------------------------------ traffic
+
+    async def _dispatch(self, times: Array, devices: Array, recorded: list[dict[str, Array]],
+                        head_times: list[float], inputs: Inputs, checking: bool) -> None:
+        cfg = self.config
+        t0, warmup = self._t0, cfg.warmup_s
+        n, i = len(times), 0
+        perf = time.perf_counter
+        while i < n:
+            now = perf() - t0
+            if times[i] > now:
+                await asyncio.sleep(float(times[i]) - now)
+                continue
+            horizon = now + 2e-4  # what falls due within 0.2 ms leaves now
+            while i < n and times[i] <= horizon:
+                due = float(times[i])
+                device = self._devices[int(devices[i])]
+                k, device.sent = device.sent, device.sent + 1
+                tally = self.measured if due >= warmup else self.warm
+                tally.sent += 1
+                task = asyncio.create_task(
+                    self._request(device, k, t0 + due, tally, recorded, head_times, inputs,
+                                  checking), name="fleet-request")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                i += 1
+
+    async def _request(self, device: _Device, k: int, due: float, tally: _Tally,
+                       recorded: list[dict[str, Array]], head_times: list[float],
+                       inputs: Inputs, checking: bool) -> None:
+        cfg = self.config
+        start = time.perf_counter()
+        head_s = 0.0
+        try:
+            if recorded:
+                sample = (device.index + k) % len(recorded)
+                head_s = head_times[sample] * cfg.speed
+                if head_s >= _HEAD_WAIT_MIN_S:
+                    t = time.perf_counter()
+                    await asyncio.sleep(head_s)
+                    head_s = time.perf_counter() - t
+                result = await device.agent.infer_activation(recorded[sample])
+            else:
+                sample = (device.index + k * cfg.devices) % len(inputs)
+                result = await device.agent.infer(inputs.sample(sample))
+        except DeadlineExceeded:
+            tally.timeouts += 1
+            return
+        except RemoteError as exc:
+            tally.errors[f"remote:{exc.code}"] += 1
+            return
+        except SplitInferError as exc:
+            tally.errors[type(exc).__name__] += 1
+            return
+        done = time.perf_counter()
+        timings = result.timings
+        group = self._groups[device.group]
+        if recorded:
+            timings = {**timings, "head": head_s}
+            if head_s < _HEAD_WAIT_MIN_S:  # not waited: charge it arithmetically
+                done += head_s
+        e2e = done - due
+        network, queue = timings.get("network", 0.0), timings.get("queue", 0.0)
+        measured = sum(timings.get(s, 0.0) for s in
+                       ("head", "encode", "network", "queue", "tail", "decode"))
+        values = {
+            "head": timings.get("head", 0.0), "encode": timings.get("encode", 0.0),
+            "uplink": group.up_s,
+            "broker_queue": max(0.0, network - group.up_s - group.down_s) + queue,
+            "tail": timings.get("tail", 0.0), "downlink": group.down_s,
+            "decode": timings.get("decode", 0.0), "other": max(0.0, e2e - measured),
+            "network": network, "queue": queue,
+        }
+        stages = tally.stages
+        for name, value in values.items():
+            stages.setdefault(name, []).append(value)
+        tally.e2e.append(e2e)
+        tally.lag.append(start - due)
+        tally.groups.append(device.group)
+        tally.answered += 1
+        tally.last_done = max(tally.last_done, done)
+        if checking:
+            first = next(iter(result.outputs.values()))
+            tally.checks.append((sample, int(np.asarray(first).reshape(-1).argmax())))
+
+    async def _drain(self, limit_s: float) -> None:
+        """Wait for requests still out, ``limit_s`` at most; what remains is lost."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=limit_s)
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _tick(self, meter: CpuMeter, window_start: float) -> None:
+        cfg = self.config
+        total = cfg.warmup_s + cfg.duration_s
+        while True:
+            await asyncio.sleep(0.5)
+            if self._phase != "warmup":
+                meter.sample()
+            if self.progress is not None:
+                elapsed = time.perf_counter() - self._t0
+                tallies = (self.warm, self.measured)
+                self.progress(Progress(
+                    elapsed_s=elapsed, total_s=total, sent=sum(t.sent for t in tallies),
+                    answered=sum(t.answered for t in tallies),
+                    failed=sum(t.failed for t in tallies), phase=self._phase))
+
+    async def _close_devices(self) -> None:
+        await asyncio.gather(*(d.agent.close() for d in self._devices), return_exceptions=True)
+
+    def _retry_counters(self) -> dict[str, int]:
+        counters = [d.agent.counters for d in self._devices]
+        return {"republished": sum(c.republished for c in counters),
+                "reconnects": sum(c.reconnects for c in counters),
+                "late_results": sum(c.late_results for c in counters)}
+
+    def _link_report(self, group: _Group) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": group.name, "devices": group.devices,
+                               "spec": group.profile.spec() if group.profile else None,
+                               "uplink_ms_derived": round(group.up_s * 1e3, 3),
+                               "downlink_ms_derived": round(group.down_s * 1e3, 3)}
+        if group.proxy is not None:
+            out["proxy"] = group.proxy.stats.as_dict()
+        return out
+
+    # ------------------------------------------------------------------ the report
+
+    def _result(self, *, manifest: Manifest, split_dir: Path, url: str, broker_kind: str,
+                connect_s: float, cpu: dict[str, Any], events: list[Any],
+                retries: dict[str, int], link_stats: list[dict[str, Any]], inputs: Inputs,
+                ref_pred: Array | None, reference: Path | None, window_start: float,
+                sizes: tuple[int, int], wire: tuple[int, int], head_times: list[float],
+                prefix: str) -> FleetResult:
+        from edge_agent.stats import percentiles
+
+        cfg, m = self.config, self.measured
+        lost = m.sent - m.answered - sum(m.errors.values()) - m.timeouts
+        e2e = percentiles(m.e2e)
+        span = (m.last_done - window_start) if m.answered else 0.0
+        stage_detail = {s: percentiles(m.stages.get(s, [])) for s in (*REPORT_STAGES,
+                                                                      *_RAW_STAGES)}
+        report: dict[str, Any] = {
+            "sent": m.sent, "answered": m.answered, "errors": sum(m.errors.values()),
+            "timeouts": m.timeouts, "lost": lost,
+            "error_kinds": dict(sorted(m.errors.items())),
+            "p50_ms": e2e.get("p50"), "p95_ms": e2e.get("p95"), "p99_ms": e2e.get("p99"),
+            "max_ms": e2e.get("max"), "mean_ms": e2e.get("mean"),
+            "throughput_rps": round(m.answered / span, 2) if span > 0 else 0.0,
+            "offered_rps": round(cfg.devices * cfg.rate, 2),
+            "stages": {s: stage_detail[s].get("p50") for s in REPORT_STAGES},
+            "stages_detail_ms": stage_detail,
+            "stage_sources": STAGE_SOURCES,
+            "schedule_lag_ms": percentiles(m.lag),
+            "retries": retries,
+            "faults": events,
+            "cpu": cpu,
+            "accuracy": _accuracy(m.checks, inputs, ref_pred, reference),
+            "warmup": {"seconds": cfg.warmup_s, "sent": self.warm.sent,
+                       "answered": self.warm.answered, "failed": self.warm.failed},
+            "config": {
+                "devices": cfg.devices, "rate_per_device": cfg.rate,
+                "duration_s": cfg.duration_s, "arrivals": cfg.arrival_process().spec(),
+                "seed": cfg.seed, "replay": cfg.replay, "speed": cfg.speed,
+                "recorded_head_ms": round(float(np.mean(head_times)) * 1e3, 4)
+                if head_times else None,
+                "timeout_s": cfg.timeout_s, "mqtt": cfg.mqtt, "transport": self.transport,
+                "qos": cfg.qos, "workers": cfg.workers, "worker_threads": cfg.worker_threads,
+                "input": inputs.source, "prefix": prefix, "pinning": self._pinning or None,
+            },
+            "split": {"split_id": manifest.split_id, "dir": str(split_dir),
+                      "request_bytes": sizes[0], "result_bytes": sizes[1],
+                      "request_wire_bytes": wire[0], "result_wire_bytes": wire[1]},
+            "broker": {"url": url.partition("?")[0], "kind": broker_kind},
+            "links": link_stats,
+            "connect_s": round(connect_s, 3),
+        }
+        names = [g.name for g in self._groups]
+        return FleetResult(
+            report=report, e2e_ms=np.asarray(m.e2e) * 1e3, groups=np.asarray(m.groups),
+            group_names=names,
+            stages_ms={s: np.asarray(v) * 1e3 for s, v in m.stages.items()})
+
+
+def _record(head: Any, inputs: Inputs, count: int) -> tuple[list[dict[str, Array]], list[float]]:
+    """Head outputs of the first ``count`` samples, one sample each, and each one's head time
+    (the best of three runs: this machine's speed, not its scheduling noise)."""
+    recorded, times = [], []
+    for index in range(min(count, len(inputs))):
+        sample = inputs.sample(index)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = head.run(sample)
+            best = min(best, time.perf_counter() - t0)
+        recorded.append(out)
+        times.append(best)
+    return recorded, times
+
+
+def _accuracy(checks: list[tuple[int, int]], inputs: Inputs, ref_pred: Array | None,
+              reference: Path | None) -> dict[str, Any] | None:
+    if not checks or (inputs.labels is None and ref_pred is None):
+        return None
+    samples = np.fromiter((s for s, _ in checks), dtype=np.int64, count=len(checks))
+    predicted = np.fromiter((p for _, p in checks), dtype=np.int64, count=len(checks))
+    samples %= len(inputs)
+    out: dict[str, Any] = {"checked": len(checks), "distinct_samples": len(set(samples))}
+    if inputs.labels is not None:
+        labels = np.asarray(inputs.labels)[samples]
+        out["accuracy"] = round(float((predicted == labels).mean()), 6)
+        if ref_pred is not None:
+            out["reference_accuracy"] = round(float((ref_pred[samples] == labels).mean()), 6)
+    if ref_pred is not None:
+        out["agreement"] = round(float((predicted == ref_pred[samples]).mean()), 6)
+        out["reference"] = str(reference)
+    return out
+
+
+def _pin(broker: Any, broker_kind: str, pool: WorkerPool | None) -> dict[str, list[int]]:
+    """Fleet on the first half of this process's CPUs, broker and workers on the rest.
+
+    A send on loopback wakes its receiver; on a shared CPU the scheduler often lets the
+    woken process preempt the sender at once, so the fleet's loop stalls inside ``send``
+    while the broker or a worker runs. Apart, each side keeps its own CPU. Every thread
+    of each process is moved (``sched_setaffinity`` acts on one thread id).
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {}
+    half = len(cpus) // 2
+    mine, theirs = set(cpus[:half]), set(cpus[half:])
+    pids = [] if broker is None or broker_kind.startswith("embedded") else [broker.pid]
+    pids += pool.pids if pool is not None else []
+    for pid in [os.getpid(), *pids]:
+        target = mine if pid == os.getpid() else theirs
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, target)
+    return {"fleet": sorted(mine), "services": sorted(theirs)}
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
+def _raise_file_limit(want: int) -> None:
+    """Each device holds a socket (two more through a link proxy): lift the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _write(result: FleetResult, out: Path, *, png: bool) -> None:
+    report = result.report
+    if png:
+        try:
+            from simulators.report import write_png
+        except ImportError as exc:  # matplotlib missing: the JSON still says everything
+            log.warning("no PNG: %s", exc)
+            report["png"] = None
+        else:
+            report["png"] = str(write_png(result, out / "fleet.png"))
+    report["report"] = str(out / "report.json")
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars made plain and non-finite floats made None."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
