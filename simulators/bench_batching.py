@@ -542,6 +542,11 @@ def format_report(r: dict[str, Any]) -> str:
                  f"{_num(ratios['batched_vs_max_batch_1'])} (target >= 1)")
     lines.append("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
                                          for k, v in r["targets"].items()))
+    starved = max(phase["tail_starved"] for phase in r["worker"].values())
+    if starved > 0.05:
+        lines.append(f"warning: the tail waited for requests up to {100 * starved:.0f}% of a "
+                     "phase: the devices, not the worker, limited throughput (a busy box? "
+                     "try --nice 0 or fewer --devices)")
     lines.append(f"note: {r['note']}")
     return "\n".join(lines)
 
