@@ -3,7 +3,7 @@
 ::
 
     registry.py  split directories → onnxruntime tail sessions, request checks
-    batcher.py   per-split dynamic batching with a bounded queue and deadlines
+    batcher.py   per-split dynamic batching on tail threads; bounded queue, deadlines
     worker.py    message → checks → batch → tail → answer (no MQTT: publish is injected)
     server.py    the broker side: subscribe, reconnect, drain on SIGTERM, signals
     metrics.py   counters, Prometheus text, rate-limited error logging
