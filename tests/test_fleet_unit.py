@@ -57,7 +57,7 @@ def test_pick_transport(transport: str, protocol: str, qos: int, tls: bool,
 
 
 def test_lite_transport_refuses_what_it_cannot_speak() -> None:
-    with pytest.raises(BadInputError, match="3.1.1"):
+    with pytest.raises(BadInputError, match=r"3\.1\.1"):
         pick_transport("lite", protocol="5", qos=1, tls=False)
 
 
