@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ class _Head:
     input_names = ("x",)
     output_names = ("y",)
 
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         end = time.perf_counter() + 0.01
         while time.perf_counter() < end:
             pass
