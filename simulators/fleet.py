@@ -42,15 +42,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import resource
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,15 @@ import numpy.typing as npt
 
 from simulators.arrivals import ArrivalProcess
 from simulators.faults import FaultInjector, FaultPlan
+from simulators.fleet_stats import (
+    RAW_STAGES,
+    REPORT_STAGES,
+    STAGE_SOURCES,
+    FleetResult,
+    Tally,
+    accuracy,
+    write_outputs,
+)
 from simulators.fleet_support import (
     CpuMeter,
     Inputs,
@@ -69,6 +77,7 @@ from simulators.fleet_support import (
     mqtt_publish_bytes,
     payload_sizes,
     random_inputs,
+    record_head_outputs,
     reference_predictions,
 )
 from simulators.fleet_transport import TRANSPORTS, connector_for, pick_transport
@@ -84,28 +93,11 @@ from splitinfer.manifest import Manifest, find_split_dirs, safe_name
 from splitinfer.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["FleetConfig", "Fleet", "FleetResult", "Progress", "STAGE_SOURCES",
-           "REPORT_STAGES", "FAULT_EXTRA_KINDS", "jsonable"]
+           "REPORT_STAGES", "FAULT_EXTRA_KINDS"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 
-# The breakdown of a request, in order, and where each figure comes from.
-STAGE_SOURCES: dict[str, str] = {
-    "head": "measured on the device (replay: recorded head time x speed, emulated)",
-    "encode": "measured: building and encoding the request envelope",
-    "uplink": "derived from the link model: request bytes / up rate + delay "
-              "(+ expected loss delay); 0 without --link (loopback)",
-    "broker_queue": "measured - derived: round trip minus worker time minus uplink and "
-                    "downlink, plus the worker's queue (its batcher)",
-    "tail": "measured by the worker (tail run, shared by its batch)",
-    "downlink": "derived from the link model: result bytes / down rate + delay "
-                "(+ expected loss delay); 0 without --link",
-    "decode": "measured: decoding the result on the device",
-    "other": "e2e minus the measured stages: the fleet's scheduling lag and agent time "
-             "between stamps",
-}
-REPORT_STAGES = tuple(STAGE_SOURCES)
-_RAW_STAGES = ("network", "queue")  # as the agent measures them, kept in the report too
 FAULT_EXTRA_KINDS = ("restart-worker",)
 PROTOCOLS = ("3.1.1", "5", "auto")
 _HEAD_WAIT_MIN_S = 1e-3
@@ -146,7 +138,6 @@ class FleetConfig:
     record: int = 16  # replay: head outputs recorded
     out: Path | None = None
     png: bool = True
-    pin: bool = False  # fleet on half the CPUs, broker and workers on the other half
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifacts", Path(self.artifacts))
@@ -206,26 +197,6 @@ class Progress:
     phase: str  # "warmup", "run", "drain"
 
 
-@dataclass
-class _Tally:
-    """Outcomes and figures of one set of requests (the warm-up or the measured window)."""
-
-    sent: int = 0
-    answered: int = 0
-    timeouts: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    stages: dict[str, list[float]] = field(default_factory=dict)
-    e2e: list[float] = field(default_factory=list)
-    lag: list[float] = field(default_factory=list)
-    groups: list[int] = field(default_factory=list)
-    checks: list[tuple[int, int]] = field(default_factory=list)  # (sample, predicted class)
-    last_done: float = 0.0
-
-    @property
-    def failed(self) -> int:
-        return self.timeouts + sum(self.errors.values())
-
-
 @dataclass(eq=False)
 class _Group:
     name: str
@@ -246,17 +217,6 @@ class _Device:
     sent: int = 0
 
 
-@dataclass
-class FleetResult:
-    """The report (JSON-ready) and the raw figures the plots need."""
-
-    report: dict[str, Any]
-    e2e_ms: Array
-    groups: Array
-    group_names: list[str]
-    stages_ms: dict[str, Array]
-
-
 class Fleet:
     """Runs one :class:`FleetConfig`; see the module docstring."""
 
@@ -265,14 +225,13 @@ class Fleet:
         self.config = config
         self.progress = progress
         self.token = secrets.token_hex(3)
-        self.warm = _Tally()
-        self.measured = _Tally()
+        self.warm = Tally()
+        self.measured = Tally()
         self._tasks: set[asyncio.Task[None]] = set()
         self._groups: list[_Group] = []
         self._devices: list[_Device] = []
         self._phase = "warmup"
         self._t0 = 0.0  # perf_counter at the start of the schedule (warm-up included)
-        self._pinning: dict[str, list[int]] = {}
         self.transport = config.transport
 
     # ------------------------------------------------------------------ preparation
@@ -322,7 +281,7 @@ class Fleet:
         recorded: list[dict[str, Array]] = []
         head_times: list[float] = []
         if cfg.replay:
-            recorded, head_times = _record(head, inputs, cfg.record)
+            recorded, head_times = record_head_outputs(head, inputs, cfg.record)
         elif cfg.speed > 1.0:
             head = SlowHead(head, cfg.speed)
             from concurrent.futures import ThreadPoolExecutor
@@ -377,8 +336,6 @@ class Fleet:
                                      links={g.name: g.proxy for g in self._groups if g.proxy})
             if pool is not None:
                 injector.register("restart-worker", lambda f: pool.spawn_and_wait())
-            if cfg.pin:
-                self._pinning = _pin(broker, broker_kind, pool)
             self._t0 = time.perf_counter()
             window_start = self._t0 + cfg.warmup_s
             ticker = asyncio.create_task(self._tick(meter, window_start), name="fleet-tick")
@@ -419,7 +376,7 @@ class Fleet:
             window_start=window_start, sizes=sizes, wire=(wire_up, wire_down),
             head_times=head_times, prefix=prefix)
         result.report["out"] = str(out)
-        _write(result, out, png=cfg.png)
+        write_outputs(result, out, png=cfg.png)
         return result
 
     def _transport_for(self, url: str | None) -> str:
@@ -582,7 +539,7 @@ class Fleet:
                 task.add_done_callback(self._tasks.discard)
                 i += 1
 
-    async def _request(self, device: _Device, k: int, due: float, tally: _Tally,
+    async def _request(self, device: _Device, k: int, due: float, tally: Tally,
                        recorded: list[dict[str, Array]], head_times: list[float],
                        inputs: Inputs, checking: bool) -> None:
         cfg = self.config
@@ -610,32 +567,12 @@ class Fleet:
             tally.errors[type(exc).__name__] += 1
             return
         done = time.perf_counter()
-        timings = result.timings
         group = self._groups[device.group]
-        if recorded:
-            timings = {**timings, "head": head_s}
-            if head_s < _HEAD_WAIT_MIN_S:  # not waited: charge it arithmetically
-                done += head_s
-        e2e = done - due
-        network, queue = timings.get("network", 0.0), timings.get("queue", 0.0)
-        measured = sum(timings.get(s, 0.0) for s in
-                       ("head", "encode", "network", "queue", "tail", "decode"))
-        values = {
-            "head": timings.get("head", 0.0), "encode": timings.get("encode", 0.0),
-            "uplink": group.up_s,
-            "broker_queue": max(0.0, network - group.up_s - group.down_s) + queue,
-            "tail": timings.get("tail", 0.0), "downlink": group.down_s,
-            "decode": timings.get("decode", 0.0), "other": max(0.0, e2e - measured),
-            "network": network, "queue": queue,
-        }
-        stages = tally.stages
-        for name, value in values.items():
-            stages.setdefault(name, []).append(value)
-        tally.e2e.append(e2e)
-        tally.lag.append(start - due)
-        tally.groups.append(device.group)
-        tally.answered += 1
-        tally.last_done = max(tally.last_done, done)
+        if recorded and head_s < _HEAD_WAIT_MIN_S:  # not waited: charged arithmetically
+            done += head_s
+        tally.answered_one(result.timings if not recorded else {**result.timings, "head": head_s},
+                           due=due, start=start, done=done, group=device.group,
+                           up_s=group.up_s, down_s=group.down_s)
         if checking:
             first = next(iter(result.outputs.values()))
             tally.checks.append((sample, int(np.asarray(first).reshape(-1).argmax())))
@@ -695,7 +632,7 @@ class Fleet:
         e2e = percentiles(m.e2e)
         span = (m.last_done - window_start) if m.answered else 0.0
         stage_detail = {s: percentiles(m.stages.get(s, [])) for s in (*REPORT_STAGES,
-                                                                      *_RAW_STAGES)}
+                                                                      *RAW_STAGES)}
         report: dict[str, Any] = {
             "sent": m.sent, "answered": m.answered, "errors": sum(m.errors.values()),
             "timeouts": m.timeouts, "lost": lost,
@@ -711,7 +648,7 @@ class Fleet:
             "retries": retries,
             "faults": events,
             "cpu": cpu,
-            "accuracy": _accuracy(m.checks, inputs, ref_pred, reference),
+            "accuracy": accuracy(m.checks, inputs, ref_pred, reference),
             "warmup": {"seconds": cfg.warmup_s, "sent": self.warm.sent,
                        "answered": self.warm.answered, "failed": self.warm.failed},
             "config": {
@@ -722,12 +659,14 @@ class Fleet:
                 if head_times else None,
                 "timeout_s": cfg.timeout_s, "mqtt": cfg.mqtt, "transport": self.transport,
                 "qos": cfg.qos, "workers": cfg.workers, "worker_threads": cfg.worker_threads,
-                "input": inputs.source, "prefix": prefix, "pinning": self._pinning or None,
+                "input": inputs.source, "prefix": prefix,
             },
             "split": {"split_id": manifest.split_id, "dir": str(split_dir),
                       "request_bytes": sizes[0], "result_bytes": sizes[1],
                       "request_wire_bytes": wire[0], "result_wire_bytes": wire[1]},
-            "broker": {"url": url.partition("?")[0], "kind": broker_kind},
+            "broker": {"url": url.partition("?")[0], "kind": broker_kind,
+                       "cpu": "in the fleet process" if broker_kind.startswith("embedded")
+                       else ("not measured (external)" if cfg.broker else "own process")},
             "links": link_stats,
             "connect_s": round(connect_s, 3),
         }
@@ -738,71 +677,6 @@ class Fleet:
             stages_ms={s: np.asarray(v) * 1e3 for s, v in m.stages.items()})
 
 
-def _record(head: Any, inputs: Inputs, count: int) -> tuple[list[dict[str, Array]], list[float]]:
-    """Head outputs of the first ``count`` samples, one sample each, and each one's head time
-    (the best of three runs: this machine's speed, not its scheduling noise)."""
-    recorded, times = [], []
-    for index in range(min(count, len(inputs))):
-        sample = inputs.sample(index)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            out = head.run(sample)
-            best = min(best, time.perf_counter() - t0)
-        recorded.append(out)
-        times.append(best)
-    return recorded, times
-
-
-def _accuracy(checks: list[tuple[int, int]], inputs: Inputs, ref_pred: Array | None,
-              reference: Path | None) -> dict[str, Any] | None:
-    if not checks or (inputs.labels is None and ref_pred is None):
-        return None
-    samples = np.fromiter((s for s, _ in checks), dtype=np.int64, count=len(checks))
-    predicted = np.fromiter((p for _, p in checks), dtype=np.int64, count=len(checks))
-    samples %= len(inputs)
-    out: dict[str, Any] = {"checked": len(checks), "distinct_samples": len(set(samples))}
-    if inputs.labels is not None:
-        labels = np.asarray(inputs.labels)[samples]
-        out["accuracy"] = round(float((predicted == labels).mean()), 6)
-        if ref_pred is not None:
-            out["reference_accuracy"] = round(float((ref_pred[samples] == labels).mean()), 6)
-    if ref_pred is not None:
-        out["agreement"] = round(float((predicted == ref_pred[samples]).mean()), 6)
-        out["reference"] = str(reference)
-    return out
-
-
-def _pin(broker: Any, broker_kind: str, pool: WorkerPool | None) -> dict[str, list[int]]:
-    """Fleet on the first half of this process's CPUs, broker and workers on the rest.
-
-    A send on loopback wakes its receiver; on a shared CPU the scheduler often lets the
-    woken process preempt the sender at once, so the fleet's loop stalls inside ``send``
-    while the broker or a worker runs. Apart, each side keeps its own CPU. Every thread
-    of each process is moved (``sched_setaffinity`` acts on one thread id).
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return {}
-    half = len(cpus) // 2
-    mine, theirs = set(cpus[:half]), set(cpus[half:])
-    pids = [] if broker is None or broker_kind.startswith("embedded") else [broker.pid]
-    pids += pool.pids if pool is not None else []
-    for pid in [os.getpid(), *pids]:
-        target = mine if pid == os.getpid() else theirs
-        for tid in _threads(pid):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, target)
-    return {"fleet": sorted(mine), "services": sorted(theirs)}
-
-
-def _threads(pid: int) -> list[int]:
-    try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return [pid]
-
-
 def _raise_file_limit(want: int) -> None:
     """Each device holds a socket (two more through a link proxy): lift the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -810,32 +684,3 @@ def _raise_file_limit(want: int) -> None:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-def _write(result: FleetResult, out: Path, *, png: bool) -> None:
-    report = result.report
-    if png:
-        try:
-            from simulators.report import write_png
-        except ImportError as exc:  # matplotlib missing: the JSON still says everything
-            log.warning("no PNG: %s", exc)
-            report["png"] = None
-        else:
-            report["png"] = str(write_png(result, out / "fleet.png"))
-    report["report"] = str(out / "report.json")
-    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars made plain and non-finite floats made None."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

@@ -197,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         # 1,000 agents each logging their reconnect after a broker restart drown the
         # report; the report counts reconnects and re-published requests instead.
         logging.getLogger("edge_agent").setLevel(logging.ERROR)
+    # amqtt logs every health-check connection as an error
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     bar = _Bar(config.warmup_s + config.duration_s) \
         if sys.stderr.isatty() and not args.json else None
     try:
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     report = result.report
     if args.json:
-        from simulators.fleet import jsonable
+        from simulators.fleet_stats import jsonable
 
         print(json.dumps(jsonable(report), indent=2))
     else:

@@ -31,6 +31,7 @@ from splitinfer.manifest import Manifest, TensorSpec, sha256_file
 from splitinfer.wire import REQUEST, RESULT, Envelope, WireTensor, encode
 
 __all__ = ["WorkerPool", "CpuMeter", "SlowHead", "Inputs", "load_inputs",
+           "record_head_outputs",
            "random_inputs", "reference_predictions", "find_source_model", "payload_sizes",
            "mqtt_publish_bytes"]
 
@@ -342,3 +343,20 @@ def payload_sizes(manifest: Manifest, *, device_id: str, result_topic: str,
                       split_id=manifest.split_id, tensors=outs, deadline=time.time(),
                       timestamps={**stamps, **worker_stamps})
     return len(encode(request)), len(encode(result))
+
+
+def record_head_outputs(head: HeadRuntime, inputs: Inputs, count: int,
+                        ) -> tuple[list[dict[str, Array]], list[float]]:
+    """Head outputs of the first ``count`` samples, one sample each, and each one's head time
+    (the best of three runs: this machine's speed, not its scheduling noise)."""
+    recorded, times = [], []
+    for index in range(min(count, len(inputs))):
+        sample = inputs.sample(index)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = head.run(sample)
+            best = min(best, time.perf_counter() - t0)
+        recorded.append(out)
+        times.append(best)
+    return recorded, times

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from simulators.fleet import FleetResult
+    from simulators.fleet_stats import FleetResult
 
 __all__ = ["format_report", "format_table", "write_png", "STAGE_COLOURS"]
 
@@ -154,7 +154,11 @@ def write_png(result: FleetResult, path: str | Path) -> Path:
         if value is not None:
             ax_cdf.axvline(value, color="grey", ls=style, lw=1, label=f"p{q} {value:.1f} ms")
     if result.e2e_ms.size and result.e2e_ms.min() > 0:
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax_cdf.set_xscale("log")
+        ax_cdf.xaxis.set_major_formatter(ScalarFormatter())
+        ax_cdf.xaxis.set_minor_formatter(NullFormatter())
     ax_cdf.set_xlabel("latency, scheduled arrival → result (ms)")
     ax_cdf.set_ylabel("fraction of answered requests")
     ax_cdf.set_ylim(0, 1.01)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from simulators.broker import MosquittoBroker
-from simulators.fleet import REPORT_STAGES, Fleet, FleetConfig, FleetResult
+from simulators.fleet import REPORT_STAGES, Fleet, FleetConfig
+from simulators.fleet_stats import FleetResult
 from simulators.fleet_support import WorkerPool
 
 pytestmark = pytest.mark.integration
