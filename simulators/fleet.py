@@ -642,6 +642,9 @@ class Fleet:
             "throughput_rps": round(m.answered / span, 2) if span > 0 else 0.0,
             "offered_rps": round(cfg.devices * cfg.rate, 2),
             "stages": {s: stage_detail[s].get("p50") for s in REPORT_STAGES},
+            # ARCHITECTURE's physical floor, from this run: head + link both ways + tail
+            "floor_p50_ms": round(sum(stage_detail[s].get("p50") or 0.0 for s in
+                                      ("head", "uplink", "tail", "downlink")), 4),
             "stages_detail_ms": stage_detail,
             "stage_sources": STAGE_SOURCES,
             "schedule_lag_ms": percentiles(m.lag),

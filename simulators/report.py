@@ -76,6 +76,8 @@ def format_report(r: Mapping[str, Any]) -> str:
         q = detail.get(stage, {})
         rows.append([f"  ({stage})", q.get("p50"), q.get("p95"), q.get("p99"), q.get("max"),
                      "measured, as the agent reports it"])
+    rows.append(["floor", r.get("floor_p50_ms"), None, None, None,
+                 "p50 of head + uplink + tail + downlink"])
     lag = r["schedule_lag_ms"]
     rows.append(["fleet lag", lag.get("p50"), lag.get("p95"), lag.get("p99"), lag.get("max"),
                  "scheduled -> sent"])
