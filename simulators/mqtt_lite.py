@@ -136,6 +136,8 @@ class LiteTransport:
         self.last_out = time.monotonic()
 
     def _feed(self, data: bytes) -> None:
+        if self._lost is not None:
+            return  # bytes still arriving after close() or a protocol error
         buf = self._buf + data if self._buf else data
         pos, n = 0, len(buf)
         while n - pos >= 2:

@@ -111,6 +111,8 @@ def test_lite_transport_parses_packets_split_anywhere() -> None:
         assert (first.topic, first.payload, second.payload) == ("res/d", b"A" * 200, b"B")
         assert b"\x40\x02\x00\x07" in wire.out  # the QoS 1 message was acknowledged
         await client.close()
+        assert wire.out[-1] == b"\xe0\x00"  # DISCONNECT: a clean leave, no last will
+        client._feed(encode_publish("res/d", b"C", qos=1, retain=False, mid=9))  # ignored
         with pytest.raises(TransportError):
             await anext(messages)
         with pytest.raises(TransportError):
