@@ -22,7 +22,8 @@ are matched by request id through a dict of futures; an entry is removed in ``fi
 whatever happens. An error result raises :class:`RemoteError`; no result before the
 deadline raises :class:`DeadlineExceeded`.
 
-Nothing here blocks the loop except, optionally, the head (``head_in_thread=False``), so
+Nothing here blocks the loop except the head of a lone agent (``head_in_thread`` decides;
+by default a head runs inline only when its agent is the only one on the loop), so
 thousands of agents — one connection each, no thread each — can share one loop.
 """
 
@@ -34,6 +35,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from collections import Counter
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +86,10 @@ log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 Inputs = Mapping[str, Array] | Array
 
+# Agents started per event loop: decides where a head runs when head_in_thread is None.
+_AGENTS_ON_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = \
+    weakref.WeakKeyDictionary()
+
 ONLINE = b"online"
 OFFLINE = b"offline"
 # Re-publishing after a reconnect: first retry, and the cap of the doubling interval.
@@ -101,7 +107,11 @@ class AgentConfig:
     timeout_s: float = 10.0  # default deadline of a call, head included
     qos: int = 1
     presence: bool = True
-    head_in_thread: bool = True  # keep the loop free while the head runs
+    # Run the head in a thread so the loop stays free (True), inline (False), or decide per
+    # call (None): in a thread when other agents share this loop (their heads overlap and
+    # their traffic keeps flowing), inline for a lone agent, which has nothing else for its
+    # loop to do and saves two thread hops (~0.3-0.6 ms a request on a loaded 2-core box).
+    head_in_thread: bool | None = None
     reconnect_min_s: float = 0.05
     reconnect_max_s: float = 2.0
     connect_timeout_s: float = 10.0
@@ -180,6 +190,7 @@ class EdgeAgent:
         self._epoch = 0
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
+        self._loop_counted: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -229,9 +240,14 @@ class EdgeAgent:
                                f"{exc}", device_id=self.device_id) from exc
         self._supervisor = asyncio.create_task(self._supervise(transport),
                                                name=f"edge-agent:{self.device_id}")
+        self._loop_counted = asyncio.get_running_loop()
+        _AGENTS_ON_LOOP[self._loop_counted] = _AGENTS_ON_LOOP.get(self._loop_counted, 0) + 1
 
     async def close(self) -> None:
         """Announce ``offline``, disconnect, and fail whatever is still pending."""
+        counted, self._loop_counted = self._loop_counted, None
+        if counted is not None:
+            _AGENTS_ON_LOOP[counted] = max(0, _AGENTS_ON_LOOP.get(counted, 1) - 1)
         if self._closed:
             return
         self._closed = True
@@ -292,7 +308,10 @@ class EdgeAgent:
         arrays = self.check_inputs(inputs)
         stamps = {"head_start": time.time()}
         t0 = time.perf_counter()
-        if self.config.head_in_thread:
+        in_thread = self.config.head_in_thread
+        if in_thread is None:
+            in_thread = _AGENTS_ON_LOOP.get(loop, 0) > 1
+        if in_thread:
             cut = await loop.run_in_executor(None, functools.partial(self._run_head, arrays))
         else:
             cut = self._run_head(arrays)

@@ -6,8 +6,9 @@ the floor measured in the same run:
     floor = head alone (onnxruntime) + tail alone (onnxruntime)
             + a raw MQTT echo of the same payload size through the same broker
 
-The worker and the echo each run in their own process; the four measurements are
-interleaved in rounds so that drift in the machine's speed hits all of them alike.
+The worker and the echo each run in their own process. The four measurements are taken
+in turn for every request (head, tail, echo, real request), so drift in the machine's speed
+and the state of its caches hit all of them alike.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--broker", default=env_default("--broker"),
                    help="broker URL (default: start a latency-tuned mosquitto)")
     p.add_argument("--requests", type=int, default=200, help="measured requests (default 200)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--threads", type=int, default=1,
                    help="onnxruntime intra-op threads for head and tail (default 1)")
+    p.add_argument("--head-in-thread", choices=("auto", "yes", "no"), default="auto",
+                   help="run the head in a worker thread (frees the agent's event loop) or "
+                   "inline; default: as the edge agent decides")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -75,8 +78,8 @@ def _p50(values: list[float]) -> float:
 def run(args: argparse.Namespace) -> int:
     from splitter import list_cuts, make_samples, split_model
 
-    if args.requests < args.rounds or args.rounds < 1:
-        raise BadInputError("expected --rounds >= 1 and --requests >= --rounds")
+    if args.requests < 1:
+        raise BadInputError(f"--requests {args.requests}: expected at least 1")
     with tempfile.TemporaryDirectory(prefix="splitinfer-bench-") as tmp:
         work = Path(tmp)
         model = resolve_model(args.model, work)
@@ -154,8 +157,12 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
     echo = _spawn([sys.executable, "-m", "simulators.echo", "--broker", url, "--listen",
                    f"{prefix}/echo/req", "--answer", f"{prefix}/echo/res"],
                   split_dir / "echo.log", "echo ready")
+    knobs: dict[str, Any] = {}
+    if args.head_in_thread != "auto":
+        knobs["head_in_thread"] = args.head_in_thread == "yes"
     agent = EdgeAgent.from_artifacts(split_dir, config=AgentConfig(
-        device_id="bench-dev", broker=url, prefix=prefix, timeout_s=30.0), threads=args.threads)
+        device_id="bench-dev", broker=url, prefix=prefix, timeout_s=30.0, **knobs),
+        threads=args.threads)
     client, protocol = await connect(BrokerConfig.from_url(url), f"{prefix}-echo-client")
     times: dict[str, list[float]] = {"head": [], "tail": [], "echo": [], "e2e": []}
     stages: list[dict[str, float]] = []
@@ -165,27 +172,27 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
         await agent.infer(dict(sample), timeout=60.0)  # worker up, sessions warm
         for _ in range(20):
             await agent.infer(dict(sample))
-        per_round = args.requests // args.rounds
-        for _ in range(args.rounds):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                head.run(sample)
-                times["head"].append(time.perf_counter() - t0)
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                tail.run(None, cut)
-                times["tail"].append(time.perf_counter() - t0)
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                await client.publish(f"{prefix}/echo/req", payload, qos=1)
-                async for _msg in client.messages:
-                    break
-                times["echo"].append(time.perf_counter() - t0)
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                result = await agent.infer(dict(sample))
-                times["e2e"].append(time.perf_counter() - t0)
-                stages.append(dict(result.timings))
+        # One request at a time, its floor measured right beside it: head, tail, echo,
+        # then the real path. Head and tail thus run with the caches the other half and
+        # the broker left, as they do in split inference (a floor from tight loops of one
+        # model with hot caches is a floor no pipeline of two models could reach).
+        for _ in range(args.requests):
+            t0 = time.perf_counter()
+            head.run(sample)
+            t1 = time.perf_counter()
+            tail.run(None, cut)
+            t2 = time.perf_counter()
+            await client.publish(f"{prefix}/echo/req", payload, qos=1)
+            async for _msg in client.messages:
+                break
+            t3 = time.perf_counter()
+            result = await agent.infer(dict(sample))
+            t4 = time.perf_counter()
+            times["head"].append(t1 - t0)
+            times["tail"].append(t2 - t1)
+            times["echo"].append(t3 - t2)
+            times["e2e"].append(t4 - t3)
+            stages.append(dict(result.timings))
     finally:
         await agent.close()
         await client.__aexit__(None, None, None)

@@ -69,3 +69,20 @@ def test_mosquitto_restart_same_port(fresh_mosquitto: MosquittoBroker) -> None:
     port = fresh_mosquitto.port
     fresh_mosquitto.restart()
     assert fresh_mosquitto.running and fresh_mosquitto.port == port
+
+
+@pytest.mark.parametrize("topic", ["splitinfer/v1/res/cam-1", "p/" + "x" * 300])
+def test_packed_properties_decode_as_paho_would(topic: str) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from splitinfer.mqtt import request_properties, result_properties
+
+    got = Properties(PacketTypes.PUBLISH)
+    got.unpack(request_properties(topic, b"rid-1", 2.2).pack())
+    assert (got.ResponseTopic, got.CorrelationData, got.MessageExpiryInterval) == (
+        topic, b"rid-1", 3)
+    res = Properties(PacketTypes.PUBLISH)
+    res.unpack(result_properties(b"rid-1").pack())
+    assert res.CorrelationData == b"rid-1"
+    assert result_properties(None).pack() == b"\x00"

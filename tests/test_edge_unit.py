@@ -338,6 +338,10 @@ def test_expired_requests_are_not_republished(topic_prefix: str) -> None:
         agent = make_agent(broker, topic_prefix, reconnect_min_s=0.2, reconnect_max_s=0.2)
         await agent.start()
         broker.stop()
+        for _ in range(200):  # let the agent notice the lost connection
+            if not agent.connected:
+                break
+            await asyncio.sleep(0.005)
         with pytest.raises(DeadlineExceeded) as info:
             await agent.infer(X, timeout=0.1)
         assert "not connected" in str(info.value)
