@@ -45,7 +45,8 @@ def test_config_takes_restart_worker_and_rate_overrides_the_spec() -> None:
 
 
 @pytest.mark.parametrize("transport, protocol, qos, tls, expected", [
-    ("auto", "3.1.1", 1, False, "lite"),
+    ("auto", "3.1.1", 1, False, "paho"),
+    ("lite", "3.1.1", 1, False, "lite"),
     ("auto", "5", 1, False, "paho"),
     ("auto", "3.1.1", 2, False, "paho"),
     ("auto", "3.1.1", 1, True, "aiomqtt"),
