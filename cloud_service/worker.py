@@ -6,11 +6,13 @@ broker and the server only adds the connection. Every request gets exactly one a
 when a reply address can be read: a result, or an error result with an
 :class:`~splitinfer.errors.ErrorCode`. Nothing a device sends stops the worker.
 
-Reply address, first that applies: the MQTT 5 response topic (with its correlation
-data), the envelope's ``rt``, the result topic of the device named by the request topic.
-A response topic or ``rt`` outside ``{prefix}/v1/res/`` is ignored, so a device cannot
-make the worker publish where the device itself may not (the broker ACL confines devices,
-the worker is trusted).
+Reply address: the result topic of the device named by the **request topic**, which the
+broker ACL binds to the sender (``pattern write …/req/+/%c``). The MQTT 5 response topic
+and the envelope's ``rt`` are honoured only when they name that same topic, so a device
+can neither make the worker publish outside ``{prefix}/v1/res/`` nor aim results at
+another device. Only a message on a topic that is not a request topic (which the
+worker's subscription never delivers) falls back to a claimed ``{prefix}/v1/res/…``
+address.
 """
 
 from __future__ import annotations
@@ -80,15 +82,15 @@ def _is_result_topic(topics: Topics, topic: str) -> bool:
 
 def reply_address(topics: Topics, msg: Incoming, envelope_rt: str = "") -> ReplyAddress | None:
     """Where to answer ``msg`` (see the module docstring), or None when nowhere."""
-    for candidate in (msg.response_topic, envelope_rt):
-        if candidate and _is_result_topic(topics, candidate):
-            return ReplyAddress(candidate, msg.correlation)
     parsed = topics.parse_request(msg.topic)
     if parsed is not None:
         try:
             return ReplyAddress(topics.result(parsed[1]), msg.correlation)
         except BadInputError:
             return None
+    for candidate in (msg.response_topic, envelope_rt):
+        if candidate and _is_result_topic(topics, candidate):
+            return ReplyAddress(candidate, msg.correlation)
     return None
 
 

@@ -256,8 +256,16 @@ def test_overloaded_and_shutting_down(registry: Registry, splits: dict[str, Tiny
 def test_reply_address_rules() -> None:
     req = TOPICS.request("m", "cam-7")
     assert reply_address(TOPICS, Incoming(req, b"")) == ReplyAddress(TOPICS.result("cam-7"))
+    # The request topic (ACL-bound to the sender) decides: a device cannot aim results at
+    # another device through the MQTT 5 response topic or the envelope's rt.
     assert reply_address(TOPICS, Incoming(req, b"", TOPICS.result("gw"), b"c")) == \
-        reply_address(TOPICS, Incoming(req, b"", None, b"c"), TOPICS.result("gw"))
+        ReplyAddress(TOPICS.result("cam-7"), b"c")
+    assert reply_address(TOPICS, Incoming(req, b"", None, b"c"), TOPICS.result("gw")) == \
+        ReplyAddress(TOPICS.result("cam-7"), b"c")
+    # Off the request topics (never delivered by the subscription) a claimed result
+    # topic is the only address there is.
+    assert reply_address(TOPICS, Incoming("x/y", b""), TOPICS.result("gw")) == \
+        ReplyAddress(TOPICS.result("gw"))
     # A response topic outside the result namespace is not trusted.
     assert reply_address(TOPICS, Incoming(req, b""), "elsewhere/x") == \
         ReplyAddress(TOPICS.result("cam-7"))
