@@ -43,3 +43,13 @@ def test_edge_packages_never_import_onnx_or_torch() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_edge_extra_never_asks_for_onnx_or_torch() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra in ("edge", "edge-tflite"):
+        names = {re.split(r"[<>=!\[; ]", dep, maxsplit=1)[0].lower() for dep in extras[extra]}
+        assert not names & {"onnx", "torch", "splitinfer"}, (extra, names)
