@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud_service.config import Config
 from cloud_service.metrics import Metrics
+from cloud_service.paho_io import tune
 from cloud_service.registry import Registry
 from cloud_service.worker import Incoming, Worker
 from splitinfer.errors import StartupError, TransportError
@@ -50,6 +51,27 @@ class _Connection:
     client: aiomqtt.Client
     protocol: str
     lost: asyncio.Future[None] = field(default_factory=asyncio.Future)
+    acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # fast path, by mid
+
+    def fail_acks(self, reason: str) -> None:
+        acks, self.acks = self.acks, {}
+        for future in acks.values():
+            if not future.done():
+                future.set_exception(TransportError(reason))
+
+
+class _Ack:
+    """What aiomqtt's PUBACK handler ``set()``s: resolves a fast-path future."""
+
+    __slots__ = ("conn", "future", "mid")
+
+    def __init__(self, future: asyncio.Future[None], mid: int, conn: _Connection) -> None:
+        self.future, self.mid, self.conn = future, mid, conn
+
+    def set(self) -> None:
+        self.conn.acks.pop(self.mid, None)
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 class Server:
@@ -200,7 +222,8 @@ class Server:
             conn = await self._connect()
         except TransportError as exc:
             raise StartupError(f"cloud worker cannot start: {exc}") from exc
-        worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics)
+        worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics,
+                                      publish_nowait=self._publish_nowait)
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self._subscribe(conn)
@@ -237,6 +260,7 @@ class Server:
         client, protocol = await connect(cfg.broker_config(), cfg.client_id)
         # aiomqtt warns past 10 unacknowledged publishes; a busy worker has hundreds.
         client.pending_calls_threshold = 1_000_000
+        tune(client, asyncio.get_running_loop())
         conn = _Connection(client, protocol)
         self._conn = conn
         self.protocol = protocol
@@ -272,6 +296,7 @@ class Server:
                 reason = "message stream ended"
             if not conn.lost.done():
                 conn.lost.set_result(None)
+            conn.fail_acks(f"connection lost before the PUBACK: {reason}")
             if self._conn is conn:
                 self._conn = None
                 if self._connected is not None:
@@ -284,8 +309,24 @@ class Server:
         worker = self.worker
         if worker is None:
             return
-        # aiomqtt's iterator spends a task and an asyncio.wait on every message; under
-        # load its queue holds many, so take those directly and await only when empty.
+        # aiomqtt's iterator spends a task and an asyncio.wait on every message (and its
+        # Message and queue some more): paho's message callback, which runs on the loop in
+        # aiomqtt's reader, hands each message to the worker directly instead. The
+        # iterator stays, to take what was queued before and to raise when the
+        # connection goes.
+        paho = getattr(conn.client, "_client", None)
+        if paho is not None:
+            submit = worker.submit
+
+            def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+                try:
+                    incoming = _incoming_paho(message)
+                except Exception as exc:  # e.g. a topic that is not UTF-8: drop that one
+                    log.warning("unreadable message dropped: %r", exc)
+                    return
+                submit(incoming)
+
+            paho.on_message = on_message
         queue = getattr(conn.client, "_queue", None)
         if not isinstance(queue, asyncio.Queue):
             queue = None
@@ -317,6 +358,34 @@ class Server:
                 continue
             log.info("reconnected to %s and resubscribed", cfg.broker_config().url())
             return conn
+
+    def _publish_nowait(self, topic: str, payload: bytes,
+                        correlation: bytes | None) -> asyncio.Future[None] | None:
+        """Send a QoS 1 answer now; a future the PUBACK resolves, or None (not connected).
+
+        The worker's fast path: no task and no ``asyncio.wait`` per answer. It puts its
+        own entry where aiomqtt keeps pending publishes (so aiomqtt's PUBACK handler
+        resolves it); a lost connection fails it and the worker falls back to
+        :meth:`_publish`, which waits for the next connection.
+        """
+        conn = self._conn
+        paho = getattr(conn.client, "_client", None) if conn is not None else None
+        pending = getattr(conn.client, "_pending_publishes", None) if conn is not None \
+            else None
+        if conn is None or conn.lost.done() or paho is None or not isinstance(pending, dict):
+            return None
+        props = result_properties(correlation) if conn.protocol == "5" and correlation \
+            else None
+        info = paho.publish(topic, payload, 1, False, props)
+        if info.rc:
+            return None  # refused now (not connected): the slow path waits and retries
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if info.is_published():
+            future.set_result(None)
+            return future
+        pending[info.mid] = _Ack(future, info.mid, conn)
+        conn.acks[info.mid] = future
+        return future
 
     async def _publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         """QoS 1 publish that survives reconnects; gives up after ``reply_timeout_s``.
@@ -399,6 +468,7 @@ class Server:
 
     @staticmethod
     async def _close(conn: _Connection) -> None:
+        conn.fail_acks("connection closed before the PUBACK")
         try:
             await asyncio.wait_for(conn.client.__aexit__(None, None, None),
                                    _DISCONNECT_TIMEOUT_S)
@@ -423,6 +493,16 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _incoming_paho(message: Any) -> Incoming:
+    """A paho ``MQTTMessage`` as the worker takes it (payload bytes, MQTT 5 properties)."""
+    props = getattr(message, "properties", None)
+    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+    correlation = getattr(props, "CorrelationData", None) if props is not None else None
+    return Incoming(topic=message.topic, payload=bytes(message.payload),
+                    response_topic=response_topic if isinstance(response_topic, str) else None,
+                    correlation=bytes(correlation) if correlation else None)
 
 
 def _incoming(message: aiomqtt.Message) -> Incoming:

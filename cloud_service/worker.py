@@ -43,7 +43,8 @@ from splitinfer.wire import (
     peek_reply_address,
 )
 
-__all__ = ["Incoming", "ReplyAddress", "Publish", "Job", "Worker", "reply_address"]
+__all__ = ["Incoming", "ReplyAddress", "Publish", "PublishNowait", "Job", "Worker",
+           "reply_address"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ Array = np.ndarray[Any, Any]
 # publish(topic, payload, correlation): QoS 1, returns once acknowledged; raises when it
 # gives up (the server's gives up after Config.reply_timeout_s without a broker).
 Publish = Callable[[str, bytes, "bytes | None"], Awaitable[None]]
+# publish_nowait(topic, payload, correlation): the fast path of a connected publisher —
+# sends now and returns a future resolved by the PUBACK (failed if the connection goes),
+# or None when it cannot send now; then (and on failure) the worker uses ``publish``.
+PublishNowait = Callable[[str, bytes, "bytes | None"], "asyncio.Future[None] | None"]
 
 
 @dataclass(frozen=True)
@@ -118,14 +123,17 @@ class Worker:
     """Checks, batches and answers requests; see the module docstring."""
 
     def __init__(self, config: Config, registry: Registry, publish: Publish, *,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 publish_nowait: PublishNowait | None = None) -> None:
         self.config = config
         self.registry = registry
         self.topics = config.topics()
         self.metrics = metrics or Metrics()
         self._publish = publish
+        self._publish_nowait = publish_nowait
         self._errors = ErrorLog(log)
-        self._replies: set[asyncio.Task[None]] = set()
+        # answers not yet acknowledged: delivery tasks, and PUBACK futures of the fast path
+        self._replies: set[asyncio.Future[None]] = set()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepted = 0  # offered to the batcher, not yet answered
@@ -231,10 +239,30 @@ class Worker:
         except WireError as exc:
             log.error("cannot encode the answer to %s: %s", answer.request_id, exc)
             return
+        if self._publish_nowait is not None:
+            # No task per answer: sent now, the PUBACK resolves a future.
+            acked = self._publish_nowait(addr.topic, payload, addr.correlation)
+            if acked is not None:
+                self._replies.add(acked)
+                acked.add_done_callback(lambda fut: self._acked(fut, addr, payload, ok))
+                return
+        self._deliver_later(addr, payload, ok)
+
+    def _deliver_later(self, addr: ReplyAddress, payload: bytes, ok: bool) -> None:
         task = asyncio.get_running_loop().create_task(
-            self._deliver(addr, payload, ok), name=f"reply-{answer.request_id[:12]}")
+            self._deliver(addr, payload, ok), name=f"reply-{addr.topic[-24:]}")
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
+
+    def _acked(self, fut: asyncio.Future[None], addr: ReplyAddress, payload: bytes,
+               ok: bool) -> None:
+        self._replies.discard(fut)
+        if fut.cancelled():
+            return  # aclose(): a forced exit
+        if fut.exception() is not None:  # the connection went: the slow path retries
+            self._deliver_later(addr, payload, ok)
+        elif ok:
+            self.metrics.answered += 1
 
     async def _deliver(self, addr: ReplyAddress, payload: bytes, ok: bool) -> None:
         # No wait_for here: it would cost a task per answer; the publisher gives up by

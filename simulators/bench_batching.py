@@ -240,9 +240,9 @@ def _raw_ort(directory: Path, replay: list[dict[str, Any]], threads: int, second
 
 
 def _warm_up() -> None:
-    import aiomqtt  # noqa: F401
+    import paho.mqtt.client  # noqa: F401
 
-    import splitinfer.mqtt
+    import simulators.fleet_transport  # noqa: F401
     import splitinfer.wire  # noqa: F401
 
 
@@ -250,7 +250,10 @@ def _devices_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Entry point of the requester process.
 
     It runs niced: the devices stand for machines elsewhere, so on a small box they
-    should take the CPU the worker leaves, not compete with its tail for it.
+    should take the CPU the worker leaves, not compete with its tail for it. For the same
+    reason they are as cheap as a real MQTT client allows: paho driven from the loop
+    (the fleet's transport, no aiomqtt task per message) speaking MQTT 3.1.1, which
+    needs no property packing or parsing (the envelope carries the reply address).
     """
     import asyncio
     import os
@@ -268,13 +271,14 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
+    from simulators.fleet_transport import PahoConnector
     from splitinfer.manifest import Quantization
-    from splitinfer.mqtt import BrokerConfig, connect, request_properties
+    from splitinfer.mqtt import BrokerConfig
     from splitinfer.topics import Topics
     from splitinfer.wire import REQUEST, Envelope, WireTensor, decode, encode
 
     topics = Topics(spec["prefix"])
-    cfg = BrokerConfig.from_url(spec["broker"])
+    connector = PahoConnector(BrokerConfig.from_url(spec["broker"]).with_protocol("3.1.1"))
     replay = [[WireTensor(name, np.asarray(t["array"]),
                           Quantization.from_dict(t["q"]) if t["q"] else None)
                for name, t in sample.items()] for sample in spec["replay"]]
@@ -285,14 +289,13 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def device(index: int) -> None:
         device_id = f"bench-{index}-{uuid.uuid4().hex[:6]}"
-        client, protocol = await connect(cfg, device_id)
-        client.pending_calls_threshold = 1_000_000
+        client = await connector(client_id=device_id, will=None)
         result_topic = topics.result(device_id)
         req_topic = topics.request(spec["model"], device_id)
         pending: dict[str, asyncio.Future[bool]] = {}
 
         async def read() -> None:
-            async for message in client.messages:
+            async for message in client.messages():
                 env = decode(message.payload)
                 fut = pending.pop(env.request_id, None)
                 if fut is not None and not fut.done():
@@ -312,10 +315,8 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
                 n += 1
                 fut: asyncio.Future[bool] = loop.create_future()
                 pending[rid] = fut
-                props = request_properties(result_topic, rid.encode(), None) \
-                    if protocol == "5" else None
                 sent = time.time()
-                await client.publish(req_topic, encode(env), qos=1, properties=props)
+                await client.publish(req_topic, encode(env), qos=1)
                 try:
                     ok = await asyncio.wait_for(fut, 30)
                 except asyncio.TimeoutError:
@@ -326,7 +327,7 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
                     done.append((sent, answered, ok))
         finally:
             reader.cancel()
-            await client.__aexit__(None, None, None)
+            await client.close()
 
     await asyncio.gather(*(device(i) for i in range(spec["devices"])))
     latencies = sorted(a - s for s, a, ok in done if ok)

@@ -172,6 +172,52 @@ def test_batched_answers_are_each_requests_own(registry: Registry,
     assert not registry["tiny-odd"].batchable  # learnt that its outputs are not batch-first
 
 
+def test_fast_path_answers_and_falls_back_when_the_connection_goes(
+        registry: Registry, splits: dict[str, TinySplit]) -> None:
+    """publish_nowait: a PUBACK future per answer; a failed one is sent again the slow way."""
+    from splitinfer.errors import TransportError
+
+    q = splits["q"]
+    pub = FakePublish()
+    fast: list[tuple[str, bytes, bytes | None, asyncio.Future[None]]] = []
+    rids = []
+
+    def publish_nowait(topic: str, payload: bytes,
+                       correlation: bytes | None) -> asyncio.Future[None] | None:
+        if len(fast) == 3:
+            return None  # "not connected": the slow path from the start
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fast.append((topic, payload, correlation, future))
+        return future
+
+    async def main() -> Worker:
+        cfg = Config(artifacts=Path("."), prefix=PREFIX, max_batch=1)
+        worker = Worker(cfg, registry, pub, publish_nowait=publish_nowait)
+        try:
+            for i in range(4):
+                rid, m = msg(q, q.sample(seed=i), device=f"d{i}")
+                rids.append(rid)
+                worker.submit(m)
+            while len(fast) < 3 or not pub.sent:
+                await asyncio.sleep(0.005)
+            assert worker.metrics.answered == 1 and worker.metrics.in_flight() == 3  # PUBACKs due
+            fast[0][3].set_result(None)  # acknowledged
+            fast[1][3].set_exception(TransportError("lost"))  # sent again via publish
+            fast[2][3].set_result(None)
+            await asyncio.wait_for(worker.drain(), 20)
+        finally:
+            await worker.aclose()
+        return worker
+
+    worker = asyncio.run(main())
+    fast_rids = {decode(p).request_id for _, p, _, _ in fast}
+    slow_rids = set(pub.answers())
+    assert fast_rids | slow_rids == set(rids) and len(fast_rids) == 3
+    assert slow_rids == {decode(fast[1][1]).request_id} | (set(rids) - fast_rids)
+    assert worker.metrics.answered == 4 and worker.metrics.in_flight() == 0
+    assert worker.metrics.reply_failures == 0
+
+
 def test_bad_messages_answered_with_their_code(registry: Registry,
                                                splits: dict[str, TinySplit]) -> None:
     q = splits["q"]
