@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from simulators.broker import TUNING, EmbeddedBroker, MosquittoBroker
-from splitinfer.errors import BadInputError
+from splitinfer.errors import BadInputError, TransportError
 from splitinfer.mqtt import BrokerConfig, connect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,22 @@ def test_mosquitto_qos1_round_trip_has_no_nagle_stall(mosquitto: MosquittoBroker
 
 # amqtt leaves the socket of the MQTT 5 CONNECT it rejects for the GC to close.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_embedded_broker_falls_back_to_311(embedded_broker: EmbeddedBroker) -> None:
-    proto, _ = asyncio.run(_round_trip(embedded_broker.url, n=3))
+def test_embedded_broker_falls_back_to_311() -> None:
+    # A broker of its own: amqtt logs the refused MQTT 5 CONNECT but, once in a while,
+    # leaves that socket open, so the client waits out its timeout; one such stall seen in
+    # a full run made both attempts time out on the shared broker. Known amqtt behaviour,
+    # so one more try on a fresh broker before calling the fall-back broken.
+    for attempt in range(2):
+        broker = EmbeddedBroker()
+        broker.start()
+        try:
+            proto, _ = asyncio.run(_round_trip(broker.url, n=3))
+            break
+        except TransportError:
+            if attempt:
+                raise
+        finally:
+            broker.stop()
     assert proto == "3.1.1"
 
 
