@@ -35,6 +35,7 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cloud_service.paho_io import BufferedSocket  # one recv per readiness, shared with the worker
 from edge_agent.transport import (
     Connector,
     IncomingMessage,
@@ -51,58 +52,7 @@ log = logging.getLogger(__name__)
 
 # auto: paho (aiomqtt for TLS); lite only when asked for
 TRANSPORTS = ("auto", "lite", "paho", "aiomqtt")
-_READ_SIZE = 65536
 _MISC_INTERVAL_S = 1.0
-
-
-class _BufferedSocket:
-    """What paho reads through: one ``recv`` fills a buffer that paho's small reads drain.
-
-    paho asks for a packet's fixed header a byte at a time; on a raw socket that is a
-    system call per byte. Everything else passes through to the real socket.
-    """
-
-    __slots__ = ("_buf", "_pos", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buf = b""
-        self._pos = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf) - self._pos
-
-    def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._buf):
-            data = self.sock.recv(max(size, _READ_SIZE))  # BlockingIOError: paho's AGAIN
-            if len(data) <= size:
-                return data
-            self._buf, self._pos = data, 0
-        end = self._pos + size
-        out = self._buf[self._pos:end]
-        self._pos = min(end, len(self._buf))
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = b"", 0
-        return out
-
-    def send(self, data: Any) -> int:
-        return self.sock.send(data)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def setblocking(self, flag: bool) -> None:
-        self.sock.setblocking(flag)
-
-    def pending(self) -> int:
-        return 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
 
 
 class PahoTransport:
@@ -121,7 +71,7 @@ class PahoTransport:
         self._lost: BaseException | None = None
         self._fd = -1
         self._writing = False
-        self._buffered: _BufferedSocket | None = None
+        self._buffered: BufferedSocket | None = None
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -144,7 +94,7 @@ class PahoTransport:
         client = self._client
         raw = client.socket()
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buffered = _BufferedSocket(raw)
+        self._buffered = BufferedSocket(raw)
         client._sock = self._buffered  # paho reads/writes through the buffer
         self._fd = raw.fileno()
         self._loop.add_reader(self._fd, self._readable)
@@ -155,7 +105,7 @@ class PahoTransport:
         try:
             while True:
                 rc = client.loop_read()
-                if rc or buffered is None or not buffered.buffered or client.socket() is None:
+                if rc or buffered is None or not buffered.pending() or client.socket() is None:
                     break
         except Exception as exc:  # paho raises OSError & co. from a broken socket
             self._fail(TransportError(f"lost the connection to {self._url}: {exc}"))
