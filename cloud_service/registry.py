@@ -50,6 +50,29 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+_cuda_preloaded = False
+
+
+def _preload_cuda() -> None:
+    """Load the CUDA/cuDNN libraries pip installed (``onnxruntime-gpu[cuda,cudnn]``).
+
+    They live in site-packages, off the loader's path; onnxruntime's ``preload_dlls``
+    finds them there (and is a no-op where the system already provides them).
+    """
+    global _cuda_preloaded
+    if _cuda_preloaded:
+        return
+    _cuda_preloaded = True
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # the session start reports what is really missing
+            log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+
+
 def session_options(threads: int = 0, *, spinning: bool = False) -> ort.SessionOptions:
     """Options for a tail session; the benchmark's raw-onnxruntime floor uses the same."""
     import onnxruntime as ort
@@ -105,12 +128,25 @@ class Tail:
                     f"{path}: sha256 {digest[:12]}… does not match the manifest's "
                     f"{manifest.tail.sha256[:12]}…; the tail was changed after 'splitinfer "
                     "split' — re-run it", split_id=manifest.split_id)
+        wanted = list(providers) or default_providers()
+        unknown = [p for p in wanted if p not in ort.get_available_providers()]
+        if unknown:
+            log.warning("split %s: execution provider(s) %s not available in onnxruntime "
+                        "%s (it has %s); running without them", manifest.split_id, unknown,
+                        ort.__version__, ort.get_available_providers())
+            wanted = [p for p in wanted if p not in unknown] or ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in wanted:
+            _preload_cuda()
         try:
             session = ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                           providers=list(providers) or default_providers())
+                                           providers=wanted)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ManifestError(f"{path}: onnxruntime cannot load the tail: {exc}",
                                 split_id=manifest.split_id) from exc
+        missing = [p for p in wanted if p not in session.get_providers()]
+        if missing:  # onnxruntime falls back quietly (no GPU, CUDA libraries missing)
+            log.warning("split %s: execution provider(s) %s failed to start, running on %s",
+                        manifest.split_id, missing, session.get_providers())
         return cls(manifest, directory, session)
 
     def _check_session(self) -> int | None:

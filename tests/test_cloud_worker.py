@@ -113,6 +113,23 @@ def test_tail_must_match_its_manifest(tmp_path: Path) -> None:
         Tail.open(split.directory)
 
 
+def test_missing_gpu_provider_falls_back_with_a_warning(
+        splits: dict[str, TinySplit], caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    q = splits["q"]
+    with caplog.at_level("WARNING", logger="cloud_service.registry"):
+        tail = Tail.open(q.directory, providers=["CUDAExecutionProvider",
+                                                 "CPUExecutionProvider"])
+    assert tail.session.get_providers() == ["CPUExecutionProvider"]
+    assert any("CUDAExecutionProvider" in r.getMessage() and "not available" in r.getMessage()
+               for r in caplog.records)
+    out = tail.run([q.sample(2)])
+    assert out[0].shape[0] == 2
+
+
 def test_prepare_names_expected_and_got(registry: Registry, splits: dict[str, TinySplit]
                                         ) -> None:
     from splitinfer.wire import decode as dec
