@@ -2,18 +2,28 @@
 
 In one run, on one tail (default: MobileNetV2 cut late, at ``block12.add``, int8 cut):
 
-1. **floor** — raw onnxruntime throughput of the tail at batch 1, 2, 4 … 32 with the
-   worker's own session options and ``--threads``; the best is the ceiling a worker
-   could reach if receiving, decoding and answering cost nothing;
-2. **worker throughput** — a real worker (``cloud_service.Server`` on a private
-   mosquitto) serving ``--devices`` closed-loop devices, at ``--max-batch 1`` and at the
-   batching setting. The devices run in a separate process (so they do not take the
-   worker's GIL) and replay recorded activations: no head compute;
+1. **floor** — raw onnxruntime throughput of the tail with the worker's own session
+   options and ``--threads``, at batch 1, 2, 4 … 32, each size measured in every floor
+   slice (below) and pooled; the best size's rate is the ceiling a worker could reach if
+   receiving, decoding and answering cost nothing;
+2. **worker throughput** — two real workers (``cloud_service.Server``, one at
+   ``--max-batch 1``, one at the batching setting, each with its own tail session) on a
+   private mosquitto, fed by ``--devices`` closed-loop devices. The devices run in a
+   separate process (so they do not take the workers' GIL) and replay recorded
+   activations: no head compute;
 3. **single-device latency** — one device, p50 with batching on vs ``--max-batch 1``;
    batching may cost a lone device at most ``--max-delay-ms``.
 
-Targets (issue #3): batched worker ≥ 0.85x raw best, and ≥ the ``--max-batch 1``
-worker. On a small shared CPU the figures are noisy: rerun before believing a change.
+Why slices: a small shared VM drifts by 10-20% within a minute (other tenants), more than
+the effects measured here. So the run is ``--rounds`` cycles of *floor, worker at
+--max-batch 1, batching worker* slices of ``--duration`` seconds each (the two workers'
+order alternating, a last floor slice closing), and each figure is the pooled rate over
+its slices: drift hits all three alike. One thing runs at a time: during a floor slice
+the devices pause, during a worker slice the floor does. Every batch size gets its share
+of every floor slice, so the best one is picked from rates averaged over the whole run,
+not from the luckiest of a dozen short samples.
+
+Targets (issue #3): batched worker ≥ 0.85x the floor, and ≥ the ``--max-batch 1`` worker.
 """
 
 from __future__ import annotations
@@ -55,16 +65,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime intra-op threads, for the floor and the worker")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="seconds measured per worker phase (after --warmup)")
-    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=2.0,
+                        help="seconds measured per slice (after --warmup)")
+    parser.add_argument("--warmup", type=float, default=0.3,
+                        help="seconds at the start of each slice that are not counted")
     parser.add_argument("--single-duration", type=float, default=3.0,
-                        help="seconds measured for the single-device latency")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="repeat floor and worker phases this many times, alternating, "
-                        "and judge the medians (a 2-core box swings 30%% run to run)")
-    parser.add_argument("--raw-seconds", type=float, default=1.5,
-                        help="seconds per batch size for the raw onnxruntime floor")
+                        help="seconds measured for the single-device latency, per setting")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="cycles of floor / --max-batch 1 / batching slices")
     parser.add_argument("--nice", type=int, default=10,
                         help="niceness of the device process (default %(default)s: the "
                         "devices stand for other machines; 0 to compete as equals)")
@@ -211,32 +219,38 @@ def _replay_set(directory: Path, n: int = 8) -> list[dict[str, Any]]:
 # --- 1. the floor: raw onnxruntime ---------------------------------------------------------
 
 
-def _raw_ort(directory: Path, replay: list[dict[str, Any]], threads: int, seconds: float,
-             batches: Sequence[int]) -> dict[int, float]:
-    import numpy as np
-    import onnxruntime as ort
+class _RawTail:
+    """The tail in plain onnxruntime, as the floor measures it."""
 
-    from cloud_service.registry import session_options
-    from splitinfer.manifest import Manifest
+    def __init__(self, directory: Path, replay: list[dict[str, Any]], threads: int) -> None:
+        import onnxruntime as ort
 
-    manifest = Manifest.load(directory)
-    session = ort.InferenceSession(str(manifest.resolve(directory, "tail")),
-                                   sess_options=session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    names = [s.name for s in manifest.outputs]
-    result: dict[int, float] = {}
-    for batch in batches:
+        from cloud_service.registry import session_options
+        from splitinfer.manifest import Manifest
+
+        manifest = Manifest.load(directory)
+        self.session = ort.InferenceSession(str(manifest.resolve(directory, "tail")),
+                                            sess_options=session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.names = [s.name for s in manifest.outputs]
+        self.replay = replay
+
+    def measure(self, batch: int, seconds: float) -> tuple[int, float]:
+        """(samples, seconds) of runs at ``batch`` for about ``seconds`` (at least 3 runs,
+        after two warm-up runs)."""
+        import numpy as np
+
+        replay = self.replay
         feeds = {name: np.concatenate([replay[i % len(replay)][name]["array"]
                                        for i in range(batch)])
                  for name in replay[0]}
         for _ in range(2):
-            session.run(names, feeds)
+            self.session.run(self.names, feeds)
         runs, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
-            session.run(names, feeds)
+            self.session.run(self.names, feeds)
             runs += 1
-        result[batch] = runs * batch / elapsed
-    return result
+        return runs * batch, elapsed
 
 
 # --- 2./3. devices in their own process ----------------------------------------------------
@@ -269,6 +283,9 @@ def _devices_main(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
+    """Follow ``spec["windows"]``: in each, its first ``devices`` devices request in a
+    closed loop from its ``target`` worker until the window ends. Per window: answers
+    counted after its warm-up, their latencies, errors."""
     import asyncio
     import uuid
 
@@ -280,21 +297,18 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
     from splitinfer.topics import Topics
     from splitinfer.wire import REQUEST, Envelope, WireTensor, decode, encode
 
-    topics = Topics(spec["prefix"])
     connector = PahoConnector(BrokerConfig.from_url(spec["broker"]).with_protocol("3.1.1"))
     replay = [[WireTensor(name, np.asarray(t["array"]),
                           Quantization.from_dict(t["q"]) if t["q"] else None)
                for name, t in sample.items()] for sample in spec["replay"]]
-    start = max(spec.get("start_at") or 0.0, time.time() + 0.2)
-    measure_from = start + spec["warmup"]
-    stop_at = measure_from + spec["duration"]
-    done: list[tuple[float, float, bool]] = []  # (sent, answered, ok) in the window
+    targets = {name: (Topics(t["prefix"]), t["model"]) for name, t in spec["targets"].items()}
+    windows = spec["windows"]
+    # per window: [answered in the counted part, errors, latencies (s)]
+    tallies: list[tuple[list[int], list[float]]] = [([0, 0], []) for _ in windows]
 
     async def device(index: int) -> None:
         device_id = f"bench-{index}-{uuid.uuid4().hex[:6]}"
         client = await connector(client_id=device_id, will=None)
-        result_topic = topics.result(device_id)
-        req_topic = topics.request(spec["model"], device_id)
         pending: dict[str, asyncio.Future[bool]] = {}
 
         async def read() -> None:
@@ -304,108 +318,84 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
                 if fut is not None and not fut.done():
                     fut.set_result(env.error is None)
 
-        await client.subscribe(result_topic, qos=1)
+        for topics, _ in targets.values():
+            await client.subscribe(topics.result(device_id), qos=1)
         reader = asyncio.create_task(read())
         loop = asyncio.get_running_loop()
+        n = index
         try:
-            await asyncio.sleep(max(0.0, start - time.time()))
-            n = index
-            while time.time() < stop_at:
-                rid = uuid.uuid4().hex
-                env = Envelope(kind=REQUEST, request_id=rid, device_id=device_id,
-                               split_id=spec["split_id"], tensors=replay[n % len(replay)],
-                               reply_to=result_topic, timestamps={"sent": time.time()})
-                n += 1
-                fut: asyncio.Future[bool] = loop.create_future()
-                pending[rid] = fut
-                sent = time.time()
-                await client.publish(req_topic, encode(env), qos=1)
-                try:
-                    ok = await asyncio.wait_for(fut, 30)
-                except asyncio.TimeoutError:
-                    ok = False
-                    pending.pop(rid, None)
-                answered = time.time()
-                if sent >= measure_from and answered <= stop_at:
-                    done.append((sent, answered, ok))
+            for w, window in enumerate(windows):
+                if index >= window["devices"]:
+                    continue
+                topics, model = targets[window["target"]]
+                result_topic = topics.result(device_id)
+                req_topic = topics.request(model, device_id)
+                counted_from = window["start"] + window["warmup"]
+                counts, latencies = tallies[w]
+                await asyncio.sleep(max(0.0, window["start"] - time.time()))
+                while time.time() < window["end"]:
+                    rid = uuid.uuid4().hex
+                    env = Envelope(kind=REQUEST, request_id=rid, device_id=device_id,
+                                   split_id=spec["split_id"], tensors=replay[n % len(replay)],
+                                   reply_to=result_topic, timestamps={"sent": time.time()})
+                    n += 1
+                    fut: asyncio.Future[bool] = loop.create_future()
+                    pending[rid] = fut
+                    sent = time.time()
+                    await client.publish(req_topic, encode(env), qos=1)
+                    try:
+                        ok = await asyncio.wait_for(fut, 30)
+                    except asyncio.TimeoutError:
+                        ok = False
+                        pending.pop(rid, None)
+                    answered = time.time()
+                    if counted_from <= answered <= window["end"]:
+                        counts[0 if ok else 1] += 1
+                        if ok and sent >= counted_from:
+                            latencies.append(answered - sent)
         finally:
             reader.cancel()
             await client.close()
 
     await asyncio.gather(*(device(i) for i in range(spec["devices"])))
-    latencies = sorted(a - s for s, a, ok in done if ok)
-    return {
-        "requests": len(done),
-        "errors": sum(1 for *_, ok in done if not ok),
-        "throughput_per_s": len(latencies) / spec["duration"],
-        "p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
-        "p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
-    }
-
-
-def _worker_phase(split_dir: Path, broker: str, prefix: str, pool: Any, spec: dict[str, Any],
-                  *, max_batch: int, max_delay_ms: float, threads: int,
-                  single_seconds: float) -> dict[str, Any]:
-    import threading
-
-    from cloud_service.config import Config
-    from cloud_service.server import Server
-
-    config = Config(artifacts=split_dir, broker=broker, prefix=prefix, group="",
-                    max_batch=max_batch, max_delay_ms=max_delay_ms, threads=threads,
-                    metrics_interval_s=0)
-    server = Server(config)
-    thread = server.start_in_thread(60)
-    # The window the devices measure, fixed here so the worker's counters can be read
-    # at its edges (a spawned process and 32 connections take a second or two).
-    start_at = time.time() + 0.5 + 0.02 * spec["devices"]
-    edges = (start_at + spec["warmup"], start_at + spec["warmup"] + spec["duration"])
-    marks: list[tuple[float, float, float, float, int, int]] = []
-
-    def mark() -> None:
-        m = server.metrics
-        starved, held = m.tail_waits()
-        marks.append((time.time(), m.tail_s, starved, held, m.batches, m.batched_samples))
-
-    timers = [threading.Timer(max(0.0, edge - time.time()), mark) for edge in edges]
-    try:
-        for timer in timers:
-            timer.start()
-        many = pool.submit(_devices_main, {**spec, "start_at": start_at}).result()
-        for timer in timers:
-            timer.join()
-        one = pool.submit(_devices_main, {**spec, "devices": 1, "duration": single_seconds,
-                                          "start_at": time.time() + 0.3}).result()
-    finally:
-        for timer in timers:
-            timer.cancel()
-        server.should_exit = True
-        thread.join(60)
-    (t_a, tail_a, starved_a, held_a, batches_a, samples_a), \
-        (t_b, tail_b, starved_b, held_b, batches_b, samples_b) = marks
-    window, batches = t_b - t_a, max(1, batches_b - batches_a)
-    samples = samples_b - samples_a
-    return {
-        "max_batch": max_batch,
-        "samples_per_s": many["throughput_per_s"],
-        "p50_ms": many["p50_ms"],
-        "p99_ms": many["p99_ms"],
-        "errors": many["errors"] + one["errors"],
-        # Counters over the measured window:
-        "mean_batch_size": samples / batches,
-        "tail_ms_per_sample": 1e3 * (tail_b - tail_a) / max(1, samples),
-        # Share of the window the tail ran / waited for any job / waited for company.
-        # Busy near 1 with a slower tail_ms_per_sample than the raw floor means the
-        # tail was fed but shared the CPU with receiving and answering.
-        "tail_busy": (tail_b - tail_a) / window,
-        "tail_starved": (starved_b - starved_a) / window,
-        "tail_held": (held_b - held_a) / window,
-        "single_device_p50_ms": one["p50_ms"],
-        "single_device_requests": one["requests"],
-    }
+    return {"windows": [{"answered": counts[0], "errors": counts[1], "latencies": lat}
+                        for counts, lat in tallies]}
 
 
 # --- the run -----------------------------------------------------------------------------
+
+_Mark = tuple[float, float, float, float, int, int]  # time, tail_s, starved, held, batches, samples
+
+
+def _mark(server: Any) -> _Mark:
+    m = server.metrics
+    starved, held = m.tail_waits()
+    return (time.time(), m.tail_s, starved, held, m.batches, m.batched_samples)
+
+
+def _schedule(start: float, args: argparse.Namespace, batched: str) -> list[dict[str, Any]]:
+    """Slices in time order: cycles of floor + both workers, a closing floor, then the
+    single-device windows (each setting twice, in mirrored order)."""
+    gap = 0.25  # lets a slice's last answers land before the next one starts
+    windows: list[dict[str, Any]] = []
+    t = start
+
+    def add(kind: str, target: str, devices: int, seconds: float, warmup: float) -> None:
+        nonlocal t
+        windows.append({"kind": kind, "target": target, "devices": devices, "start": t,
+                        "end": t + warmup + seconds, "warmup": warmup})
+        t += warmup + seconds + gap
+
+    for cycle in range(args.rounds):
+        add("floor", "", 0, args.duration, args.warmup)
+        order = ("1", batched) if cycle % 2 == 0 else (batched, "1")
+        for target in order:
+            add("worker", target, args.devices, args.duration, args.warmup)
+    add("floor", "", 0, args.duration, args.warmup)
+    half = args.single_duration / 2
+    for target in ("1", batched, batched, "1"):
+        add("single", target, 1, half, min(args.warmup, 0.2))
+    return windows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -413,19 +403,25 @@ def run(args: argparse.Namespace) -> int:
     import uuid
     from concurrent.futures import ProcessPoolExecutor
 
+    from cloud_service.config import Config
+    from cloud_service.server import Server
     from simulators.broker import MosquittoBroker
     from splitinfer.errors import BadInputError
     from splitinfer.manifest import Manifest
 
-    if args.devices < 1 or args.max_batch < 2 or args.duration <= 0 or args.rounds < 1:
+    if (args.devices < 1 or args.max_batch < 2 or args.duration <= 0 or args.rounds < 1
+            or args.warmup < 0 or args.single_duration <= 0):
         raise BadInputError("expected --devices >= 1, --max-batch >= 2 (1 is the baseline "
-                            "it is compared with), --duration > 0 and --rounds >= 1")
+                            "it is compared with), --duration > 0, --warmup >= 0, "
+                            "--single-duration > 0 and --rounds >= 1")
 
     def say(text: str) -> None:
         if not args.json:
             print(text, file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
+    batched = str(args.max_batch)
+    with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp, \
+            contextlib.ExitStack() as stack:
         work = Path(tmp)
         say("preparing the split …")
         split_dir = _prepare_split(args, work)
@@ -433,42 +429,69 @@ def run(args: argparse.Namespace) -> int:
         replay = _replay_set(split_dir)
         batches = sorted({*RAW_BATCHES, args.max_batch} - {b for b in RAW_BATCHES
                                                             if b > max(32, args.max_batch)})
-        broker = None
         url = args.broker
         if url is None:
             broker = MosquittoBroker()
             broker.start()
+            stack.callback(broker.close)
             url = broker.url
-        spec = {
-            "broker": url, "prefix": f"bench{uuid.uuid4().hex[:8]}", "model": manifest.model,
-            "split_id": manifest.split_id, "devices": args.devices, "warmup": args.warmup,
-            "duration": args.duration, "replay": replay, "nice": args.nice,
-        }
-        single_seconds = args.single_duration
-        rounds: list[dict[str, Any]] = []
-        try:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                pool.submit(_warm_up).result()  # spawn and import before any clock runs
-                for index in range(args.rounds):
-                    label = f"round {index + 1}/{args.rounds}: "
-                    say(f"{label}raw onnxruntime floor ({args.threads} thread(s)) …")
-                    raw = _raw_ort(split_dir, replay, args.threads, args.raw_seconds, batches)
-                    best_batch = max(raw, key=lambda b: raw[b])
-                    phases = {}
-                    for max_batch in (1, args.max_batch):
-                        say(f"{label}worker at --max-batch {max_batch}: {args.devices} "
-                            "devices, then 1 …")
-                        phases[max_batch] = _worker_phase(
-                            split_dir, url, spec["prefix"], pool, spec, max_batch=max_batch,
-                            max_delay_ms=args.max_delay_ms, threads=args.threads,
-                            single_seconds=single_seconds)
-                    rounds.append(_report(args, manifest, raw, best_batch, phases))
-        finally:
-            if broker is not None:
-                broker.close()
+        run_id = uuid.uuid4().hex[:8]
+        servers: dict[str, Any] = {}
+        threads = []
+        for name in ("1", batched):
+            config = Config(artifacts=split_dir, broker=url, prefix=f"bench{run_id}b{name}",
+                            group="", max_batch=int(name), max_delay_ms=args.max_delay_ms,
+                            threads=args.threads, metrics_interval_s=0)
+            servers[name] = server = Server(config)
+            threads.append(server.start_in_thread(60))
 
-    report = _combine(args, rounds)
+        def stop_servers() -> None:
+            for server in servers.values():
+                server.should_exit = True
+
+        stack.callback(stop_servers)
+        raw_tail = _RawTail(split_dir, replay, args.threads)
+        for batch in batches:
+            raw_tail.measure(batch, 0.0)  # warm: the first runs of a shape are slow
+
+        ctx = multiprocessing.get_context("spawn")
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=1, mp_context=ctx))
+        pool.submit(_warm_up).result()  # spawn and import before any clock runs
+        # Connecting and subscribing the devices takes a second or two.
+        windows = _schedule(time.time() + 1.0 + 0.05 * args.devices, args, batched)
+        spec = {
+            "broker": url, "split_id": manifest.split_id, "devices": args.devices,
+            "replay": replay, "nice": args.nice, "windows": windows,
+            "targets": {name: {"prefix": s.config.prefix, "model": manifest.model}
+                        for name, s in servers.items()},
+        }
+        say(f"{args.rounds} cycles of {args.duration:g} s slices: raw onnxruntime at batch "
+            f"{', '.join(map(str, batches))} ({args.threads} thread(s)), worker at "
+            f"--max-batch 1, worker at --max-batch {batched} ({args.devices} devices) …")
+        future = pool.submit(_devices_main, spec)
+        # floors[slice][batch] = (samples, seconds)
+        floors: list[dict[int, tuple[int, float]]] = []
+        marks: list[tuple[_Mark, _Mark] | None] = []
+        for window in windows:
+            if window["kind"] == "floor":
+                time.sleep(max(0.0, window["start"] - time.time()))
+                share = (window["end"] - time.time()) / len(batches)
+                order = batches if len(floors) % 2 == 0 else list(reversed(batches))
+                floors.append({b: raw_tail.measure(b, share) for b in order})
+                marks.append(None)
+            else:
+                server = servers[window["target"]]
+                time.sleep(max(0.0, window["start"] + window["warmup"] - time.time()))
+                first = _mark(server)
+                time.sleep(max(0.0, window["end"] - time.time()))
+                marks.append((first, _mark(server)))
+        tallies = future.result()["windows"]
+        for server in servers.values():
+            server.should_exit = True
+        for thread in threads:
+            thread.join(60)
+
+    report = _report(args, manifest, floors, windows, marks, tallies)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -476,18 +499,90 @@ def run(args: argparse.Namespace) -> int:
     return 1 if args.check and not all(report["targets"].values()) else 0
 
 
-def _report(args: argparse.Namespace, manifest: Any, raw: dict[int, float], best_batch: int,
-            phases: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    base, batched = phases[1], phases[args.max_batch]
-    best = raw[best_batch]
-    p50_on, p50_off = batched["single_device_p50_ms"], base["single_device_p50_ms"]
+def _pooled(windows: list[dict[str, Any]], marks: list[tuple[_Mark, _Mark] | None],
+            tallies: list[dict[str, Any]], pick: list[int]) -> dict[str, Any]:
+    """A worker setting's figures over its slices ``pick``."""
+    seconds = sum(windows[i]["end"] - windows[i]["start"] - windows[i]["warmup"]
+                  for i in pick)
+    answered = sum(tallies[i]["answered"] for i in pick)
+    latencies = sorted(x for i in pick for x in tallies[i]["latencies"])
+    window = tail = starved = held = 0.0
+    batches = samples = 0
+    for i in pick:
+        pair = marks[i]
+        if pair is None:
+            continue
+        a, b = pair
+        window += b[0] - a[0]
+        tail += b[1] - a[1]
+        starved += b[2] - a[2]
+        held += b[3] - a[3]
+        batches += b[4] - a[4]
+        samples += b[5] - a[5]
+    window = max(window, 1e-9)
+    return {
+        "samples_per_s": answered / seconds if seconds > 0 else 0.0,
+        "per_slice_samples_per_s": [
+            tallies[i]["answered"] / max(1e-9, windows[i]["end"] - windows[i]["start"]
+                                         - windows[i]["warmup"]) for i in pick],
+        "p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
+        "p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+        "errors": sum(tallies[i]["errors"] for i in pick),
+        # Worker counters over the counted parts of the slices:
+        "mean_batch_size": samples / max(1, batches),
+        "tail_ms_per_sample": 1e3 * tail / max(1, samples),
+        # Share of the time the tail ran / waited for any job / waited for company. Busy
+        # near 1 with a slower tail_ms_per_sample than the floor means the tail was fed
+        # but shared the CPU with receiving and answering.
+        "tail_busy": tail / window,
+        "tail_starved": starved / window,
+        "tail_held": held / window,
+    }
+
+
+def _report(args: argparse.Namespace, manifest: Any,
+            floor_slices: list[dict[int, tuple[int, float]]],
+            windows: list[dict[str, Any]], marks: list[tuple[_Mark, _Mark] | None],
+            tallies: list[dict[str, Any]]) -> dict[str, Any]:
+    batched = str(args.max_batch)
+    # Each batch size's rate pooled over every floor slice; the best is the floor.
+    sweep = {b: sum(s[b][0] for s in floor_slices) / sum(s[b][1] for s in floor_slices)
+             for b in floor_slices[0]}
+    sweep = dict(sorted(sweep.items()))
+    best_batch = max(sweep, key=lambda b: sweep[b])
+    floors = [s[best_batch][0] / s[best_batch][1] for s in floor_slices]
+    slices = {name: [i for i, w in enumerate(windows)
+                     if w["kind"] == "worker" and w["target"] == name]
+              for name in ("1", batched)}
+    worker = {name: _pooled(windows, marks, tallies, pick) for name, pick in slices.items()}
+    singles = {}
+    for name in ("1", batched):
+        pick = [i for i, w in enumerate(windows) if w["kind"] == "single" and w["target"] == name]
+        lat = sorted(x for i in pick for x in tallies[i]["latencies"])
+        singles[name] = (1e3 * statistics.median(lat) if lat else None, len(lat),
+                         sum(tallies[i]["errors"] for i in pick))
+    for name in worker:
+        worker[name]["single_device_p50_ms"] = singles[name][0]
+        worker[name]["single_device_requests"] = singles[name][1]
+        worker[name]["errors"] += singles[name][2]
+        worker[name]["max_batch"] = int(name)
+    floor = sweep[best_batch]
+    base, top = worker["1"], worker[batched]
+    cycles = []
+    for c in range(args.rounds):
+        around = statistics.fmean(floors[c:c + 2])
+        one, many = base["per_slice_samples_per_s"][c], top["per_slice_samples_per_s"][c]
+        cycles.append({"floor_samples_per_s": around, "batched_samples_per_s": many,
+                       "max_batch_1_samples_per_s": one, "batched_vs_raw_best": many / around,
+                       "batched_vs_max_batch_1": many / one if one else None})
+    p50_on, p50_off = singles[batched][0], singles["1"][0]
     delta = p50_on - p50_off if p50_on is not None and p50_off is not None else None
     ratios = {
-        "batched_vs_raw_best": batched["samples_per_s"] / best,
-        "batched_vs_max_batch_1": (batched["samples_per_s"] / base["samples_per_s"]
+        "batched_vs_raw_best": top["samples_per_s"] / floor,
+        "batched_vs_max_batch_1": (top["samples_per_s"] / base["samples_per_s"]
                                    if base["samples_per_s"] else None),
-        "max_batch_1_vs_raw_best": base["samples_per_s"] / best,
-        "raw_best_vs_raw_batch_1": best / raw[1],
+        "max_batch_1_vs_raw_best": base["samples_per_s"] / floor,
+        "raw_best_vs_raw_batch_1": sweep[best_batch] / sweep[1],
     }
     return {
         "model": manifest.model,
@@ -498,74 +593,50 @@ def _report(args: argparse.Namespace, manifest: Any, raw: dict[int, float], best
         "devices": args.devices,
         "max_batch": args.max_batch,
         "max_delay_ms": args.max_delay_ms,
-        "duration_s": args.duration,
-        "raw_ort_samples_per_s": {str(b): v for b, v in raw.items()},
-        "raw_ort_best": {"batch": best_batch, "samples_per_s": best,
-                         "ms_per_sample": 1e3 / best},
-        "raw_ort_batch_1_ms": 1e3 / raw[1],
-        "worker": {f"max_batch_{b}": phase for b, phase in phases.items()},
+        "slice_s": args.duration,
+        "cycles": args.rounds,
+        "raw_ort_samples_per_s": {str(b): v for b, v in sweep.items()},
+        # Each batch size pooled over the floor slices; the floor is the best of them
+        # (its rate in each slice listed).
+        "raw_ort_best": {"batch": best_batch, "samples_per_s": floor,
+                         "ms_per_sample": 1e3 / floor, "per_slice_samples_per_s": floors},
+        "raw_ort_batch_1_ms": 1e3 / sweep[1],
+        "worker": {f"max_batch_{name}": figures for name, figures in worker.items()},
         "single_device": {"p50_ms_batching": p50_on, "p50_ms_max_batch_1": p50_off,
                           "delta_ms": delta, "max_delay_ms": args.max_delay_ms},
         "ratios": ratios,
+        "cycle_ratios": cycles,
         "targets": {
             "batched_ge_0.85_raw_best": ratios["batched_vs_raw_best"] >= 0.85,
-            "batched_ge_max_batch_1": batched["samples_per_s"] >= base["samples_per_s"],
+            "batched_ge_max_batch_1": top["samples_per_s"] >= base["samples_per_s"],
             "single_device_delta_le_max_delay": delta is not None
             and delta <= args.max_delay_ms,
         },
-        "note": "measured on whatever CPU ran this, shared with other work: noisy; the floor "
-                "and the worker share the same cores and onnxruntime settings",
+        "note": "measured on whatever CPU ran this, shared with other work; floor and "
+                "workers take turns in short slices and share cores and onnxruntime settings",
     }
-
-
-def _combine(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median round's figures, with every round's ratios and targets on the medians.
-
-    Each round measures the floor right before its own worker phases, so a round's ratios
-    compare like with like; the median over rounds is what a target is judged on.
-    """
-    def median(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return statistics.median(known) if known else None
-
-    order = sorted(rounds, key=lambda r: r["ratios"]["batched_vs_raw_best"])
-    report = dict(order[len(order) // 2])
-    keys = list(report["ratios"])
-    medians = {k: median([r["ratios"][k] for r in rounds]) for k in keys}
-    delta = median([r["single_device"]["delta_ms"] for r in rounds])
-    report["ratios"] = medians
-    report["rounds"] = [{"raw_best_samples_per_s": r["raw_ort_best"]["samples_per_s"],
-                         "batched_samples_per_s":
-                             r["worker"][f"max_batch_{args.max_batch}"]["samples_per_s"],
-                         "max_batch_1_samples_per_s": r["worker"]["max_batch_1"]["samples_per_s"],
-                         "single_device_delta_ms": r["single_device"]["delta_ms"],
-                         **r["ratios"]} for r in rounds]
-    report["targets"] = {
-        "batched_ge_0.85_raw_best": (medians["batched_vs_raw_best"] or 0.0) >= 0.85,
-        "batched_ge_max_batch_1": (medians["batched_vs_max_batch_1"] or 0.0) >= 1.0,
-        "single_device_delta_le_max_delay": delta is not None and delta <= args.max_delay_ms,
-    }
-    report["single_device"] = {**report["single_device"], "median_delta_ms": delta}
-    return report
 
 
 def format_report(r: dict[str, Any]) -> str:
     raw = r["raw_ort_samples_per_s"]
     best = r["raw_ort_best"]
+    slices = best["per_slice_samples_per_s"]
     lines = [
         f"tail of {r['model']} ({r['split_id']}), cut "
         f"{', '.join(c['name'] + ' ' + c['dtype'] for c in r['cut'])}, "
         f"{r['bytes_per_request']} B/request, onnxruntime threads {r['threads']}",
-        "raw onnxruntime (floor):  " + "  ".join(f"b{b}: {v:.0f}/s" for b, v in raw.items())
-        + f"  → best {best['samples_per_s']:.0f}/s at batch {best['batch']} "
-        f"({best['ms_per_sample']:.2f} ms/sample)",
+        "raw onnxruntime by batch: " + "  ".join(f"b{b}: {v:.0f}/s" for b, v in raw.items()),
+        f"raw onnxruntime (floor): batch {best['batch']}, {best['samples_per_s']:.0f}/s "
+        f"({best['ms_per_sample']:.2f} ms/sample) over {len(slices)} slices "
+        f"({min(slices):.0f}-{max(slices):.0f}/s)",
     ]
     for name, phase in r["worker"].items():
+        per = phase["per_slice_samples_per_s"]
         lines.append(
             f"worker {name:>12}: {phase['samples_per_s']:7.0f} samples/s "
-            f"({phase['samples_per_s'] / best['samples_per_s']:.2f}x raw best), "
-            f"mean batch {phase['mean_batch_size']:.1f}, tail "
-            f"{phase['tail_ms_per_sample']:.2f} ms/sample, busy "
+            f"({phase['samples_per_s'] / best['samples_per_s']:.2f}x floor; slices "
+            f"{min(per):.0f}-{max(per):.0f}/s), mean batch {phase['mean_batch_size']:.1f}, "
+            f"tail {phase['tail_ms_per_sample']:.2f} ms/sample, busy "
             f"{100 * phase['tail_busy']:.0f}% (starved {100 * phase['tail_starved']:.0f}%, "
             f"held {100 * phase['tail_held']:.0f}%), p50 {_ms(phase['p50_ms'])}, "
             f"p99 {_ms(phase['p99_ms'])} with {r['devices']} devices; errors "
@@ -576,18 +647,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"{_ms(single['p50_ms_max_batch_1'])} at --max-batch 1 (delta "
         f"{_ms(single['delta_ms'])}, allowed {single['max_delay_ms']:.1f} ms; tail alone "
         f"{r['raw_ort_batch_1_ms']:.2f} ms)")
+    cycles = r["cycle_ratios"]
+    lines.append("per cycle, batched/floor: " + " ".join(
+        f"{c['batched_vs_raw_best']:.2f}" for c in cycles) + "; batched/max-batch-1: " + " ".join(
+        _num(c["batched_vs_max_batch_1"]) for c in cycles))
     ratios = r["ratios"]
-    rounds = r.get("rounds", [])
-    if len(rounds) > 1:
-        lines.append("the median round is shown above; every round:")
-        for i, rr in enumerate(rounds, 1):
-            lines.append(
-                f"  round {i}: raw best {rr['raw_best_samples_per_s']:.0f}/s, batched "
-                f"{rr['batched_samples_per_s']:.0f}/s ({rr['batched_vs_raw_best']:.2f}x), "
-                f"max-batch-1 {rr['max_batch_1_samples_per_s']:.0f}/s, batched/max-batch-1 "
-                f"{_num(rr['batched_vs_max_batch_1'])}, one-device delta "
-                f"{_ms(rr['single_device_delta_ms'])}")
-    lines.append(f"median ratios: batched/raw best {ratios['batched_vs_raw_best']:.2f} "
+    lines.append(f"pooled ratios: batched/floor {ratios['batched_vs_raw_best']:.2f} "
                  f"(target >= 0.85), batched/max-batch-1 "
                  f"{_num(ratios['batched_vs_max_batch_1'])} (target >= 1)")
     lines.append("targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}"
@@ -595,7 +660,7 @@ def format_report(r: dict[str, Any]) -> str:
     starved = max(phase["tail_starved"] for phase in r["worker"].values())
     if starved > 0.05:
         lines.append(f"warning: the tail waited for requests up to {100 * starved:.0f}% of a "
-                     "phase: the devices, not the worker, limited throughput (a busy box? "
+                     "slice: the devices, not the worker, limited throughput (a busy box? "
                      "try --nice 0 or fewer --devices)")
     lines.append(f"note: {r['note']}")
     return "\n".join(lines)
