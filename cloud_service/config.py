@@ -82,6 +82,14 @@ class Config:
         if not self.client_id:
             raise BadInputError("client_id must not be empty")
         self.providers = tuple(self.providers)
+        if self.providers:
+            import onnxruntime as ort
+
+            known = ort.get_all_providers()
+            bad = [p for p in self.providers if p not in known]
+            if bad:
+                raise BadInputError(f"providers {bad}: unknown to onnxruntime; expected "
+                                    f"names from {known}")
 
     def broker_config(self) -> BrokerConfig:
         return BrokerConfig.from_url(self.broker)

@@ -365,6 +365,12 @@ def test_config_validation() -> None:
                 {"max_delay_ms": -1}, {"prefix": "#"}, {"threads": -1}):
         with pytest.raises(BadInputError):
             Config(artifacts=Path("."), **bad)
+    with pytest.raises(BadInputError, match=r"CUDAExecutionProviderr.*unknown to onnxruntime"):
+        Config(artifacts=Path("."), providers=("CUDAExecutionProviderr",))
+    # A known provider this onnxruntime lacks is not a config error: the tail warns and
+    # runs without it (test_missing_gpu_provider_falls_back_with_a_warning).
+    assert Config(artifacts=Path("."), providers=("CUDAExecutionProvider",)).providers == (
+        "CUDAExecutionProvider",)
     assert Config(artifacts=Path("."), group="").subscription() == "splitinfer/v1/req/+/+"
     assert Config(artifacts=Path("."), group="g").subscription() == \
         "$share/g/splitinfer/v1/req/+/+"
