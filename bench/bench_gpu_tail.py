@@ -13,7 +13,9 @@ CPU, then reports:
 - **raw throughput** per batch size, numpy in and out (host↔device copies included);
 - **worker throughput**: the worker core (:class:`cloud_service.worker.Worker`: decode,
   checks, dynamic batching, tail, encode; the publisher is a stub, no broker) answering
-  ``--requests`` requests from 64 devices, GPU vs CPU.
+  ``--requests`` requests from 64 devices, GPU vs CPU; with ``--processes 1,2,4`` also
+  the total rate of that many worker cores in separate processes at once, each with its
+  own session on the same GPU (what replicas in one ``--group`` are).
 
 With no CUDA provider it says so and exits 2; the CPU figures are still printed.
 """
@@ -99,7 +101,7 @@ def _raw(tail: Any, acts: list[np.ndarray[Any, Any]], seconds: float) -> dict[st
 
 
 def _worker(tail: Any, acts: list[np.ndarray[Any, Any]], requests: int,
-            max_batch: int) -> dict[str, float]:
+            max_batch: int, barrier: Any = None) -> dict[str, float]:
     from cloud_service.config import Config
     from cloud_service.registry import Registry
     from cloud_service.worker import Incoming, Worker
@@ -127,6 +129,8 @@ def _worker(tail: Any, acts: list[np.ndarray[Any, Any]], requests: int,
         config = Config(artifacts=Path("."), prefix="gpu", max_batch=max_batch,
                         queue_size=requests + 1)
         worker = Worker(config, Registry([tail]), publish)
+        if barrier is not None:
+            barrier.wait()  # every process starts together
         start = time.perf_counter()
         for k, msg in enumerate(payloads):
             worker.submit(msg)
@@ -138,10 +142,51 @@ def _worker(tail: Any, acts: list[np.ndarray[Any, Any]], requests: int,
         return elapsed
 
     elapsed = asyncio.run(main())
+    end = time.time()
     if answered != requests:
         raise SystemExit(f"worker answered {answered} of {requests} requests")
     return {"requests": requests, "max_batch": max_batch,
-            "samples_per_s": round(requests / elapsed, 1)}
+            "samples_per_s": round(requests / elapsed, 1), "start": end - elapsed, "end": end}
+
+
+def _scaling_child(directory: str, providers: list[str], requests: int, max_batch: int,
+                   barrier: Any, results: Any) -> None:
+    from cloud_service.registry import Tail
+
+    try:
+        tail = Tail.open(directory, providers=providers)
+        acts = _activations(Path(directory), 64)
+        results.put(_worker(tail, acts, requests, max_batch, barrier))
+    except BaseException as exc:
+        barrier.abort()
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _scaling(directory: Path, providers: list[str], counts: list[int], requests: int,
+             max_batch: int) -> dict[str, Any]:
+    """Worker cores in N processes at once, each with its own session on the same
+    device (what several ``cloud serve`` replicas in one group are): total rate."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, Any] = {}
+    for n in counts:
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_scaling_child, args=(str(directory), providers,
+                                                          requests, max_batch, barrier,
+                                                          results)) for _ in range(n)]
+        for proc in procs:
+            proc.start()
+        rows = [results.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join(60)
+        errors = [r["error"] for r in rows if "error" in r]
+        if errors:
+            out[str(n)] = {"error": errors[0]}
+            continue
+        span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+        out[str(n)] = round(sum(r["requests"] for r in rows) / span, 1)
+    return out
 
 
 def _measure(label: str, directory: Path, args: argparse.Namespace,
@@ -165,6 +210,15 @@ def _measure(label: str, directory: Path, args: argparse.Namespace,
                                               == ref[0].reshape(64, -1).argmax(1)))
         row["gpu_raw_samples_per_s"] = _raw(gpu, acts, args.seconds)
         row["gpu_worker"] = _worker(gpu, acts, args.requests, args.max_batch)
+    for key in ("cpu_worker", "gpu_worker"):
+        for stamp in ("start", "end"):
+            row.get(key, {}).pop(stamp, None)
+    if args.processes:
+        counts = [int(n) for n in args.processes.split(",")]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda \
+            else ["CPUExecutionProvider"]
+        row["worker_processes_samples_per_s"] = _scaling(directory, providers, counts,
+                                                         args.requests, args.max_batch)
     return row
 
 
@@ -173,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="per raw batch size")
     parser.add_argument("--requests", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--processes", default="",
+                        help="also run the worker core in N processes at once, each with "
+                        "its own session (comma separated counts, e.g. 1,2,4,8)")
     parser.add_argument("--out", default=None, help="also write the JSON report here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
