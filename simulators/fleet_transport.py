@@ -27,7 +27,6 @@ Plain TCP only; a TLS broker URL falls back to the agent's own connector
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
@@ -43,6 +42,7 @@ from edge_agent.transport import (
     MqttConnector,
     PublishOptions,
 )
+from simulators.inbox import Inbox
 from splitinfer.errors import BadInputError, TransportError
 from splitinfer.mqtt import BrokerConfig, request_properties
 
@@ -64,8 +64,7 @@ class PahoTransport:
         self._protocol = protocol
         self._url = url
         self._loop = loop
-        self._inbox: collections.deque[IncomingMessage] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._inbox = Inbox(loop)
         self._acks: dict[int, asyncio.Future[Any]] = {}
         self._connected: asyncio.Future[int] = loop.create_future()
         self._lost: BaseException | None = None
@@ -159,12 +158,7 @@ class PahoTransport:
         self._acks.clear()
         if not self._connected.done():
             self._connected.set_exception(self._lost)
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._inbox.fail(self._lost)
 
     # ---- paho callbacks (all on the loop's thread) ----------------------------------------
 
@@ -184,12 +178,10 @@ class PahoTransport:
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         props = getattr(message, "properties", None)
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        self._inbox.append(IncomingMessage(
+        self._inbox.put(IncomingMessage(
             topic=message.topic, payload=message.payload,
             correlation=bytes(correlation) if isinstance(correlation, (bytes, bytearray))
             else None))
-        if self._waiter is not None:
-            self._wake()
 
     def _on_ack(self, client: Any, userdata: Any, mid: int, reason: Any,
                 properties: Any) -> None:
@@ -255,15 +247,8 @@ class PahoTransport:
                 raise TransportError(f"broker {self._url} refused the subscription to {topic} "
                                      f"({code}); check the broker's ACL", topic=topic)
 
-    async def messages(self) -> AsyncIterator[IncomingMessage]:
-        inbox = self._inbox
-        while True:
-            while inbox:
-                yield inbox.popleft()
-            if self._lost is not None:
-                raise TransportError(str(self._lost))
-            self._waiter = self._loop.create_future()
-            await self._waiter
+    def messages(self) -> AsyncIterator[IncomingMessage]:
+        return self._inbox.messages()
 
     async def close(self) -> None:
         if self._lost is not None:

@@ -17,7 +17,6 @@ TLS are paho's (:mod:`simulators.fleet_transport` picks).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -26,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from edge_agent.transport import IncomingMessage, LastWill, PublishOptions
+from simulators.inbox import Inbox
 from splitinfer.errors import TransportError
 from splitinfer.mqtt import BrokerConfig
 
@@ -111,8 +111,7 @@ class LiteTransport:
         self._loop = loop
         self._io: asyncio.Transport | None = None
         self._buf = b""
-        self._inbox: collections.deque[IncomingMessage] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._inbox = Inbox(loop)
         self._acks: dict[int, asyncio.Future[Any]] = {}
         self._next_mid = 0
         self._connack: asyncio.Future[int] = loop.create_future()
@@ -177,12 +176,7 @@ class LiteTransport:
             if qos:
                 self._write(b"\x40\x02" + buf[p:p + 2])  # PUBACK
                 p += 2
-            self._inbox.append(IncomingMessage(topic, buf[p:end]))
-            waiter = self._waiter
-            if waiter is not None:
-                self._waiter = None
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._inbox.put(IncomingMessage(topic, buf[p:end]))
         elif kind in (PUBACK, SUBACK):
             mid = buf[start] << 8 | buf[start + 1]
             future = self._acks.pop(mid, None)
@@ -211,9 +205,7 @@ class LiteTransport:
         self._acks.clear()
         if not self._connack.done():
             self._connack.set_exception(exc)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._inbox.fail(exc)
 
     def _mid(self) -> int:
         for _ in range(65535):
@@ -283,15 +275,8 @@ class LiteTransport:
             raise TransportError(f"broker {self.url} refused the subscription to {topic}; "
                                  "check the broker's ACL", topic=topic)
 
-    async def messages(self) -> AsyncIterator[IncomingMessage]:
-        inbox = self._inbox
-        while True:
-            while inbox:
-                yield inbox.popleft()
-            if self._lost is not None:
-                raise TransportError(str(self._lost))
-            self._waiter = self._loop.create_future()
-            await self._waiter
+    def messages(self) -> AsyncIterator[IncomingMessage]:
+        return self._inbox.messages()
 
     async def close(self) -> None:
         io = self._io
