@@ -73,16 +73,13 @@ def _splits(work: Path) -> list[tuple[str, Callable[[], Path]]]:
 def _activations(directory: Path, n: int) -> list[np.ndarray[Any, Any]]:
     import onnxruntime as ort
 
+    from simulators.bench_batching import _random_inputs
     from splitinfer.manifest import Manifest
 
     manifest = Manifest.load(directory)
     head = ort.InferenceSession(str(manifest.resolve(directory, "head")),
                                 providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {s.name: rng.random([n, *[d if isinstance(d, int) else 1
-                                      for d in s.sample_shape]]).astype(s.dtype)
-             for s in manifest.inputs}
-    return list(head.run([s.name for s in manifest.cut], feeds))
+    return list(head.run([s.name for s in manifest.cut], _random_inputs(manifest, n)))
 
 
 def _raw(tail: Any, acts: list[np.ndarray[Any, Any]], seconds: float) -> dict[str, float]:

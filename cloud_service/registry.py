@@ -129,11 +129,12 @@ class Tail:
                     f"{manifest.tail.sha256[:12]}…; the tail was changed after 'splitinfer "
                     "split' — re-run it", split_id=manifest.split_id)
         wanted = list(providers) or default_providers()
-        unknown = [p for p in wanted if p not in ort.get_available_providers()]
+        available = ort.get_available_providers()
+        unknown = [p for p in wanted if p not in available]
         if unknown:
             log.warning("split %s: execution provider(s) %s not available in onnxruntime "
                         "%s (it has %s); running without them", manifest.split_id, unknown,
-                        ort.__version__, ort.get_available_providers())
+                        ort.__version__, available)
             wanted = [p for p in wanted if p not in unknown] or ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in wanted:
             _preload_cuda()
