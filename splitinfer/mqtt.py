@@ -129,13 +129,23 @@ def _client(cfg: BrokerConfig, client_id: str, protocol: str, **kwargs: Any) -> 
     )
 
 
+# How long the MQTT 5 try of protocol "auto" waits for its CONNACK once the socket is up
+# (and TLS done): a broker that ignores an MQTT 5 CONNECT (RabbitMQ before 3.13, amqtt
+# at times) would otherwise hold the start-up for aiomqtt's 10 s timeout. Scaled up on a
+# slow link (see _bounded_connack) so a far MQTT 5 broker is not taken for an old one.
+V5_CONNACK_TIMEOUT_S = 0.5
+
+
 async def connect(cfg: BrokerConfig, client_id: str, **kwargs: Any) -> tuple[aiomqtt.Client, str]:
     """Connect and return ``(client, protocol)``, protocol being ``"5"`` or ``"3.1.1"``.
 
-    With ``protocol="auto"`` MQTT 5 is tried first, then 3.1.1 (brokers such as amqtt
-    refuse or drop an MQTT 5 CONNECT). Extra keyword arguments go to ``aiomqtt.Client``
-    (``will``, ``clean_session`` …). The caller leaves with ``await client.__aexit__(...)``
-    or uses the client in ``async with``. Failures raise :class:`TransportError`.
+    With ``protocol="auto"`` MQTT 5 is tried first, then 3.1.1 (brokers such as amqtt and
+    RabbitMQ before 3.13 refuse, drop or ignore an MQTT 5 CONNECT). The MQTT 5 try gives
+    up when the broker closes the socket or sends no CONNACK within
+    :data:`V5_CONNACK_TIMEOUT_S` (more on a slow link), so the fall-back costs well under
+    a second. Extra keyword arguments go to ``aiomqtt.Client`` (``will``,
+    ``clean_session`` …). The caller leaves with ``await client.__aexit__(...)`` or uses
+    the client in ``async with``. Failures raise :class:`TransportError`.
     """
     import aiomqtt
 
@@ -143,16 +153,76 @@ async def connect(cfg: BrokerConfig, client_id: str, **kwargs: Any) -> tuple[aio
     last: Exception | None = None
     for protocol in attempts:
         client = _client(cfg, client_id, protocol, **kwargs)
+        probing = protocol == "5" and len(attempts) > 1
+        timeout = client.timeout
+        if probing:
+            _bounded_connack(client)
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
             last = exc
             log.debug("connect %s as MQTT %s failed: %s", cfg.url(), protocol, exc)
+            if probing:
+                _discard(client)
             continue
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"cannot reach broker {cfg.url()}: {exc}") from exc
+        client.timeout = timeout  # the default for subscribe/publish waits from here on
+        if probing:
+            _unhook(client)
         return client, protocol
     raise TransportError(f"cannot connect to broker {cfg.url()} as {client_id!r}: {last}")
+
+
+def _bounded_connack(client: aiomqtt.Client) -> None:
+    """Make an MQTT 5 try fail fast: on a closed socket at once, on silence after a bound.
+
+    aiomqtt waits ``client.timeout`` for the CONNACK and ignores a socket closed before
+    it. The socket connect (TCP, TLS) runs first in an executor; its duration is a
+    measure of the link's round trip, so the CONNACK bound is the larger of
+    :data:`V5_CONNACK_TIMEOUT_S` and 3 × that duration (one more round trip is all a
+    CONNACK needs). ``client.timeout`` is read only when the wait starts.
+    """
+    import time
+
+    paho = client._client
+    connect_socket = client._client_connect
+
+    def timed_connect() -> None:
+        start = time.monotonic()
+        connect_socket()
+        client.timeout = min(client.timeout,
+                             max(V5_CONNACK_TIMEOUT_S, 3 * (time.monotonic() - start)))
+
+    client._client_connect = timed_connect  # type: ignore[method-assign]
+    on_disconnect = paho.on_disconnect
+
+    def closed_before_connack(*args: Any, **kw: Any) -> None:
+        pending = client._connected
+        if not pending.done():
+            import aiomqtt
+
+            pending.set_exception(aiomqtt.MqttError("the broker closed the connection "
+                                                    "before its CONNACK"))
+            return
+        if on_disconnect is not None:
+            on_disconnect(*args, **kw)
+
+    paho.on_disconnect = closed_before_connack
+    client._splitinfer_on_disconnect = on_disconnect  # type: ignore[attr-defined]
+
+
+def _unhook(client: aiomqtt.Client) -> None:
+    client._client.on_disconnect = client._splitinfer_on_disconnect  # type: ignore[attr-defined]
+
+
+def _discard(client: aiomqtt.Client) -> None:
+    """Close the socket of a failed try now rather than leave it to the GC."""
+    try:
+        # paho's own close: aiomqtt's socket callbacks drop the loop's reader and writer.
+        client._client._sock_close()
+    except Exception as exc:  # best effort: the try has failed anyway
+        log.debug("closing a failed MQTT 5 try: %r", exc)
 
 
 def _prop_bytes(ident: int, value: bytes) -> bytes:

@@ -12,26 +12,50 @@ A mosquitto ACL that confines each device to its own topics (``%c`` = client id 
     pattern write splitinfer/v1/req/+/%c
     pattern read  splitinfer/v1/res/%c
     pattern write splitinfer/v1/status/%c
+
+Every level we put in a topic (prefix levels, model, device id, group) is letters, digits,
+``_`` and ``-`` only (:func:`check_level`); names that come from elsewhere (a model file's
+name, ``digits_cnn.int8``) go through :func:`topic_name` first. NATS' MQTT gateway, for
+one, refuses a ``.`` in a topic.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from splitinfer.errors import BadInputError
 
-__all__ = ["Topics", "check_level", "DEFAULT_PREFIX", "DEFAULT_GROUP"]
+__all__ = ["Topics", "check_level", "topic_name", "DEFAULT_PREFIX", "DEFAULT_GROUP"]
 
 DEFAULT_PREFIX = "splitinfer"
 DEFAULT_GROUP = "splitinfer-workers"
-_BAD = set("/+#\0")
+# What every broker takes in a topic level. MQTT itself allows almost anything, but NATS'
+# MQTT gateway maps '/' to '.' and so refuses '.', ' ', '>' and '*' (its subject
+# separators and wildcards); the portable set is letters, digits, '_' and '-'.
+_LEVEL = re.compile(r"[A-Za-z0-9_-]+")
+_NOT_LEVEL = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def topic_name(text: str) -> str:
+    """``text`` as a topic level every broker accepts: other characters become ``_``.
+
+    ``"digits_cnn.int8"`` → ``"digits_cnn_int8"``. The model level of the request topics
+    is ``topic_name(manifest.model)`` on both sides (device and worker).
+    """
+    cleaned = _NOT_LEVEL.sub("_", text)
+    return cleaned or "_"
 
 
 def check_level(value: str, what: str) -> str:
-    """A single topic level: non-empty, no '/', '+', '#', NUL, not starting with '$'."""
-    if not value or _BAD & set(value) or value.startswith("$"):
-        raise BadInputError(f"{what} {value!r} is not usable as an MQTT topic level; expected a "
-                            "non-empty name without '/', '+', '#' or a leading '$'")
+    """A single topic level: non-empty, only letters, digits, '_' and '-'."""
+    if not isinstance(value, str) or not _LEVEL.fullmatch(value):
+        bad = sorted(set(_NOT_LEVEL.findall(value))) if isinstance(value, str) else []
+        found = f" (it contains {''.join(bad)!r})" if bad else ""
+        raise BadInputError(
+            f"{what} {value!r} is not usable as an MQTT topic level{found}; expected a "
+            "non-empty name of letters, digits, '_' and '-' (no '.', space, '/', '+', '#', "
+            "'*', '>': NATS and others refuse them)")
     return value
 
 
@@ -40,10 +64,11 @@ class Topics:
     prefix: str = DEFAULT_PREFIX
 
     def __post_init__(self) -> None:
-        if not self.prefix or "+" in self.prefix or "#" in self.prefix or \
-                self.prefix.startswith(("/", "$")) or self.prefix.endswith("/"):
-            raise BadInputError(f"topic prefix {self.prefix!r}: expected levels without "
-                                "wildcards, no leading '$' or '/', no trailing '/'")
+        if not self.prefix or not all(_LEVEL.fullmatch(level)
+                                      for level in self.prefix.split("/")):
+            raise BadInputError(f"topic prefix {self.prefix!r}: expected one or more levels "
+                                "of letters, digits, '_' and '-' separated by '/' (no "
+                                "wildcards, no '.', no leading '$' or '/', no trailing '/')")
 
     def request(self, model: str, device_id: str) -> str:
         return (f"{self.prefix}/v1/req/{check_level(model, 'model name')}/"
