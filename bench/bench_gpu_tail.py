@@ -102,7 +102,7 @@ def _worker(tail: Any, acts: list[np.ndarray[Any, Any]], requests: int,
     from cloud_service.config import Config
     from cloud_service.registry import Registry
     from cloud_service.worker import Incoming, Worker
-    from splitinfer.topics import Topics
+    from splitinfer.topics import Topics, topic_name
     from splitinfer.wire import REQUEST, Envelope, WireTensor, encode
 
     topics = Topics("gpu")
@@ -115,7 +115,8 @@ def _worker(tail: Any, acts: list[np.ndarray[Any, Any]], requests: int,
                        split_id=tail.split_id,
                        tensors=[WireTensor(s.name, a[j:j + 1], s.quantization)
                                 for s, a in zip(specs, acts, strict=True)])
-        payloads.append(Incoming(topics.request(tail.manifest.model, device), encode(env)))
+        topic = topics.request(topic_name(tail.manifest.model), device)
+        payloads.append(Incoming(topic, encode(env)))
     answered = 0
 
     async def publish(topic: str, payload: bytes, correlation: bytes | None) -> None:

@@ -408,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
     from simulators.broker import MosquittoBroker
     from splitinfer.errors import BadInputError
     from splitinfer.manifest import Manifest
+    from splitinfer.topics import topic_name
 
     if (args.devices < 1 or args.max_batch < 2 or args.duration <= 0 or args.rounds < 1
             or args.warmup < 0 or args.single_duration <= 0):
@@ -462,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
         spec = {
             "broker": url, "split_id": manifest.split_id, "devices": args.devices,
             "replay": replay, "nice": args.nice, "windows": windows,
-            "targets": {name: {"prefix": s.config.prefix, "model": manifest.model}
+            "targets": {name: {"prefix": s.config.prefix, "model": topic_name(manifest.model)}
                         for name, s in servers.items()},
         }
         say(f"{args.rounds} cycles of {args.duration:g} s slices: raw onnxruntime at batch "

@@ -89,8 +89,8 @@ from splitinfer.errors import (
     SplitInferError,
     StartupError,
 )
-from splitinfer.manifest import Manifest, find_split_dirs, safe_name
-from splitinfer.topics import DEFAULT_PREFIX, Topics
+from splitinfer.manifest import Manifest, find_split_dirs
+from splitinfer.topics import DEFAULT_PREFIX, Topics, topic_name
 
 __all__ = ["FleetConfig", "Fleet", "FleetResult", "Progress", "STAGE_SOURCES",
            "REPORT_STAGES", "FAULT_EXTRA_KINDS"]
@@ -296,7 +296,8 @@ class Fleet:
         sizes = payload_sizes(manifest, device_id=f"{self.token}-{cfg.devices - 1:05d}",
                               result_topic=topics.result(f"{self.token}-{cfg.devices:05d}"),
                               replay=cfg.replay)
-        request_topic = topics.request(safe_name(manifest.model), f"{self.token}-{cfg.devices:05d}")
+        request_topic = topics.request(topic_name(manifest.model),
+                                       f"{self.token}-{cfg.devices:05d}")
         wire_up = mqtt_publish_bytes(request_topic, sizes[0], cfg.qos)
         wire_down = mqtt_publish_bytes(topics.result(f"{self.token}-{cfg.devices:05d}"),
                                        sizes[1], cfg.qos)
