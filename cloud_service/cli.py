@@ -44,7 +44,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="shared-subscription group; replicas in one group split the "
                        "load (default %(default)s) [SPLITINFER_GROUP]")
     group.add_argument("--no-group", dest="group", action="store_const", const="",
-                       help="plain subscription, for brokers without $share (amqtt)")
+                       help="plain subscription, for brokers without $share (amqtt, "
+                       "RabbitMQ, NATS); without it the worker probes the group and falls "
+                       "back to this with a warning where $share does not deliver")
     serve.add_argument("--prefix", default=_env("--prefix", DEFAULT_PREFIX),
                        help="topic prefix (default %(default)s) [SPLITINFER_PREFIX]")
     serve.add_argument("--max-batch", type=int, default=_env("--max-batch", 32),
@@ -105,6 +107,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     from cloud_service.server import Server
 
-    server = Server(config_from_args(args))
+    def ready(server: Server) -> None:
+        # stdout, without -v: the one sign for a person or a script that it is serving
+        print(server.ready_line(), flush=True)
+
+    server = Server(config_from_args(args), on_started=ready)
     server.run()
     return 0 if server.drained_cleanly is not False else 1

@@ -218,6 +218,16 @@ class Tail:
         return [np.asarray(o) for o in outputs]
 
 
+def _edge_only(directory: Path) -> bool:
+    """An edge-only split (manifest kind "edge_only", no tail): nothing to serve; logged."""
+    manifest = Manifest.load(directory)
+    if getattr(manifest, "kind", "split") != "edge_only" and manifest.tail is not None:
+        return False
+    log.info("split %s in %s is edge-only (the device runs the whole model): not served",
+             manifest.split_id, directory)
+    return True
+
+
 class Registry(Mapping[str, Tail]):
     """Every tail a worker serves, by split id."""
 
@@ -244,8 +254,12 @@ class Registry(Mapping[str, Tail]):
             raise StartupError(f"artifacts directory {root} does not exist; expected split "
                                "directories written by 'splitinfer split'")
         registry = cls()
+        edge_only = 0
         for directory in find_split_dirs(root):
             try:
+                if _edge_only(directory):
+                    edge_only += 1
+                    continue
                 tail = Tail.open(directory, threads=threads, providers=providers)
             except SplitInferError as exc:
                 registry.failed[str(directory)] = str(exc)
@@ -257,6 +271,10 @@ class Registry(Mapping[str, Tail]):
                      "batched" if tail.batchable else f"fixed batch {tail.fixed_batch}",
                      directory)
         if not registry:
+            if edge_only and not registry.failed:
+                raise StartupError(f"nothing for a worker under {root}: its {edge_only} "
+                                   "split(s) are edge-only (the whole model on the device, "
+                                   "no tail); expected at least one split with a tail")
             why = "; ".join(f"{d}: {e}" for d, e in registry.failed.items())
             raise StartupError(f"no servable split under {root}" + (f" ({why})" if why else
                                "; expected directories with manifest.json and tail.onnx "

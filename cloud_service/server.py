@@ -22,10 +22,11 @@ import math
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cloud_service.broker_check import SLOW_ROUND_TRIP_S, BrokerCheck, check_broker
 from cloud_service.config import Config
 from cloud_service.metrics import Metrics
 from cloud_service.paho_io import tune
@@ -77,9 +78,18 @@ class _Ack:
 class Server:
     """One worker process: see the module docstring."""
 
-    def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
+    def __init__(self, config: Config, *, registry: Registry | None = None,
+                 on_started: Callable[[Server], None] | None = None) -> None:
         self.config = config
         self.registry = registry
+        # Called once (on the serving loop) when the subscription is in place; the CLI
+        # prints ready_line() from it.
+        self.on_started = on_started
+        self.broker_check: BrokerCheck | None = None
+        # What the worker subscribed to: the group's shared filter, or the plain one when
+        # the group was not asked for or the broker has no shared subscriptions.
+        self.subscription: str = config.subscription()
+        self.group: str = config.group
         self.metrics = Metrics()
         self.worker: Worker | None = None
         self.started = threading.Event()
@@ -226,11 +236,14 @@ class Server:
                                       publish_nowait=self._publish_nowait)
         tasks: list[asyncio.Task[Any]] = []
         try:
+            await self._check(conn)
             await self._subscribe(conn)
             log.info("worker %s serving %d split(s) on %s (%s, MQTT %s), max batch %d, "
                      "max delay %.1f ms", cfg.client_id, len(self.registry),
-                     cfg.broker_config().url(), cfg.subscription(), conn.protocol,
+                     cfg.broker_config().url(), self.subscription, conn.protocol,
                      cfg.max_batch, cfg.max_delay_ms)
+            if self.on_started is not None:
+                self.on_started(self)
             self.started.set()
             supervisor = asyncio.create_task(self._supervise(conn), name="mqtt-supervisor")
             exit_wait = asyncio.create_task(self._wait(self._exit), name="exit-wait")
@@ -268,10 +281,54 @@ class Server:
             self._connected.set()
         return conn
 
+    def ready_line(self) -> str:
+        """One line for people and scripts: splits, broker (no password), group, protocol."""
+        splits = ", ".join(sorted(self.registry or ()))
+        group = f"group {self.group}" if self.group else "no group"
+        rtt = self.broker_check.round_trip_s if self.broker_check else None
+        took = f", round trip {rtt * 1e3:.1f} ms" if rtt is not None else ""
+        return (f"serving {len(self.registry or ())} split(s) [{splits}] on "
+                f"{self.config.broker_config().url()}, {group}, MQTT {self.protocol}{took}")
+
+    async def _check(self, conn: _Connection) -> None:
+        """Shared subscriptions and the round trip (cloud_service.broker_check); without
+        shared subscriptions, fall back to a plain subscription with one warning."""
+        import aiomqtt
+
+        cfg = self.config
+        try:
+            check = await check_broker(conn.client, conn.protocol, cfg.topics(), cfg.group,
+                                       cfg.broker_config(), cfg.client_id)
+        except (aiomqtt.MqttError, TransportError) as exc:
+            log.warning("broker check failed (%s); subscribing as configured", exc)
+            return
+        self.broker_check = check
+        if cfg.group and not check.shared:
+            self.group = ""
+            self.subscription = cfg.topics().request_filter()
+            log.warning(
+                "broker %s has no shared subscriptions (%s): subscribed to %s without the "
+                "group %r instead. Every replica on this broker now receives and answers "
+                "every request, so run only one; for several, use a broker with $share "
+                "(mosquitto, EMQX, HiveMQ, VerneMQ). --no-group asks for this directly, "
+                "without the probe.", cfg.broker_config().url(), check.reason,
+                self.subscription, cfg.group)
+        rtt = check.round_trip_s
+        if rtt is not None and check.slow:
+            log.warning(
+                "slow broker: a QoS 1 request and answer through it took %.1f ms (median "
+                "of %d; expected ~1 ms to a broker nearby, %.0f ms is the threshold). A stock "
+                "mosquitto stalls ~40 ms per message on Nagle + delayed ACK: set "
+                "'set_tcp_nodelay true' in mosquitto.conf (docs/brokers.md)",
+                rtt * 1e3, len(check.round_trips_s), SLOW_ROUND_TRIP_S * 1e3)
+        elif rtt is not None:
+            log.info("broker round trip %.2f ms (QoS 1, median of %d)", rtt * 1e3,
+                     len(check.round_trips_s))
+
     async def _subscribe(self, conn: _Connection) -> None:
         import aiomqtt
 
-        topic = self.config.subscription()
+        topic = self.subscription
         try:
             granted = await conn.client.subscribe(topic, qos=1)
         except aiomqtt.MqttError as exc:
@@ -438,7 +495,7 @@ class Server:
         conn = self._conn
         if conn is not None:
             try:
-                await conn.client.unsubscribe(self.config.subscription(),
+                await conn.client.unsubscribe(self.subscription,
                                               timeout=_UNSUBSCRIBE_TIMEOUT_S)
             except aiomqtt.MqttError as exc:
                 log.warning("unsubscribe failed while draining: %s", exc)

@@ -2,10 +2,15 @@
 
 :class:`MosquittoBroker` runs the Debian ``mosquitto`` binary on a free loopback port
 with the latency-tuned settings kept in ``docker/mosquitto/mosquitto.conf`` (the
-``TUNING`` lines below; a test keeps the two in step). It can be stopped and restarted
-on the same port, which the fault injection uses. :class:`EmbeddedBroker` runs amqtt
-(MQTT 3.1.1 only, no shared subscriptions) in a thread of its own for machines
-without mosquitto.
+``TUNING`` lines below; a test keeps the two in step), or with ``tuned=False`` the stock
+settings. It can be stopped and restarted on the same port, which the fault injection
+uses. :class:`EmbeddedBroker` runs amqtt (MQTT 3.1.1 only, no shared subscriptions) in a
+thread of its own for machines without mosquitto.
+
+For the broker matrix (tests/test_brokers.py, docs/brokers.md): :class:`NatsBroker` runs
+``nats-server`` with its MQTT gateway and JetStream, :class:`RabbitMQBroker` a RabbitMQ
+node of its own with the MQTT plugin; both on free loopback ports with their own
+directories, never touching a system instance.
 """
 
 from __future__ import annotations
@@ -15,19 +20,22 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
 from splitinfer.errors import StartupError
 
-__all__ = ["TUNING", "Broker", "MosquittoBroker", "EmbeddedBroker", "start_broker",
-           "free_port", "wait_for_port", "mosquitto_binary"]
+__all__ = ["TUNING", "Broker", "MosquittoBroker", "EmbeddedBroker", "NatsBroker",
+           "RabbitMQBroker", "start_broker", "free_port", "wait_for_port", "mosquitto_binary",
+           "nats_binary", "rabbitmq_binary"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +109,7 @@ class MosquittoBroker(_Lifecycle):
     supports_mqtt5 = True
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, binary: str | None = None,
-                 extra_config: tuple[str, ...] = ()) -> None:
+                 extra_config: tuple[str, ...] = (), tuned: bool = True) -> None:
         found = binary or mosquitto_binary()
         if not found:
             raise StartupError("mosquitto is not installed; install it (apt-get install -y "
@@ -110,13 +118,14 @@ class MosquittoBroker(_Lifecycle):
         self.host = host
         self.port = port or free_port(host)
         self.extra_config = extra_config
+        self.tuned = tuned  # False: mosquitto's defaults (Nagle on, 20 in flight, 1000 queued)
         self._dir = tempfile.TemporaryDirectory(prefix="splitinfer-mosquitto-")
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(self._dir.name) / "mosquitto.log"
 
     def config_text(self) -> str:
         return "\n".join([
-            *TUNING,
+            *(TUNING if self.tuned else ()),
             "persistence false",
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
@@ -240,6 +249,184 @@ class EmbeddedBroker(_Lifecycle):
         self._thread = None
 
 
+class _ProcessBroker(_Lifecycle):
+    """A broker run as a child process in a session of its own, in a temp directory.
+
+    :meth:`launch` starts it without waiting (so slow starters can come up in parallel
+    with other work), :meth:`wait` waits for its MQTT port; :meth:`start` does both.
+    :meth:`stop` ends the child's whole process group (its own session: ours only).
+    """
+
+    name = "broker"
+    startup_timeout_s = 15.0
+    supports_shared_subscriptions = False
+    supports_mqtt5 = False
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._dir = tempfile.TemporaryDirectory(prefix=f"splitinfer-{self.name}-")
+        self.dir = Path(self._dir.name)
+        self.log_path = self.dir / f"{self.name}.log"
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        raise NotImplementedError
+
+    def _spawn(self, argv: list[str], env: dict[str, str] | None = None
+               ) -> subprocess.Popen[bytes]:
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        try:
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, cwd=self.dir,
+                                    start_new_session=True)
+        finally:
+            logf.close()
+        self._procs.append(proc)
+        return proc
+
+    def launch(self) -> None:
+        if self._procs:
+            return
+        argv, env = self._command()
+        self._spawn(argv, env)
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if any(p.poll() is not None for p in self._procs):
+                log_text = self.log_path.read_text(errors="replace")[-800:]
+                self.stop()
+                raise StartupError(f"{self.name} exited during start-up: {log_text}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    log_text = self.log_path.read_text(errors="replace")[-800:]
+                    self.stop()
+                    raise StartupError(f"{self.name} did not listen on {self.host}:"
+                                       f"{self.port} within {self.startup_timeout_s:.0f} s: "
+                                       f"{log_text}") from None
+                time.sleep(0.05)
+        log.info("%s listening on %s", self.name, self.url)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait()
+
+    def stop(self) -> None:
+        procs, self._procs = self._procs, []
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+
+class NatsBroker(_ProcessBroker):
+    """``nats-server`` with its MQTT gateway (needs JetStream and a server name).
+
+    MQTT 3.1.1 only; no shared subscriptions (it grants ``$share/…`` as a literal
+    filter); a ``.`` in a topic is refused with a disconnect (NATS subjects use ``.``
+    where MQTT has ``/``); payloads up to NATS' ``max_payload`` (1 MB by default).
+    """
+
+    name = "nats"
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, binary: str | None = None,
+                 extra_config: tuple[str, ...] = ()) -> None:
+        found = binary or nats_binary()
+        if not found:
+            raise StartupError("nats-server is not installed (apt-get install -y nats-server)")
+        self.binary = found
+        self.extra_config = extra_config
+        super().__init__(host=host, port=port)
+        self.client_port = free_port(host)
+
+    def config_text(self) -> str:
+        return "\n".join([
+            f"server_name: splitinfer_{self.port}",
+            f"listen: {self.host}:{self.client_port}",
+            f'jetstream {{ store_dir: "{self.dir / "js"}" }}',
+            f"mqtt {{ listen: {self.host}:{self.port} }}",
+            *self.extra_config,
+        ]) + "\n"
+
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        conf = self.dir / "nats.conf"
+        conf.write_text(self.config_text())
+        return [self.binary, "-c", str(conf)], None
+
+
+class RabbitMQBroker(_ProcessBroker):
+    """A RabbitMQ node of its own with the MQTT plugin, on free ports, in a temp dir.
+
+    Its own node name, Erlang cookie (``HOME``), epmd port, AMQP and distribution ports,
+    Mnesia/log/plugin files: a system RabbitMQ on the same machine is left alone. Takes
+    ~15 s to boot. RabbitMQ before 3.13: MQTT 3.1.1 only, no shared subscriptions.
+    """
+
+    name = "rabbitmq"
+    startup_timeout_s = 45.0
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0,
+                 binary: str | None = None) -> None:
+        found = binary or rabbitmq_binary()
+        if not found:
+            raise StartupError("rabbitmq-server is not installed")
+        epmd = shutil.which("epmd")
+        if not epmd:
+            raise StartupError("epmd (Erlang) is not on PATH; RabbitMQ needs it")
+        self.binary, self.epmd = found, epmd
+        super().__init__(host=host, port=port)
+        self.amqp_port, self.dist_port, self.epmd_port = (free_port(host) for _ in range(3))
+        self.node = f"splitinfer{self.port}@localhost"
+
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        home = self.dir / "home"
+        home.mkdir(exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(uuid.uuid4().hex)
+        cookie.chmod(0o600)
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (self.dir / "rabbitmq.conf").write_text("\n".join([
+            f"listeners.tcp.default = {self.host}:{self.amqp_port}",
+            f"mqtt.listeners.tcp.default = {self.host}:{self.port}",
+            "mqtt.allow_anonymous = true",
+            "loopback_users = none",
+        ]) + "\n")
+        env = {
+            **os.environ, "HOME": str(home), "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": self.host,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port), "ERL_EPMD_PORT": str(self.epmd_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(self.dir / "feature_flags"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(self.dir / "plugins-expand"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbitmq.pid"),
+        }
+        # An epmd of our own (foreground, our child) on our own port, before the node.
+        self._spawn([self.epmd, "-port", str(self.epmd_port)], env)
+        wait_for_port("127.0.0.1", self.epmd_port, timeout=5)
+        return [self.binary], env
+
+
 @contextlib.contextmanager
 def warnings_silenced() -> Any:
     import warnings
@@ -259,6 +446,28 @@ def mosquitto_binary() -> str | None:
     if found:
         return found
     return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
+def nats_binary() -> str | None:
+    """``$SPLITINFER_NATS`` if set ("" = none), else ``nats-server`` on PATH or in
+    /usr/sbin."""
+    return _binary("SPLITINFER_NATS", "nats-server", "/usr/sbin/nats-server")
+
+
+def rabbitmq_binary() -> str | None:
+    """``$SPLITINFER_RABBITMQ`` if set ("" = none), else Debian's rabbitmq-server script
+    (the one under /usr/lib/rabbitmq/bin: /usr/sbin's wrapper switches user)."""
+    return _binary("SPLITINFER_RABBITMQ", None, "/usr/lib/rabbitmq/bin/rabbitmq-server")
+
+
+def _binary(env: str, name: str | None, fallback: str) -> str | None:
+    configured = os.environ.get(env)
+    if configured is not None:
+        return configured or None
+    found = shutil.which(name) if name else None
+    if found:
+        return found
+    return fallback if Path(fallback).exists() else None
 
 
 def start_broker(prefer: str = "mosquitto") -> MosquittoBroker | EmbeddedBroker:

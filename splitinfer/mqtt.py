@@ -32,7 +32,8 @@ from splitinfer.errors import BadInputError, TransportError
 if TYPE_CHECKING:
     import aiomqtt
 
-__all__ = ["BrokerConfig", "connect", "request_properties", "result_properties", "PROTOCOLS"]
+__all__ = ["BrokerConfig", "connect", "connack_property", "request_properties",
+           "result_properties", "PROTOCOLS", "V5_CONNACK_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
 PROTOCOLS = ("auto", "5", "3.1.1")
@@ -119,7 +120,7 @@ def _client(cfg: BrokerConfig, client_id: str, protocol: str, **kwargs: Any) -> 
     import aiomqtt
 
     version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         cfg.host, cfg.port, identifier=client_id, username=cfg.username,
         password=cfg.password, protocol=version, keepalive=cfg.keepalive,
         socket_options=_NODELAY, tls_context=cfg.tls_context(),
@@ -127,6 +128,25 @@ def _client(cfg: BrokerConfig, client_id: str, protocol: str, **kwargs: Any) -> 
         max_inflight_messages=1000,
         **kwargs,
     )
+    # Keep the CONNACK's properties (aiomqtt drops them): "Shared Subscription Available",
+    # "Maximum Packet Size", "Retain Available" … tell what the broker offers.
+    paho = client._client
+    on_connect: Any = paho.on_connect
+
+    def keep_connack(mqttc: Any, userdata: Any, flags: Any, reason: Any,
+                     properties: Any = None) -> None:
+        client._splitinfer_connack = properties  # type: ignore[attr-defined]
+        on_connect(mqttc, userdata, flags, reason, properties)
+
+    paho.on_connect = keep_connack
+    return client
+
+
+def connack_property(client: aiomqtt.Client, name: str) -> Any:
+    """A property of the broker's CONNACK (MQTT 5), e.g. ``"SharedSubscriptionAvailable"``;
+    None when absent (the broker's default applies) or on MQTT 3.1.1."""
+    props = getattr(client, "_splitinfer_connack", None)
+    return getattr(props, name, None) if props is not None else None
 
 
 # How long the MQTT 5 try of protocol "auto" waits for its CONNACK once the socket is up
@@ -180,7 +200,7 @@ def _bounded_connack(client: aiomqtt.Client) -> None:
     aiomqtt waits ``client.timeout`` for the CONNACK and ignores a socket closed before
     it. The socket connect (TCP, TLS) runs first in an executor; its duration is a
     measure of the link's round trip, so the CONNACK bound is the larger of
-    :data:`V5_CONNACK_TIMEOUT_S` and 3 × that duration (one more round trip is all a
+    :data:`V5_CONNACK_TIMEOUT_S` and 3 times that duration (one more round trip is all a
     CONNACK needs). ``client.timeout`` is read only when the wait starts.
     """
     import time
