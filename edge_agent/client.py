@@ -66,8 +66,8 @@ from splitinfer.errors import (
     TransportError,
     WireError,
 )
-from splitinfer.manifest import Manifest, TensorSpec, safe_name
-from splitinfer.topics import DEFAULT_PREFIX, Topics, check_level
+from splitinfer.manifest import Manifest, TensorSpec
+from splitinfer.topics import DEFAULT_PREFIX, Topics, check_level, topic_name
 from splitinfer.wire import (
     DEFAULT_MAX_PAYLOAD,
     REQUEST,
@@ -180,7 +180,7 @@ class EdgeAgent:
         self._connector: Connector = connector or MqttConnector(
             config.broker, timeout_s=config.connect_timeout_s)
         topics = Topics(config.prefix)
-        self.request_topic = topics.request(safe_name(manifest.model), config.device_id)
+        self.request_topic = topics.request(topic_name(manifest.model), config.device_id)
         self.result_topic = topics.result(config.device_id)
         self.status_topic = topics.status(config.device_id)
         self.counters = _Counters()

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from edge_agent.client import AgentConfig, Array, EdgeAgent, InferenceResult, Inputs
 from edge_agent.transport import Connector
 from splitinfer.errors import BadInputError, DeadlineExceeded, StartupError
-from splitinfer.manifest import safe_name
+from splitinfer.topics import topic_name
 
 __all__ = ["SplitClient", "default_device_id"]
 
@@ -40,7 +40,7 @@ def default_device_id() -> str:
     configured = os.environ.get("SPLITINFER_DEVICE_ID")
     if configured:
         return configured
-    return safe_name(f"edge-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
+    return topic_name(f"edge-{socket.gethostname()}-{uuid.uuid4().hex[:6]}")
 
 
 class SplitClient:
