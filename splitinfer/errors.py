@@ -11,6 +11,7 @@
      ├── StartupError                      a service could not start → exit 3
      ├── RemoteError                       the far side answered with an error code
      ├── DeadlineExceeded (TimeoutError)   no answer before the request's deadline
+     ├── NoSubscriberError                 the broker says nobody subscribes to the request topic
      └── TransportError (ConnectionError)  the broker connection failed or was lost
 
 Every class carries the context it knows (``split_id``, ``device_id``, ``topic``) so that a
@@ -33,6 +34,7 @@ __all__ = [
     "StartupError",
     "RemoteError",
     "DeadlineExceeded",
+    "NoSubscriberError",
     "TransportError",
     "EXIT_OK",
     "EXIT_FAILED",
@@ -126,6 +128,11 @@ class RemoteError(SplitInferError):
 
 class DeadlineExceeded(SplitInferError, TimeoutError):
     """No answer arrived before the request's deadline."""
+
+
+class NoSubscriberError(SplitInferError):
+    """The broker accepted a request but no one subscribes to its topic (MQTT 5 PUBACK
+    reason 16, "No matching subscribers"): no worker serves it; ``.topic`` names it."""
 
 
 class TransportError(SplitInferError, ConnectionError):
