@@ -1,4 +1,9 @@
-"""Shared fixtures: a real mosquitto on a free loopback port, per-test topic prefixes."""
+"""Shared fixtures: real brokers on free loopback ports, per-test topic prefixes.
+
+mosquitto (latency-tuned, and stock) and amqtt are always there; ``nats-server`` and
+RabbitMQ (the broker matrix, tests/test_brokers.py) are skipped with the reason where the
+machine lacks them. Never a system broker, never a public one.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from simulators.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+from simulators.broker import (
+    EmbeddedBroker,
+    MosquittoBroker,
+    NatsBroker,
+    RabbitMQBroker,
+    mosquitto_binary,
+    nats_binary,
+    rabbitmq_binary,
+)
+from splitinfer.errors import StartupError
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +53,74 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
     broker.stop()
 
 
+@pytest.fixture(scope="session")
+def stock_mosquitto() -> Iterator[MosquittoBroker]:
+    """mosquitto with its stock settings (no set_tcp_nodelay): the ~40 ms QoS1 stall."""
+    if not mosquitto_binary():
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does)")
+    broker = MosquittoBroker(tuned=False)
+    broker.start()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture(scope="session")
+def nats_broker() -> Iterator[NatsBroker]:
+    """nats-server of our own: MQTT gateway + JetStream, own config and store directory."""
+    if not nats_binary():
+        pytest.skip("nats-server is not installed (apt-get install -y nats-server)")
+    broker = NatsBroker()
+    try:
+        broker.start()
+    except StartupError as exc:
+        broker.close()
+        pytest.skip(f"nats-server did not start: {exc}")
+    yield broker
+    broker.close()
+
+
+_rabbitmq: RabbitMQBroker | None = None
+
+
+def launch_rabbitmq() -> RabbitMQBroker | None:
+    """Start booting our own RabbitMQ node (~15 s) without waiting; None without RabbitMQ.
+    The broker matrix calls it early so the boot overlaps the other brokers' tests."""
+    global _rabbitmq
+    if _rabbitmq is None and rabbitmq_binary():
+        try:
+            _rabbitmq = RabbitMQBroker()
+            _rabbitmq.launch()
+        except StartupError:
+            _rabbitmq = None
+    return _rabbitmq
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker() -> Iterator[RabbitMQBroker]:
+    """A RabbitMQ node of our own with the MQTT plugin (own node name, cookie, epmd and
+    ports: a system RabbitMQ stays untouched)."""
+    if not rabbitmq_binary():
+        pytest.skip("RabbitMQ is not installed (apt-get install -y rabbitmq-server); see "
+                    "docs/brokers.md for running the matrix against one")
+    broker = launch_rabbitmq()
+    if broker is None:
+        pytest.skip("RabbitMQ could not be launched (no epmd?); see docs/brokers.md")
+    try:
+        broker.wait()
+    except StartupError as exc:
+        broker.close()
+        pytest.skip(f"our RabbitMQ node did not start: {exc}")
+    yield broker
+    broker.close()
+
+
 @pytest.fixture()
 def topic_prefix() -> str:
     """A unique topic prefix so tests sharing one broker never see each other's traffic."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A RabbitMQ launched early but never used (tests deselected) still goes."""
+    if _rabbitmq is not None:
+        _rabbitmq.close()
