@@ -316,18 +316,24 @@ class _ProcessBroker(_Lifecycle):
         self.wait()
 
     def stop(self) -> None:
+        """The last started first, each waited for (a RabbitMQ node that loses its epmd
+        while shutting down starts another one)."""
         procs, self._procs = self._procs, []
         for proc in reversed(procs):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if procs:
+            self._stopped()
+
+    def _stopped(self) -> None:
+        """Clean-up after the processes are gone."""
 
     def close(self) -> None:
         self.stop()
@@ -392,6 +398,13 @@ class RabbitMQBroker(_ProcessBroker):
         super().__init__(host=host, port=port)
         self.amqp_port, self.dist_port, self.epmd_port = (free_port(host) for _ in range(3))
         self.node = f"splitinfer{self.port}@localhost"
+
+    def _stopped(self) -> None:
+        # An epmd the node may have started itself (daemonised, out of our process group)
+        # on our port: 'epmd -kill' ends only the one on that port.
+        subprocess.run([self.epmd, "-port", str(self.epmd_port), "-kill"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                       timeout=10)
 
     def _command(self) -> tuple[list[str], dict[str, str] | None]:
         home = self.dir / "home"
