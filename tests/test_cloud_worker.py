@@ -20,7 +20,7 @@ from cloud_service.metrics import ErrorLog, Metrics, render_prometheus
 from cloud_service.registry import Registry, Tail
 from cloud_service.worker import Incoming, ReplyAddress, Worker, reply_address
 from splitinfer.errors import BadInputError, ErrorCode, ManifestError, StartupError, TensorError
-from splitinfer.manifest import Quantization
+from splitinfer.manifest import Manifest, Quantization
 from splitinfer.topics import Topics
 from splitinfer.wire import decode
 
@@ -374,3 +374,58 @@ def test_config_validation() -> None:
     assert Config(artifacts=Path("."), group="").subscription() == "splitinfer/v1/req/+/+"
     assert Config(artifacts=Path("."), group="g").subscription() == \
         "$share/g/splitinfer/v1/req/+/+"
+
+
+# --- baselines: edge-only and cloud-only splits (manifest "kind") --------------------
+
+_HAS_KIND = "kind" in getattr(Manifest, "__dataclass_fields__", {})
+needs_kind = pytest.mark.skipif(not _HAS_KIND, reason="Manifest.kind has not landed yet "
+                                "(splitinfer/manifest.py, issue 8 shared contract)")
+
+
+def _rekind(split: TinySplit, kind: str) -> None:
+    path = split.directory / "manifest.json"
+    data = json.loads(path.read_text())
+    data["kind"] = kind
+    if kind == "edge_only":  # the whole model on the device: no tail, nothing crosses
+        data["tail"] = None
+        data["cut"] = data["outputs"]
+    else:  # cloud_only: no head; the device sends the model's inputs, the tail is it all
+        data["head"] = None
+        data["inputs"] = data["cut"]
+        (split.directory / "head.onnx").unlink()
+    path.write_text(json.dumps(data))
+
+
+@needs_kind
+def test_edge_only_split_is_skipped_with_one_info_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_split(tmp_path, "served")
+    edge = make_split(tmp_path, "edge")
+    _rekind(edge, "edge_only")
+    (edge.directory / "tail.onnx").unlink()
+    with caplog.at_level("INFO", logger="cloud_service.registry"):
+        reg = Registry.load(tmp_path, threads=1)
+    assert list(reg) == ["served"] and not reg.failed
+    lines = [r.getMessage() for r in caplog.records if "edge" in r.getMessage()
+             and "edge-only" in r.getMessage()]
+    assert len(lines) == 1, lines
+    with pytest.raises(StartupError, match="edge-only"):
+        Registry.load(edge.directory)
+
+
+@needs_kind
+def test_cloud_only_split_is_served_like_any_other(tmp_path: Path) -> None:
+    split = make_split(tmp_path, "cloud", quantized=False)
+    _rekind(split, "cloud_only")
+    reg = Registry.load(tmp_path, threads=1)
+    assert list(reg) == ["cloud"]
+    x = split.sample(3, seed=5)
+
+    async def body(worker: Worker) -> None:
+        worker.submit(msg(split, x, request_id="r-cloud")[1])
+
+    pub, _ = run_worker(reg, body)
+    (_topic, answer, _corr), = pub.answers().values()
+    assert answer.error is None
+    np.testing.assert_allclose(answer.tensors[0].array, split.expected(x), rtol=1e-6)
