@@ -259,6 +259,36 @@ def test_doc_hex_dumps_decode_to_the_doc_maps(blocks: dict[str, str]) -> None:
     assert len(tensor["b"]) == int(np.prod(tensor["s"])) * np.dtype(tensor["d"]).itemsize
 
 
+_ISOLATED_CLIENT = """
+import importlib.abc, sys
+
+class NothingOfOurs(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"splitinfer", "edge_agent", "cloud_service", "splitter",
+                                  "simulators", "bench"}:
+            raise ImportError(f"the client imported {name}")
+        return None
+
+sys.meta_path.insert(0, NothingOfOurs())
+sys.path.insert(0, sys.argv[1])
+import msgpack
+import test_wire_doc as doc
+
+blocks = doc.doc_blocks()
+built = msgpack.packb(doc.parse_readable(blocks["request.map"]), use_bin_type=True)
+assert built == doc.parse_xxd(blocks["request.hex"]), "the map and the dump differ"
+print(len(built))
+"""
+
+
+def test_client_half_needs_nothing_of_this_project() -> None:
+    """The request is built from the page with msgpack + numpy, the project unimportable."""
+    got = subprocess.run([sys.executable, "-c", _ISOLATED_CLIENT, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert int(got.stdout) == len(parse_xxd(doc_blocks()["request.hex"]))
+
+
 @pytest.mark.integration
 def test_doc_example_is_the_real_head_output(blocks: dict[str, str], split_dir: Path) -> None:
     manifest = json.loads((split_dir / "manifest.json").read_text())
