@@ -234,6 +234,12 @@ def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def mosquitto_clients() -> None:
+    if not (shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub")):
+        pytest.fail("mosquitto_pub/mosquitto_sub missing: apt-get install -y mosquitto-clients")
+
+
+@pytest.fixture(scope="module")
 def blocks() -> dict[str, str]:
     found = doc_blocks()
     missing = {"request.hex", "request.map", "result.hex", "result.map",
@@ -300,12 +306,11 @@ def test_doc_example_is_the_real_head_output(blocks: dict[str, str], split_dir: 
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("mosquitto_clients")
 @pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
 def test_doc_request_through_mosquitto_clients(mosquitto: Any, split_dir: Path,
                                                topic_prefix: str, blocks: dict[str, str],
                                                version: str) -> None:
-    if not (shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub")):
-        pytest.fail("mosquitto_pub/mosquitto_sub missing: apt-get install -y mosquitto-clients")
     request = parse_xxd(blocks["request.hex"])
     corr = f"corr-{version}"
     with _worker(mosquitto.url, split_dir, topic_prefix):
@@ -331,6 +336,7 @@ def test_doc_request_through_mosquitto_clients(mosquitto: Any, split_dir: Path,
 
 
 @pytest.mark.integration
+@pytest.mark.usefixtures("mosquitto_clients")
 def test_b_as_str_gets_the_documented_error(mosquitto: Any, split_dir: Path,
                                             topic_prefix: str, blocks: dict[str, str]) -> None:
     body = parse_readable(blocks["request.map"])
