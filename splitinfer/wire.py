@@ -8,12 +8,14 @@
      "dev": "cam-0007",           # device id
      "split": "digits_cnn-…",     # split id (names head/tail artifacts)
      "dl": 1764345600.123,        # absolute deadline, unix seconds (0 = none)
-     "rt": "splitinfer/v1/res/cam-0007",   # where to answer (MQTT 3.1.1 has no response topic)
+     "rt": "splitinfer/v1/res/cam-0007",   # informational: the reply always goes to the
+                                          # result topic of the request topic's device id
      "ts": {"head_start": …, "sent": …},   # stage timestamps, unix seconds, per side's clock
      "t": [{"n": "q1", "d": "int8", "s": [4, 16, 4, 4], "b": <bin>, "q": [0.02, 0]}],
      "err": {"code": "bad_tensor", "msg": "…"}}   # results only, instead of tensors
 
-Tensors travel as raw C-order bytes with their canonical dtype name and shape; int8/uint8
+Tensors travel as raw C-order little-endian bytes (whatever the host's byte order) with
+their canonical dtype name and shape; int8/uint8
 tensors carry ``q = [scale, zero_point]``. Decoding checks every size before touching
 data and wraps the received bytes with :func:`numpy.frombuffer` (no further copy; the
 arrays are read-only). No pickle, no ext types, no code on the wire.
@@ -22,6 +24,7 @@ arrays are read-only). No pickle, no ext types, no code on the wire.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -34,6 +37,8 @@ import numpy as np
 from splitinfer.dtypes import DTYPES, canonical_dtype
 from splitinfer.errors import ErrorCode, WireError
 from splitinfer.manifest import Quantization
+
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 __all__ = [
     "VERSION",
@@ -113,7 +118,11 @@ def new_request_id() -> str:
 
 
 def _tensor_to_wire(t: WireTensor) -> dict[str, Any]:
-    array = t.array if t.array.flags.c_contiguous else t.array.copy(order="C")
+    array = t.array
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN_HOST):
+        array = array.astype(array.dtype.newbyteorder("<"))  # the wire is little-endian
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
     entry: dict[str, Any] = {
         "n": t.name,
         "d": canonical_dtype(array.dtype),
@@ -168,7 +177,9 @@ def _tensor_from_wire(entry: Any, index: int) -> WireTensor:
     if len(data) != expected:
         raise WireError(f"tensor {name!r}: {len(data)} bytes for {dtype_name} {tuple(shape)}, "
                         f"expected {expected}", code=ErrorCode.BAD_TENSOR)
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    if _BIG_ENDIAN_HOST and dtype.itemsize > 1:
+        array = array.astype(dtype)  # native order for the runtimes (a copy, only there)
     quant = None
     q = entry.get("q")
     if q is not None:

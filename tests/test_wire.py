@@ -59,6 +59,17 @@ def test_non_contiguous_input_is_sent_c_order() -> None:
     assert np.array_equal(decode(encode(env)).tensors[0].array, base.T)
 
 
+def test_wire_bytes_are_little_endian_whatever_the_array_order() -> None:
+    values = np.arange(3, dtype=np.float32)
+    for array in (values, values.astype(">f4"), values.astype("<f4")):
+        env = Envelope(kind=REQUEST, request_id="r", device_id="d", split_id="s",
+                       tensors=[WireTensor("x", array)])
+        body = msgpack.unpackb(encode(env), raw=False)
+        assert body["t"][0]["d"] == "float32"
+        assert bytes(body["t"][0]["b"]) == values.astype("<f4").tobytes()
+        assert np.array_equal(decode(encode(env)).tensors[0].array, values)
+
+
 def test_error_result_roundtrip() -> None:
     req = Envelope(kind=REQUEST, request_id="r", device_id="d", split_id="s")
     res = req.result(error=ErrorInfo.of(ErrorCode.UNKNOWN_SPLIT, "no split 's'"))
