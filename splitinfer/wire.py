@@ -213,8 +213,8 @@ def decode(payload: bytes | bytearray | memoryview, *,
     if not isinstance(body, dict):
         raise WireError(f"envelope must be a msgpack map, got {type(body).__name__}")
     version = body.get("v")
-    if version != VERSION:
-        raise WireError(f"unsupported envelope version {version!r}; expected {VERSION}")
+    if type(version) is not int or version != VERSION:  # not True, not 1.0: exactly int 1
+        raise WireError(f"unsupported envelope version {version!r}; expected the int {VERSION}")
     kind = _field(body, "k", str, "kind")
     if kind not in (REQUEST, RESULT):
         raise WireError(f"envelope kind must be {REQUEST!r} or {RESULT!r}, got {kind!r}")

@@ -70,6 +70,15 @@ def test_wire_bytes_are_little_endian_whatever_the_array_order() -> None:
         assert np.array_equal(decode(encode(env)).tensors[0].array, values)
 
 
+@pytest.mark.parametrize("version", [True, 1.0, "1", 2, None])
+def test_version_must_be_the_int_1(version: object) -> None:
+    env = Envelope(kind=REQUEST, request_id="r", device_id="d", split_id="s")
+    body = msgpack.unpackb(encode(env), raw=False)
+    body["v"] = version
+    with pytest.raises(WireError, match="envelope version"):
+        decode(msgpack.packb(body, use_bin_type=True))
+
+
 def test_error_result_roundtrip() -> None:
     req = Envelope(kind=REQUEST, request_id="r", device_id="d", split_id="s")
     res = req.result(error=ErrorInfo.of(ErrorCode.UNKNOWN_SPLIT, "no split 's'"))
