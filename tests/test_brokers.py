@@ -157,7 +157,7 @@ def test_names_in_topics_are_what_every_broker_takes() -> None:
     with pytest.raises(BadInputError, match="topic prefix"):
         Topics("fleet.eu/splitinfer")
     # a bad device id stops an agent before it connects, instead of a reconnect storm
-    with pytest.raises(BadInputError, match="cam.1"):
+    with pytest.raises(BadInputError, match=r"cam\.1"):
         AgentConfig(device_id="cam.1")
 
 
