@@ -117,16 +117,21 @@ class Tail:
 
         directory = Path(directory)
         manifest = Manifest.load(directory)
+        ref = manifest.tail
+        if ref is None:
+            raise ManifestError(f"{directory}: split {manifest.split_id} has no tail (an "
+                                "edge-only split runs wholly on the device); nothing to "
+                                "serve", split_id=manifest.split_id)
         path = manifest.resolve(directory, "tail")
         if not path.is_file():
-            raise ManifestError(f"{directory}: tail file {manifest.tail.path!r} is missing; "
+            raise ManifestError(f"{directory}: tail file {ref.path!r} is missing; "
                                 "re-run 'splitinfer split'", split_id=manifest.split_id)
-        if verify_sha256 and manifest.tail.sha256:
+        if verify_sha256 and ref.sha256:
             digest = sha256_file(path)
-            if digest != manifest.tail.sha256:
+            if digest != ref.sha256:
                 raise ManifestError(
                     f"{path}: sha256 {digest[:12]}… does not match the manifest's "
-                    f"{manifest.tail.sha256[:12]}…; the tail was changed after 'splitinfer "
+                    f"{ref.sha256[:12]}…; the tail was changed after 'splitinfer "
                     "split' — re-run it", split_id=manifest.split_id)
         wanted = list(providers) or default_providers()
         available = ort.get_available_providers()
