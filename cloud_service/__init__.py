@@ -6,6 +6,8 @@
     batcher.py   per-split dynamic batching on tail threads; bounded queue, deadlines
     worker.py    message → checks → batch → tail → answer (no MQTT: publish is injected)
     server.py    the broker side: subscribe, reconnect, drain on SIGTERM, signals
+    broker_check.py  start-up probe: shared subscriptions (CONNACK, SUBACK, a message
+                 through the group) and the request round trip
     metrics.py   counters, Prometheus text, rate-limited error logging
     config.py    Config, one field per ``splitinfer cloud serve`` flag
     cli.py       ``splitinfer cloud serve``

@@ -33,7 +33,8 @@ class Config:
 
     artifacts: Path
     broker: str = "mqtt://127.0.0.1:1883"
-    # Shared-subscription group; "" subscribes plainly (brokers without $share, e.g. amqtt).
+    # Shared-subscription group; "" subscribes plainly (brokers without $share, e.g. amqtt;
+    # without "" the server probes the group at start-up and falls back with a warning).
     group: str = DEFAULT_GROUP
     prefix: str = DEFAULT_PREFIX
     # Dynamic batching: a batch closes at max_batch samples or max_delay_ms after its
@@ -98,7 +99,9 @@ class Config:
         return Topics(self.prefix)
 
     def subscription(self) -> str:
-        """What the worker subscribes to: every model's requests, shared within the group."""
+        """What the worker asks to subscribe to: every model's requests, shared within the
+        group. The server falls back to the plain filter where the broker has no shared
+        subscriptions (``Server.subscription`` holds what it really subscribed to)."""
         topics = self.topics()
         return topics.shared_request_filter(self.group) if self.group \
             else topics.request_filter()
