@@ -5,7 +5,11 @@
     server = Server(Config(artifacts="artifacts", broker="mqtt://127.0.0.1:1883"))
     asyncio.run(server.serve())          # or server.run(); or start_in_thread() in tests
 
-``started`` (a threading.Event) is set once the subscription is in place; setting
+Before subscribing it checks the broker (:mod:`cloud_service.broker_check`): without
+shared subscriptions it subscribes plainly and warns once (each replica would then answer
+every request); a slow request round trip (a stock mosquitto's ~40 ms) is a warning too.
+``on_started`` (e.g. the CLI printing :meth:`Server.ready_line`) runs and ``started`` (a
+threading.Event) is set once the subscription is in place; setting
 ``should_exit`` (from any thread) or SIGTERM/SIGINT (captured only when serving on the
 main thread) drains: unsubscribe, answer everything already accepted, wait for the
 PUBACKs, disconnect. A second signal skips the wait. If the broker goes away the server
@@ -336,9 +340,11 @@ class Server:
         for code in granted:
             value = code if isinstance(code, int) else code.value
             if value >= 0x80:
-                raise StartupError(
-                    f"broker refused the subscription {topic!r} ({code}); a broker without "
-                    "shared subscriptions needs --no-group")
+                hint = ("a broker without shared subscriptions needs --no-group"
+                        if topic.startswith("$share/") else
+                        "does the broker's ACL let this worker read it?")
+                raise StartupError(f"broker refused the subscription {topic!r} ({code}); "
+                                   f"{hint}")
 
     async def _supervise(self, conn: _Connection) -> None:
         """Pump messages into the worker; on a lost connection reconnect and resubscribe."""
