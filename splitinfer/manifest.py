@@ -22,6 +22,15 @@ cloud workers (which run ``tail``). Plain JSON so that any language can read it:
 
 Shapes use an int for a fixed dimension and a string (or null) for a dynamic one; the
 first dimension is the batch. ``bytes_per_sample`` excludes the batch dimension.
+
+``kind`` says what runs where (absent in older manifests, which read as ``"split"``):
+
+- ``"split"``: ``head`` on the device, ``tail`` on a worker, ``cut`` crosses the network.
+- ``"cloud_only"``: the baseline with everything on the worker. ``head`` is null; ``cut``
+  lists exactly the model ``inputs`` (the device sends its inputs); ``tail`` is the whole
+  model.
+- ``"edge_only"``: the baseline with everything on the device. ``tail`` is null; ``head`` is
+  the whole model; ``cut`` lists the model ``outputs``; ``bytes_per_sample`` is 0.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from splitinfer.errors import ManifestError, TensorError
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
+    "KINDS",
     "Quantization",
     "TensorSpec",
     "FileRef",
@@ -55,6 +65,7 @@ __all__ = [
 
 MANIFEST_FORMAT = "splitinfer.manifest/1"
 MANIFEST_NAME = "manifest.json"
+KINDS = ("split", "cloud_only", "edge_only")
 Dim = int | str | None
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -188,8 +199,8 @@ class Manifest:
     split_id: str
     model: str
     source: FileRef
-    head: FileRef
-    tail: FileRef
+    head: FileRef | None
+    tail: FileRef | None
     inputs: tuple[TensorSpec, ...]
     cut: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -197,6 +208,7 @@ class Manifest:
     versions: Mapping[str, str] = field(default_factory=dict)
     verification: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "split"
 
     def __post_init__(self) -> None:
         if not self.split_id or safe_name(self.split_id) != self.split_id:
@@ -208,9 +220,36 @@ class Manifest:
                              ("outputs", self.outputs)):
             if not specs:
                 raise ManifestError(f"manifest {self.split_id}: {label} must not be empty")
+        self._check_kind()
+
+    def _check_kind(self) -> None:
+        where = f"manifest {self.split_id}"
+        if self.kind not in KINDS:
+            raise ManifestError(f"{where}: unknown kind {self.kind!r}; expected one of "
+                                f"{', '.join(KINDS)}")
+        if self.kind == "cloud_only":
+            if self.head is not None:
+                raise ManifestError(f"{where}: a cloud_only split has no head; expected "
+                                    "\"head\": null")
+            if self.tail is None:
+                raise ManifestError(f"{where}: a cloud_only split needs a tail (the model)")
+            if [(s.name, s.dtype, s.shape) for s in self.cut] != [
+                    (s.name, s.dtype, s.shape) for s in self.inputs]:
+                raise ManifestError(f"{where}: a cloud_only split's cut must list exactly "
+                                    "the model inputs (same names, dtypes and shapes)")
+        elif self.kind == "edge_only":
+            if self.tail is not None:
+                raise ManifestError(f"{where}: an edge_only split has no tail; expected "
+                                    "\"tail\": null")
+            if self.head is None:
+                raise ManifestError(f"{where}: an edge_only split needs a head (the model)")
+        elif self.head is None or self.tail is None:
+            raise ManifestError(f"{where}: a split needs both a head and a tail file")
 
     @property
     def bytes_per_sample(self) -> int | None:
+        if self.kind == "edge_only":
+            return 0  # nothing crosses the network
         sizes = [spec.bytes_per_sample() for spec in self.cut]
         if any(size is None for size in sizes):
             return None
@@ -221,9 +260,10 @@ class Manifest:
             "format": MANIFEST_FORMAT,
             "split_id": self.split_id,
             "model": self.model,
+            "kind": self.kind,
             "source": self.source.to_dict(),
-            "head": self.head.to_dict(),
-            "tail": self.tail.to_dict(),
+            "head": self.head.to_dict() if self.head is not None else None,
+            "tail": self.tail.to_dict() if self.tail is not None else None,
             "inputs": [s.to_dict() for s in self.inputs],
             "cut": [s.to_dict() for s in self.cut],
             "outputs": [s.to_dict() for s in self.outputs],
@@ -245,8 +285,8 @@ class Manifest:
                 split_id=str(data["split_id"]),
                 model=str(data["model"]),
                 source=FileRef.from_dict(data["source"]),
-                head=FileRef.from_dict(data["head"]),
-                tail=FileRef.from_dict(data["tail"]),
+                head=FileRef.from_dict(data["head"]) if data["head"] is not None else None,
+                tail=FileRef.from_dict(data["tail"]) if data["tail"] is not None else None,
                 inputs=tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
                 cut=tuple(TensorSpec.from_dict(d) for d in data["cut"]),
                 outputs=tuple(TensorSpec.from_dict(d) for d in data["outputs"]),
@@ -254,6 +294,7 @@ class Manifest:
                 versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
                 verification=dict(data.get("verification", {})),
                 extra=dict(data.get("extra", {})),
+                kind=str(data.get("kind", "split")),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is missing or has a bad field: {exc}") from exc
@@ -281,8 +322,14 @@ class Manifest:
         return cls.from_dict(data)
 
     def resolve(self, directory: str | Path, which: str) -> Path:
-        """Absolute path of ``head`` or ``tail`` for a manifest loaded from ``directory``."""
+        """Absolute path of ``head`` or ``tail`` for a manifest loaded from ``directory``.
+
+        Raises ManifestError when this kind of split has no such file (cloud_only: no head;
+        edge_only: no tail).
+        """
         ref = {"head": self.head, "tail": self.tail}[which]
+        if ref is None:
+            raise ManifestError(f"split {self.split_id} ({self.kind}) has no {which} file")
         return (Path(directory) / ref.path).resolve()
 
 

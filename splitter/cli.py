@@ -31,6 +31,66 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _input_shape(text: str) -> tuple[str | None, tuple[int | str, ...]]:
+    """``NAME=1x3x320x320`` or ``NAME=1,3,320,320`` (a bare shape: the only input).
+
+    A dim that is not a number (``N``, ``?``) stays symbolic: ``x=Nx3x320x320`` fixes H and
+    W only.
+    """
+    name, sep, dims_text = text.rpartition("=")
+    if not sep:
+        name, dims_text = "", text
+    parts = [p.strip() for p in dims_text.replace(",", "x").replace("X", "x").split("x")]
+    if not dims_text.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=1x3x320x320 (or NAME=1,3,320,320), got {text!r}")
+    dims: list[int | str] = []
+    for part in parts:
+        if part.lstrip("-").isdigit():
+            value = int(part)
+            if value < 1:
+                raise argparse.ArgumentTypeError(
+                    f"dims must be >= 1 (or a name such as N for a dim left dynamic), got "
+                    f"{value} in {text!r}")
+            dims.append(value)
+        else:
+            dims.append(part)
+    return (name.strip() or None), tuple(dims)
+
+
+def _add_input_shape(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--input-shape", type=_input_shape, action="append", default=[],
+                   metavar="NAME=1x3x320x320",
+                   help=f"fix an input's dims {what} (repeatable; 1,3,320,320 also works; a "
+                   "name such as N keeps a dim dynamic; NAME= may be left out when the "
+                   "model has one input)")
+
+
+def _shapes(model: str, given: Sequence[tuple[str | None, tuple[int | str, ...]]]
+            ) -> dict[str, tuple[int | str, ...]] | None:
+    """Name the bare shape after the model's only input; refuse a repeated name."""
+    if not given:
+        return None
+    from splitinfer.errors import BadInputError
+
+    out: dict[str, tuple[int | str, ...]] = {}
+    for name, dims in given:
+        if name is None:
+            from splitter.graph import load_model
+            from splitter.verify import input_specs
+
+            names = [s.name for s in input_specs(load_model(model))]
+            if len(names) != 1:
+                raise BadInputError(f"--input-shape {'x'.join(map(str, dims))}: the model has "
+                                    f"{len(names)} inputs ({', '.join(names)}); expected "
+                                    "NAME=DIMS")
+            name = names[0]
+        if name in out:
+            raise BadInputError(f"--input-shape {name} given twice")
+        out[name] = dims
+    return out
+
+
 # -- inspect --------------------------------------------------------------------------------
 
 def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,6 +106,7 @@ def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--dequantized", action="store_true",
                    help="in int8 QDQ models also list the float DequantizeLinear outputs "
                    "(4x the bytes of the int8 cut before them; may not split exactly)")
+    _add_input_shape(p, "for the costs and bytes (symbolic and -1 dims)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_inspect)
 
@@ -54,7 +115,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from splitter.cuts import inspect_model
 
     result = inspect_model(args.model, max_tensors=args.max_tensors,
-                           dequantized=args.dequantized)
+                           dequantized=args.dequantized,
+                           input_shapes=_shapes(args.model, args.input_shape))
     if args.json:
         print(json.dumps({"model": args.model, **result.to_dict()}))
     else:
@@ -78,15 +140,22 @@ def _bytes(n: int | None) -> str:
 def _summary(model: str, result: Inspection) -> str:
     ins = ", ".join(f"{s.name} {s.dtype}{_shape(s.shape)}" for s in result.inputs)
     outs = ", ".join(f"{s.name} {s.dtype}{_shape(s.shape)}" for s in result.outputs)
-    return (f"{model}: inputs {ins} → outputs {outs}\n"
+    splits = sum(1 for c in result.cuts if c.kind == "split")
+    text = (f"{model}: inputs {ins} → outputs {outs}\n"
             f"{result.total_flops:,} FLOPs per sample, {result.total_params:,} parameters, "
-            f"{len(result.cuts)} valid cut(s)\n")
+            f"{splits} valid cut(s) + the cloud_only and edge_only baselines\n")
+    if result.unknown_dims:
+        dims = ", ".join(f"{d['tensor']}[{d['axis']}]" + (f" ({d['name']})" if d["name"] else "")
+                         for d in result.unknown_dims)
+        text += (f"unknown dims {dims}: FLOPs count them as 1 and bytes are 'dynamic' where "
+                 "they matter; give --input-shape for real figures\n")
+    return text
 
 
 def format_table(cuts: Sequence[Cut]) -> str:
     """An aligned table, one row per crossing tensor (a cut's later rows leave idx blank)."""
     header = ("idx", "tensors", "dtype", "shape", "bytes/sample", "head FLOPs", "head params",
-              "int8")
+              "int8", "baseline")
     rows: list[tuple[str, ...]] = []
     for cut in cuts:
         for i, spec in enumerate(cut.tensors):
@@ -100,6 +169,7 @@ def format_table(cuts: Sequence[Cut]) -> str:
                 f"{100 * cut.head_flops_share:.1f}%" if first else "",
                 f"{100 * cut.head_params_share:.1f}%" if first else "",
                 ("yes" if cut.quantized else "") if first else "",
+                (cut.kind if cut.kind != "split" else "") if first else "",
             ))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     right = {0, 4, 5, 6}
@@ -121,7 +191,9 @@ def register_split(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "(exit 1 when they differ beyond the tolerance).")
     p.add_argument("model", help="the ONNX model file")
     p.add_argument("--at", required=True, metavar="NAME[,NAME...]",
-                   help="the crossing tensor(s), as listed by 'splitinfer inspect'")
+                   help="the crossing tensor(s), as listed by 'splitinfer inspect'; the "
+                   "baselines: the graph input(s) or cloud_only (no head), the graph "
+                   "output(s) or edge_only (no tail)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--samples", metavar="FILE.npz", default=env_default("--samples"),
                    help="inputs to verify on: one array per model input, keyed by name, "
@@ -138,6 +210,10 @@ def register_split(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always store weights in head.onnx.data/tail.onnx.data (default: only "
                    "past 2 GB)")
+    _add_input_shape(p, "for the costs and generated samples (--samples imply them)")
+    p.add_argument("--fix-shapes", action="store_true",
+                   help="write the --input-shape dims into head.onnx/tail.onnx (default: "
+                   "they keep the model's dynamic dims)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_split)
 
@@ -148,7 +224,8 @@ def run_split(args: argparse.Namespace) -> int:
     result = split_model(
         args.model, args.at, args.out, samples=args.samples, num_samples=args.num_samples,
         tolerance=args.tolerance, verify=args.verify, model_name=args.name, seed=args.seed,
-        external_data=args.external_data)
+        external_data=args.external_data, input_shapes=_shapes(args.model, args.input_shape),
+        fix_shapes=args.fix_shapes)
     if args.json:
         print(json.dumps(result.to_dict()))
         return EXIT_OK
@@ -158,8 +235,10 @@ def run_split(args: argparse.Namespace) -> int:
     verified = ("not verified (--no-verify)" if result.max_abs_diff is None else
                 f"verified: max|diff| {result.max_abs_diff:.3g} on "
                 f"{m.verification.get('samples')} sample(s)")
-    print(f"split {result.split_id}\n  cut:      {cut} ({_bytes(m.bytes_per_sample)}/sample)\n"
-          f"  head:     {result.head}\n  tail:     {result.tail}\n"
+    print(f"split {result.split_id} ({m.kind})\n"
+          f"  cut:      {cut} ({_bytes(m.bytes_per_sample)}/sample)\n"
+          f"  head:     {result.head or 'none (cloud_only: the device sends its inputs)'}\n"
+          f"  tail:     {result.tail or 'none (edge_only: the device answers)'}\n"
           f"  manifest: {result.manifest}\n  {verified}")
     return EXIT_OK
 
@@ -179,6 +258,8 @@ def register_quantize(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help="QDQ pairs (default) or QOperator ops (QLinearConv …)")
     p.add_argument("--per-tensor", action="store_true",
                    help="one scale per weight tensor instead of per output channel")
+    _add_input_shape(p, "while shapes are inferred for quantization (default: the "
+                     "calibration arrays' shapes; the output keeps its dynamic dims)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_quantize)
 
@@ -187,7 +268,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     from splitter.quantize import quantize_static
 
     out = quantize_static(args.model, args.calibration, args.out, fmt=args.format,
-                          per_channel=not args.per_tensor)
+                          per_channel=not args.per_tensor,
+                          input_shapes=_shapes(args.model, args.input_shape))
     if args.json:
         print(json.dumps({"output": str(out), "format": args.format,
                           "per_channel": not args.per_tensor}))

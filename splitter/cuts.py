@@ -30,7 +30,7 @@ import onnx
 
 from splitinfer.errors import BadInputError, TensorError
 from splitinfer.manifest import Dim, TensorSpec
-from splitter.graph import GraphIndex, load_model, subgraphs
+from splitter.graph import GraphIndex, InputShapes, load_model, subgraphs
 
 __all__ = ["Cut", "CutPlan", "Inspection", "inspect_model", "list_cuts", "open_index",
            "plan_cut", "node_flops", "cut_costs", "spec_map"]
@@ -50,6 +50,9 @@ class Cut:
     quantized: bool  # every crossing tensor is integer-quantized (scale/zero-point known)
     head_flops: int = 0
     head_params: int = 0
+    # "split"; or a baseline: "cloud_only" (the graph inputs cross, no head) or
+    # "edge_only" (the whole model on the device; the outputs are listed, nothing crosses).
+    kind: str = "split"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -65,6 +68,7 @@ class Cut:
             "head_flops": self.head_flops,
             "head_params": self.head_params,
             "quantized": self.quantized,
+            "kind": self.kind,
         }
 
 
@@ -75,6 +79,11 @@ class Inspection:
     total_flops: int
     total_params: int
     cuts: tuple[Cut, ...]
+    # Non-batch input dims left symbolic (FLOPs count them as 1; bytes are null where
+    # a crossing tensor depends on one): [{"tensor", "axis", "name"}].
+    unknown_dims: tuple[Mapping[str, Any], ...] = ()
+    # The input shapes costs were computed at (name → dims), when --input-shape gave any.
+    input_shapes: Mapping[str, tuple[Dim, ...]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +91,8 @@ class Inspection:
             "outputs": [s.to_dict() for s in self.outputs],
             "total_flops": self.total_flops,
             "total_params": self.total_params,
+            "unknown_dims": [dict(d) for d in self.unknown_dims],
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "cuts": [c.to_dict() for c in self.cuts],
         }
 
@@ -95,21 +106,31 @@ class CutPlan:
     tail_nodes: tuple[int, ...]
 
 
-def open_index(model: str | Path | onnx.ModelProto) -> GraphIndex:
+def open_index(model: str | Path | onnx.ModelProto, *, input_shapes: InputShapes | None = None,
+               fix_shapes: bool = False) -> GraphIndex:
     if isinstance(model, onnx.ModelProto):
-        return GraphIndex(model)
+        return GraphIndex(model, input_shapes=input_shapes, fix_shapes=fix_shapes)
     path = Path(model)
-    return GraphIndex(load_model(path), base_dir=path.parent)
+    return GraphIndex(load_model(path), base_dir=path.parent, input_shapes=input_shapes,
+                      fix_shapes=fix_shapes)
 
 
 def list_cuts(model: str | Path | onnx.ModelProto, *, max_tensors: int = 3,
-              dequantized: bool = False) -> list[Cut]:
+              dequantized: bool = False, baselines: bool = True,
+              input_shapes: InputShapes | None = None) -> list[Cut]:
     """Every valid cut with at most ``max_tensors`` crossing tensors, in topological order.
 
-    The cloud-only cut (the graph inputs) always comes first, however many inputs there are.
-    ``dequantized`` also lists cuts at DequantizeLinear outputs (see :func:`inspect_model`).
+    The cloud-only baseline (the graph inputs) always comes first, however many inputs
+    there are, and the edge-only baseline (the whole model) last; ``baselines=False``
+    leaves both out. ``dequantized`` also lists cuts at DequantizeLinear outputs (see
+    :func:`inspect_model`).
     """
-    return list(inspect_model(model, max_tensors=max_tensors, dequantized=dequantized).cuts)
+    cuts = inspect_model(model, max_tensors=max_tensors, dequantized=dequantized,
+                         input_shapes=input_shapes).cuts
+    if baselines:
+        return list(cuts)
+    return [dataclasses.replace(c, index=i)
+            for i, c in enumerate(c for c in cuts if c.kind == "split")]
 
 
 def _dequantized_activations(index: GraphIndex) -> dict[str, str]:
@@ -133,12 +154,15 @@ def _dequantized_activations(index: GraphIndex) -> dict[str, str]:
 
 
 def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tensors: int = 3,
-                  dequantized: bool = False) -> Inspection:
+                  dequantized: bool = False, input_shapes: InputShapes | None = None
+                  ) -> Inspection:
+    """Every valid cut, the two baselines first and last (see :class:`Cut`.kind)."""
     if max_tensors < 1:
         raise BadInputError(f"max_tensors must be >= 1, got {max_tensors}")
-    index = model if isinstance(model, GraphIndex) else open_index(model)
+    index = model if isinstance(model, GraphIndex) else open_index(
+        model, input_shapes=input_shapes)
     cloud = frozenset(n for n in index.inputs if n in index.consumers or n in index.outputs)
-    found: set[frozenset[str]] = {cloud} if cloud and index.order else set()
+    found: set[frozenset[str]] = set()
     for order in _orders(index):
         found.update(s for s in _frontiers(index, order) if len(s) <= max_tensors)
     if not dequantized:
@@ -155,7 +179,9 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
                 continue
             moved.add(int8_cut)
         found = moved
-    index.ensure_types({n for s in found for n in s} | index.live_tensors())
+    found.discard(cloud)  # a baseline, listed first below
+    index.ensure_types({n for s in found for n in s} | index.live_tensors()
+                       | set(index.inputs) | set(index.outputs))
     costs = _Costs(index)
     cuts: list[tuple[tuple[Any, ...], Cut]] = []
     for names in found:
@@ -182,10 +208,25 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
             head_params=params,
         )))
     cuts.sort(key=lambda kc: kc[0])
-    ordered = tuple(dataclasses.replace(c, index=i) for i, (_, c) in enumerate(cuts))
     specs_in = tuple(index.spec(n) for n in index.inputs)
     specs_out = tuple(index.spec(n) for n in index.outputs)
-    return Inspection(specs_in, specs_out, costs.total_flops, costs.total_params, ordered)
+    listed = [c for _, c in cuts]
+    if index.order and specs_in:  # a model that computes nothing has no baselines to compare against
+        sizes = [s.bytes_per_sample() for s in specs_in]
+        listed.insert(0, Cut(
+            index=0, tensors=specs_in,
+            bytes_per_sample=None if None in sizes else sum(s for s in sizes if s is not None),
+            head_flops_share=0.0, head_params_share=0.0,
+            quantized=bool(specs_in) and all(s.quantization is not None for s in specs_in),
+            kind="cloud_only"))
+        listed.append(Cut(
+            index=0, tensors=specs_out, bytes_per_sample=0, head_flops_share=1.0,
+            head_params_share=1.0, quantized=False, head_flops=costs.total_flops,
+            head_params=costs.total_params, kind="edge_only"))
+    ordered = tuple(dataclasses.replace(c, index=i) for i, c in enumerate(listed))
+    return Inspection(specs_in, specs_out, costs.total_flops, costs.total_params, ordered,
+                      unknown_dims=tuple(index.unknown_dims()),
+                      input_shapes=dict(index.input_shapes))
 
 
 def _pos(index: GraphIndex, name: str) -> int:
@@ -227,24 +268,41 @@ def _frontiers(index: GraphIndex, order: Sequence[int]) -> Iterator[frozenset[st
 
 
 class _Costs:
-    """FLOPs and parameters per node; head sides as ancestor bitmasks over ``index.order``."""
+    """FLOPs and parameters per node; head sides as ancestor bitmasks over ``index.order``.
+
+    Parameters are the elements of every weight a live node reads, wherever it lives: an
+    initializer or a ``Constant`` node (folded exports keep their weights there). int64
+    tensors of rank <= 1 are shapes, axes, pads and indices, not weights, and are not
+    counted; every other tensor is (int8 weights, int32 biases, scales and zero points of
+    quantized models included).
+    """
 
     def __init__(self, index: GraphIndex) -> None:
         self.index = index
-        self.init_names = sorted(index.initializers)
-        init_pos = {n: i for i, n in enumerate(self.init_names)}
-        self.init_sizes = np.array(
-            [math.prod(int(d) for d in index.initializers[n].dims) for n in self.init_names],
-            dtype=np.int64)
+        weights: dict[tuple[str, str], int] = {}  # ("init", name) | ("node", index) → size
+        for name, tensor in index.initializers.items():
+            if _is_weight(tensor.data_type, tensor.dims):
+                weights[("init", name)] = math.prod(int(d) for d in tensor.dims)
+        for name, sparse in index.sparse_initializers.items():
+            weights[("init", name)] = math.prod(int(d) for d in sparse.dims)
+        for info in index.nodes:
+            if info.proto.op_type == "Constant" and info.const:
+                size = _constant_size(info.proto)
+                if size:
+                    weights[("node", str(info.index))] = size
+        keys = sorted(weights)
+        pos = {k: i for i, k in enumerate(keys)}
+        self.init_names = keys
+        self.init_sizes = np.array([weights[k] for k in keys], dtype=np.int64)
         self.anc: list[int] = []
         self.anc_init: list[int] = []
         for i, n in enumerate(index.order):
             info = index.nodes[n]
             mask, imask = 1 << i, 0
-            inits, _ = index.const_closure(info.inputs)
-            for name in inits:
-                if name in init_pos:
-                    imask |= 1 << init_pos[name]
+            inits, const_nodes = index.const_closure(info.inputs)
+            for key in [*(("init", t) for t in inits), *(("node", str(c)) for c in const_nodes)]:
+                if key in pos:
+                    imask |= 1 << pos[key]
             for name in info.inputs:
                 p = index.producer.get(name)
                 if p is not None and p in index.position:
@@ -280,6 +338,23 @@ class _Costs:
             if p is not None and p in self.index.position:
                 imask |= self.anc_init[self.index.position[p]]
         return int(self.init_sizes[_bits(imask, len(self.init_names))].sum())
+
+
+def _is_weight(data_type: int, dims: Sequence[int]) -> bool:
+    """int64 vectors and scalars are shapes, axes, pads or indices, not weights."""
+    return not (data_type == onnx.TensorProto.INT64 and len(dims) <= 1)
+
+
+def _constant_size(node: onnx.NodeProto) -> int:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            t = attr.t
+            return math.prod(int(d) for d in t.dims) if _is_weight(t.data_type, t.dims) else 0
+        if attr.name == "sparse_value":
+            return math.prod(int(d) for d in attr.sparse_tensor.dims)
+        if attr.name in ("value_float", "value_floats"):
+            return 1 if attr.name == "value_float" else len(attr.floats)
+    return 0  # value_int(s), value_string(s): shapes and labels
 
 
 def _bits(mask: int, width: int) -> np.ndarray[Any, np.dtype[np.bool_]]:

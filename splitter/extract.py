@@ -22,7 +22,7 @@ from splitinfer.manifest import TensorSpec
 from splitter.cuts import CutPlan
 from splitter.graph import GraphIndex
 
-__all__ = ["build_halves", "save_half", "spec_value_info", "EXTERNAL_DATA_LIMIT"]
+__all__ = ["build_halves", "build_whole", "save_half", "spec_value_info", "EXTERNAL_DATA_LIMIT"]
 
 log = logging.getLogger(__name__)
 # Protobuf cannot serialise a message of 2 GiB; keep a margin for the graph itself.
@@ -44,6 +44,15 @@ def build_halves(index: GraphIndex, plan: CutPlan, specs: Mapping[str, TensorSpe
     tail_outputs = [index.output_vi[n] for n in index.outputs]
     tail = _half(index, plan.tail_nodes, cut_vi, tail_outputs, part="tail", metadata=metadata)
     return head, tail
+
+
+def build_whole(index: GraphIndex, *, part: str, metadata: Mapping[str, str]
+                ) -> onnx.ModelProto:
+    """The whole (normalised) model as one half: the tail of a cloud_only split or the head
+    of an edge_only one. Every graph input stays, used or not: the cut lists them all."""
+    inputs = [index.input_vi[n] for n in index.inputs]
+    outputs = [index.output_vi[n] for n in index.outputs]
+    return _half(index, index.order, inputs, outputs, part=part, metadata=metadata)
 
 
 def _half(index: GraphIndex, nodes: Sequence[int], inputs: Sequence[onnx.ValueInfoProto],

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,10 @@ from splitinfer.dtypes import ONNX_ELEM_TYPE, canonical_dtype, from_onnx_elem_ty
 from splitinfer.errors import BadInputError, TensorError
 from splitinfer.manifest import Dim, Quantization, TensorSpec
 
-__all__ = ["GraphIndex", "NodeInfo", "load_model", "subgraphs", "value_info_to_spec"]
+__all__ = ["GraphIndex", "NodeInfo", "load_model", "normalize_model", "subgraphs",
+           "value_info_to_spec", "fix_input_shapes", "check_input_shapes", "InputShapes"]
+
+InputShapes = Mapping[str, Sequence[Dim]]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,117 @@ def load_model(path: str | Path, *, load_external_data: bool = False) -> onnx.Mo
         raise BadInputError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from exc
     if model.ir_version == 0 or not model.graph.output:
         raise BadInputError(f"{path}: not an ONNX model (no IR version or no graph outputs)")
-    return model
+    return normalize_model(model)
+
+
+def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model in the form every later step (and the ONNX checker) expects.
+
+    - Initializers also listed as graph inputs (IR < 4 files, the classic model zoo) are
+      taken out of ``graph.input``: they are weights, and a half that keeps such an
+      initializer must not ask for it as an input. The model computes the same (the
+      initializer's value is what onnxruntime used for the absent input anyway). IR 3 requires
+      every initializer to be an input, so ``ir_version`` becomes 4 then; IR 4 accepts every
+      opset IR 3 did.
+    - Negative dimensions (``-1``, Paddle and older TF exports) become unknown dims.
+
+    Returns ``model`` itself when nothing needs changing, else a normalised copy.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    inits.update(t.values.name for t in model.graph.sparse_initializer)
+    dup = [v for v in model.graph.input if v.name in inits]
+    negative = [d for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
+                if vi.type.HasField("tensor_type")
+                for d in vi.type.tensor_type.shape.dim
+                if d.HasField("dim_value") and d.dim_value < 0]
+    old_ir = model.ir_version < 4 and bool(inits)
+    if not dup and not negative and not old_ir:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if dup:
+        keep = [v for v in out.graph.input if v.name not in inits]
+        del out.graph.input[:]
+        out.graph.input.extend(keep)
+        log.info("%d initializer(s) were also listed as graph inputs (IR %d); treated as "
+                 "weights", len(dup), model.ir_version)
+    if old_ir:
+        out.ir_version = 4
+    for vi in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.ClearField("dim_value")
+    return out
+
+
+def _parse_dims(vi: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
+    return _dims(vi.type)[1]
+
+
+def check_input_shapes(model: onnx.ModelProto, shapes: InputShapes) -> dict[str, tuple[Dim, ...]]:
+    """Validate ``shapes`` (input name → dims) against the model's declared inputs.
+
+    A given dim is an int (fixed for analysis) or a name (left symbolic). Names must be
+    real graph inputs, ranks must match, and a dim the model fixes must be given as is.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    declared = {v.name: _parse_dims(v) for v in model.graph.input if v.name not in inits}
+    out: dict[str, tuple[Dim, ...]] = {}
+    for name, dims in shapes.items():
+        if name not in declared:
+            raise BadInputError(f"--input-shape {name}: the model has no input {name!r}; its "
+                                f"inputs are {', '.join(map(repr, declared))}")
+        given = tuple(dims)
+        for d in given:
+            if isinstance(d, int) and d < 1:
+                raise BadInputError(f"--input-shape {name}: dims must be >= 1, got {d}")
+        want = declared[name]
+        shown = "x".join("?" if d is None else str(d) for d in want or ())
+        if want is not None and len(want) != len(given):
+            raise BadInputError(f"--input-shape {name}: {len(given)} dims given, the model "
+                                f"input has {len(want)} ({shown})")
+        for axis, (w, g) in enumerate(zip(want or (), given, strict=False)):
+            if isinstance(w, int) and isinstance(g, int) and w != g:
+                raise BadInputError(f"--input-shape {name}: axis {axis} is fixed to {w} by "
+                                    f"the model ({shown}), got {g}")
+        out[name] = given
+    return out
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: InputShapes, *,
+                     batch_one: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs carry ``shapes`` (ints fixed, names symbolic).
+
+    ``batch_one``: a symbolic first dim becomes 1 (analysis counts per sample), on every
+    input, given or not. Intermediate value_info is dropped so inference recomputes it.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name for t in out.graph.initializer}
+    for vi in out.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        given = shapes.get(vi.name)
+        if given is not None:
+            tt.ClearField("shape")
+            for d in given:
+                dim = tt.shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                elif d:
+                    dim.dim_param = str(d)
+        if batch_one and tt.HasField("shape") and tt.shape.dim and \
+                not tt.shape.dim[0].HasField("dim_value"):
+            tt.shape.dim[0].Clear()
+            tt.shape.dim[0].dim_value = 1
+    if shapes or batch_one:
+        del out.graph.value_info[:]
+        for vi in out.graph.output:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+    return out
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -104,8 +217,8 @@ def _dims(type_proto: onnx.TypeProto) -> tuple[int, tuple[Dim, ...] | None]:
         return tt.elem_type, None
     dims: list[Dim] = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
+        if d.HasField("dim_value") and d.dim_value >= 0:
+            dims.append(int(d.dim_value))  # -1 (Paddle, old TF exports) means dynamic
         elif d.HasField("dim_param") and not d.dim_param.startswith("unk__"):
             dims.append(d.dim_param)  # "unk__N" names are inference's way of saying unknown
         else:
@@ -136,8 +249,19 @@ class NodeInfo:
 class GraphIndex:
     """Producers, consumers, constants, liveness, a topological order and types."""
 
-    def __init__(self, model: onnx.ModelProto, *, base_dir: str | Path | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, *, base_dir: str | Path | None = None,
+                 input_shapes: InputShapes | None = None, fix_shapes: bool = False) -> None:
+        """``input_shapes`` (input name → dims) fixes dims for analysis (``types``);
+        ``fix_shapes`` also writes them into the model the halves are cut from."""
+        model = normalize_model(model)
+        shapes = check_input_shapes(model, input_shapes or {})
+        if fix_shapes and shapes:
+            model = fix_input_shapes(model, shapes)
         self.model = model
+        self.input_shapes = shapes
+        self.analysis_model = fix_input_shapes(model, shapes, batch_one=True) if shapes \
+            else model
+        self._analysis_vi = {v.name: v for v in self.analysis_model.graph.input}
         self.base_dir = Path(base_dir) if base_dir is not None else None
         graph = model.graph
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
@@ -178,8 +302,8 @@ class GraphIndex:
         self.live = self._live_nodes()
         self.order = [i for i in self.order if i in self.live]
         self.position = {n: p for p, n in enumerate(self.order)}
-        self.types: dict[str, tuple[int, tuple[Dim, ...] | None]] = {}
-        self._infer_types()
+        self.types = self._infer_types(self.analysis_model)
+        self.declared_types = self._infer_types(model) if shapes else self.types
         self._ort_tried: set[str] = set()
 
     # -- structure -------------------------------------------------------------------------
@@ -302,9 +426,14 @@ class GraphIndex:
         return inits, nodes
 
     # -- types -----------------------------------------------------------------------------
+    # Two views. ``types`` is the analysis view: with ``input_shapes`` the model is inferred
+    # at those concrete input dims (symbolic batch = 1) and the gaps are observed with one
+    # onnxruntime run at that size, so FLOPs and bytes are those of real tensors.
+    # ``declared_types`` is the model as it is (dynamic dims stay dynamic): what the split
+    # artifacts promise. Without ``input_shapes`` both are the same dict.
 
-    def _infer_types(self) -> None:
-        model = self.model
+    def _infer_types(self, model: onnx.ModelProto) -> dict[str, tuple[int, tuple[Dim, ...] | None]]:
+        types: dict[str, tuple[int, tuple[Dim, ...] | None]] = {}
         if model.ByteSize() >= _TWO_GB:
             model = _without_large_data(model)
         try:
@@ -316,7 +445,7 @@ class GraphIndex:
         for vi in [*g.value_info, *g.input, *g.output]:
             elem, shape = _dims(vi.type)
             if elem:
-                self.types[vi.name] = (elem, shape)
+                types[vi.name] = (elem, shape)
         # Subgraph tensors are typed too, for the FLOPs of nodes that hold subgraphs.
         stack = [sub for node in g.node for sub in subgraphs(node)]
         while stack:
@@ -324,14 +453,29 @@ class GraphIndex:
             for vi in [*sub.value_info, *sub.input, *sub.output]:
                 elem, shape = _dims(vi.type)
                 if elem:
-                    self.types.setdefault(vi.name, (elem, shape))
+                    types.setdefault(vi.name, (elem, shape))
             stack.extend(s for node in sub.node for s in subgraphs(node))
         for name, tensor in self.initializers.items():
-            self.types.setdefault(name, (tensor.data_type, tuple(int(d) for d in tensor.dims)))
+            types.setdefault(name, (tensor.data_type, tuple(int(d) for d in tensor.dims)))
+        return types
 
     def _known(self, name: str) -> bool:
         elem, shape = self.types.get(name, (0, None))
-        return bool(elem) and shape is not None
+        if not elem or shape is None:
+            return False
+        # At concrete input shapes every dim of a real tensor is knowable: observe the rest.
+        return not self.concrete or all(isinstance(d, int) for d in shape)
+
+    @property
+    def concrete(self) -> bool:
+        """The analysis view has every input dim fixed (so every tensor can be measured)."""
+        if not self.input_shapes:
+            return False
+        for name in self.inputs:
+            shape = _dims(self._analysis_vi[name].type)[1]
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                return False
+        return True
 
     def ensure_types(self, names: Iterable[str]) -> None:
         """Type ``names`` that shape inference left open with one onnxruntime run."""
@@ -343,14 +487,14 @@ class GraphIndex:
         from splitter.verify import make_samples, ort_session  # runtime-only dependency
 
         probe = onnx.ModelProto()
-        probe.CopyFrom(self.model)
+        probe.CopyFrom(self.analysis_model)
         declared = {v.name for v in probe.graph.output}
         probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in missing
                                   if n not in declared)
         try:
             sess = ort_session(probe, base_dir=self.base_dir, optimize=False)
-            feeds = make_samples(self.model, 1, seed=0)
-            first = _first_batch(feeds, [self.input_vi[n] for n in self.inputs])
+            feeds = make_samples(self.analysis_model, 1, seed=0)
+            first = _first_batch(feeds, [self._analysis_vi[n] for n in self.inputs])
             values = sess.run(missing, first)
             meta = {o.name: o.shape for o in sess.get_outputs()}
         except Exception as exc:  # best effort: untyped tensors are reported where used
@@ -364,18 +508,20 @@ class GraphIndex:
                 elem = ONNX_ELEM_TYPE[canonical_dtype(value.dtype)]
             except TensorError:
                 continue
-            self.types[name] = (elem, _merge_shape(meta.get(name), value.shape, dynamic_batch))
+            shape = tuple(int(d) for d in value.shape) if self.concrete else \
+                _merge_shape(meta.get(name), value.shape, dynamic_batch)
+            self.types[name] = (elem, shape)
         log.debug("typed %d tensor(s) with onnxruntime", len(missing))
 
     def _dynamic_batch(self) -> bool:
         for name in self.inputs:
-            shape = _dims(self.input_vi[name].type)[1]
+            shape = _dims(self._analysis_vi[name].type)[1]
             if shape and not isinstance(shape[0], int):
                 return True
         return False
 
     def spec(self, name: str) -> TensorSpec:
-        """The TensorSpec of a tensor (quantization filled when known)."""
+        """The TensorSpec of a tensor in the analysis view (quantization filled when known)."""
         self.ensure_types([name])
         elem, shape = self.types.get(name, (0, None))
         if not elem or shape is None:
@@ -388,8 +534,32 @@ class GraphIndex:
         quant = self.quantization(name) if dtype in ("int8", "uint8", "int16", "uint16") else None
         return TensorSpec(name, dtype, shape, quant)
 
+    def artifact_spec(self, name: str) -> TensorSpec:
+        """The TensorSpec split artifacts declare: the model's own dims (dynamic stay so)."""
+        spec = self.spec(name)
+        if self.declared_types is self.types:
+            return spec
+        if name in self.input_vi and name in self.inputs:
+            declared = _dims(self.input_vi[name].type)[1]
+        else:
+            declared = self.declared_types.get(name, (0, None))[1]
+        if declared is None or len(declared) != len(spec.shape):
+            # Inference could not say which dims follow the input's: leave them all open.
+            declared = tuple(None for _ in spec.shape)
+        return TensorSpec(name, spec.dtype, declared, spec.quantization)
+
     def shape(self, name: str) -> tuple[Dim, ...] | None:
         return self.types.get(name, (0, None))[1]
+
+    def unknown_dims(self) -> list[dict[str, Any]]:
+        """Non-batch dims of the graph inputs that the analysis view leaves symbolic."""
+        out: list[dict[str, Any]] = []
+        for name in self.inputs:
+            shape = _dims(self._analysis_vi[name].type)[1]
+            for axis, d in enumerate(shape or ()):
+                if axis > 0 and not isinstance(d, int):
+                    out.append({"tensor": name, "axis": axis, "name": d})
+        return out
 
     # -- constants and quantization ------------------------------------------------------------
 

@@ -55,7 +55,8 @@ def _input_specs(model: Any) -> dict[str, tuple[str, tuple[Dim, ...]]]:
             continue
         tensor = value.type.tensor_type
         shape = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            d.dim_value if d.HasField("dim_value") and d.dim_value >= 0  # -1: dynamic
+            else (d.dim_param or None)
             for d in tensor.shape.dim
         )
         specs[value.name] = (from_onnx_elem_type(tensor.elem_type), shape)
@@ -79,12 +80,14 @@ def load_calibration(
     label = str(data) if isinstance(data, (str, Path)) else "calibration data"
     expected = ", ".join(f"{n} {dt}{_fmt(s)}" for n, (dt, s) in specs.items())
     missing = [name for name in specs if name not in arrays]
-    extra = [name for name in arrays if name not in specs]
-    if missing or extra:
-        parts = ([f"missing key(s) {missing}"] if missing else []) + (
-            [f"unexpected key(s) {extra}"] if extra else [])
-        raise BadInputError(f"{label}: {'; '.join(parts)}; expected exactly one array per "
+    extra = sorted(name for name in arrays if name not in specs)
+    if missing:
+        raise BadInputError(f"{label}: missing key(s) {missing}; expected one array per "
                             f"model input: {expected}")
+    if extra:  # labels and the like: the calibrator reads the model inputs only
+        log.warning("%s: ignoring %s (not model inputs; the model reads %s)", label,
+                    ", ".join(map(repr, extra)), ", ".join(map(repr, specs)))
+        arrays = {k: v for k, v in arrays.items() if k in specs}
     counts = set()
     for name, (dtype, shape) in specs.items():
         array = arrays[name]
@@ -163,9 +166,12 @@ def _load_model(model: str | Path) -> Any:
     if not path.is_file():
         raise BadInputError(f"{path}: no such model file; expected an .onnx file")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, ValueError, … for a bad file
         raise BadInputError(f"{path}: not a readable ONNX model: {exc}") from exc
+    from splitter.graph import normalize_model
+
+    return normalize_model(proto)
 
 
 def quantize_static(
@@ -176,8 +182,15 @@ def quantize_static(
     fmt: str = "qdq",
     per_channel: bool = True,
     calibrate_method: str = "minmax",
+    input_shapes: Mapping[str, Any] | None = None,
 ) -> Path:
     """Quantize ``model`` to int8 with ``calibration`` data; write and return ``out_path``.
+
+    The model is normalised first (IR < 4 initializers-as-inputs, ``-1`` dims).
+    ``input_shapes`` (input name → dims) fixes dynamic dims while the quantizer's
+    pre-processing infers shapes (per-channel weights need them); the calibration arrays'
+    shapes are used the same way when not given. The written model keeps the source's
+    dynamic input and output dims.
 
     ``fmt="qdq"`` (default) keeps the fp32 ops between QuantizeLinear/DequantizeLinear
     pairs, which is what makes the int8 activations cut points; ``"qoperator"`` writes
@@ -197,14 +210,25 @@ def quantize_static(
     if calibrate_method not in methods:
         raise BadInputError(f"unknown calibration method {calibrate_method!r}; expected one of "
                             f"{CALIBRATE_METHODS}")
+    import onnx
+
+    from splitter.graph import check_input_shapes, fix_input_shapes
+
     source = _load_model(model)
+    shapes = check_input_shapes(source, input_shapes or {})
     specs = _input_specs(source)
     arrays = load_calibration(calibration, specs)
+    if not shapes:  # the calibration arrays say what sizes the model sees
+        shapes = {n: (s[0] if s[0] is not None else "N", *arrays[n].shape[1:])
+                  for n, (_, s) in specs.items()
+                  if s and arrays[n].ndim == len(s) and any(d is None for d in s[1:])}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="splitinfer-quant-") as tmp:
-        prepared = _pre_process(Path(model), Path(tmp) / "prepared.onnx")
+        normalised = Path(tmp) / "source.onnx"
+        onnx.save(fix_input_shapes(source, shapes) if shapes else source, str(normalised))
+        prepared = _pre_process(normalised, Path(tmp) / "prepared.onnx")
         excluded = _name_nodes(prepared, Path(tmp) / "named.onnx", _KEEP_FLOAT)
         prepared = Path(tmp) / "named.onnx"
         extra_options = {
@@ -232,7 +256,23 @@ def quantize_static(
             raise
         except Exception as exc:  # onnxruntime raises bare Exception/RuntimeError types
             raise BadInputError(f"{model}: onnxruntime could not quantize it: {exc}") from exc
+    if shapes:
+        _restore_dims(source, out)
     return out
+
+
+def _restore_dims(source: Any, out: Path) -> None:
+    """Give the quantized model the source's (dynamic) input and output dims back; the
+    intermediate shapes inferred at the fixed size go too."""
+    import onnx
+
+    proto = onnx.load(str(out))
+    declared = {v.name: v for v in [*source.graph.input, *source.graph.output]}
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        if vi.name in declared:
+            vi.type.CopyFrom(declared[vi.name].type)
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(out))
 
 
 def _name_nodes(model: Path, out: Path, keep_float: frozenset[str]) -> list[str]:

@@ -1,5 +1,9 @@
 """``split_model``: cut a model file into head.onnx + tail.onnx + manifest.json, verified.
 
+Two cuts are the baselines every split is judged against, written the same way:
+``cloud_only`` (the cut is the graph input: no head, ``tail.onnx`` is the whole model) and
+``edge_only`` (the cut is the graph output: ``head.onnx`` is the whole model, no tail).
+
 The manifest is written last, and only when verification passed (or was skipped): a split
 directory with a manifest is one workers may serve, so a failed split must not leave one.
 """
@@ -23,16 +27,16 @@ from splitinfer.manifest import (
     MANIFEST_NAME,
     FileRef,
     Manifest,
-    TensorSpec,
+    Dim,
     make_split_id,
     sha256_file,
 )
-from splitter.cuts import cut_costs, open_index, plan_cut, spec_map
-from splitter.extract import build_halves, save_half
-from splitter.graph import GraphIndex
-from splitter.verify import check_samples, load_npz, make_samples, verify_split
+from splitter.cuts import cut_costs, plan_cut
+from splitter.extract import build_halves, build_whole, save_half
+from splitter.graph import GraphIndex, InputShapes, load_model
+from splitter.verify import check_samples, input_specs, load_npz, make_samples, verify_split
 
-__all__ = ["SplitResult", "split_model"]
+__all__ = ["SplitResult", "split_model", "cut_kind", "shapes_from_samples"]
 
 log = logging.getLogger(__name__)
 Samples = str | Path | Mapping[str, np.ndarray[Any, Any]] | None
@@ -41,24 +45,31 @@ Samples = str | Path | Mapping[str, np.ndarray[Any, Any]] | None
 @dataclass(frozen=True)
 class SplitResult:
     split_id: str
-    head: Path
-    tail: Path
+    head: Path | None  # None for a cloud_only split
+    tail: Path | None  # None for an edge_only split
     manifest: Path
     manifest_obj: Manifest
     max_abs_diff: float | None  # None when verification was skipped
     max_rel_diff: float | None
 
+    @property
+    def kind(self) -> str:
+        return self.manifest_obj.kind
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "split_id": self.split_id,
-            "head": str(self.head),
-            "tail": str(self.tail),
+            "kind": self.kind,
+            "head": str(self.head) if self.head is not None else None,
+            "tail": str(self.tail) if self.tail is not None else None,
             "manifest": str(self.manifest),
             "max_abs_diff": self.max_abs_diff,
             "max_rel_diff": self.max_rel_diff,
             "verified": self.max_abs_diff is not None,
             "cut": [s.to_dict() for s in self.manifest_obj.cut],
             "bytes_per_sample": self.manifest_obj.bytes_per_sample,
+            **({"analysis": self.manifest_obj.extra["analysis"]}
+               if "analysis" in self.manifest_obj.extra else {}),
         }
 
 
@@ -74,8 +85,15 @@ def split_model(
     model_name: str | None = None,
     seed: int = 0,
     external_data: bool | None = None,
+    input_shapes: InputShapes | None = None,
+    fix_shapes: bool = False,
 ) -> SplitResult:
     """Cut ``model`` at the tensors ``cut`` (names, or one comma-separated string).
+
+    ``cut`` may also name a baseline: the graph inputs (or ``"cloud_only"``) or the graph
+    outputs (or ``"edge_only"``). ``input_shapes`` (input name → dims) fixes dynamic dims
+    for the costs and the generated samples; ``samples`` imply them when not given. The
+    artifacts keep the model's dynamic dims unless ``fix_shapes``.
 
     Raises BadInputError for a bad file, name, cut or samples, and VerificationError when
     head→tail differs from the full model by more than ``tolerance`` relative to the
@@ -85,21 +103,43 @@ def split_model(
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise BadInputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     source = Path(model)
-    index = open_index(source)
+    proto = load_model(source)
+    data = _load_samples(proto, samples) if verify or samples is not None else None
+    if data is not None and not input_shapes:
+        input_shapes = shapes_from_samples(proto, data)
+    if fix_shapes and not input_shapes:
+        raise BadInputError("--fix-shapes needs --input-shape (or --samples) to know which "
+                            "dims to fix")
+    index = GraphIndex(proto, base_dir=source.parent, input_shapes=input_shapes,
+                       fix_shapes=fix_shapes)
     names = _cut_names(index, cut)
-    plan = plan_cut(index, names)
+    kind = cut_kind(index, names)
     # One onnxruntime typing run (if any is needed) for everything typed below.
     index.ensure_types([*index.inputs, *index.outputs, *index.live_tensors()])
-    specs = spec_map(index, plan.tensors)
-    inputs = tuple(index.spec(n) for n in index.inputs)
-    outputs = tuple(index.spec(n) for n in index.outputs)
-    data = _samples(index, inputs, samples, num_samples, seed) if verify else None
+    inputs = tuple(index.artifact_spec(n) for n in index.inputs)
+    outputs = tuple(index.artifact_spec(n) for n in index.outputs)
+    if kind == "cloud_only":
+        cut_names: tuple[str, ...] = tuple(index.inputs)
+    elif kind == "edge_only":
+        cut_names = tuple(index.outputs)
+    else:
+        plan = plan_cut(index, names)
+        cut_names = plan.tensors
+    specs = {n: index.artifact_spec(n) for n in cut_names}
+    if verify and data is None:
+        data = make_samples(index.analysis_model, num_samples, seed)
 
     source_sha = sha256_file(source)
     name = model_name or source.stem
-    split_id = make_split_id(name, source_sha, plan.tensors)
-    metadata = {"split_id": split_id, "source_sha256": source_sha, "cut": ",".join(plan.tensors)}
-    head, tail = build_halves(index, plan, specs, metadata=metadata)
+    split_id = make_split_id(name, source_sha, cut_names)
+    metadata = {"split_id": split_id, "source_sha256": source_sha, "cut": ",".join(cut_names),
+                "kind": kind}
+    if kind == "split":
+        head, tail = build_halves(index, plan, specs, metadata=metadata)
+        halves: dict[str, onnx.ModelProto] = {"head": head, "tail": tail}
+    else:
+        part = "tail" if kind == "cloud_only" else "head"
+        halves = {part: build_whole(index, part=part, metadata=metadata)}
 
     out = Path(out_dir)
     try:
@@ -107,29 +147,45 @@ def split_model(
     except OSError as exc:
         raise BadInputError(f"cannot create output directory {out}: {exc}") from exc
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # never leave a stale, verified-looking one
-    head_path, tail_path = out / "head.onnx", out / "tail.onnx"
+    paths = {"head": out / "head.onnx", "tail": out / "tail.onnx"}
+    for part, path in paths.items():
+        if part not in halves:  # a baseline has one file; a stale other half would mislead
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
     side_files = {
-        part: save_half(half, path, base_dir=index.base_dir, external_data=external_data)
-        for part, half, path in (("head", head, head_path), ("tail", tail, tail_path))
+        part: save_half(half, paths[part], base_dir=index.base_dir, external_data=external_data)
+        for part, half in halves.items()
     }
-    _check_halves(source, head_path, tail_path)
+    head_path = paths["head"] if "head" in halves else None
+    tail_path = paths["tail"] if "tail" in halves else None
+    _check_halves(source, [p for p in (head_path, tail_path) if p is not None])
 
     verification: dict[str, Any] = {"skipped": True}
     abs_diff = rel_diff = None
-    if data is not None:
+    if verify and data is not None:
         report = verify_split(source, head_path, tail_path, data,
-                              cut_specs=[specs[n] for n in plan.tensors])
+                              cut_specs=[specs[n] for n in cut_names] if kind == "split"
+                              else ())
         try:
             report.check(tolerance, split_id=split_id)
         except VerificationError as exc:
-            raise VerificationError(f"{exc.message}; {head_path.name} and {tail_path.name} "
-                                    f"are left in {out} for inspection, no manifest written",
-                                    split_id=split_id) from None
+            left = " and ".join(p.name for p in (head_path, tail_path) if p is not None)
+            raise VerificationError(f"{exc.message}; {left} left in {out} for inspection, "
+                                    "no manifest written", split_id=split_id) from None
         abs_diff, rel_diff = report.max_abs_diff, report.max_rel_diff
         verification = {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff,
                         "samples": len(next(iter(data.values()))) if data else 0,
                         "tolerance": tolerance}
-    extra: dict[str, Any] = dict(cut_costs(index, plan.tensors))
+    extra: dict[str, Any] = dict(cut_costs(index, cut_names))
+    if index.input_shapes:
+        analysed = [index.spec(n).bytes_per_sample() for n in cut_names]
+        extra["analysis"] = {
+            "input_shapes": {k: list(v) for k, v in index.input_shapes.items()},
+            "fixed_in_artifacts": fix_shapes,
+            "bytes_per_sample": 0 if kind == "edge_only" else (
+                None if None in analysed else sum(b for b in analysed if b is not None)),
+            "cut": [index.spec(n).to_dict() for n in cut_names],
+        }
     extra["metadata_keys"] = sorted(f"splitinfer.{k}" for k in (*metadata, "part"))
     files = {p: {"path": f.name, "sha256": sha256_file(f)} for p, f in side_files.items() if f}
     if files:
@@ -138,21 +194,59 @@ def split_model(
         split_id=split_id,
         model=name,
         source=FileRef(source.name, source_sha),
-        head=FileRef(head_path.name, sha256_file(head_path)),
-        tail=FileRef(tail_path.name, sha256_file(tail_path)),
+        head=FileRef(head_path.name, sha256_file(head_path)) if head_path else None,
+        tail=FileRef(tail_path.name, sha256_file(tail_path)) if tail_path else None,
         inputs=inputs,
-        cut=tuple(specs[n] for n in plan.tensors),
+        cut=tuple(specs[n] for n in cut_names),
         outputs=outputs,
         opsets={o.domain or "": int(o.version) for o in index.model.opset_import},
         versions={"splitinfer": splitinfer.__version__, "onnx": onnx.__version__,
                   "onnxruntime": ort.__version__},
         verification=verification,
         extra=extra,
+        kind=kind,
     )
     manifest_path = manifest.save(out)
-    log.info("split %s written to %s", split_id, out)
+    log.info("split %s (%s) written to %s", split_id, kind, out)
     return SplitResult(split_id, head_path, tail_path, manifest_path, manifest, abs_diff,
                        rel_diff)
+
+
+CLOUD_ONLY, EDGE_ONLY = "cloud_only", "edge_only"
+
+
+def cut_kind(index: GraphIndex, names: Sequence[str]) -> str:
+    """"cloud_only" for the graph inputs (or that alias), "edge_only" for the graph
+    outputs (or that alias), else "split"."""
+    wanted = set(names)
+    known = set(index.producer) | set(index.input_vi)
+    if wanted == {CLOUD_ONLY} and CLOUD_ONLY not in known:
+        return CLOUD_ONLY
+    if wanted == {EDGE_ONLY} and EDGE_ONLY not in known:
+        return EDGE_ONLY
+    consumed = {n for n in index.inputs if n in index.consumers or n in index.outputs}
+    if wanted and (wanted == set(index.inputs) or wanted == consumed):
+        return CLOUD_ONLY
+    if wanted and wanted == set(index.outputs):
+        return EDGE_ONLY
+    return "split"
+
+
+def shapes_from_samples(model: onnx.ModelProto, data: Mapping[str, np.ndarray[Any, Any]]
+                        ) -> dict[str, tuple[Dim, ...]]:
+    """Input shapes the sample arrays imply: their dims where the model leaves one open
+    (the first axis, the samples, stays the model's)."""
+    shapes: dict[str, tuple[Dim, ...]] = {}
+    for spec in input_specs(model):
+        arr = data.get(spec.name)
+        if arr is None or arr.ndim != len(spec.shape) or not spec.shape:
+            continue
+        dims: list[Dim] = [spec.shape[0] if spec.shape[0] is not None else "N"]
+        dims += [d if isinstance(d, int) else int(g)
+                 for d, g in zip(spec.shape[1:], arr.shape[1:], strict=True)]
+        if tuple(dims[1:]) != tuple(spec.shape[1:]):
+            shapes[spec.name] = tuple(dims)
+    return shapes
 
 
 def _cut_names(index: GraphIndex, cut: Sequence[str] | str) -> list[str]:
@@ -164,23 +258,24 @@ def _cut_names(index: GraphIndex, cut: Sequence[str] | str) -> list[str]:
     return [str(c).strip() for c in cut]
 
 
-def _samples(index: GraphIndex, inputs: Sequence[TensorSpec], samples: Samples,
-             num_samples: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+def _load_samples(model: onnx.ModelProto, samples: Samples
+                  ) -> dict[str, np.ndarray[Any, Any]] | None:
     if samples is None:
-        return make_samples(index.model, num_samples, seed)
+        return None
+    inputs = input_specs(model)
     if isinstance(samples, Mapping):
         return check_samples(samples, inputs)
     return load_npz(samples, inputs)
 
 
-def _check_halves(source: Path, head: Path, tail: Path) -> None:
+def _check_halves(source: Path, parts: Sequence[Path]) -> None:
     """Run the ONNX checker on the halves when the source itself passes it."""
     try:
         onnx.checker.check_model(str(source))
     except Exception as exc:  # custom domains etc.: the source is out of the checker's reach
         log.debug("source fails the ONNX checker (%s); halves not checked", exc)
         return
-    for part in (head, tail):
+    for part in parts:
         try:
             onnx.checker.check_model(str(part))
         except Exception as exc:

@@ -120,19 +120,27 @@ def load_npz(path: str | Path, expected_inputs: Sequence[TensorSpec]) -> dict[st
 
 
 def check_samples(arrays: Mapping[str, Any], expected_inputs: Sequence[TensorSpec], *,
-                  source: str = "samples") -> dict[str, Array]:
-    """Validate keys, dtypes, shapes and sample counts; the message says what was expected."""
+                  source: str = "samples", extra: str = "note") -> dict[str, Array]:
+    """Validate keys, dtypes, shapes and sample counts; the message says what was expected.
+
+    Keys that name no model input (labels, ids) are left out of the result: ``extra``
+    "note" logs one warning naming them, "ignore" says nothing, "error" refuses them.
+    Only a missing input is always an error.
+    """
     names = [s.name for s in expected_inputs]
     missing = [n for n in names if n not in arrays]
-    extra = sorted(k for k in arrays if k not in names)
-    if missing or extra:
+    unused = sorted(k for k in arrays if k not in names)
+    if missing or (unused and extra == "error"):
         what = []
         if missing:
             what.append(f"missing {', '.join(map(repr, missing))}")
-        if extra:
-            what.append(f"unexpected {', '.join(map(repr, extra))}")
+        if unused and extra == "error":
+            what.append(f"unexpected {', '.join(map(repr, unused))}")
         raise BadInputError(f"{source}: {'; '.join(what)}; expected one array per model input, "
                             f"keyed by name: {', '.join(map(repr, names))}")
+    if unused and extra == "note":
+        log.warning("%s: ignoring %s (not model inputs; the model reads %s)", source,
+                    ", ".join(map(repr, unused)), ", ".join(map(repr, names)))
     out: dict[str, Array] = {}
     counts: dict[str, int] = {}
     for spec in expected_inputs:
@@ -259,21 +267,27 @@ def _ort_specs(sess: ort.InferenceSession) -> list[TensorSpec]:
     return specs
 
 
-def verify_split(model_path: str | Path, head_path: str | Path, tail_path: str | Path,
-                 samples: Mapping[str, Array], *, cut_specs: Sequence[TensorSpec] = ()
-                 ) -> VerifyReport:
+def verify_split(model_path: str | Path, head_path: str | Path | None,
+                 tail_path: str | Path | None, samples: Mapping[str, Array], *,
+                 cut_specs: Sequence[TensorSpec] = ()) -> VerifyReport:
     """Run the full model and head→tail on ``samples``; report the largest differences.
 
-    ``cut_specs``, when given, are checked against what the head really emits, so a
-    manifest can never promise a dtype or shape the head does not produce.
+    A baseline has one half: no head (cloud_only: the tail reads the model inputs) or no
+    tail (edge_only: the head's outputs are the answer). ``cut_specs``, when given, are
+    checked against what the head really emits, so a manifest can never promise a dtype
+    or shape the head does not produce.
     """
+    if head_path is None and tail_path is None:
+        raise BadInputError("verify_split needs a head, a tail or both")
     full = ort_session(model_path, what=str(model_path))
-    head = ort_session(head_path, error=VerificationError, what=f"the head {head_path}")
-    tail = ort_session(tail_path, error=VerificationError, what=f"the tail {tail_path}")
+    head = None if head_path is None else ort_session(
+        head_path, error=VerificationError, what=f"the head {head_path}")
+    tail = None if tail_path is None else ort_session(
+        tail_path, error=VerificationError, what=f"the tail {tail_path}")
     specs = _ort_specs(full)
-    checked = check_samples(samples, specs)
-    head_in = [a.name for a in head.get_inputs()]
-    tail_in = [a.name for a in tail.get_inputs()]
+    checked = check_samples(samples, specs, extra="ignore")
+    head_in = [a.name for a in head.get_inputs()] if head is not None else []
+    tail_in = [a.name for a in tail.get_inputs()] if tail is not None else []
     out_names = [a.name for a in full.get_outputs()]
     worst: dict[str, list[float]] = {n: [0.0, 1.0] for n in out_names}
     count = 0
@@ -285,10 +299,12 @@ def verify_split(model_path: str | Path, head_path: str | Path, tail_path: str |
             raise BadInputError(f"the full model fails on the samples: {_first_line(exc)}"
                                 ) from exc
         try:
-            mid = dict(zip([o.name for o in head.get_outputs()],
-                           head.run(None, {k: feed[k] for k in head_in}), strict=True))
-            got = dict(zip([o.name for o in tail.get_outputs()],
-                           tail.run(None, {k: mid[k] for k in tail_in}), strict=True))
+            mid = dict(feed) if head is None else dict(zip(
+                [o.name for o in head.get_outputs()],
+                head.run(None, {k: feed[k] for k in head_in}), strict=True))
+            got = mid if tail is None else dict(zip(
+                [o.name for o in tail.get_outputs()],
+                tail.run(None, {k: mid[k] for k in tail_in}), strict=True))
         except KeyError as exc:
             raise VerificationError(f"the tail needs {exc} which the head does not emit") from exc
         except Exception as exc:

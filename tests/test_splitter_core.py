@@ -66,13 +66,18 @@ def test_every_listed_cut_disconnects_inputs_from_outputs(name: str) -> None:
     cuts = list_cuts(model)
     assert [c.index for c in cuts] == list(range(len(cuts)))
     index = GraphIndex(model)
-    assert set(cuts[0].names) == {n for n in index.inputs if n in index.consumers}
+    assert set(cuts[0].names) == set(index.inputs) and cuts[0].kind == "cloud_only"
+    assert cuts[0].head_flops_share == 0.0 and cuts[0].head_flops == 0
+    assert set(cuts[-1].names) == set(index.outputs) and cuts[-1].kind == "edge_only"
+    assert cuts[-1].head_flops_share == 1.0 and cuts[-1].bytes_per_sample == 0
+    assert [c.kind for c in cuts[1:-1]] == ["split"] * (len(cuts) - 2)
     for cut in cuts:
         assert _disconnects(model, set(cut.names)), cut.names
         assert not set(cut.names) & index.const_tensors
-        assert not set(cut.names) <= set(index.outputs)  # never an empty tail
         assert 0.0 <= cut.head_flops_share <= 1.0 and 0.0 <= cut.head_params_share <= 1.0
-        plan_cut(index, cut.names)  # the splitter accepts what it lists
+        if cut.kind == "split":
+            assert not set(cut.names) <= set(index.outputs)  # never an empty tail
+            plan_cut(index, cut.names)  # the splitter accepts what it lists
 
 
 def test_dequantized_activations_hidden_by_default() -> None:
@@ -102,7 +107,7 @@ def test_every_single_tensor_cut_is_listed(name: str) -> None:
 def test_chain_cuts_and_costs() -> None:
     cuts = list_cuts(mt.chain())
     assert [c.names for c in cuts] == [("x",), ("c1",), ("r1",), ("p1",), ("c2",), ("r2",),
-                                       ("g",), ("f",)]
+                                       ("g",), ("f",), ("y",)]
     p1 = cuts[3]
     assert p1.tensors == (TensorSpec("p1", "float32", ("N", 4, 4, 4)),)
     assert p1.bytes_per_sample == 4 * 4 * 4 * 4
@@ -113,7 +118,8 @@ def test_chain_cuts_and_costs() -> None:
     assert p1.head_params == 108 + 4
     assert p1.head_params_share == pytest.approx(112 / 490)
     assert cuts[0].head_flops_share == 0.0
-    assert cuts[-1].head_params_share == pytest.approx(400 / 490)  # the Gemm stays in the tail
+    assert cuts[-2].head_params_share == pytest.approx(400 / 490)  # the Gemm stays in the tail
+    assert cuts[-1].kind == "edge_only" and cuts[-1].head_flops == total
 
 
 def test_residual_lists_two_tensor_cuts_inside_the_block() -> None:
@@ -161,7 +167,7 @@ def test_qoperator_types_come_from_onnxruntime() -> None:
     assert a.quantization is not None and a.quantization.zero_point == 90
     p1 = cuts[("p1",)].tensors[0]  # uint8 MaxPool keeps its input's quantization
     assert p1.quantization is not None and p1.quantization.zero_point == 10
-    assert ("p1", "c2") in cuts and all(c.quantized for n, c in cuts.items() if n != ("x",))
+    assert ("p1", "c2") in cuts and all(c.quantized for c in cuts.values() if c.kind == "split")
 
 
 def test_if_node_is_atomic_and_its_captures_count_as_inputs() -> None:
@@ -173,7 +179,8 @@ def test_if_node_is_atomic_and_its_captures_count_as_inputs() -> None:
 
 def test_loop_body_capture_pulls_its_inputs_along(tmp_path: Path, models: dict[str, Path]
                                                    ) -> None:
-    assert [c.names for c in list_cuts(mt.loop_capture())] == [("x",), ("x", "r"), ("lo",)]
+    assert [c.names for c in list_cuts(mt.loop_capture())] == [("x",), ("x", "r"), ("lo",),
+                                                                ("y",)]
     result = split_model(models["loop_capture"], ["x", "r"], tmp_path)
     tail = onnx.load(str(result.tail))
     assert [n.op_type for n in tail.graph.node] == ["Loop", "Sigmoid"]
@@ -224,8 +231,15 @@ def test_split_verifies_at_every_listed_cut(name: str, cut: tuple[str, ...], tmp
     manifest = Manifest.load(tmp_path)
     assert manifest == result.manifest_obj
     assert tuple(s.name for s in manifest.cut) == cut
+    kind = list_cuts(models[name])[[c.names for c in list_cuts(models[name])].index(cut)].kind
+    assert manifest.kind == kind
+    assert (result.head is None) == (kind == "cloud_only")
+    assert (result.tail is None) == (kind == "edge_only")
+    assert not (tmp_path / "head.onnx").exists() or result.head is not None
     source = onnx.load(str(models[name]))
     for half in (result.head, result.tail):
+        if half is None:
+            continue
         proto = onnx.load(str(half))
         assert proto.ir_version == source.ir_version
         assert list(proto.opset_import) == list(source.opset_import)
@@ -328,7 +342,6 @@ def test_verify_split_reports_per_output(tmp_path: Path, models: dict[str, Path]
     ("chain", ["w1"], "'w1' is an initializer"),
     ("fpn", ["two"], "computed from constants only"),
     ("if_capture", ["t"], "inside the subgraph of node"),
-    ("chain", ["y"], "leaves nothing for the tail"),
     ("chain", ["g", "p1"], "'p1' in cut {'g', 'p1'} is not needed past the cut"),
     ("two_inputs", ["unused"], "does not lead to any graph output"),
     ("chain", [" "], "empty cut"),
@@ -367,7 +380,7 @@ X = TensorSpec("x", "float32", ("N", 3, 8, 8))
 
 
 @pytest.mark.parametrize(("arrays", "message"), [
-    ({"y": np.zeros((2, 3, 8, 8), np.float32)}, "missing 'x'; unexpected 'y'"),
+    ({"y": np.zeros((2, 3, 8, 8), np.float32)}, "missing 'x'; expected one array per"),
     ({"x": np.zeros((2, 3, 8, 8), np.float64)}, "expected dtype float32, got float64"),
     ({"x": np.zeros((2, 3, 9, 8), np.float32)}, "expected shape (samples, 3, 8, 8), got"),
     ({"x": np.zeros((3, 8, 8), np.float32)}, "expected shape (samples, 3, 8, 8)"),
