@@ -8,9 +8,9 @@ when a reply address can be read: a result, or an error result with an
 
 Reply address: the result topic of the device named by the **request topic**, which the
 broker ACL binds to the sender (``pattern write …/req/+/%c``). The MQTT 5 response topic
-and the envelope's ``rt`` are honoured only when they name that same topic, so a device
-can neither make the worker publish outside ``{prefix}/v1/res/`` nor aim results at
-another device. Only a message on a topic that is not a request topic (which the
+and the envelope's ``rt`` are ignored for a message on a request topic, so a device can
+neither make the worker publish outside ``{prefix}/v1/res/`` nor aim results at another
+device. Only a message on a topic that is not a request topic (which the
 worker's subscription never delivers) falls back to a claimed ``{prefix}/v1/res/…``
 address.
 """
@@ -402,11 +402,17 @@ def _run_one(tail: Tail, job: Job) -> Outputs | Exception:
         fixed = tail.fixed_batch
         if fixed is None or job.samples == fixed:
             return tail.run(job.prepared.feeds)
-        if job.samples % fixed:
-            raise TensorError(f"split {tail.split_id}: the tail takes batches of {fixed}; "
-                              f"{job.samples} samples do not divide into them")
-        chunks = [tail.run([f[i:i + fixed] for f in job.prepared.feeds])
-                  for i in range(0, job.samples, fixed)]
+        # A tail whose batch dimension is fixed runs in chunks of that size; the last
+        # chunk is padded with copies of its last sample and the padding's outputs dropped
+        # (inference is per sample), so any number of samples is answered.
+        chunks = []
+        for i in range(0, job.samples, fixed):
+            feeds = [f[i:i + fixed] for f in job.prepared.feeds]
+            real = int(feeds[0].shape[0])
+            if real < fixed:
+                feeds = [np.concatenate([f, np.repeat(f[-1:], fixed - real, axis=0)])
+                         for f in feeds]
+            chunks.append([out[:real] for out in tail.run(feeds)])
         return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
     except Exception as exc:  # answered as INTERNAL for this request only
         return exc

@@ -189,6 +189,31 @@ def test_batched_answers_are_each_requests_own(registry: Registry,
     assert not registry["tiny-odd"].batchable  # learnt that its outputs are not batch-first
 
 
+def test_fixed_batch_tail_answers_any_sample_count(tmp_path: Path) -> None:
+    """A tail fixed at batch 2 runs 1, 3 and 5 samples in chunks (the last one padded)."""
+    split = make_split(tmp_path, "tiny-fixed2", fixed_batch=2, seed=5)
+    reg = Registry.load(split.directory, threads=1)
+    assert reg["tiny-fixed2"].fixed_batch == 2
+    sent: dict[str, np.ndarray[Any, Any]] = {}
+
+    async def body(worker: Worker) -> None:
+        for n in (1, 3, 5, 2):
+            array = split.sample(n, seed=n)
+            rid, m = msg(split, array, device=f"d{n}")
+            sent[rid] = array
+            worker.submit(m)
+
+    pub, _ = run_worker(reg, body, max_batch=8)
+    answers = pub.answers()
+    assert set(answers) == set(sent)
+    for rid, array in sent.items():
+        env = answers[rid][1]
+        assert env.error is None, env.error
+        got = env.arrays()["logits"]
+        assert got.shape[0] == array.shape[0]
+        np.testing.assert_allclose(got, split.expected(array), rtol=1e-5, atol=1e-5)
+
+
 def test_fast_path_answers_and_falls_back_when_the_connection_goes(
         registry: Registry, splits: dict[str, TinySplit]) -> None:
     """publish_nowait: a PUBACK future per answer; a failed one is sent again the slow way."""
