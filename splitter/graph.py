@@ -179,8 +179,8 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: InputShapes, *,
                 not tt.shape.dim[0].HasField("dim_value"):
             tt.shape.dim[0].Clear()
             tt.shape.dim[0].dim_value = 1
-    if shapes or batch_one:
-        del out.graph.value_info[:]
+    del out.graph.value_info[:]
+    if batch_one:  # analysis: outputs follow the fixed inputs (inference fills them in)
         for vi in out.graph.output:
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")

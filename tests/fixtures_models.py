@@ -30,11 +30,23 @@ def session(path: str | Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def run_split(head: Path, tail: Path, feeds: Mapping[str, np.ndarray[Any, Any]]) -> list[Any]:
-    """head → (cut tensors) → tail, the way a device and a worker run them."""
-    head_s, tail_s = session(head), session(tail)
-    head_names = [o.name for o in head_s.get_outputs()]
-    crossing = dict(zip(head_names, head_s.run(head_names, dict(feeds)), strict=True))
+def run_split(head: Path | None, tail: Path | None, feeds: Mapping[str, np.ndarray[Any, Any]]
+              ) -> list[Any]:
+    """head → (cut tensors) → tail, the way a device and a worker run them.
+
+    A baseline has one half: no head (cloud_only: the inputs cross) or no tail
+    (edge_only: the head answers).
+    """
+    crossing = dict(feeds)
+    if head is not None:
+        head_s = session(head)
+        head_names = [o.name for o in head_s.get_outputs()]
+        crossing = dict(zip(head_names, head_s.run(head_names, dict(feeds)), strict=True))
+        if tail is None:
+            return [crossing[n] for n in head_names]
+    if tail is None:
+        raise ValueError("a split needs a head or a tail")
+    tail_s = session(tail)
     return list(tail_s.run(None, {i.name: crossing[i.name] for i in tail_s.get_inputs()}))
 
 

@@ -1,0 +1,94 @@
+"""FLOPs and parameters against hand-computed counts, one op type at a time.
+
+Convention (README "JSON outputs"): FLOPs = 2 x multiply-accumulates for the conv and
+matmul families (bias adds not counted), one per output element for elementwise ops and
+activations, one per window element per output for pooling, one per input element for
+global pooling and reductions; data movement (Reshape, Transpose, Concat…) is free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from splitter import inspect_model
+from splitter.cuts import node_flops
+
+
+def _flops(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
+           **attrs: object) -> int:
+    shapes = {**inputs, "out": out}
+    node = helper.make_node(op, list(inputs), ["out"], **attrs)
+    return node_flops(node, shapes.get)
+
+
+@pytest.mark.parametrize(("op", "inputs", "out", "attrs", "expected"), [
+    # Conv: 2 * N*Cout*Ho*Wo * (Cin/g)*kh*kw
+    ("Conv", {"x": (1, 3, 32, 32), "w": (16, 3, 3, 3)}, (1, 16, 32, 32), {},
+     2 * 16 * 32 * 32 * 27),
+    # depthwise (group = C): each output sees one input channel
+    ("Conv", {"x": (1, 8, 16, 16), "w": (8, 1, 3, 3)}, (1, 8, 16, 16), {"group": 8},
+     2 * 8 * 16 * 16 * 9),
+    # grouped (group 2): Cin/g = 4
+    ("Conv", {"x": (2, 8, 10, 10), "w": (6, 4, 1, 1)}, (2, 6, 10, 10), {"group": 2},
+     2 * 2 * 6 * 100 * 4),
+    # ConvTranspose: every input element scatters into Cout/g * kh*kw outputs
+    ("ConvTranspose", {"x": (1, 4, 8, 8), "w": (4, 2, 2, 2)}, (1, 2, 16, 16), {"strides": [2, 2]},
+     2 * 4 * 64 * 2 * 4),
+    # Gemm M=3 K=20 N=7 (transB)
+    ("Gemm", {"a": (3, 20), "b": (7, 20)}, (3, 7), {"transB": 1}, 2 * 3 * 7 * 20),
+    ("Gemm", {"a": (20, 3), "b": (20, 7)}, (3, 7), {"transA": 1}, 2 * 3 * 7 * 20),
+    # batched MatMul: 4 heads of (5x6)@(6x9)
+    ("MatMul", {"a": (2, 4, 5, 6), "b": (2, 4, 6, 9)}, (2, 4, 5, 9), {}, 2 * 2 * 4 * 5 * 9 * 6),
+    ("MatMul", {"a": (6,), "b": (6, 9)}, (9,), {}, 2 * 9 * 6),
+    ("MaxPool", {"x": (1, 4, 8, 8)}, (1, 4, 4, 4), {"kernel_shape": [2, 2], "strides": [2, 2]},
+     4 * 16 * 4),
+    ("AveragePool", {"x": (1, 4, 9, 9)}, (1, 4, 3, 3), {"kernel_shape": [3, 3],
+                                                        "strides": [3, 3]}, 4 * 9 * 9),
+    ("GlobalAveragePool", {"x": (2, 4, 7, 7)}, (2, 4, 1, 1), {}, 2 * 4 * 49),
+    ("Add", {"a": (2, 3, 4), "b": (4,)}, (2, 3, 4), {}, 24),
+    ("Relu", {"x": (5, 6)}, (5, 6), {}, 30),
+    ("Reshape", {"x": (5, 6), "s": (2,)}, (30,), {}, 0),
+    # quantized forms: same MACs as their float op
+    ("QLinearConv", {"x": (1, 3, 8, 8), "xs": (), "xz": (), "w": (4, 3, 3, 3), "ws": (),
+                     "wz": (), "ys": (), "yz": ()}, (1, 4, 8, 8), {}, 2 * 4 * 64 * 27),
+    ("ConvInteger", {"x": (1, 3, 8, 8), "w": (4, 3, 3, 3)}, (1, 4, 8, 8), {},
+     2 * 4 * 64 * 27),
+    ("QLinearMatMul", {"a": (3, 20), "as": (), "az": (), "b": (20, 7), "bs": (), "bz": (),
+                       "ys": (), "yz": ()}, (3, 7), {}, 2 * 3 * 7 * 20),
+    ("MatMulInteger", {"a": (3, 20), "b": (20, 7)}, (3, 7), {}, 2 * 3 * 7 * 20),
+])
+def test_node_flops_by_hand(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
+                            attrs: dict[str, object], expected: int) -> None:
+    assert _flops(op, inputs, out, **attrs) == expected
+
+
+def test_qdq_conv_counts_as_a_conv_and_constants_hold_parameters() -> None:
+    """A folded export: the weight sits in a Constant node, behind a DequantizeLinear."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.int8), "wq")
+    bias = numpy_helper.from_array(np.ones(4, np.float32), "bias")
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    nodes = [
+        helper.make_node("Constant", [], ["wq"], value=w),
+        helper.make_node("Constant", [], ["bias"], value=bias),
+        helper.make_node("Constant", [], ["shape"], value=shape),  # a shape: not a weight
+        helper.make_node("DequantizeLinear", ["wq", "ws"], ["wf"]),
+        helper.make_node("Conv", ["x", "wf", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "folded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        initializer=[numpy_helper.from_array(np.array(0.1, np.float32), "ws")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    result = inspect_model(model)
+    assert result.total_params == 108 + 4 + 1  # int8 weight, bias, its scale
+    conv = 2 * 4 * 64 * 27
+    # A weight's DequantizeLinear computes from constants only: folded once, not per sample.
+    assert result.total_flops == conv + 256
+    relu_cut = {c.names: c for c in result.cuts}[("c",)]
+    assert relu_cut.head_flops == conv and relu_cut.head_params == 113
