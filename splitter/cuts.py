@@ -211,7 +211,7 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
     specs_in = tuple(index.spec(n) for n in index.inputs)
     specs_out = tuple(index.spec(n) for n in index.outputs)
     listed = [c for _, c in cuts]
-    if index.order and specs_in:  # a model that computes nothing has no baselines to compare against
+    if index.order and specs_in:  # a model that computes nothing has no baselines
         sizes = [s.bytes_per_sample() for s in specs_in]
         listed.insert(0, Cut(
             index=0, tensors=specs_in,

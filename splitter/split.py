@@ -25,9 +25,9 @@ import splitinfer
 from splitinfer.errors import BadInputError, SplitInferError, VerificationError
 from splitinfer.manifest import (
     MANIFEST_NAME,
+    Dim,
     FileRef,
     Manifest,
-    Dim,
     make_split_id,
     sha256_file,
 )

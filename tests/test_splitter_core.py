@@ -255,7 +255,8 @@ def test_split_writes_manifest_and_places_initializers(tmp_path: Path,
     data = json.loads(result.manifest.read_text())
     assert data["split_id"] == result.split_id and result.split_id.startswith("my_chain-")
     assert data["source"]["sha256"] == sha256_file(models["chain"])
-    assert data["head"]["sha256"] == sha256_file(result.head)
+    assert result.head is not None and data["head"]["sha256"] == sha256_file(result.head)
+    assert data["kind"] == "split"
     assert data["cut"] == [{"name": "p1", "dtype": "float32", "shape": ["N", 4, 4, 4]}]
     assert data["inputs"][0]["name"] == "x" and data["outputs"][0]["name"] == "y"
     assert data["bytes_per_sample"] == 256 and data["opsets"] == {"": 17}

@@ -8,6 +8,8 @@ global pooling and reductions; data movement (Reshape, Transpose, Concat…) is 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -18,7 +20,7 @@ from splitter.cuts import node_flops
 
 
 def _flops(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
-           **attrs: object) -> int:
+           **attrs: Any) -> int:
     shapes = {**inputs, "out": out}
     node = helper.make_node(op, list(inputs), ["out"], **attrs)
     return node_flops(node, shapes.get)
@@ -61,7 +63,7 @@ def _flops(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
     ("MatMulInteger", {"a": (3, 20), "b": (20, 7)}, (3, 7), {}, 2 * 3 * 7 * 20),
 ])
 def test_node_flops_by_hand(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
-                            attrs: dict[str, object], expected: int) -> None:
+                            attrs: dict[str, Any], expected: int) -> None:
     assert _flops(op, inputs, out, **attrs) == expected
 
 

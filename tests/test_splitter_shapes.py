@@ -196,7 +196,7 @@ def test_inspect_json_lists_the_baselines(tmp_path: Path, capsys: pytest.Capture
 
 def test_minus_one_dims_inspect_and_split(tmp_path: Path) -> None:
     src = tmp_path / "paddle.onnx"
-    onnx.save(dynamic_model(batch=-1, hw=(-1, -1), minus_one=True), str(src))  # type: ignore[arg-type]
+    onnx.save(dynamic_model(batch=-1, hw=(-1, -1), minus_one=True), str(src))
     result = inspect_model(src)  # used to fail: negative dimension in (-1, 3, '?', '?')
     assert result.inputs[0].shape == (None, 3, None, None)
     assert [(d["axis"], d["name"]) for d in result.unknown_dims] == [(2, None), (3, None)]
