@@ -5,14 +5,23 @@
     splitinfer edge run --broker mqtt://broker:1883 --artifacts artifacts/digits_cnn-… \\
         --input IN.npz --output OUT.npz [--device-id cam-7] [--json]
 
-IN.npz holds one array per model input, keyed by input name, samples along the first axis
-(other keys, e.g. ``label``, are ignored with a note). Samples go out ``--batch-size`` per
-request, ``--concurrency`` requests in flight. OUT.npz gets one array per model output,
-in manifest order, written only when every request succeeded. ``--json`` prints counts and
-p50/p95/p99 (ms) of end-to-end latency and of each stage (see :mod:`edge_agent.stats`).
+IN.npz holds one array per model input, keyed by input name, samples along the first axis,
+as many as it likes (other keys, e.g. ``label``, are ignored with one note on stderr).
+Samples go out ``--batch-size`` per request (default 1; a split whose files are fixed at a
+batch size B always sends B, the last request padded), ``--concurrency`` requests in
+flight. OUT.npz gets one array per model output, in manifest order, written only when
+every request succeeded. ``--json`` prints counts and p50/p95/p99 (ms) of end-to-end
+latency and of each stage (see :mod:`edge_agent.stats`).
+
+Fail fast: the first request that no worker answers — the broker's "no matching
+subscribers" (MQTT 5) or the first deadline passed — stops the run; requests in flight are
+cancelled, the rest never sent, and the message names the request topic and the command
+that starts a worker. ``--keep-going`` sends every request regardless. An ``edge_only``
+split runs wholly here and needs no broker.
 
 Every flag also reads ``SPLITINFER_<FLAG>`` (e.g. ``SPLITINFER_BROKER``). Exit codes: 0 ok,
-1 some requests failed, 2 bad input (files, names, dtypes), 3 broker unreachable.
+1 some requests failed or no worker answered, 2 bad input (files, names, dtypes, device
+id), 3 broker unreachable.
 This module only builds the parser; numpy, onnxruntime and paho load inside ``run``.
 """
 
@@ -49,7 +58,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Push a file of samples through a split: the head runs here, the tail "
         "on cloud workers. OUT.npz is written only when every request succeeded.",
         epilog="Every flag also reads SPLITINFER_<FLAG> (e.g. SPLITINFER_BROKER). Exit codes: "
-        "0 ok, 1 some requests failed, 2 bad input, 3 broker unreachable.")
+        "0 ok, 1 some requests failed or no worker answered (the run stops at the first "
+        "such request unless --keep-going), 2 bad input, 3 broker unreachable.")
     add_run_arguments(run_parser)
     run_parser.set_defaults(func=run)
 
@@ -71,12 +81,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
          help="client id and topic level of this device (default edge-<hostname>-<random>)")
     flag("--prefix", "splitinfer", help="topic prefix (default splitinfer)")
     flag("--timeout", "10", type=float, metavar="S", help="deadline per request, seconds")
-    flag("--batch-size", "1", type=int, metavar="N", dest="batch_size",
-         help="samples per request (default 1)")
+    flag("--batch-size", optional=True, type=int, metavar="N", dest="batch_size",
+         help="samples per request (default 1; a split fixed at batch B sends B)")
     flag("--concurrency", "1", type=int, metavar="N",
          help="requests in flight at once (default 1: latency without self-queueing)")
     flag("--threads", "0", type=int, metavar="N",
          help="onnxruntime intra-op threads for the head (default 0: onnxruntime decides)")
+    p.add_argument("--keep-going", action="store_true", dest="keep_going",
+                   default=env_default("--keep-going", "") not in ("", "0", "false"),
+                   help="send every request even after one got no worker's answer "
+                        "(default: stop at the first)")
     p.add_argument("--json", action="store_true",
                    default=env_default("--json", "") not in ("", "0", "false"),
                    help="print a JSON summary (counts, latency percentiles per stage)")
@@ -96,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_agent.stats import LatencyStats
     from edge_agent.sync import default_device_id
 
-    if args.batch_size < 1 or args.concurrency < 1:
+    if (args.batch_size is not None and args.batch_size < 1) or args.concurrency < 1:
         raise BadInputError(f"--batch-size and --concurrency must be >= 1, got "
                             f"{args.batch_size} and {args.concurrency}")
     config = AgentConfig(device_id=args.device_id or default_device_id(), broker=args.broker,
@@ -107,14 +121,23 @@ def run(args: argparse.Namespace) -> int:
     if ignored:
         print(f"splitinfer edge run: note: ignoring {ignored} in {args.input} (not inputs of "
               f"{agent.manifest.model}: {list(arrays)})", file=sys.stderr)
+    batch = agent.batch or args.batch_size or 1
+    if agent.batch and args.batch_size not in (None, agent.batch):
+        print(f"splitinfer edge run: note: {agent.manifest.split_id} is fixed at batch "
+              f"{agent.batch}; sending {agent.batch} sample(s) per request, not "
+              f"{args.batch_size}", file=sys.stderr)
     samples = len(next(iter(arrays.values())))
     started = time.perf_counter()
-    results = asyncio.run(_drive(agent, arrays, samples, args.batch_size, args.concurrency))
+    results, stopped = asyncio.run(_drive(agent, arrays, samples, batch, args.concurrency,
+                                          keep_going=args.keep_going))
     wall = time.perf_counter() - started
 
     stats = LatencyStats()
-    first_error: Exception | None = None
+    first_error: Exception | None = stopped
+    skipped = sum(1 for item in results if item is None)
     for item in results:
+        if item is None:
+            continue
         if isinstance(item, Exception):
             stats.fail(str(getattr(item, "code", type(item).__name__)))
             first_error = first_error or item
@@ -122,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             stats.add(item.timings)
     written = None
     outputs: dict[str, Any] = {}
-    if first_error is None:
+    if first_error is None and not skipped:
         outputs = _concatenate(results, agent.manifest)
         with open(args.output, "wb") as fh:
             import numpy as np
@@ -134,14 +157,17 @@ def run(args: argparse.Namespace) -> int:
         "model": agent.manifest.model,
         "device_id": config.device_id,
         "broker": _public_url(args.broker),
-        "protocol": agent.protocol,
+        "protocol": agent.protocol or None,
+        "kind": agent.kind,
         "input": args.input,
         "output": written,
         "samples": samples,
-        "batch_size": args.batch_size,
+        "batch_size": batch,
         "concurrency": args.concurrency,
         "ignored_keys": ignored,
         **stats.summary(),
+        "skipped": skipped,
+        "stopped": str(stopped) if stopped is not None else None,
         "wall_s": round(wall, 4),
         "samples_per_s": round(samples / wall, 2) if wall > 0 else None,
         "outputs": {k: {"dtype": v.dtype.name, "shape": list(v.shape)}
@@ -155,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
               f"{e2e.get('p50', float('nan')):.2f} p95 {e2e.get('p95', float('nan')):.2f} "
               f"p99 {e2e.get('p99', float('nan')):.2f}"
               + (f"; wrote {written}" if written else ""))
+    if stopped is not None:
+        print(f"splitinfer edge run: error: {stopped}; stopped at the first request no "
+              f"worker answered ({skipped} of {len(results)} requests cancelled or not sent; "
+              f"--keep-going sends them all); {args.output} not written", file=sys.stderr)
+        return EXIT_FAILED
     if first_error is not None:
         print(f"splitinfer edge run: error: {stats.failed} of {stats.ok + stats.failed} "
               f"requests failed (first: {first_error}); {args.output} not written",
@@ -191,42 +222,63 @@ def read_inputs(path: str, manifest: Manifest) -> tuple[dict[str, npt.NDArray[An
     # the whole file at once: a bad dtype fails here, before any request is sent
     from edge_agent.client import check_tensors
 
-    check_tensors(arrays, manifest.inputs, f"inputs in {path}", manifest.split_id)
+    check_tensors(arrays, manifest.inputs, f"inputs in {path}", manifest.split_id,
+                  any_batch=True)
     return arrays, sorted(set(found) - set(names))
 
 
 async def _drive(agent: EdgeAgent, arrays: dict[str, npt.NDArray[Any]], samples: int,
-                 batch: int, concurrency: int) -> list[InferenceResult | Exception]:
+                 batch: int, concurrency: int, *, keep_going: bool = False,
+                 ) -> tuple[list[InferenceResult | Exception | None], Exception | None]:
+    """Every request's result or error, in input order (None: cancelled or never sent), and
+    the failure that stopped the run (no worker answered), if one did."""
     import asyncio
 
     from splitinfer.errors import (
         DeadlineExceeded,
+        NoSubscriberError,
         RemoteError,
         TensorError,
         TransportError,
         WireError,
     )
 
-    gate = asyncio.Semaphore(concurrency)
+    starts = list(range(0, samples, batch))
+    results: list[InferenceResult | Exception | None] = [None] * len(starts)
+    queue = iter(range(len(starts)))  # shared: each runner takes the next request
+    stopped: list[Exception] = []
+    runners: list[asyncio.Task[None]] = []
 
-    async def one(start: int) -> InferenceResult | Exception:
-        async with gate:
-            chunk = {name: array[start:start + batch] for name, array in arrays.items()}
+    async def runner() -> None:
+        for k in queue:
+            if stopped:
+                return
+            chunk = {name: array[starts[k]:starts[k] + batch] for name, array in arrays.items()}
             try:
-                return await agent.infer(chunk)
-            except (RemoteError, DeadlineExceeded, TransportError, WireError,
-                    TensorError) as exc:
-                return exc
+                results[k] = await agent.infer(chunk)
+            except (NoSubscriberError, DeadlineExceeded) as exc:
+                results[k] = exc
+                if not keep_going and not stopped:
+                    stopped.append(exc)
+                    for task in runners:
+                        if task is not asyncio.current_task():
+                            task.cancel()
+                    return
+            except (RemoteError, TransportError, WireError, TensorError) as exc:
+                results[k] = exc
 
     async with agent:
-        return list(await asyncio.gather(*(one(i) for i in range(0, samples, batch))))
+        runners.extend(asyncio.create_task(runner(), name=f"edge-run-{i}")
+                       for i in range(min(concurrency, len(starts))))
+        await asyncio.gather(*runners, return_exceptions=True)
+    return results, stopped[0] if stopped else None
 
 
-def _concatenate(results: list[InferenceResult | Exception],
+def _concatenate(results: list[InferenceResult | Exception | None],
                  manifest: Manifest) -> dict[str, np.ndarray[Any, Any]]:
     import numpy as np
 
-    done = [r for r in results if not isinstance(r, Exception)]
+    done = [r for r in results if r is not None and not isinstance(r, Exception)]
     return {spec.name: np.concatenate([r.outputs[spec.name] for r in done])
             for spec in manifest.outputs}
 

@@ -22,6 +22,26 @@ are matched by request id through a dict of futures; an entry is removed in ``fi
 whatever happens. An error result raises :class:`RemoteError`; no result before the
 deadline raises :class:`DeadlineExceeded`.
 
+Samples: the first axis of every input counts samples, and a call takes any number of
+them. When the split's files are fixed at a batch size B (their first dimension, e.g. 1:
+:func:`~edge_agent.runtime.fixed_batch`), a call of N != B samples goes out as
+ceil(N / B) requests of B (the last one padded with copies of its last sample, whose
+results are dropped), ``chunk_concurrency`` of them in flight, heads pipelined with the
+requests before them; the outputs come back concatenated in input order under the one
+deadline. A dynamic batch goes as one request, as before.
+
+No worker: on MQTT 5 a broker such as mosquitto 2 acknowledges a request that no one
+subscribes to with PUBACK reason 16 ("No matching subscribers"); the call then raises
+:class:`NoSubscriberError` at once, naming the topic, instead of waiting out its deadline
+(for ``reconnect_grace_s`` after a reconnect such requests are re-published instead: the
+workers may be subscribing again). Elsewhere (MQTT 3.1.1, other brokers) it is the
+deadline's :class:`DeadlineExceeded`.
+
+Baselines (``manifest.kind``): a ``cloud_only`` split has no head; its model inputs go
+out as the cut. An ``edge_only`` split runs its head (the whole model) here and never
+touches a broker: ``start()`` connects to nothing, ``infer`` answers locally (timings
+``e2e`` and ``head`` only).
+
 Nothing here blocks the loop except the head of a lone agent (``head_in_thread`` decides;
 by default a head runs inline only when its agent is the only one on the loop), so
 thousands of agents — one connection each, no thread each — can share one loop.
@@ -31,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -46,9 +67,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.runtime import HeadRuntime, check_head, load_head
+from edge_agent.runtime import HeadRuntime, PassThroughHead, check_head, fixed_batch, load_head
 from edge_agent.stats import STAGES, worker_stages
 from edge_agent.transport import (
+    NO_MATCHING_SUBSCRIBERS,
     Connector,
     IncomingMessage,
     LastWill,
@@ -60,6 +82,7 @@ from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,
     ErrorCode,
+    NoSubscriberError,
     RemoteError,
     StartupError,
     TensorError,
@@ -116,6 +139,11 @@ class AgentConfig:
     reconnect_max_s: float = 2.0
     connect_timeout_s: float = 10.0
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    # Requests of one call in flight at once when a fixed batch splits it into several.
+    chunk_concurrency: int = 8
+    # After a reconnect, "no matching subscribers" is retried this long, not raised: the
+    # workers may still be subscribing again to a restarted broker.
+    reconnect_grace_s: float = 5.0
 
     def __post_init__(self) -> None:
         check_level(self.device_id, "device id")
@@ -125,6 +153,9 @@ class AgentConfig:
                                 f"connect_timeout_s={self.connect_timeout_s}")
         if self.qos not in (0, 1, 2):
             raise BadInputError(f"qos must be 0, 1 or 2, got {self.qos}")
+        if self.chunk_concurrency < 1 or not self.reconnect_grace_s >= 0:
+            raise BadInputError(f"expected chunk_concurrency >= 1 and reconnect_grace_s >= 0, "
+                                f"got {self.chunk_concurrency}, {self.reconnect_grace_s}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise BadInputError("expected 0 < reconnect_min_s <= reconnect_max_s, got "
                                 f"{self.reconnect_min_s}, {self.reconnect_max_s}")
@@ -132,12 +163,17 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class InferenceResult:
-    """Outputs in manifest order (read-only arrays over the received bytes) and timings (s)."""
+    """Outputs in manifest order (read-only arrays over the received bytes) and timings (s).
+
+    A call sent as several requests (a fixed batch) has ``requests`` > 1: ``request_id``
+    is the first one's, ``e2e`` the whole call and every other stage summed over them.
+    """
 
     request_id: str
     outputs: dict[str, Array]
     timings: dict[str, float]
     split_id: str = ""
+    requests: int = 1
 
 
 @dataclass(eq=False)
@@ -172,11 +208,15 @@ class EdgeAgent:
 
     def __init__(self, *, manifest: Manifest, config: AgentConfig,
                  head: HeadRuntime | None = None, connector: Connector | None = None) -> None:
+        if head is None and manifest.kind == "cloud_only":
+            head = PassThroughHead(manifest)
         if head is not None:
             check_head(head, manifest)
         self.manifest = manifest
         self.config = config
         self.head = head
+        self.kind = manifest.kind
+        self.batch = fixed_batch(manifest)
         self._connector: Connector = connector or MqttConnector(
             config.broker, timeout_s=config.connect_timeout_s)
         topics = Topics(config.prefix)
@@ -193,6 +233,9 @@ class EdgeAgent:
         self._loop_counted: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._local = False  # an edge_only agent, started without a broker
+        self._grace_until = 0.0  # loop.time() until which no-subscriber PUBACKs are retried
+        self._retrying: set[str] = set()  # request ids _retry_after_reconnect re-publishes
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, *, config: AgentConfig,
@@ -227,7 +270,10 @@ class EdgeAgent:
         if self._closed:
             raise StartupError(f"edge agent {self.device_id}: closed agents cannot restart",
                                device_id=self.device_id)
-        if self._supervisor is not None:
+        if self._supervisor is not None or self._local:
+            return
+        if self.kind == "edge_only":
+            self._local = True  # the whole model is here: nothing to connect to
             return
         transport: Transport | None = None
         try:
@@ -251,6 +297,8 @@ class EdgeAgent:
         if self._closed:
             return
         self._closed = True
+        if self._local:
+            return
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -293,8 +341,9 @@ class EdgeAgent:
     # ------------------------------------------------------------------ inference
 
     async def infer(self, inputs: Inputs, *, timeout: float | None = None) -> InferenceResult:
-        """Run the head on ``inputs`` (one array per model input, batch first), send the cut,
-        and return the tail's outputs. The deadline (``timeout`` or the config's) covers it all.
+        """Run the head on ``inputs`` (one array per model input, samples first, any number
+        of them), send the cut, and return the tail's outputs. The deadline (``timeout`` or
+        the config's) covers it all, every request of a call fed in fixed-size batches too.
         """
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -306,6 +355,16 @@ class EdgeAgent:
                                 f"{self.manifest.split_id}; use infer_activation()",
                                 split_id=self.manifest.split_id)
         arrays = self.check_inputs(inputs)
+        samples = _samples(arrays)
+        if self.batch is None or samples is None or samples == self.batch:
+            return await self._infer_one(arrays, started=started, deadline=deadline,
+                                         expires=expires, timeout=timeout)
+        return await self._infer_chunked(arrays, samples, self.batch, started=started,
+                                         deadline=deadline, expires=expires, timeout=timeout)
+
+    async def _infer_one(self, arrays: Mapping[str, Array], *, started: float, deadline: float,
+                         expires: float, timeout: float) -> InferenceResult:
+        loop = asyncio.get_running_loop()
         stamps = {"head_start": time.time()}
         t0 = time.perf_counter()
         in_thread = self.config.head_in_thread
@@ -321,8 +380,56 @@ class EdgeAgent:
             raise DeadlineExceeded(f"the head of {self.manifest.split_id} took {head_s:.3f} s, "
                                    f"past the {timeout:.3g} s deadline",
                                    split_id=self.manifest.split_id, device_id=self.device_id)
+        if self.kind == "edge_only":
+            return self._local_result(cut, head_s=head_s, started=started)
         return await self._request(cut, head_s=head_s, stamps=stamps, started=started,
                                    deadline=deadline, expires=expires, timeout=timeout)
+
+    async def _infer_chunked(self, arrays: Mapping[str, Array], samples: int, batch: int, *,
+                             started: float, deadline: float, expires: float,
+                             timeout: float) -> InferenceResult:
+        """``samples`` in requests of the split's fixed ``batch``, outputs in input order."""
+        pad = -samples % batch
+        if pad:  # the files take exactly `batch`: repeat the last sample, drop its results
+            arrays = {name: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+                      for name, a in arrays.items()}
+        gate = asyncio.Semaphore(self.config.chunk_concurrency)
+
+        async def one(start: int) -> InferenceResult:
+            async with gate:
+                chunk = {name: a[start:start + batch] for name, a in arrays.items()}
+                return await self._infer_one(chunk, started=time.perf_counter(),
+                                             deadline=deadline, expires=expires,
+                                             timeout=timeout)
+
+        tasks = [asyncio.create_task(one(i), name=f"edge-chunk:{self.device_id}:{i}")
+                 for i in range(0, samples + pad, batch)]
+        try:
+            parts = await asyncio.gather(*tasks)
+        finally:  # the first failure ends the call: the other requests are not waited for
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        outputs = {name: np.concatenate([p.outputs[name] for p in parts])[:samples]
+                   for name in parts[0].outputs}
+        timings: dict[str, float] = {}
+        for part in parts:
+            for stage, value in part.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + value
+        timings["e2e"] = time.perf_counter() - started
+        return InferenceResult(request_id=parts[0].request_id, outputs=outputs,
+                               timings={k: timings[k] for k in STAGES if k in timings},
+                               split_id=parts[0].split_id, requests=len(parts))
+
+    def _local_result(self, cut: Mapping[str, Array], *, head_s: float,
+                      started: float) -> InferenceResult:
+        """An edge_only answer: the head is the whole model, its outputs are the result."""
+        outputs = check_tensors({s.name: cut[s.name] for s in self.manifest.outputs},
+                                self.manifest.outputs, "outputs", self.manifest.split_id,
+                                any_batch=True)
+        return InferenceResult(request_id=new_request_id(), outputs=outputs,
+                               timings={"e2e": time.perf_counter() - started, "head": head_s},
+                               split_id=self.manifest.split_id)
 
     async def infer_activation(self, cut_tensors: Mapping[str, Array], *,
                                timeout: float | None = None) -> InferenceResult:
@@ -332,12 +439,15 @@ class EdgeAgent:
         timeout = self._timeout(timeout)
         self._check_started()
         cut = check_tensors(cut_tensors, self.manifest.cut, "cut tensors", self.manifest.split_id)
+        if self.kind == "edge_only":  # recorded outputs of the whole model: nothing to send
+            return self._local_result(cut, head_s=0.0, started=started)
         return await self._request(cut, head_s=0.0, stamps={}, started=started,
                                    deadline=time.time() + timeout,
                                    expires=loop.time() + timeout, timeout=timeout)
 
     def check_inputs(self, inputs: Inputs) -> dict[str, Array]:
-        """The model inputs by name, checked against the manifest (TensorError/BadInputError)."""
+        """The model inputs by name, checked against the manifest (TensorError/BadInputError);
+        any number of samples, whatever the split's batch dimension."""
         if isinstance(inputs, np.ndarray):
             if len(self.manifest.inputs) != 1:
                 raise BadInputError(
@@ -346,7 +456,7 @@ class EdgeAgent:
                     split_id=self.manifest.split_id)
             inputs = {self.manifest.inputs[0].name: inputs}
         return check_tensors(inputs, self.manifest.inputs, "model inputs",
-                            self.manifest.split_id)
+                             self.manifest.split_id, any_batch=True)
 
     def _run_head(self, arrays: Mapping[str, Array]) -> dict[str, Array]:
         if self.head is None:  # infer() checked; keeps mypy and python -O honest
@@ -430,12 +540,15 @@ class EdgeAgent:
         if self.config.presence:
             await transport.publish(self.status_topic, ONLINE, qos=1, retain=True)
         self._epoch += 1
+        if self._epoch > 1:
+            self._grace_until = asyncio.get_running_loop().time() + self.config.reconnect_grace_s
         self._transport = transport
         self._protocol = transport.protocol
         self._connected.set()
         now = asyncio.get_running_loop().time()
         again = [p for p in self._pending.values()
                  if p.epoch < self._epoch and not p.future.done() and p.expires > now]
+        self._retrying.update(p.request_id for p in again)
         for pending in again:
             if pending.publishes:
                 self.counters.republished += 1
@@ -493,6 +606,14 @@ class EdgeAgent:
         """
         loop = asyncio.get_running_loop()
         delay = _RETRY_MIN_S
+        self._retrying.update(request_ids)  # _establish() added them already
+        try:
+            await self._retry_loop(loop, epoch, request_ids, delay)
+        finally:
+            self._retrying.difference_update(request_ids)
+
+    async def _retry_loop(self, loop: asyncio.AbstractEventLoop, epoch: int,
+                          request_ids: list[str], delay: float) -> None:
         while request_ids:
             await asyncio.sleep(delay)
             if self._epoch != epoch or self._transport is None:
@@ -528,12 +649,36 @@ class EdgeAgent:
         pending.publishes += 1
         self.counters.published += 1
         try:
-            await transport.publish(self.request_topic, pending.payload, qos=self.config.qos,
-                                    options=options)
+            reason = await transport.publish(self.request_topic, pending.payload,
+                                             qos=self.config.qos, options=options)
         except TransportError as exc:
             # The supervisor sees the same loss and re-publishes after reconnecting.
             log.debug("%s: request %s not published: %s", self.device_id,
                       pending.request_id, exc)
+            return
+        if reason == NO_MATCHING_SUBSCRIBERS:
+            self._no_subscriber(pending)
+
+    def _no_subscriber(self, pending: _Pending) -> None:
+        """The broker took the request but no one subscribes to its topic: no worker."""
+        if pending.future.done():
+            return
+        if asyncio.get_running_loop().time() < self._grace_until:
+            if pending.request_id in self._retrying:
+                return  # _retry_after_reconnect publishes it again anyway
+            log.debug("%s: no subscriber for %s right after a reconnect; trying again",
+                      self.device_id, pending.request_id)
+            self._spawn(self._publish_later(pending), f"edge-again:{pending.request_id[:8]}")
+            return
+        pending.future.set_exception(NoSubscriberError(
+            self._no_subscriber_message(), topic=self.request_topic,
+            split_id=self.manifest.split_id, device_id=self.device_id))
+
+    async def _publish_later(self, pending: _Pending) -> None:
+        await asyncio.sleep(_RETRY_MIN_S)
+        if not pending.future.done() and pending.expires > asyncio.get_running_loop().time():
+            self.counters.republished += 1
+            self._send(pending)
 
     def _dispatch(self, message: IncomingMessage) -> None:
         received = time.perf_counter()
@@ -577,7 +722,7 @@ class EdgeAgent:
         return value
 
     def _check_started(self) -> None:
-        if self._supervisor is None or self._closed:
+        if self._closed or (self._supervisor is None and not self._local):
             raise TransportError(f"edge agent {self.device_id} is not running; use "
                                  "'async with agent' or await agent.start()",
                                  device_id=self.device_id)
@@ -586,16 +731,31 @@ class EdgeAgent:
         url = getattr(self._connector, "url", None)
         return url if isinstance(url, str) else "the broker"
 
+    def serve_hint(self) -> str:
+        """The command that starts a worker for this agent's requests."""
+        prefix = "" if self.config.prefix == DEFAULT_PREFIX else f" --prefix {self.config.prefix}"
+        return (f"splitinfer cloud serve --broker {self._broker_name()}{prefix} "
+                f"--artifacts DIR (holding {self.manifest.split_id})")
+
+    def _no_subscriber_message(self) -> str:
+        return (f"no worker subscribed to {self.request_topic} (broker: no matching "
+                f"subscribers); start one with: {self.serve_hint()}")
+
     def _deadline_message(self, request_id: str, timeout: float) -> str:
         state = "" if self.connected else f"; not connected to {self._broker_name()}"
-        return (f"no result for request {request_id} of {self.manifest.split_id} within "
-                f"{timeout:.3g} s{state}; is a cloud worker serving model "
-                f"{self.manifest.model!r} under prefix {self.config.prefix!r}?")
+        return (f"no result for request {request_id} of {self.manifest.split_id} on "
+                f"{self.request_topic} within {timeout:.3g} s{state}; is a cloud worker "
+                f"serving model {self.manifest.model!r} under prefix "
+                f"{self.config.prefix!r}? start one with: {self.serve_hint()}")
 
 
 def check_tensors(arrays: Mapping[str, Any], specs: tuple[TensorSpec, ...], what: str,
-                 split_id: str) -> dict[str, Array]:
-    """``arrays`` keyed and ordered as ``specs``, each checked; names expected vs got."""
+                  split_id: str, *, any_batch: bool = False) -> dict[str, Array]:
+    """``arrays`` keyed and ordered as ``specs``, each checked; names expected vs got.
+
+    ``any_batch`` leaves the first (samples) dimension unchecked: a call may hold any
+    number of samples even where the files are fixed at one batch size.
+    """
     want = [s.name for s in specs]
     if sorted(arrays) != sorted(want):
         missing = [n for n in want if n not in arrays]
@@ -613,6 +773,8 @@ def check_tensors(arrays: Mapping[str, Any], specs: tuple[TensorSpec, ...], what
             raise TensorError(f"{what} of {split_id}: tensor {spec.name!r} must be a numpy "
                               f"array, got {type(array).__name__}", split_id=split_id)
         try:
+            if any_batch and spec.shape and isinstance(spec.shape[0], int):
+                spec = dataclasses.replace(spec, shape=("N", *spec.shape[1:]))
             spec.check(array)
         except TensorError as exc:
             raise TensorError(f"{what} of {split_id}: {exc}", split_id=split_id) from None
@@ -622,3 +784,9 @@ def check_tensors(arrays: Mapping[str, Any], specs: tuple[TensorSpec, ...], what
         batch = array.shape[0] if array.ndim else None
         out[spec.name] = array
     return out
+
+
+def _samples(arrays: Mapping[str, Array]) -> int | None:
+    """The samples in a call (first axis, check_tensors made them agree); None for scalars."""
+    first = next(iter(arrays.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else None

@@ -19,7 +19,12 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from edge_agent.transport import IncomingMessage, LastWill, PublishOptions
+from edge_agent.transport import (
+    NO_MATCHING_SUBSCRIBERS,
+    IncomingMessage,
+    LastWill,
+    PublishOptions,
+)
 from splitinfer.errors import TransportError
 
 __all__ = ["MemoryBroker", "MemoryTransport", "Published", "topic_matches"]
@@ -74,12 +79,16 @@ class MemoryTransport:
             raise TransportError(f"{what}: client {self.client_id!r} is not connected")
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      options: PublishOptions | None = None) -> None:
+                      options: PublishOptions | None = None) -> int | None:
         self._check(f"publish to {topic}")
         await asyncio.sleep(0)  # a real publish yields to the loop too
         self._check(f"publish to {topic}")
-        self._broker._route(Published(self.client_id, topic, bytes(payload), qos, retain,
-                                       options if self.protocol == "5" else None))
+        matched = self._broker._route(Published(self.client_id, topic, bytes(payload), qos,
+                                                retain, options if self.protocol == "5"
+                                                else None))
+        if self.protocol != "5" or qos == 0:
+            return None
+        return 0 if matched else NO_MATCHING_SUBSCRIBERS  # as mosquitto 2 answers
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
         self._check(f"subscribe to {topic}")
@@ -165,7 +174,8 @@ class MemoryBroker:
         if self.clients.get(transport.client_id) is transport:
             del self.clients[transport.client_id]
 
-    def _route(self, message: Published) -> None:
+    def _route(self, message: Published) -> bool:
+        """Deliver ``message``; True when some subscription matched it."""
         self.published.append(message)
         if message.retain:
             if message.payload:
@@ -175,11 +185,13 @@ class MemoryBroker:
         correlation = message.options.correlation if message.options else None
         incoming = IncomingMessage(message.topic, message.payload, correlation)
         groups: dict[str, list[MemoryTransport]] = {}
+        matched = False
         for transport in list(self.clients.values()):
             for pattern in transport.subscriptions:
                 group, plain = _split_share(pattern)
                 if not topic_matches(plain, message.topic):
                     continue
+                matched = True
                 if group is None:
                     transport._deliver(incoming)
                 else:
@@ -187,3 +199,4 @@ class MemoryBroker:
                 break
         for members in groups.values():
             members[next(self._turn) % len(members)]._deliver(incoming)
+        return matched

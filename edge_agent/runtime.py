@@ -5,6 +5,9 @@ onnxruntime (imported when a head is loaded, so ``import edge_agent`` stays ligh
 :func:`load_head` reads a split directory, checks the head file against the manifest
 (sha256, input and output names) and picks the backend by file suffix. A TFLite backend
 (ai-edge-litert) would slot in here for ``.tflite`` heads; it is not written yet.
+The baselines: a ``cloud_only`` split has no head file, and :func:`load_head` gives a
+:class:`PassThroughHead` (the model inputs *are* the cut); an ``edge_only`` split's head
+is the whole model (its "cut" lists the model outputs).
 
 Never imports ``onnx``: a Raspberry Pi install has onnxruntime only.
 """
@@ -22,7 +25,7 @@ import numpy.typing as npt
 from splitinfer.errors import ManifestError, StartupError, TensorError
 from splitinfer.manifest import Manifest, sha256_file
 
-__all__ = ["HeadRuntime", "OrtHead", "load_head"]
+__all__ = ["HeadRuntime", "OrtHead", "PassThroughHead", "load_head", "fixed_batch"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -86,13 +89,51 @@ class OrtHead:
                                                                  strict=True)}
 
 
+class PassThroughHead:
+    """The head of a ``cloud_only`` split: runs nothing, the model inputs go out as the cut."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._names = tuple(s.name for s in manifest.cut)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._names
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        return {name: inputs[name] for name in self._names}
+
+
+def fixed_batch(manifest: Manifest) -> int | None:
+    """The batch size a split's files are fixed at (their first dimension), None if dynamic.
+
+    The head's inputs decide; a dynamic-batch head whose cut is fixed (a tail exported at
+    batch 1) is bound by the cut.
+    """
+    for specs in (manifest.inputs, manifest.cut):
+        for spec in specs:
+            if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0:
+                return spec.shape[0]
+    return None
+
+
 def load_head(manifest: Manifest, directory: str | Path, *, threads: int | None = None,
               verify: bool = True) -> HeadRuntime:
     """The head of the split in ``directory``, checked against its manifest.
 
     ``verify`` compares the file's sha256 with the manifest's (a stale or partly copied
-    head otherwise fails much later, as a wrong answer from the tail).
+    head otherwise fails much later, as a wrong answer from the tail). A ``cloud_only``
+    split (no head file) gets a :class:`PassThroughHead`.
     """
+    if manifest.head is None:
+        if manifest.kind != "cloud_only":
+            raise ManifestError(f"manifest of {manifest.split_id} names no head file but is "
+                                f"of kind {manifest.kind!r}; only a cloud_only split has none",
+                                split_id=manifest.split_id)
+        return PassThroughHead(manifest)
     path = manifest.resolve(directory, "head")
     if not path.is_file():
         raise ManifestError(f"{path}: head file named by the manifest of {manifest.split_id} "

@@ -9,10 +9,15 @@ TCP_NODELAY, MQTT 5 with a 3.1.1 fall-back, TLS and credentials from the URL);
 A transport reports a lost connection by raising :class:`~splitinfer.errors.TransportError`
 from ``publish``/``subscribe`` or from its ``messages()`` stream; it never reconnects by
 itself (aiomqtt does not either) — the agent's supervisor does.
+
+``publish`` returns the broker's reason code for a QoS 1/2 publish on MQTT 5 (its PUBACK),
+None when there is none (QoS 0, MQTT 3.1.1, a fake). :data:`NO_MATCHING_SUBSCRIBERS` (16)
+tells the agent that no worker subscribes to its request topic (mosquitto 2 sends it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,9 +37,12 @@ __all__ = [
     "Connector",
     "MqttTransport",
     "MqttConnector",
+    "NO_MATCHING_SUBSCRIBERS",
 ]
 
 log = logging.getLogger(__name__)
+# MQTT 5 PUBACK/PUBREC reason code: accepted, but no subscription matches the topic.
+NO_MATCHING_SUBSCRIBERS = 16
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,9 @@ class Transport(Protocol):
         ...
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      options: PublishOptions | None = None) -> None: ...
+                      options: PublishOptions | None = None) -> int | None:
+        """Publish; the broker's MQTT 5 reason code once acknowledged, None if it gave none."""
+        ...
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None: ...
 
@@ -101,24 +111,63 @@ class MqttTransport:
         # aiomqtt warns past 10 unacknowledged publishes; an agent with requests in flight
         # is normal, not a concern.
         client.pending_calls_threshold = 100_000
+        self._reasons: dict[int, int] = {}  # mid -> non-zero PUBACK reason, until read
+        self._mids: dict[asyncio.Task[Any], int] = {}  # the publishing task -> its mid
+        self._hook_reason_codes(client)
+
+    def _hook_reason_codes(self, client: aiomqtt.Client) -> None:
+        """aiomqtt's publish returns nothing: keep paho's PUBACK reason code per message id.
+
+        aiomqtt calls paho's ``publish`` synchronously inside our task, so the mid is
+        recorded against that task; paho's ``on_publish`` (called before aiomqtt wakes the
+        task) records a non-zero reason under the mid.
+        """
+        paho = client._client
+        publish = paho.publish
+        on_publish: Any = paho.on_publish  # aiomqtt's, always set
+        reasons, mids = self._reasons, self._mids
+
+        def tracked_publish(*args: Any, **kwargs: Any) -> Any:
+            info = publish(*args, **kwargs)
+            task = asyncio.current_task()
+            if task is not None:
+                mids[task] = info.mid
+            return info
+
+        def keep_reason(mqttc: Any, userdata: Any, mid: int, reason: Any,
+                        properties: Any = None) -> None:
+            value = int(getattr(reason, "value", reason) or 0)
+            if value:
+                reasons[mid] = value
+            on_publish(mqttc, userdata, mid, reason, properties)
+
+        paho.publish = tracked_publish  # type: ignore[method-assign]
+        paho.on_publish = keep_reason
 
     @property
     def protocol(self) -> str:
         return self._protocol
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      options: PublishOptions | None = None) -> None:
+                      options: PublishOptions | None = None) -> int | None:
         import aiomqtt
 
         props = None
         if options is not None and self._protocol == "5":
             props = request_properties(options.response_topic, options.correlation,
                                        options.expiry_s)
+        task = asyncio.current_task()
         try:
             await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         except aiomqtt.MqttError as exc:
             raise TransportError(f"publish to {topic} via {self._url} failed: {exc}",
                                  topic=topic) from exc
+        finally:
+            mid = self._mids.pop(task, None) if task is not None else None
+            reason = self._reasons.pop(mid, None) if mid is not None else None
+        if self._protocol != "5" or qos == 0:
+            return None
+        return reason or 0
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
         import aiomqtt

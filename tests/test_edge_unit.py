@@ -35,6 +35,7 @@ from splitinfer.errors import (
     DeadlineExceeded,
     ErrorCode,
     ManifestError,
+    NoSubscriberError,
     RemoteError,
     StartupError,
     TensorError,
@@ -281,7 +282,7 @@ def test_undecodable_result_fails_its_request(topic_prefix: str) -> None:
 
 def test_deadline_exceeded_without_a_worker(topic_prefix: str) -> None:
     async def main() -> None:
-        broker = MemoryBroker()
+        broker = MemoryBroker(protocol="3.1.1")  # no PUBACK reasons: the deadline decides
         async with make_agent(broker, topic_prefix) as agent:
             t0 = time.perf_counter()
             with pytest.raises(DeadlineExceeded) as info:
@@ -405,7 +406,7 @@ def test_startup_and_lifecycle_errors(topic_prefix: str) -> None:
 
 def test_close_fails_pending_requests(topic_prefix: str) -> None:
     async def main() -> None:
-        broker = MemoryBroker()
+        broker = MemoryBroker(protocol="3.1.1")  # no PUBACK reasons: the deadline decides
         agent = make_agent(broker, topic_prefix)
         await agent.start()
         call = asyncio.create_task(agent.infer(X, timeout=5))
@@ -511,3 +512,54 @@ async def _serve_once(broker: MemoryBroker, prefix: str, ready: threading.Event)
         while not seen:
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.05)
+
+
+def test_no_matching_subscribers_fails_at_once_but_not_right_after_a_reconnect(
+        topic_prefix: str) -> None:
+    """MQTT 5 PUBACK reason 16: NoSubscriberError at once, naming the topic; within
+    reconnect_grace_s of a reconnect the request is published again instead."""
+    async def main() -> None:
+        broker = MemoryBroker()
+        agent = make_agent(broker, topic_prefix, reconnect_min_s=0.01, reconnect_max_s=0.05)
+        async with agent:
+            t0 = time.perf_counter()
+            with pytest.raises(NoSubscriberError, match="no worker subscribed to") as info:
+                await agent.infer(X, timeout=5)
+            assert time.perf_counter() - t0 < 0.5 and agent.pending == 0
+            assert info.value.topic == agent.request_topic == f"{topic_prefix}/v1/req/tiny/dev-1"
+            broker.drop("dev-1")
+            await asyncio.sleep(0.01)
+            await agent.wait_connected(2)
+            call = asyncio.create_task(agent.infer(X, timeout=5))
+            await asyncio.sleep(0.1)  # some PUBACKs say "no subscribers": retried, not raised
+            assert not call.done()
+            async with fake_worker(broker, topic_prefix) as seen:
+                result = await call
+            assert result.outputs["y"].shape == (2, 1) and len(seen) == 1
+
+    run(main)
+
+
+@pytest.mark.parametrize(("batch", "samples", "requests"), [(1, 5, 5), (2, 5, 3), (2, 2, 1)])
+def test_fixed_batch_calls_go_as_requests_of_that_size(topic_prefix: str, batch: int,
+                                                        samples: int, requests: int) -> None:
+    ref = FileRef("x.onnx", "0" * 64)
+    manifest = Manifest(
+        split_id="tiny-00000000-22222222", model="tiny", source=ref, head=ref, tail=ref,
+        inputs=(TensorSpec("x", "float32", (batch, 4)),),
+        cut=(TensorSpec("h", "float32", (batch, 3)),),
+        outputs=(TensorSpec("y", "float32", (batch, 1)),))
+    x = np.linspace(-1, 1, samples * 4, dtype=np.float32).reshape(samples, 4)
+
+    async def main() -> None:
+        broker = MemoryBroker()
+        agent = EdgeAgent(manifest=manifest, head=NumpyHead(manifest), connector=broker.connect,
+                          config=AgentConfig(device_id="dev-1", prefix=topic_prefix,
+                                             chunk_concurrency=2))
+        async with fake_worker(broker, topic_prefix) as seen, agent:
+            result = await agent.infer(x)
+        assert result.requests == requests == len(seen)
+        assert all(r.tensors[0].array.shape == (batch, 3) for _, r in seen)
+        np.testing.assert_allclose(result.outputs["y"], tail(x @ W, None), rtol=1e-6)
+
+    run(main)
