@@ -34,6 +34,14 @@ deadline), and ``lost`` = ``sent - answered - errors - timeouts``: requests with
 at all when the run ended (cancelled after ``drain_s``). Requests scheduled during the
 warm-up are counted apart and left out of every figure.
 
+**Baselines**: a ``cloud_only`` split (no head) sends each sample's inputs as the cut; an
+``edge_only`` split (no tail) answers on the device: the fleet then starts no broker, no
+worker and no link proxy, and a request's latency is its head time (the whole model).
+
+**Samples** go one per request (a split fixed at a batch B > 1 pads each to B); the
+reference predictions run the unsplit model at its own fixed batch, if it has one. Keys
+of ``--input`` other than the model inputs and ``label`` are ignored, with one warning.
+
 **Latency** of a request runs from its *scheduled* arrival to the result (so the fleet's
 own lag is charged, never hidden). Stages: see :data:`STAGE_SOURCES`.
 """
@@ -272,6 +280,11 @@ class Fleet:
         out.mkdir(parents=True, exist_ok=True)
         inputs = load_inputs(cfg.input, manifest) if cfg.input else \
             random_inputs(manifest, max(cfg.record, 1), cfg.seed)
+        if inputs.ignored:
+            log.warning("--input %s: ignoring %s (neither inputs of %s %s nor 'label')",
+                        inputs.source, list(inputs.ignored), manifest.model,
+                        [s.name for s in manifest.inputs])
+        local = manifest.kind == "edge_only"  # the whole model on the device: no broker
         reference = cfg.reference or find_source_model(manifest, split_dir)
         ref_pred = reference_predictions(reference, inputs) if reference is not None and \
             (inputs.labels is not None or cfg.reference is not None) else None
@@ -293,22 +306,22 @@ class Fleet:
         prefix = self._prefix()
         topics = Topics(prefix)
         self.transport = self._transport_for(cfg.broker)
-        sizes = payload_sizes(manifest, device_id=f"{self.token}-{cfg.devices - 1:05d}",
-                              result_topic=topics.result(f"{self.token}-{cfg.devices:05d}"),
-                              replay=cfg.replay)
+        sizes = (0, 0) if local else payload_sizes(
+            manifest, device_id=f"{self.token}-{cfg.devices - 1:05d}",
+            result_topic=topics.result(f"{self.token}-{cfg.devices:05d}"), replay=cfg.replay)
         request_topic = topics.request(topic_name(manifest.model),
                                        f"{self.token}-{cfg.devices:05d}")
-        wire_up = mqtt_publish_bytes(request_topic, sizes[0], cfg.qos)
-        wire_down = mqtt_publish_bytes(topics.result(f"{self.token}-{cfg.devices:05d}"),
-                                       sizes[1], cfg.qos)
+        wire_up = 0 if local else mqtt_publish_bytes(request_topic, sizes[0], cfg.qos)
+        wire_down = 0 if local else mqtt_publish_bytes(
+            topics.result(f"{self.token}-{cfg.devices:05d}"), sizes[1], cfg.qos)
         checking = inputs.labels is not None or ref_pred is not None
         plan = cfg.fault_plan()
         events: list[Any] = []
         broker: Any = None
         pool: WorkerPool | None = None
         async with contextlib.AsyncExitStack() as stack:
-            broker, url, broker_kind = await self._start_broker(stack)
-            if cfg.workers:
+            broker, url, broker_kind = await self._start_broker(stack, local=local)
+            if cfg.workers and not local:
                 pool = WorkerPool(count=cfg.workers, broker=self._with_protocol(url),
                                   artifacts=split_dir, prefix=prefix,
                                   group="" if broker_kind.startswith("embedded") else "fleet",
@@ -316,7 +329,10 @@ class Fleet:
                                   extra=self._worker_flags())
                 stack.callback(pool.stop)
                 await asyncio.to_thread(pool.start)
-            await self._start_links(stack, url, plan, wire_up, wire_down)
+            if local:
+                self._groups.append(_Group("local", None, url))
+            else:
+                await self._start_links(stack, url, plan, wire_up, wire_down)
             for index in range(cfg.devices):
                 group = index * len(self._groups) // cfg.devices
                 self._groups[group].devices += 1
@@ -398,8 +414,11 @@ class Fleet:
             flags += ["--max-delay-ms", str(self.config.max_delay_ms)]
         return flags
 
-    async def _start_broker(self, stack: contextlib.AsyncExitStack) -> tuple[Any, str, str]:
+    async def _start_broker(self, stack: contextlib.AsyncExitStack, *,
+                            local: bool = False) -> tuple[Any, str, str]:
         cfg = self.config
+        if local:  # edge_only: agents never connect; the URL only fills their config
+            return None, cfg.broker or "mqtt://127.0.0.1:1883", "none (edge_only split)"
         if cfg.broker is not None:
             return None, cfg.broker, "external"
         from simulators.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,13 +33,17 @@ from splitinfer.wire import REQUEST, RESULT, Envelope, WireTensor, encode
 
 __all__ = ["WorkerPool", "CpuMeter", "SlowHead", "Inputs", "load_inputs",
            "record_head_outputs",
-           "random_inputs", "reference_predictions", "find_source_model", "payload_sizes",
+           "random_inputs", "reference_predictions", "run_in_batches", "find_source_model",
+           "payload_sizes",
            "mqtt_publish_bytes"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A worker is ready once subscribed: its ready line (or the server's log of it), not the
+# registry's earlier "serving split …" line, which comes before the subscription.
+_READY = re.compile(r"(?m)^serving \d+ split|cloud_service\.server: worker \S+ serving")
 
 
 # ---- worker processes --------------------------------------------------------------------
@@ -47,8 +52,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 class WorkerPool:
     """``count`` cloud workers as child processes, logs under ``log_dir``.
 
-    Each runs ``python -m splitinfer.cli -v cloud serve …`` and is ready once its log says
-    ``serving`` (logged after the subscription is in place).
+    Each runs ``python -m splitinfer.cli -v cloud serve …`` and is ready once its log has
+    the ready line ``serving N split(s) …`` (printed after the subscription is in place).
     """
 
     def __init__(self, *, count: int, broker: str, artifacts: Path, prefix: str, group: str,
@@ -98,7 +103,7 @@ class WorkerPool:
 
     @staticmethod
     def _wait_serving(proc: subprocess.Popen[bytes], log_path: Path, deadline: float) -> None:
-        while "serving" not in log_path.read_text(errors="replace"):
+        while not _READY.search(log_path.read_text(errors="replace")):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 tail = log_path.read_text(errors="replace")[-800:]
@@ -241,6 +246,7 @@ class Inputs:
     arrays: dict[str, Array]
     labels: Array | None = None
     source: str = "random"
+    ignored: tuple[str, ...] = ()  # keys of the --input file that are neither inputs nor label
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -274,7 +280,8 @@ def random_inputs(manifest: Manifest, count: int, seed: int) -> Inputs:
 
 
 def load_inputs(path: Path, manifest: Manifest) -> Inputs:
-    """An ``.npz`` with one array per model input (first axis = samples), optional ``label``."""
+    """An ``.npz`` with one array per model input (first axis = samples), optional ``label``;
+    other keys are ignored (listed in ``Inputs.ignored``)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -287,11 +294,12 @@ def load_inputs(path: Path, manifest: Manifest) -> Inputs:
         raise BadInputError(f"--input {path}: expected arrays {want} (+ optional 'label'), "
                             f"got {sorted(arrays)}; missing {missing}")
     picked = {n: arrays[n] for n in want}
+    ignored = tuple(sorted(set(arrays) - set(want)))
     sizes = {len(a) for a in picked.values()} | ({len(labels)} if labels is not None else set())
     if len(sizes) != 1 or 0 in sizes:
         raise BadInputError(f"--input {path}: arrays must share a non-empty first axis "
                             f"(samples), got lengths {sorted(sizes)}")
-    return Inputs(picked, labels, str(path))
+    return Inputs(picked, labels, str(path), ignored)
 
 
 def find_source_model(manifest: Manifest, split_dir: Path) -> Path | None:
@@ -310,12 +318,31 @@ def reference_predictions(model: Path, inputs: Inputs) -> Array:
 
     try:
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        out = session.run(None, dict(inputs.arrays))[0]
+        out = run_in_batches(session, inputs.arrays)[0]
     except Exception as exc:  # onnxruntime raises its own, unrelated types
         raise BadInputError(f"reference model {model} cannot run on the inputs: {exc}") \
             from exc
     predicted: Array = np.asarray(out).reshape(len(inputs), -1).argmax(axis=-1)
     return predicted
+
+
+def run_in_batches(session: Any, feeds: Mapping[str, Array]) -> list[Array]:
+    """``session.run(None, feeds)`` for any number of samples: a model whose batch dimension
+    is fixed at B runs B at a time (the last batch padded with its last sample), outputs
+    concatenated and cut back to the samples given."""
+    samples = len(next(iter(feeds.values())))
+    fixed = {i.shape[0] for i in session.get_inputs()
+             if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    batch = fixed.pop() if len(fixed) == 1 else None
+    if batch is None or batch == samples:
+        return [np.asarray(o) for o in session.run(None, dict(feeds))]
+    pad = -samples % batch
+    padded = {k: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
+              for k, a in feeds.items()}
+    parts = [session.run(None, {k: a[i:i + batch] for k, a in padded.items()})
+             for i in range(0, samples + pad, batch)]
+    return [np.concatenate([np.asarray(p[j]) for p in parts])[:samples]
+            for j in range(len(parts[0]))]
 
 
 def mqtt_publish_bytes(topic: str, payload_len: int, qos: int = 1) -> int:
