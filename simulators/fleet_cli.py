@@ -76,7 +76,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="e.g. 'broker-restart@20s,kill-worker@30s,cut-link@10s+5s' (times "
                    "from the start of the measured window); also restart-worker@T")
     p.add_argument("--input", default=_env("--input", None),
-                   help="npz: one array per model input, optional 'label' (accuracy)")
+                   help="npz: one array per model input (any number of samples), optional "
+                        "'label' (accuracy); other keys are ignored with one warning")
     p.add_argument("--reference", default=_env("--reference", None),
                    help="unsplit ONNX model to compare answers with (default: the "
                    "manifest's source model, when found next to the split)")
