@@ -170,7 +170,7 @@ def test_edge_run_with_no_worker_stops_at_the_first_request(
 
 def test_cloud_only_and_edge_only_give_the_full_models_answer(
         mosquitto: MosquittoBroker, models: dict[str, Path], registry: Registry, x: Array,
-        topic_prefix: str) -> None:
+        topic_prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     async def edge_only() -> tuple[Array, int, dict[str, float]]:
         # no broker listens there: an edge_only agent never connects
         agent = agent_for(models["edge_only"], f"mqtt://127.0.0.1:{free_port()}",
@@ -184,6 +184,16 @@ def test_cloud_only_and_edge_only_give_the_full_models_answer(
     local, published, timings = asyncio.run(edge_only())
     assert published == 0 and set(timings) == {"e2e", "head"}
     np.testing.assert_array_equal(local, run_full(models["dyn.onnx"], x))
+    inp, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(inp, x=x)
+    code = cli_main(["edge", "run", "--broker", f"mqtt://127.0.0.1:{free_port()}",
+                     "--artifacts", str(models["edge_only"]), "--input", str(inp),
+                     "--output", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    assert json.loads(captured.out)["kind"] == "edge_only"
+    with np.load(out) as data:
+        np.testing.assert_array_equal(data["y"], local)
     config = AgentConfig(device_id="batches-3", broker=mosquitto.url, prefix=topic_prefix)
     with worker(mosquitto.url, topic_prefix, registry), \
             SplitClient(models["cloud_only"], config=config) as client:
