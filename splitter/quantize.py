@@ -214,7 +214,7 @@ def quantize_static(
 
     from splitter.graph import check_input_shapes, fix_input_shapes
 
-    source = _load_model(model)
+    source = _upgrade_opset(_load_model(model), model)
     shapes = check_input_shapes(source, input_shapes or {})
     specs = _input_specs(source)
     arrays = load_calibration(calibration, specs)
@@ -259,6 +259,28 @@ def quantize_static(
     if shapes:
         _restore_dims(source, out)
     return out
+
+
+# Per-channel DequantizeLinear (its ``axis``) needs opset 13; onnxruntime's quantizer
+# writes it whatever the model's opset, so older models are converted first.
+_MIN_OPSET = 13
+
+
+def _upgrade_opset(proto: Any, model: str | Path) -> Any:
+    import onnx
+    from onnx import version_converter
+
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if version >= _MIN_OPSET:
+        return proto
+    try:
+        upgraded = version_converter.convert_version(proto, _MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter lacks adapters for some ops
+        raise BadInputError(f"{model}: opset {version} is older than the {_MIN_OPSET} that int8 "
+                            f"quantization needs, and converting it failed: {exc}") from exc
+    log.info("%s: opset %d converted to %d for quantization", model, version, _MIN_OPSET)
+    return upgraded
 
 
 def _restore_dims(source: Any, out: Path) -> None:

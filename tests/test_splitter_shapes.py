@@ -294,3 +294,31 @@ def test_split_samples_with_labels_are_accepted(tmp_path: Path,
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-5
     notes = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
     assert len(notes) == 1 and "'label'" in notes[0]
+
+
+# -- quantize ---------------------------------------------------------------------------------
+
+def test_quantize_dynamic_hw_model_keeps_its_dims(tmp_path: Path) -> None:
+    from splitter.quantize import quantize_static
+
+    src = tmp_path / "det.onnx"
+    onnx.save(dynamic_model(), str(src))
+    calib = {"x": RNG.random((4, 3, 16, 16), dtype=np.float32),
+             "label": np.zeros(4, np.int64)}  # ignored with a note
+    out = quantize_static(src, calib, tmp_path / "det_int8.onnx",
+                          input_shapes={"x": ("N", 3, 16, 16)})
+    dims = [d.dim_param or d.dim_value
+            for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "h", "w"]
+    assert _run(out, {"x": RNG.random((2, 3, 24, 32), dtype=np.float32)})[0].shape == (2, 5)
+    assert any(c.quantized for c in list_cuts(out, input_shapes={"x": (1, 3, 16, 16)}))
+
+
+def test_ir3_model_quantizes(tmp_path: Path) -> None:
+    from splitter.quantize import quantize_static
+
+    src = tmp_path / "ir3.onnx"
+    onnx.save(ir3_model(8), str(src))
+    out = quantize_static(src, {"x": RNG.random((4, 3, 8, 8), dtype=np.float32)},
+                          tmp_path / "ir3_int8.onnx")
+    assert _run(out, {"x": RNG.random((1, 3, 8, 8), dtype=np.float32)})[0].shape == (1, 10)
