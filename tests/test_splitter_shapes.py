@@ -303,7 +303,7 @@ def test_quantize_dynamic_hw_model_keeps_its_dims(tmp_path: Path) -> None:
 
     src = tmp_path / "det.onnx"
     onnx.save(dynamic_model(), str(src))
-    calib = {"x": RNG.random((4, 3, 16, 16), dtype=np.float32),
+    calib: dict[str, np.ndarray] = {"x": RNG.random((4, 3, 16, 16), dtype=np.float32),
              "label": np.zeros(4, np.int64)}  # ignored with a note
     out = quantize_static(src, calib, tmp_path / "det_int8.onnx",
                           input_shapes={"x": ("N", 3, 16, 16)})
