@@ -258,6 +258,9 @@ def register_quantize(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help="QDQ pairs (default) or QOperator ops (QLinearConv …)")
     p.add_argument("--per-tensor", action="store_true",
                    help="one scale per weight tensor instead of per output channel")
+    p.add_argument("--activations", choices=("int8", "uint8"), default="int8",
+                   help="activation type (default int8; uint8 keeps every cut bit-exact on "
+                   "onnxruntime builds that rewrite int8 QDQ pairs to uint8, e.g. x86)")
     _add_input_shape(p, "while shapes are inferred for quantization (default: the "
                      "calibration arrays' shapes; the output keeps its dynamic dims)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -269,7 +272,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     out = quantize_static(args.model, args.calibration, args.out, fmt=args.format,
                           per_channel=not args.per_tensor,
-                          input_shapes=_shapes(args.model, args.input_shape))
+                          input_shapes=_shapes(args.model, args.input_shape),
+                          activations=args.activations)
     if args.json:
         print(json.dumps({"output": str(out), "format": args.format,
                           "per_channel": not args.per_tensor}))

@@ -183,6 +183,7 @@ def quantize_static(
     per_channel: bool = True,
     calibrate_method: str = "minmax",
     input_shapes: Mapping[str, Any] | None = None,
+    activations: str = "int8",
 ) -> Path:
     """Quantize ``model`` to int8 with ``calibration`` data; write and return ``out_path``.
 
@@ -190,7 +191,11 @@ def quantize_static(
     ``input_shapes`` (input name → dims) fixes dynamic dims while the quantizer's
     pre-processing infers shapes (per-channel weights need them); the calibration arrays'
     shapes are used the same way when not given. The written model keeps the source's
-    dynamic input and output dims.
+    dynamic input and output dims. ``activations``: "int8" (default) or "uint8". On x86,
+    onnxruntime (1.32 at least) runs int8 activations by rewriting each Q→DQ pair to uint8
+    first; a tail whose input is an int8 cut has no such pair, runs its first op in float
+    and may differ from the unsplit model by a quantization step. uint8 activations need
+    no rewrite, so every int8 cut is exact there.
 
     ``fmt="qdq"`` (default) keeps the fp32 ops between QuantizeLinear/DequantizeLinear
     pairs, which is what makes the int8 activations cut points; ``"qoperator"`` writes
@@ -205,6 +210,9 @@ def quantize_static(
         "percentile": CalibrationMethod.Percentile,
         "distribution": CalibrationMethod.Distribution,
     }
+    activation_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if activations not in activation_types:
+        raise BadInputError(f"unknown activation type {activations!r}; expected int8 or uint8")
     if fmt not in formats:
         raise BadInputError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
     if calibrate_method not in methods:
@@ -246,7 +254,7 @@ def quantize_static(
             ort_quantize_static(
                 str(prepared), str(out), _reader(arrays, specs),
                 quant_format=formats[fmt], per_channel=per_channel,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                activation_type=activation_types[activations], weight_type=QuantType.QInt8,
                 calibrate_method=methods[calibrate_method],
                 calibration_providers=["CPUExecutionProvider"],
                 nodes_to_exclude=excluded,
