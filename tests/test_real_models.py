@@ -184,3 +184,23 @@ def test_yolov8n_flops_match_the_published_figure() -> None:
                          max_tensors=1).total_flops
     published = 8.7e9 * (320 * 320) / (640 * 640)
     assert abs(ours - published) <= 0.10 * published, ours
+
+
+def test_cli_inspect_with_input_shape_gives_concrete_costs() -> None:
+    # The OCR detector's H and W are symbolic: unknown without --input-shape, concrete with.
+    import json
+    import subprocess
+    import sys
+
+    model = str(real_path("ppocrv4_det"))
+    cmd = [sys.executable, "-m", "splitinfer.cli", "inspect", model, "--json",
+           "--max-tensors", "1"]
+    bare = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    fixed = json.loads(subprocess.run([*cmd, "--input-shape", "x=1x3x320x320"],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert {d["axis"] for d in bare["unknown_dims"]} == {2, 3}
+    assert fixed["unknown_dims"] == []
+    assert all(c["bytes_per_sample"] is not None for c in fixed["cuts"])
+    assert fixed["total_flops"] > 100 * bare["total_flops"] > 0
+    stem = next(c for c in fixed["cuts"] if c["kind"] == "cloud_only")
+    assert stem["bytes_per_sample"] == 3 * 320 * 320 * 4
