@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from splitinfer import ort_config
+
 BATCHES = (1, 8, 32, 128)
 
 
@@ -78,6 +80,7 @@ def _activations(directory: Path, n: int) -> list[np.ndarray[Any, Any]]:
 
     manifest = Manifest.load(directory)
     head = ort.InferenceSession(str(manifest.resolve(directory, "head")),
+                                ort_config.apply(ort.SessionOptions()),
                                 providers=["CPUExecutionProvider"])
     return list(head.run([s.name for s in manifest.cut], _random_inputs(manifest, n)))
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from splitinfer import ort_config
 from splitinfer.dtypes import from_ort_type
 from splitinfer.errors import ManifestError, SplitInferError, StartupError, TensorError
 from splitinfer.manifest import Manifest, TensorSpec, find_split_dirs, sha256_file
@@ -77,7 +78,7 @@ def session_options(threads: int = 0, *, spinning: bool = False) -> ort.SessionO
     """Options for a tail session; the benchmark's raw-onnxruntime floor uses the same."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = ort_config.apply(ort.SessionOptions())  # int8 cuts bit-exact (see ort_config)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     # Idle pool threads spinning for work would take CPU from the event loop that

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from splitinfer import ort_config
 from splitinfer.errors import ManifestError, StartupError, TensorError
 from splitinfer.manifest import Manifest, sha256_file
 
@@ -57,7 +58,7 @@ class OrtHead:
         import onnxruntime as ort
 
         self.path = Path(path)
-        options = ort.SessionOptions()
+        options = ort_config.apply(ort.SessionOptions())  # the same arithmetic as the worker
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

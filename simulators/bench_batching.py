@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from splitinfer import ort_config
+
 __all__ = ["add_parser", "run", "main", "format_report"]
 
 log = logging.getLogger(__name__)
@@ -142,7 +144,8 @@ def _int8_cut(directory: Path, manifest: Any) -> None:
     spec = manifest.cut[0]
     head_path, tail_path = directory / "head.onnx", directory / "tail.onnx"
     feeds = _random_inputs(manifest, 4)
-    head = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+    head = ort.InferenceSession(str(head_path), ort_config.apply(ort.SessionOptions()),
+                                providers=["CPUExecutionProvider"])
     activation = head.run([spec.name], feeds)[0]
     scale = float(max(np.abs(activation).max(), 1e-6) / 127.0)
     qname = f"{spec.name}.int8"
@@ -204,6 +207,7 @@ def _replay_set(directory: Path, n: int = 8) -> list[dict[str, Any]]:
 
     manifest = Manifest.load(directory)
     head = ort.InferenceSession(str(manifest.resolve(directory, "head")),
+                                ort_config.apply(ort.SessionOptions()),
                                 providers=["CPUExecutionProvider"])
     names = [s.name for s in manifest.cut]
     outs = head.run(names, _random_inputs(manifest, n))

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from splitinfer import ort_config
 from splitinfer.cli import env_default
 from splitinfer.errors import BadInputError
 
@@ -97,7 +98,8 @@ def _load_data(path: str | None) -> tuple[dict[str, Array], Array | None]:
 def _predict(model: Path, inputs: Mapping[str, Array]) -> Array:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model), ort_config.apply(ort.SessionOptions()),
+                                providers=["CPUExecutionProvider"])
     return np.asarray(sess.run(None, dict(inputs))[0])
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.runtime import HeadRuntime
+from splitinfer import ort_config
 from splitinfer.errors import BadInputError, StartupError
 from splitinfer.manifest import Manifest, TensorSpec, sha256_file
 from splitinfer.wire import REQUEST, RESULT, Envelope, WireTensor, encode
@@ -317,7 +318,8 @@ def reference_predictions(model: Path, inputs: Inputs) -> Array:
     import onnxruntime as ort
 
     try:
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model), ort_config.apply(ort.SessionOptions()),
+                                       providers=["CPUExecutionProvider"])
         out = run_in_batches(session, inputs.arrays)[0]
     except Exception as exc:  # onnxruntime raises its own, unrelated types
         raise BadInputError(f"reference model {model} cannot run on the inputs: {exc}") \

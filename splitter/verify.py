@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from splitinfer import ort_config
 from splitinfer.dtypes import from_ort_type, numpy_dtype
 from splitinfer.errors import BadInputError, SplitInferError, TensorError, VerificationError
 from splitinfer.manifest import TensorSpec
@@ -189,7 +190,7 @@ def ort_session(model: onnx.ModelProto | str | Path, *, base_dir: Path | None = 
                 optimize: bool = True, error: type[SplitInferError] = BadInputError,
                 what: str = "the model") -> ort.InferenceSession:
     """An onnxruntime CPU session; a failure becomes ``error`` naming ``what``."""
-    opts = ort.SessionOptions()
+    opts = ort_config.apply(ort.SessionOptions())  # as the edge agent and the worker run
     opts.log_severity_level = 3  # keep onnxruntime's warnings off the user's terminal
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

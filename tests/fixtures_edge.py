@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from simulators.fleet_support import run_in_batches
+from splitinfer import ort_config
 from splitter import split_model
 
 Array = np.ndarray[Any, Any]
@@ -54,7 +55,8 @@ def split_at_pool(model: Path, out: Path, batch: int | None) -> Path:
 
 def run_full(model: Path, x: Array) -> Array:
     """The unsplit model on ``x``, at its fixed batch (padded) if it has one."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), ort_config.apply(ort.SessionOptions()),
+                                   providers=["CPUExecutionProvider"])
     return run_in_batches(session, {"x": x})[0]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from splitinfer import ort_config
 from splitinfer.errors import StartupError
 from splitter import list_cuts, make_samples, split_model, zoo
 from splitter.quantize import quantize_static
@@ -27,7 +28,8 @@ FP32_RTOL = 1e-5  # max |full - head→tail| relative to the output's scale
 
 
 def session(path: str | Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), ort_config.apply(ort.SessionOptions()),
+                                providers=["CPUExecutionProvider"])
 
 
 def run_split(head: Path | None, tail: Path | None, feeds: Mapping[str, np.ndarray[Any, Any]]

@@ -37,6 +37,7 @@ from cloud_service.registry import Registry
 from cloud_service.server import Server
 from edge_agent import AgentConfig, EdgeAgent
 from simulators.broker import MosquittoBroker
+from splitinfer import ort_config
 from splitinfer.errors import BadInputError
 from splitinfer.mqtt import BrokerConfig, connect
 from splitinfer.topics import DEFAULT_GROUP, Topics, check_level, topic_name
@@ -118,7 +119,8 @@ def test_digits_split_through_each_broker(request: pytest.FixtureRequest,
     broker = request.getfixturevalue(fixture)
     split, model = digits
     images = zoo.digits_test_set()[0][:16]
-    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(
+    want = ort.InferenceSession(str(model), ort_config.apply(ort.SessionOptions()),
+                                providers=["CPUExecutionProvider"]).run(
         None, {"image": images})[0]
     with caplog.at_level(logging.INFO, logger="cloud_service.server"), \
             serving(broker.url, topic_prefix, registry) as server:

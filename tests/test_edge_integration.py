@@ -30,6 +30,7 @@ from cloud_service.registry import Registry
 from cloud_service.server import Server
 from edge_agent import AgentConfig, EdgeAgent, OrtHead, SplitClient, load_head
 from simulators.broker import EmbeddedBroker, MosquittoBroker, free_port
+from splitinfer import ort_config
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import (
     EXIT_BAD_INPUT,
@@ -75,7 +76,8 @@ def images() -> np.ndarray[Any, Any]:
 
 
 def full_model(path: Path, feeds: Arrays) -> list[np.ndarray[Any, Any]]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), ort_config.apply(ort.SessionOptions()),
+                                   providers=["CPUExecutionProvider"])
     return list(session.run(None, feeds))
 
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from splitinfer import ort_config
 from splitinfer.cli import main
 from splitinfer.errors import BadInputError, ManifestError
 from splitinfer.manifest import FileRef, Manifest, TensorSpec
@@ -84,7 +85,8 @@ def dynamic_model(batch: str | int = "N", hw: tuple[int | str, int | str] = ("h"
 
 
 def _run(path: Path | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), ort_config.apply(ort.SessionOptions()),
+                                providers=["CPUExecutionProvider"])
     return list(sess.run(None, feeds))
 
 

@@ -31,6 +31,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from splitinfer import ort_config
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "wire.md"
 MODEL = "digits_cnn"  # the example's {model} level: topic_name(manifest["model"])
 CUT = "relu3"
@@ -201,7 +203,9 @@ def _unsplit_logits() -> np.ndarray[Any, Any]:
 
     from splitter import zoo
 
-    session = ort.InferenceSession(str(zoo.digits_cnn_path()), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(zoo.digits_cnn_path()),
+                                   ort_config.apply(ort.SessionOptions()),
+                                   providers=["CPUExecutionProvider"])
     return np.asarray(session.run(["logits"], {"image": _image()})[0])
 
 
@@ -209,6 +213,7 @@ def _head_output(split_dir: Path) -> np.ndarray[Any, Any]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(split_dir / "head.onnx"),
+                                   ort_config.apply(ort.SessionOptions()),
                                    providers=["CPUExecutionProvider"])
     return np.asarray(session.run([CUT], {"image": _image()})[0])
 
