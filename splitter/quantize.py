@@ -334,13 +334,39 @@ def _pre_process(model: Path, out: Path) -> Path:
     onnxruntime recommends it before static quantization: BN folded into Conv gets one
     QuantizeLinear instead of two, and known shapes let per-channel weights work. If the
     model defeats it (e.g. an op symbolic shape inference does not know), quantize as is.
+
+    Symbolic shape inference runs here rather than inside ``quant_pre_process``:
+    onnxruntime's ``SymbolicShapeInference.infer_shapes`` saves its partial result as
+    ``sym_shape_infer_temp.onnx`` in the current directory whenever inference is
+    incomplete, and takes no path for it. The same loop run here writes nothing (and no
+    ``os.chdir``, which is process-wide and unsafe with threads).
     """
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        quant_pre_process(str(model), str(out), skip_symbolic_shape=False)
+        shaped = out.with_name(out.stem + "_shaped.onnx")
+        onnx.save(_symbolic_shapes(onnx.load(str(model))), str(shaped))
+        quant_pre_process(str(shaped), str(out), skip_symbolic_shape=True)
     except Exception as exc:  # a pre-pass is an optimisation; its failure is not fatal
         log.warning("quantization pre-processing of %s failed (%s); quantizing as is",
                     model, exc)
         return model
     return out
+
+
+def _symbolic_shapes(proto: Any) -> Any:
+    """``SymbolicShapeInference.infer_shapes`` (defaults: int_max 2**31-1, no auto merge,
+    no rank guessing) minus its ``sym_shape_infer_temp.onnx`` written to the cwd on
+    failure: raises RuntimeError instead."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+    inference._preprocess(proto)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        raise RuntimeError("Incomplete symbolic shape inference")
+    return inference.out_mp_

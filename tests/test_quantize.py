@@ -157,3 +157,31 @@ def test_cli_quantize_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
                      str(zoo.digits_calibration_path()), "-o", str(out), "--json"])
     assert code == 0 and out.is_file()
     json.loads(capsys.readouterr().out)  # one machine-readable document
+
+
+def test_quantize_leaves_nothing_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    # Two inputs whose batch dims ("N", "M") meet in an Add: onnxruntime's symbolic shape
+    # inference cannot finish, and its infer_shapes then saves sym_shape_infer_temp.onnx
+    # in the cwd. Quantizing must still work and leave the cwd empty.
+    from onnx import TensorProto, helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).random((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "z"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+              helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[weight])
+    source = tmp_path / "models" / "two_batches.onnx"
+    source.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(source))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    data = np.random.default_rng(1).random((32, 4), np.float32)
+    out = quantize_static(source, {"x": data, "z": data}, tmp_path / "out" / "q.onnx")
+    assert out.is_file()
+    assert list(cwd.iterdir()) == []
+    # the digits model (symbolic inference completes) leaves nothing either
+    quantize_static(zoo.digits_cnn_path(), {"image": _calib()[:16]}, tmp_path / "out" / "d.onnx")
+    assert list(cwd.iterdir()) == []
