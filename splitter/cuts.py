@@ -407,6 +407,7 @@ def _bits(mask: int, width: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
 _MAC_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}  # index of the weight input
 _MATMUL_A = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "Gemm": 0, "QGemm": 0,
              "MatMulIntegerToFloat": 0, "FusedMatMul": 0}
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}  # W is [dirs, gates*hidden, input]
 _POOL = frozenset({"MaxPool", "AveragePool", "LpPool", "QLinearAveragePool"})
 _REDUCE_INPUT = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
                            "QLinearGlobalAveragePool", "ReduceMean", "ReduceSum", "ReduceMax",
@@ -444,6 +445,8 @@ def node_flops(node: onnx.NodeProto, shape: Any) -> int:
         return 0
     out = numel(node.output[0]) or 0
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if op in _RECURRENT_GATES:
+        return _recurrent_flops(node, attrs, shape)
     if op in _MAC_WEIGHT and len(node.input) > _MAC_WEIGHT[op]:
         w = shape(node.input[_MAC_WEIGHT[op]])
         return 2 * out * math.prod(d if isinstance(d, int) else 1 for d in w[1:]) if w else 0
@@ -460,6 +463,35 @@ def node_flops(node: onnx.NodeProto, shape: Any) -> int:
     if op in _REDUCE_INPUT:
         return numel(node.input[0]) or out
     return out
+
+
+def _recurrent_flops(node: onnx.NodeProto, attrs: dict[str, Any], shape: Any) -> int:
+    """LSTM/GRU/RNN: 2 · seq · batch · dirs · gates · hidden · (input + hidden).
+
+    Per time step, batch element and direction every gate multiplies the input by W
+    (input → hidden) and the previous hidden state by R (hidden → hidden); bias adds and
+    the gates' elementwise activations are not counted, like a Conv's bias.
+    """
+    def known(d: Dim | None) -> int:
+        return d if isinstance(d, int) else 1  # dynamic dims count as 1
+
+    x = shape(node.input[0]) if node.input and node.input[0] else None
+    w = shape(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if not x or len(x) != 3:
+        return 0
+    seq, batch = (x[1], x[0]) if attrs.get("layout", 0) == 1 else (x[0], x[1])
+    gates = _RECURRENT_GATES[node.op_type]
+    direction = attrs.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else str(direction)
+    dirs = 2 if direction == "bidirectional" else 1
+    hidden = attrs.get("hidden_size")
+    if hidden is None:
+        if not w or len(w) != 3 or not isinstance(w[1], int):
+            return 0
+        hidden = w[1] // gates
+    input_size = known(w[2]) if w and len(w) == 3 else known(x[2])
+    macs = known(seq) * known(batch) * dirs * gates * int(hidden) * (input_size + int(hidden))
+    return 2 * macs
 
 
 # -- checking a user's cut ------------------------------------------------------------------

@@ -61,6 +61,17 @@ def _flops(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
     ("QLinearMatMul", {"a": (3, 20), "as": (), "az": (), "b": (20, 7), "bs": (), "bz": (),
                        "ys": (), "yz": ()}, (3, 7), {}, 2 * 3 * 7 * 20),
     ("MatMulInteger", {"a": (3, 20), "b": (20, 7)}, (3, 7), {}, 2 * 3 * 7 * 20),
+    # recurrent: 2 * seq*batch*dirs * gates*hidden*(input+hidden); X [seq, batch, input]
+    ("LSTM", {"x": (5, 2, 10), "w": (1, 32, 10), "r": (1, 32, 8)}, (5, 1, 2, 8),
+     {"hidden_size": 8}, 2 * 5 * 2 * 4 * 8 * (10 + 8)),
+    # hidden size from W when the attribute is missing: 20 rows / 4 gates = 5
+    ("LSTM", {"x": (3, 1, 4), "w": (1, 20, 4), "r": (1, 20, 5)}, (3, 1, 1, 5), {},
+     2 * 3 * 1 * 4 * 5 * (4 + 5)),
+    ("GRU", {"x": (7, 3, 6), "w": (2, 12, 6), "r": (2, 12, 4)}, (7, 2, 3, 4),
+     {"hidden_size": 4, "direction": "bidirectional"}, 2 * 7 * 3 * 2 * 3 * 4 * (6 + 4)),
+    # layout=1: X [batch, seq, input]
+    ("RNN", {"x": (2, 9, 5), "w": (1, 16, 5), "r": (1, 16, 16)}, (2, 9, 1, 16),
+     {"hidden_size": 16, "layout": 1, "direction": "reverse"}, 2 * 9 * 2 * 1 * 16 * (5 + 16)),
 ])
 def test_node_flops_by_hand(op: str, inputs: dict[str, tuple[int, ...]], out: tuple[int, ...],
                             attrs: dict[str, Any], expected: int) -> None:
@@ -94,3 +105,20 @@ def test_qdq_conv_counts_as_a_conv_and_constants_hold_parameters() -> None:
     assert result.total_flops == conv + 256
     relu_cut = {c.names: c for c in result.cuts}[("c",)]
     assert relu_cut.head_flops == conv and relu_cut.head_params == 113
+
+
+def test_lstm_model_counts_its_recurrence() -> None:
+    """An LSTM in a model: inspect's totals include its 2·MACs, not 0."""
+    seq, batch, inp, hidden = 49, 1, 40, 64
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.random(s, np.float32), n) for n, s in
+             (("w", (1, 4 * hidden, inp)), ("r", (1, 4 * hidden, hidden)),
+              ("b", (1, 8 * hidden)))]
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "w", "r", "b"], ["y"], hidden_size=hidden)], "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, inp])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    result = inspect_model(model)
+    assert result.total_flops == 2 * seq * batch * 4 * hidden * (inp + hidden)
+    assert result.total_params == 4 * hidden * (inp + hidden) + 8 * hidden
