@@ -311,7 +311,8 @@ class _Costs:
     """FLOPs and parameters per node; head sides as ancestor bitmasks over ``index.order``.
 
     Parameters are the elements of every weight a live node reads, wherever it lives: an
-    initializer or a ``Constant`` node (folded exports keep their weights there). int64
+    initializer, a ``Constant`` node (folded exports keep their weights there) or a
+    ``ConstantOfShape`` fill whose shape is a constant (stripped model-zoo files). int64
     tensors of rank <= 1 are shapes, axes, pads and indices, not weights, and are not
     counted; every other tensor is (int8 weights, int32 biases, scales and zero points of
     quantized models included).
@@ -328,6 +329,10 @@ class _Costs:
         for info in index.nodes:
             if info.proto.op_type == "Constant" and info.const:
                 size = _constant_size(info.proto)
+                if size:
+                    weights[("node", str(info.index))] = size
+            elif info.proto.op_type == "ConstantOfShape" and info.const:
+                size = _fill_size(index, info.proto)
                 if size:
                     weights[("node", str(info.index))] = size
         keys = sorted(weights)
@@ -395,6 +400,20 @@ def _constant_size(node: onnx.NodeProto) -> int:
         if attr.name in ("value_float", "value_floats"):
             return 1 if attr.name == "value_float" else len(attr.floats)
     return 0  # value_int(s), value_string(s): shapes and labels
+
+
+def _fill_size(index: GraphIndex, node: onnx.NodeProto) -> int:
+    """Elements of a ``ConstantOfShape`` output whose shape input is a constant (an
+    initializer or ``Constant`` node), by the same rule as a Constant's; else 0."""
+    dims = index.const_value(node.input[0]) if node.input and node.input[0] else None
+    if dims is None or dims.ndim > 1:
+        return 0
+    data_type = onnx.TensorProto.FLOAT  # the op's default fill: float32 0
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            data_type = attr.t.data_type
+    shape = [int(d) for d in dims.reshape(-1)]
+    return math.prod(shape) if _is_weight(data_type, shape) else 0
 
 
 def _bits(mask: int, width: int) -> np.ndarray[Any, np.dtype[np.bool_]]:

@@ -122,3 +122,49 @@ def test_lstm_model_counts_its_recurrence() -> None:
     result = inspect_model(model)
     assert result.total_flops == 2 * seq * batch * 4 * hidden * (inp + hidden)
     assert result.total_params == 4 * hidden * (inp + hidden) + 8 * hidden
+
+
+def test_constant_of_shape_fills_with_constant_shapes_are_parameters() -> None:
+    """A stripped export's weights as fills: ConstantOfShape with a constant shape input
+    (initializer or Constant node) holds its output's elements; an int64 vector fill is
+    a shape, like an int64 vector Constant, and counts nothing."""
+    shape_init = numpy_helper.from_array(np.array([4, 8], np.int64), "w_shape")
+    b_shape = numpy_helper.from_array(np.array([8], np.int64), "b_shape")
+    i_shape = numpy_helper.from_array(np.array([3], np.int64), "i_shape")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["w_shape"], ["w"]),  # float32 zeros [4, 8]
+        helper.make_node("Constant", [], ["b_shape"], value=b_shape),
+        helper.make_node("ConstantOfShape", ["b_shape"], ["b"],
+                         value=numpy_helper.from_array(np.array([0.5], np.float32))),
+        helper.make_node("ConstantOfShape", ["i_shape"], ["ints"],  # int64 [3]: not a weight
+                         value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Cast", ["ints"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["f"], ["s"], keepdims=0),
+        helper.make_node("Add", ["a", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "fills", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        initializer=[shape_init, i_shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    result = inspect_model(model)
+    assert result.total_params == 4 * 8 + 8
+    cut = {c.names: c for c in result.cuts}[("m",)]
+    assert cut.head_params == 32
+
+
+def test_constant_of_shape_from_a_runtime_shape_is_not_a_parameter() -> None:
+    """A fill sized by the input (zeros like x) is computed per run, not a weight."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("ConstantOfShape", ["xs"], ["z"]),
+        helper.make_node("Add", ["x", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "zeros_like", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert inspect_model(model).total_params == 0
