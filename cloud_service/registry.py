@@ -104,7 +104,11 @@ class Tail:
         self.fixed_batch = self._check_session()
         # Cleared when a batched run returns outputs whose first dim is not the batch;
         # from then on this tail runs one request at a time.
-        self.batchable = self.fixed_batch is None
+        # An output whose first dimension is a fixed number cannot carry a dynamic batch
+        # first (e.g. [classes, N]); the run-time check alone is fooled when a batch
+        # happens to have exactly that many samples.
+        self.batchable = self.fixed_batch is None and not any(
+            spec.shape and isinstance(spec.shape[0], int) for spec in manifest.outputs)
 
     @property
     def split_id(self) -> str:

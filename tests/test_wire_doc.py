@@ -31,8 +31,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from splitinfer import ort_config
-
 DOC = Path(__file__).resolve().parent.parent / "docs" / "wire.md"
 MODEL = "digits_cnn"  # the example's {model} level: topic_name(manifest["model"])
 CUT = "relu3"
@@ -201,6 +199,7 @@ def _image() -> np.ndarray[Any, Any]:
 def _unsplit_logits() -> np.ndarray[Any, Any]:
     import onnxruntime as ort
 
+    from splitinfer import ort_config  # here, not at the top: the client half imports this file
     from splitter import zoo
 
     session = ort.InferenceSession(str(zoo.digits_cnn_path()),
@@ -211,6 +210,8 @@ def _unsplit_logits() -> np.ndarray[Any, Any]:
 
 def _head_output(split_dir: Path) -> np.ndarray[Any, Any]:
     import onnxruntime as ort
+
+    from splitinfer import ort_config
 
     session = ort.InferenceSession(str(split_dir / "head.onnx"),
                                    ort_config.apply(ort.SessionOptions()),
