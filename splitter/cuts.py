@@ -82,6 +82,11 @@ class Inspection:
     # Non-batch input dims left symbolic (FLOPs count them as 1; bytes are null where
     # a crossing tensor depends on one): [{"tensor", "axis", "name"}].
     unknown_dims: tuple[Mapping[str, Any], ...] = ()
+    # Every tensor crossing a listed cut whose size is unknown (a non-batch dim left open),
+    # whatever the cause: a symbolic input dim (then in unknown_dims too) or an
+    # intermediate shape inference could not size (NonZero, data-dependent Reshape…).
+    # The cuts they cross have bytes_per_sample null.
+    unsized_tensors: tuple[str, ...] = ()
     # The input shapes costs were computed at (name → dims), when --input-shape gave any.
     input_shapes: Mapping[str, tuple[Dim, ...]] = dataclasses.field(default_factory=dict)
 
@@ -92,6 +97,7 @@ class Inspection:
             "total_flops": self.total_flops,
             "total_params": self.total_params,
             "unknown_dims": [dict(d) for d in self.unknown_dims],
+            "unsized_tensors": list(self.unsized_tensors),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "cuts": [c.to_dict() for c in self.cuts],
         }
@@ -264,8 +270,11 @@ def inspect_model(model: str | Path | onnx.ModelProto | GraphIndex, *, max_tenso
             head_params_share=1.0, quantized=False, head_flops=costs.total_flops,
             head_params=costs.total_params, kind="edge_only"))
     ordered = tuple(dataclasses.replace(c, index=i) for i, c in enumerate(listed))
+    unsized = dict.fromkeys(t.name for c in ordered if c.kind != "edge_only"
+                            for t in c.tensors if t.bytes_per_sample() is None)
     return Inspection(specs_in, specs_out, costs.total_flops, costs.total_params, ordered,
                       unknown_dims=tuple(index.unknown_dims()),
+                      unsized_tensors=tuple(unsized),
                       input_shapes=dict(index.input_shapes))
 
 

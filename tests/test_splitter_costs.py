@@ -168,3 +168,46 @@ def test_constant_of_shape_from_a_runtime_shape_is_not_a_parameter() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     assert inspect_model(model).total_params == 0
+
+
+def _nonzero_model() -> onnx.ModelProto:
+    """Static input [1, 4]; NonZero's output [2, ?] has a data-dependent dim that shape
+    inference cannot size, so the cuts it (and its Cast) cross have null bytes."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("NonZero", ["r"], ["nz"]),
+        helper.make_node("Cast", ["nz"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["f"], ["s"], keepdims=1),
+        helper.make_node("Add", ["x", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "nonzero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_null_bytes_without_symbolic_inputs_name_their_tensors() -> None:
+    result = inspect_model(_nonzero_model())
+    data = result.to_dict()
+    assert data["unknown_dims"] == []  # no symbolic input dim explains them
+    assert data["unsized_tensors"] == ["nz", "f"]
+    null = [c for c in data["cuts"] if c["bytes_per_sample"] is None]
+    assert null and all(any(t["name"] in data["unsized_tensors"] for t in c["tensors"])
+                        for c in null)
+    sized = [c for c in data["cuts"] if c["bytes_per_sample"] is not None]
+    assert all(t["name"] not in data["unsized_tensors"] for c in sized for t in c["tensors"])
+    # at a given input shape the tensors are measured (one onnxruntime run): none left
+    fixed = inspect_model(_nonzero_model(), input_shapes={"x": (1, 4)})
+    assert fixed.unsized_tensors == ()
+    assert all(c.bytes_per_sample is not None for c in fixed.cuts)
+
+
+def test_unsized_tensors_include_those_of_symbolic_input_dims() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sigmoid", ["r"], ["y"])],
+        "sym", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result = inspect_model(model)
+    assert [(d["tensor"], d["axis"]) for d in result.unknown_dims] == [("x", 1)]
+    assert result.unsized_tensors == ("x", "r")
