@@ -1,16 +1,24 @@
 """Print docs/models.md's table rows from a real run over splitter.zoo.REAL_MODELS.
 
     python bench/models_table.py [--all] [NAME ...]
+    python bench/models_table.py --int8 [--activations uint8] [NAME ...]
 
 Per model: inspect at its concrete input shape, split + verify an even sample of the
 single-tensor cuts (up to 6; every one with ``--all``), 2 multi-tensor cuts (20 with
 ``--all``) and both baselines, and count FLOPs with onnx-tool (2 x its MACs) beside ours.
+
+``--int8``: the int8 table's rows instead: quantize (QDQ, 8 random calibration samples,
+int8 activations unless ``--activations uint8``), split at an even sample of up to 8
+QuantizeLinear-output cuts and count those whose head→tail output equals the whole int8
+model's bit for bit. Every onnxruntime session here is the splitter's verification, which
+applies ``splitinfer.ort_config`` like every other side.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import sys
 import tempfile
@@ -75,12 +83,62 @@ def row(name: str, work: Path, *, every: bool = False) -> str:
             f"{'' if theirs is None else f'{theirs / 1e6:,.1f}'} |")
 
 
+def int8_row(name: str, work: Path, activations: str = "int8", k: int = 8) -> str:
+    from splitinfer.errors import VerificationError
+    from splitter.quantize import quantize_static
+
+    entry = zoo.REAL_MODELS[name]
+    shapes = dict(entry.input_shape)
+
+    def draw(n: int, seed: int) -> dict[str, np.ndarray[Any, Any]]:
+        rng = np.random.default_rng(seed)
+        return {key: rng.uniform(*entry.ranges.get(key, (0.0, 1.0)),
+                                 dims if n == 1 else (n, *dims[1:])).astype(np.float32)
+                for key, dims in shapes.items()}
+
+    try:
+        q = quantize_static(entry.path(), draw(8, 1), work / f"{name}_int8.onnx",
+                            activations=activations)
+    except Exception as exc:  # a model the quantizer cannot take: say so in the row
+        why = str(exc).splitlines()[0].rsplit(": ", 1)[-1]
+        return f"| {name} | - | not quantized ({why}) |"
+    listed = inspect_model(q, input_shapes=shapes, max_tensors=1).cuts
+    int8 = [c for c in listed if c.quantized and c.kind == "split"]
+    chosen = _even(int8, k)
+    off: list[str] = []
+    for cut in chosen:
+        where = work / f"{name}-q{cut.index}"
+        try:
+            result = split_model(q, list(cut.names), where, samples=draw(1, 0))
+            diff = float(result.max_abs_diff or 0.0)
+        except VerificationError:
+            diff = float("inf")
+        if diff:
+            off.append(f"`{cut.names[0]}` off by {diff:.2g}")
+        shutil.rmtree(where, ignore_errors=True)
+    exact = len(chosen) - len(off)
+    return (f"| {name} | {len(int8)} | {exact} / {len(chosen)} "
+            f"{'exact' if not off else '(' + '; '.join(off) + ')'} |")
+
+
 def main(argv: list[str]) -> None:
     every = "--all" in argv
-    names = [a for a in argv if a != "--all"] or list(zoo.REAL_MODELS)
+    int8 = "--int8" in argv
+    activations = "int8"
+    if "--activations" in argv:
+        activations = argv[argv.index("--activations") + 1]
+        argv = [a for a in argv if a not in ("--activations", activations)]
+    names = [a for a in argv if a not in ("--all", "--int8")] or list(zoo.REAL_MODELS)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            print(row(name, Path(tmp), every=every), flush=True)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # onnxruntime's shape pre-processing writes into the cwd
+        try:
+            for name in names:
+                line = (int8_row(name, Path(tmp), activations) if int8
+                        else row(name, Path(tmp), every=every))
+                print(line, flush=True)
+        finally:
+            os.chdir(cwd)
 
 
 if __name__ == "__main__":
