@@ -24,24 +24,25 @@ from simulators.broker import (
 from splitinfer.errors import StartupError
 
 
-@pytest.fixture(scope="session")
-def mosquitto() -> Iterator[MosquittoBroker]:
-    """A private, latency-tuned mosquitto for the whole session (never a public broker)."""
+def _mosquitto(*, tuned: bool = True) -> Iterator[MosquittoBroker]:
     if not mosquitto_binary():
         pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does)")
-    broker = MosquittoBroker()
+    broker = MosquittoBroker(tuned=tuned)
     broker.start()
     yield broker
     broker.close()
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[MosquittoBroker]:
+    """A private, latency-tuned mosquitto for the whole session (never a public broker)."""
+    yield from _mosquitto()
 
 
 @pytest.fixture()
 def fresh_mosquitto() -> Iterator[MosquittoBroker]:
     """A mosquitto of the test's own, for tests that stop or restart it."""
-    broker = MosquittoBroker()
-    broker.start()
-    yield broker
-    broker.close()
+    yield from _mosquitto()
 
 
 @pytest.fixture(scope="session")
@@ -56,12 +57,7 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
 @pytest.fixture(scope="session")
 def stock_mosquitto() -> Iterator[MosquittoBroker]:
     """mosquitto with its stock settings (no set_tcp_nodelay): the ~40 ms QoS1 stall."""
-    if not mosquitto_binary():
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does)")
-    broker = MosquittoBroker(tuned=False)
-    broker.start()
-    yield broker
-    broker.close()
+    yield from _mosquitto(tuned=False)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import launch_rabbitmq
+from test_cloud_support import running
 
 from cloud_service.config import Config
 from cloud_service.registry import Registry
@@ -77,16 +77,11 @@ def registry(digits: tuple[Path, Path]) -> Registry:
     return Registry.load(digits[0], threads=1)
 
 
-@contextlib.contextmanager
-def serving(url: str, prefix: str, registry: Registry, **kw: Any) -> Iterator[Server]:
-    server = Server(Config(artifacts=Path("."), broker=url, prefix=prefix, threads=1,
-                           metrics_interval_s=0, drain_timeout_s=5, **kw), registry=registry)
-    thread = server.start_in_thread(timeout=30)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(15)
+def serving(url: str, prefix: str, registry: Registry, **kw: Any
+            ) -> contextlib.AbstractContextManager[Server]:
+    return running(Server(Config(artifacts=Path("."), broker=url, prefix=prefix, threads=1,
+                                 metrics_interval_s=0, drain_timeout_s=5, **kw),
+                          registry=registry))
 
 
 async def through_mqtt(split: Path, url: str, prefix: str, images: Array

@@ -10,14 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-from test_cloud_support import Requester, TinySplit, make_split, request_payload
+from test_cloud_support import Requester, TinySplit, make_split, request_payload, running
 
 from cloud_service.config import Config
 from cloud_service.registry import Registry
@@ -54,16 +53,8 @@ def eventually(check: Any, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-@contextlib.contextmanager
-def serving(cfg: Config) -> Iterator[Server]:
-    server = Server(cfg)
-    thread = server.start_in_thread(30)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "server did not stop"
+def serving(cfg: Config) -> contextlib.AbstractContextManager[Server]:
+    return running(Server(cfg))
 
 
 def test_round_trip_mqtt5_correlation_and_311(

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,20 @@ from splitinfer.mqtt import BrokerConfig, connect, request_properties
 from splitinfer.topics import Topics
 from splitinfer.wire import REQUEST, Envelope, WireTensor, decode, encode
 
-__all__ = ["TinySplit", "make_split", "request_payload", "Requester"]
+__all__ = ["TinySplit", "make_split", "request_payload", "Requester", "running"]
+
+
+@contextlib.contextmanager
+def running(server: Any, timeout: float = 30.0) -> Iterator[Any]:
+    """A ``cloud_service.Server`` serving in a thread for the ``with`` block, then stopped
+    (``should_exit``) and joined; fails when it does not stop within ``timeout``."""
+    thread = server.start_in_thread(timeout)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        assert not thread.is_alive(), "server did not stop"
 
 
 @dataclass(frozen=True)

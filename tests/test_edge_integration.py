@@ -17,13 +17,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from test_cloud_support import running
 
 from cloud_service.config import Config
 from cloud_service.registry import Registry
@@ -85,20 +86,14 @@ def source_of(splits: Path, which: str) -> Path:
     return zoo.digits_cnn_path() if which == "fp32" else splits / "digits_int8.onnx"
 
 
-@contextlib.contextmanager
 def worker(url: str, prefix: str, registry: Registry | None = None, *,
-           artifacts: Path | None = None, group: bool = True) -> Iterator[Server]:
-    server = Server(Config(artifacts=artifacts or Path("."), broker=url, prefix=prefix,
-                           group="splitinfer-workers" if group else "", threads=1,
-                           metrics_interval_s=0, reconnect_min_s=0.05,
-                           reconnect_max_s=0.5, drain_timeout_s=5),
-                    registry=registry)
-    thread = server.start_in_thread(timeout=30)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(15)
+           artifacts: Path | None = None, group: bool = True
+           ) -> contextlib.AbstractContextManager[Server]:
+    return running(Server(Config(artifacts=artifacts or Path("."), broker=url, prefix=prefix,
+                                 group="splitinfer-workers" if group else "", threads=1,
+                                 metrics_interval_s=0, reconnect_min_s=0.05,
+                                 reconnect_max_s=0.5, drain_timeout_s=5),
+                          registry=registry))
 
 
 def agent_for(split_dir: Path, url: str, prefix: str, device_id: str = "dev-1",

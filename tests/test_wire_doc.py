@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,19 +218,15 @@ def _head_output(split_dir: Path) -> np.ndarray[Any, Any]:
     return np.asarray(session.run([CUT], {"image": _image()})[0])
 
 
-@contextlib.contextmanager
-def _worker(url: str, artifacts: Path, prefix: str) -> Iterator[Any]:
+def _worker(url: str, artifacts: Path, prefix: str) -> contextlib.AbstractContextManager[Any]:
+    # Imported here: the isolated client half imports this module with ours unimportable.
+    from test_cloud_support import running
+
     from cloud_service.config import Config
     from cloud_service.server import Server
 
-    server = Server(Config(artifacts=artifacts, broker=url, prefix=prefix, threads=1,
-                           metrics_interval_s=0))
-    thread = server.start_in_thread(30)
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return running(Server(Config(artifacts=artifacts, broker=url, prefix=prefix, threads=1,
+                                 metrics_interval_s=0)))
 
 
 @pytest.fixture(scope="module")
