@@ -30,6 +30,7 @@ from cloud_service.batcher import Batcher
 from cloud_service.config import Config
 from cloud_service.metrics import ErrorLog, Metrics
 from cloud_service.registry import Prepared, Registry, Tail
+from splitinfer.batches import padded_chunks
 from splitinfer.errors import BadInputError, ErrorCode, TensorError, WireError
 from splitinfer.topics import Topics, check_level
 from splitinfer.wire import (
@@ -405,14 +406,8 @@ def _run_one(tail: Tail, job: Job) -> Outputs | Exception:
         # A tail whose batch dimension is fixed runs in chunks of that size; the last
         # chunk is padded with copies of its last sample and the padding's outputs dropped
         # (inference is per sample), so any number of samples is answered.
-        chunks = []
-        for i in range(0, job.samples, fixed):
-            feeds = [f[i:i + fixed] for f in job.prepared.feeds]
-            real = int(feeds[0].shape[0])
-            if real < fixed:
-                feeds = [np.concatenate([f, np.repeat(f[-1:], fixed - real, axis=0)])
-                         for f in feeds]
-            chunks.append([out[:real] for out in tail.run(feeds)])
-        return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+        chunks = [tail.run(list(chunk.values()))
+                  for chunk in padded_chunks(dict(enumerate(job.prepared.feeds)), fixed)]
+        return [np.concatenate(parts)[:job.samples] for parts in zip(*chunks, strict=True)]
     except Exception as exc:  # answered as INTERNAL for this request only
         return exc

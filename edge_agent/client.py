@@ -78,6 +78,7 @@ from edge_agent.transport import (
     PublishOptions,
     Transport,
 )
+from splitinfer.batches import padded_chunks
 from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,
@@ -389,21 +390,17 @@ class EdgeAgent:
                              started: float, deadline: float, expires: float,
                              timeout: float) -> InferenceResult:
         """``samples`` in requests of the split's fixed ``batch``, outputs in input order."""
-        pad = -samples % batch
-        if pad:  # the files take exactly `batch`: repeat the last sample, drop its results
-            arrays = {name: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
-                      for name, a in arrays.items()}
         gate = asyncio.Semaphore(self.config.chunk_concurrency)
 
-        async def one(start: int) -> InferenceResult:
+        async def one(chunk: dict[str, Array]) -> InferenceResult:
             async with gate:
-                chunk = {name: a[start:start + batch] for name, a in arrays.items()}
                 return await self._infer_one(chunk, started=time.perf_counter(),
                                              deadline=deadline, expires=expires,
                                              timeout=timeout)
 
-        tasks = [asyncio.create_task(one(i), name=f"edge-chunk:{self.device_id}:{i}")
-                 for i in range(0, samples + pad, batch)]
+        # The files take exactly `batch`: the last chunk is padded, its extra results dropped.
+        tasks = [asyncio.create_task(one(chunk), name=f"edge-chunk:{self.device_id}:{i}")
+                 for i, chunk in enumerate(padded_chunks(arrays, batch))]
         try:
             parts = await asyncio.gather(*tasks)
         finally:  # the first failure ends the call: the other requests are not waited for

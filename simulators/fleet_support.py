@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from edge_agent.runtime import HeadRuntime
 from splitinfer import ort_config
+from splitinfer.batches import padded_chunks
 from splitinfer.errors import BadInputError, StartupError
 from splitinfer.manifest import Manifest, TensorSpec, sha256_file
 from splitinfer.wire import REQUEST, RESULT, Envelope, WireTensor, encode
@@ -338,11 +339,7 @@ def run_in_batches(session: Any, feeds: Mapping[str, Array]) -> list[Array]:
     batch = fixed.pop() if len(fixed) == 1 else None
     if batch is None or batch == samples:
         return [np.asarray(o) for o in session.run(None, dict(feeds))]
-    pad = -samples % batch
-    padded = {k: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
-              for k, a in feeds.items()}
-    parts = [session.run(None, {k: a[i:i + batch] for k, a in padded.items()})
-             for i in range(0, samples + pad, batch)]
+    parts = [session.run(None, chunk) for chunk in padded_chunks(feeds, batch)]
     return [np.concatenate([np.asarray(p[j]) for p in parts])[:samples]
             for j in range(len(parts[0]))]
 
