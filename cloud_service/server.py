@@ -30,7 +30,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cloud_service.broker_check import SLOW_ROUND_TRIP_S, BrokerCheck, check_broker
+from cloud_service.broker_check import (
+    SLOW_ROUND_TRIP_S,
+    BrokerCheck,
+    check_broker,
+    subscribe_failure,
+)
 from cloud_service.config import Config
 from cloud_service.metrics import Metrics
 from cloud_service.paho_io import tune
@@ -337,14 +342,13 @@ class Server:
             granted = await conn.client.subscribe(topic, qos=1)
         except aiomqtt.MqttError as exc:
             raise StartupError(f"cannot subscribe to {topic!r}: {exc}") from exc
-        for code in granted:
-            value = code if isinstance(code, int) else code.value
-            if value >= 0x80:
-                hint = ("a broker without shared subscriptions needs --no-group"
-                        if topic.startswith("$share/") else
-                        "does the broker's ACL let this worker read it?")
-                raise StartupError(f"broker refused the subscription {topic!r} ({code}); "
-                                   f"{hint}")
+        failure = subscribe_failure(granted)
+        if failure:
+            hint = ("a broker without shared subscriptions needs --no-group"
+                    if topic.startswith("$share/") else
+                    "does the broker's ACL let this worker read it?")
+            raise StartupError(f"broker refused the subscription {topic!r} ({failure}); "
+                               f"{hint}")
 
     async def _supervise(self, conn: _Connection) -> None:
         """Pump messages into the worker; on a lost connection reconnect and resubscribe."""
