@@ -239,7 +239,29 @@ class EmbeddedBroker(_Lifecycle):
         loop.run_forever()
         with contextlib.suppress(Exception):
             loop.run_until_complete(self._broker.shutdown())
-        loop.close()
+        self._drain(loop)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Finish what amqtt leaves behind, here and now, with warnings off.
+
+        amqtt's shutdown leaves client handler tasks and their transports for the
+        garbage collector; collected later, in another thread, they raise
+        ResourceWarnings inside whatever runs then (seen: in a ``compile`` during
+        ``np.load``, which CPython 3.11 turns into a SystemError)."""
+        import gc
+
+        with warnings_silenced():
+            tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            self._broker = None
+            gc.collect()
+            loop.close()
+            gc.collect()
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:

@@ -111,12 +111,13 @@ def test_digits_split_through_each_broker(request: pytest.FixtureRequest,
                                           topic_prefix: str, name: str,
                                           caplog: pytest.LogCaptureFixture) -> None:
     fixture, group, protocol = MATRIX[name]
-    broker = request.getfixturevalue(fixture)
     split, model = digits
+    # the reference first, before a broker thread runs beside it (see EmbeddedBroker._drain)
     images = zoo.digits_test_set()[0][:16]
     want = ort.InferenceSession(str(model), ort_config.apply(ort.SessionOptions()),
                                 providers=["CPUExecutionProvider"]).run(
         None, {"image": images})[0]
+    broker = request.getfixturevalue(fixture)
     with caplog.at_level(logging.INFO, logger="cloud_service.server"), \
             serving(broker.url, topic_prefix, registry) as server:
         got, agent_protocol, p50 = asyncio.run(
