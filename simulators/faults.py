@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from simulators.link import format_time, parse_time
+from splitinfer.link import format_time, parse_time
 from splitinfer.errors import BadInputError
 
 __all__ = ["Fault", "FaultPlan", "FaultEvent", "FaultInjector", "FAULT_KINDS"]

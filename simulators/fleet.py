@@ -24,7 +24,7 @@ shorter times are added to the figures without waiting).
 runs for real, then its thread sleeps ``(F - 1) * head_time`` (:class:`SlowHead`), so the
 device's head time is F times this machine's without spending that CPU here.
 
-**Links**: each ``links`` entry (a :class:`~simulators.link.LinkProfile` spec) is one
+**Links**: each ``links`` entry (a :class:`~splitinfer.link.LinkProfile` spec) is one
 shaping proxy (:mod:`simulators.shaper`) in this process; devices are split into
 contiguous, equal groups, one per entry, and connect through their group's proxy.
 
@@ -89,7 +89,7 @@ from simulators.fleet_support import (
     reference_predictions,
 )
 from simulators.fleet_transport import TRANSPORTS, connector_for, pick_transport
-from simulators.link import LinkProfile
+from splitinfer.link import LinkProfile
 from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,

@@ -63,7 +63,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from simulators.link import LinkProfile, Outage
+from splitinfer.link import LinkProfile, Outage
 from splitinfer.errors import StartupError
 
 __all__ = ["ShapingProxy", "Shaper", "StallWindows", "LinkStats", "DirectionStats",

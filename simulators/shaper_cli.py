@@ -10,7 +10,7 @@ import math
 import random
 from typing import Any
 
-from simulators.link import LinkProfile
+from splitinfer.link import LinkProfile
 from simulators.shaper import ShapingProxy
 from splitinfer.errors import StartupError
 
@@ -95,7 +95,7 @@ async def _mqtt_times(profile: LinkProfile, nbytes: int, reps: int,
 
 
 async def _selftest(nbytes: int, reps: int, mqtt: bool) -> int:
-    from simulators.link import PROFILES
+    from splitinfer.link import PROFILES
 
     broker = None
     if mqtt:

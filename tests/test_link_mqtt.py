@@ -10,7 +10,7 @@ import aiomqtt
 import pytest
 
 from simulators.broker import MosquittoBroker
-from simulators.link import LinkProfile
+from splitinfer.link import LinkProfile
 from simulators.shaper import ShapingProxy
 from splitinfer.mqtt import BrokerConfig, connect
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulators.link import PROFILES, LinkProfile, Outage, format_time, parse_time
+from splitinfer.link import PROFILES, LinkProfile, Outage, format_time, parse_time
 from splitinfer.errors import BadInputError
 
 

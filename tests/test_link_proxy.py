@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from simulators.broker import free_port
-from simulators.link import LinkProfile
+from splitinfer.link import LinkProfile
 from simulators.shaper import ShapingProxy
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from simulators.link import LinkProfile
+from splitinfer.link import LinkProfile
 from simulators.shaper import DirectionStats, Shaper, StallWindows
 
 
