@@ -475,7 +475,8 @@ class EdgeAgent:
         envelope = Envelope(
             kind=REQUEST, request_id=request_id, device_id=self.device_id,
             split_id=self.manifest.split_id, deadline=deadline, reply_to=self.result_topic,
-            tensors=[WireTensor(s.name, cut[s.name], s.quantization) for s in self.manifest.cut],
+            tensors=[WireTensor(s.name, cut[s.name], s.quantization,
+                               codec=self.manifest.codec_for(s.name)) for s in self.manifest.cut],
             timestamps=stamps)
         envelope.stamp("sent")
         payload = encode(envelope)

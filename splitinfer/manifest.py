@@ -42,12 +42,15 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from splitinfer.dtypes import numpy_dtype
 from splitinfer.errors import ManifestError, TensorError
+
+if TYPE_CHECKING:
+    from splitinfer.imagecodec import ImageCodec
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -320,6 +323,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{path}: expected a JSON object")
         return cls.from_dict(data)
+
+    def codec_for(self, name: str) -> ImageCodec | None:
+        """The image codec the cut tensor ``name`` travels with (None: raw bytes)."""
+        return None
 
     def resolve(self, directory: str | Path, which: str) -> Path:
         """Absolute path of ``head`` or ``tail`` for a manifest loaded from ``directory``.

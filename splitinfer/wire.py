@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -37,6 +37,9 @@ import numpy as np
 from splitinfer.dtypes import DTYPES, canonical_dtype
 from splitinfer.errors import ErrorCode, WireError
 from splitinfer.manifest import Quantization
+
+if TYPE_CHECKING:
+    from splitinfer.imagecodec import ImageCodec
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
@@ -68,6 +71,7 @@ class WireTensor:
     name: str
     array: np.ndarray[Any, Any]
     quantization: Quantization | None = None
+    codec: ImageCodec | None = None  # None: raw bytes; else one encoded image per sample
 
 
 @dataclass(frozen=True)
