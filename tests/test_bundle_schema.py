@@ -64,7 +64,7 @@ def test_refusals_name_the_problem(tmp_path: Path) -> None:
                                        "bytes_per_sample": 1, "head_flops_share": 0}]))
     with pytest.raises(ManifestError, match="missing 'dir'"):
         Bundle.from_dict(_doc(splits=[{"split_id": "a", "kind": "split"}]))
-    with pytest.raises(ManifestError, match="no bundle.json"):
+    with pytest.raises(ManifestError, match=r"no bundle\.json"):
         Bundle.load(tmp_path / "nowhere")
     with pytest.raises(ManifestError, match="no split 'zz'"):
         Bundle.from_dict(_doc()).get("zz")
