@@ -21,6 +21,7 @@ import numpy as np
 from splitinfer import ort_config
 from splitinfer.dtypes import from_ort_type
 from splitinfer.errors import ManifestError, SplitInferError, StartupError, TensorError
+from splitinfer.imagecodec import ImageCodec
 from splitinfer.manifest import Manifest, TensorSpec, find_split_dirs, sha256_file
 from splitinfer.wire import Envelope
 
@@ -249,6 +250,9 @@ class Registry(Mapping[str, Tail]):
     def __init__(self, tails: Sequence[Tail] = ()) -> None:
         self._tails: dict[str, Tail] = {}
         self.failed: dict[str, str] = {}  # directory -> why it was skipped
+        # split id -> tensor name -> image codec (cloud_only splits with an input_codec):
+        # what splitinfer.wire.decode lets in encoded, decoding it before the full model.
+        self.codecs: dict[str, dict[str, ImageCodec]] = {}
         for tail in tails:
             self.add(tail)
 
@@ -259,6 +263,10 @@ class Registry(Mapping[str, Tail]):
                         tail.split_id, tail.directory, other)
             return
         self._tails[tail.split_id] = tail
+        codecs = {s.name: c for s in tail.specs
+                  if (c := tail.manifest.codec_for(s.name)) is not None}
+        if codecs:
+            self.codecs[tail.split_id] = codecs
 
     @classmethod
     def load(cls, root: str | Path, *, threads: int = 0, providers: Sequence[str] = ()
@@ -281,8 +289,10 @@ class Registry(Mapping[str, Tail]):
                 log.error("skipping split directory %s: %s", directory, exc)
                 continue
             registry.add(tail)
-            log.info("serving split %s (model %s, cut %s, %s) from %s", tail.split_id,
+            codec = tail.manifest.input_codec
+            log.info("serving split %s (model %s, cut %s%s, %s) from %s", tail.split_id,
                      tail.manifest.model, ", ".join(tail.input_names),
+                     f" as {codec['codec']} images" if codec else "",
                      "batched" if tail.batchable else f"fixed batch {tail.fixed_batch}",
                      directory)
         if not registry:

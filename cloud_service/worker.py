@@ -166,7 +166,8 @@ class Worker:
 
     def _submit(self, msg: Incoming, now: float) -> None:
         try:
-            env = decode(msg.payload, max_bytes=self.config.max_payload)
+            env = decode(msg.payload, max_bytes=self.config.max_payload,
+                         codecs=self.registry.codecs)  # image inputs decoded here
         except WireError as exc:
             request_id, rt = peek_reply_address(msg.payload, max_bytes=self.config.max_payload)
             self._fail(exc.code, exc.message, msg=msg, addr=reply_address(self.topics, msg, rt),

@@ -31,6 +31,11 @@ first dimension is the batch. ``bytes_per_sample`` excludes the batch dimension.
   model.
 - ``"edge_only"``: the baseline with everything on the device. ``tail`` is null; ``head`` is
   the whole model; ``cut`` lists the model ``outputs``; ``bytes_per_sample`` is 0.
+
+Optional ``input_codec`` (``cloud_only`` only; absent = raw): one image input travels
+JPEG/PNG-encoded, see :mod:`splitinfer.imagecodec` for the object. ``bytes_per_sample``
+stays the raw size; the encoded size depends on the image (``verification.input_codec``
+records what the samples took).
 """
 
 from __future__ import annotations
@@ -42,15 +47,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from splitinfer.dtypes import numpy_dtype
-from splitinfer.errors import ManifestError, TensorError
-
-if TYPE_CHECKING:
-    from splitinfer.imagecodec import ImageCodec
+from splitinfer.errors import BadInputError, ManifestError, TensorError
+from splitinfer.imagecodec import ImageCodec, image_layout
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -212,6 +215,8 @@ class Manifest:
     verification: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
     kind: str = "split"
+    input_codec: Mapping[str, Any] | None = None
+    _codec: ImageCodec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.split_id or safe_name(self.split_id) != self.split_id:
@@ -224,6 +229,30 @@ class Manifest:
             if not specs:
                 raise ManifestError(f"manifest {self.split_id}: {label} must not be empty")
         self._check_kind()
+        if self.input_codec is not None:
+            object.__setattr__(self, "_codec", self._check_codec(self.input_codec))
+
+    def _check_codec(self, data: Mapping[str, Any]) -> ImageCodec:
+        where = f"manifest {self.split_id}"
+        if self.kind != "cloud_only":
+            raise ManifestError(f"{where}: only a cloud_only split may have an input_codec "
+                                f"(the device sends its inputs encoded); this one is {self.kind}")
+        codec = ImageCodec.from_dict(data)
+        specs = {s.name: s for s in self.cut}
+        spec = specs.get(codec.input)
+        if spec is None:
+            raise ManifestError(f"{where}: input_codec input {codec.input!r} is not a model "
+                                f"input; expected one of {sorted(specs)}")
+        try:
+            image_layout(spec.shape, spec.dtype, name=spec.name)
+        except BadInputError as exc:
+            raise ManifestError(f"{where}: input_codec: {exc.message}") from None
+        channels = spec.shape[1] if codec.layout == "NCHW" else spec.shape[3]
+        if spec.dtype != codec.dtype or channels != codec.channels:
+            raise ManifestError(f"{where}: input_codec says {codec.dtype} {codec.layout} with "
+                                f"{codec.channels} channel(s); input {spec.name!r} is "
+                                f"{spec.dtype} {_fmt_shape(spec.shape)}")
+        return codec
 
     def _check_kind(self) -> None:
         where = f"manifest {self.split_id}"
@@ -275,6 +304,7 @@ class Manifest:
             "versions": dict(self.versions),
             "verification": dict(self.verification),
             **({"extra": dict(self.extra)} if self.extra else {}),
+            **({"input_codec": dict(self.input_codec)} if self.input_codec is not None else {}),
         }
 
     @classmethod
@@ -298,6 +328,7 @@ class Manifest:
                 verification=dict(data.get("verification", {})),
                 extra=dict(data.get("extra", {})),
                 kind=str(data.get("kind", "split")),
+                input_codec=data.get("input_codec"),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is missing or has a bad field: {exc}") from exc
@@ -326,7 +357,8 @@ class Manifest:
 
     def codec_for(self, name: str) -> ImageCodec | None:
         """The image codec the cut tensor ``name`` travels with (None: raw bytes)."""
-        return None
+        codec = self._codec
+        return codec if codec is not None and codec.input == name else None
 
     def resolve(self, directory: str | Path, which: str) -> Path:
         """Absolute path of ``head`` or ``tail`` for a manifest loaded from ``directory``.

@@ -16,7 +16,11 @@
 
 Tensors travel as raw C-order little-endian bytes (whatever the host's byte order) with
 their canonical dtype name and shape; int8/uint8
-tensors carry ``q = [scale, zero_point]``. Decoding checks every size before touching
+tensors carry ``q = [scale, zero_point]``. An image input of a cloud_only split whose
+manifest declares an ``input_codec`` travels as ``"c": "jpeg"|"png"`` and ``"b"`` an
+array of bin, one encoded image per sample (:mod:`splitinfer.imagecodec`); the decoder
+needs the split's codecs (``codecs=``) and checks each image's header against the
+declared shape before decompressing it. Decoding checks every size before touching
 data and wraps the received bytes with :func:`numpy.frombuffer` (no further copy; the
 arrays are read-only). No pickle, no ext types, no code on the wire.
 """
@@ -29,17 +33,15 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from splitinfer.dtypes import DTYPES, canonical_dtype
 from splitinfer.errors import ErrorCode, WireError
+from splitinfer.imagecodec import MAX_DECODED_BYTES, ImageCodec
 from splitinfer.manifest import Quantization
-
-if TYPE_CHECKING:
-    from splitinfer.imagecodec import ImageCodec
 
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
@@ -64,6 +66,9 @@ RESULT = "res"
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
 _MAX_TENSORS = 64
 _MAX_DIMS = 8
+_MAX_IMAGES = 1024  # encoded images (samples) in one codec'd tensor
+# split id -> tensor name -> the codec the split's manifest declares for it
+Codecs = Mapping[str, Mapping[str, ImageCodec]]
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,16 @@ def _tensor_to_wire(t: WireTensor) -> dict[str, Any]:
         "n": t.name,
         "d": canonical_dtype(array.dtype),
         "s": list(array.shape),
-        "b": array.reshape(-1).view(np.uint8).data if array.size else b"",
     }
+    if t.codec is not None:
+        entry["c"] = t.codec.codec
+        try:
+            entry["b"] = t.codec.encode(array)
+        except ValueError as exc:  # BadInputError: not the array the codec was made for
+            raise WireError(f"cannot encode tensor {t.name!r} as {t.codec.spec}: {exc}",
+                            code=ErrorCode.BAD_TENSOR) from exc
+    else:
+        entry["b"] = array.reshape(-1).view(np.uint8).data if array.size else b""
     if t.quantization is not None:
         entry["q"] = [float(t.quantization.scale), int(t.quantization.zero_point)]
     return entry
@@ -163,7 +176,26 @@ def _field(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wha
     return value
 
 
-def _tensor_from_wire(entry: Any, index: int) -> WireTensor:
+def _decode_images(entry: Mapping[str, Any], name: str, dtype_name: str, shape: list[int],
+                   codecs: Mapping[str, ImageCodec], split_id: str) -> np.ndarray[Any, Any]:
+    codec_name = _field(entry, "c", str, "image codec")
+    codec = codecs.get(name)
+    if codec is None:
+        raise WireError(f"tensor {name!r}: sent as {codec_name!r} images, but split "
+                        f"{split_id!r} declares no input codec for it; send raw bytes",
+                        code=ErrorCode.BAD_TENSOR)
+    if codec_name != codec.codec:
+        raise WireError(f"tensor {name!r}: sent as {codec_name!r} images, split {split_id!r} "
+                        f"declares {codec.codec!r}", code=ErrorCode.BAD_TENSOR)
+    images = _field(entry, "b", list, "encoded images")
+    if len(images) > _MAX_IMAGES or not all(isinstance(b, bytes) for b in images):
+        raise WireError(f"tensor {name!r}: 'b' must be an array of at most {_MAX_IMAGES} "
+                        "bin (one encoded image per sample)")
+    return codec.decode(images, shape, dtype_name, max_bytes=MAX_DECODED_BYTES)
+
+
+def _tensor_from_wire(entry: Any, index: int, codecs: Mapping[str, ImageCodec] | None = None,
+                      split_id: str = "") -> WireTensor:
     if not isinstance(entry, dict):
         raise WireError(f"tensor #{index}: expected a map, got {type(entry).__name__}")
     name = _field(entry, "n", str, "tensor name")
@@ -175,15 +207,20 @@ def _tensor_from_wire(entry: Any, index: int) -> WireTensor:
     if len(shape) > _MAX_DIMS or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise WireError(f"tensor {name!r}: bad shape {shape!r}; expected up to {_MAX_DIMS} "
                         "non-negative ints", code=ErrorCode.BAD_TENSOR)
-    data = _field(entry, "b", bytes, "raw tensor bytes")
-    dtype = DTYPES[dtype_name]
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        raise WireError(f"tensor {name!r}: {len(data)} bytes for {dtype_name} {tuple(shape)}, "
-                        f"expected {expected}", code=ErrorCode.BAD_TENSOR)
-    array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
-    if _BIG_ENDIAN_HOST and dtype.itemsize > 1:
-        array = array.astype(dtype)  # native order for the runtimes (a copy, only there)
+    codec = None
+    if "c" in entry:
+        array = _decode_images(entry, name, dtype_name, shape, codecs or {}, split_id)
+        codec = (codecs or {})[name]
+    else:
+        data = _field(entry, "b", bytes, "raw tensor bytes")
+        dtype = DTYPES[dtype_name]
+        expected = math.prod(shape) * dtype.itemsize
+        if len(data) != expected:
+            raise WireError(f"tensor {name!r}: {len(data)} bytes for {dtype_name} "
+                            f"{tuple(shape)}, expected {expected}", code=ErrorCode.BAD_TENSOR)
+        array = np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+        if _BIG_ENDIAN_HOST and dtype.itemsize > 1:
+            array = array.astype(dtype)  # native order for the runtimes (a copy, only there)
     quant = None
     q = entry.get("q")
     if q is not None:
@@ -195,12 +232,17 @@ def _tensor_from_wire(entry: Any, index: int) -> WireTensor:
             quant = Quantization(scale=float(q[0]), zero_point=int(q[1]))
         except ValueError as exc:
             raise WireError(f"tensor {name!r}: {exc}", code=ErrorCode.BAD_TENSOR) from exc
-    return WireTensor(name=name, array=array, quantization=quant)
+    return WireTensor(name=name, array=array, quantization=quant, codec=codec)
 
 
 def decode(payload: bytes | bytearray | memoryview, *,
-           max_bytes: int = DEFAULT_MAX_PAYLOAD) -> Envelope:
-    """Parse and validate one envelope. Every failure is a WireError naming the problem."""
+           max_bytes: int = DEFAULT_MAX_PAYLOAD, codecs: Codecs | None = None) -> Envelope:
+    """Parse and validate one envelope. Every failure is a WireError naming the problem.
+
+    ``codecs`` (split id -> tensor name -> codec, from the manifests served) is what lets
+    image-encoded tensors in; without it, or for a split or tensor it does not name, they
+    are refused (``bad_tensor``).
+    """
     size = len(payload)
     if size > max_bytes:
         raise WireError(f"payload of {size} bytes exceeds the limit of {max_bytes} bytes",
@@ -208,7 +250,7 @@ def decode(payload: bytes | bytearray | memoryview, *,
     try:
         body = msgpack.unpackb(
             payload, raw=False, strict_map_key=True, max_bin_len=max_bytes,
-            max_str_len=64 * 1024, max_array_len=max(_MAX_TENSORS, _MAX_DIMS),
+            max_str_len=64 * 1024, max_array_len=max(_MAX_TENSORS, _MAX_DIMS, _MAX_IMAGES),
             max_map_len=64, max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types on bad input
@@ -223,8 +265,9 @@ def decode(payload: bytes | bytearray | memoryview, *,
     if kind not in (REQUEST, RESULT):
         raise WireError(f"envelope kind must be {REQUEST!r} or {RESULT!r}, got {kind!r}")
     raw_tensors = body.get("t", [])
-    if not isinstance(raw_tensors, list):
-        raise WireError("envelope field 't' (tensors) must be a list")
+    if not isinstance(raw_tensors, list) or len(raw_tensors) > _MAX_TENSORS:
+        raise WireError(f"envelope field 't' (tensors) must be a list of at most "
+                        f"{_MAX_TENSORS} tensors")
     timestamps = body.get("ts", {})
     if not isinstance(timestamps, dict) or not all(
         isinstance(k, str) and isinstance(v, (int, float)) for k, v in timestamps.items()
@@ -241,12 +284,17 @@ def decode(payload: bytes | bytearray | memoryview, *,
         error = ErrorInfo(code=str(err.get("code", ErrorCode.INTERNAL.value)),
                           message=str(err.get("msg", "")))
     reply_to = body.get("rt", "")
+    request_id = _field(body, "id", str, "request id")
+    device_id = _field(body, "dev", str, "device id")
+    split_id = _field(body, "split", str, "split id")
+    split_codecs = codecs.get(split_id) if codecs is not None else None
     return Envelope(
         kind=kind,
-        request_id=_field(body, "id", str, "request id"),
-        device_id=_field(body, "dev", str, "device id"),
-        split_id=_field(body, "split", str, "split id"),
-        tensors=tuple(_tensor_from_wire(e, i) for i, e in enumerate(raw_tensors)),
+        request_id=request_id,
+        device_id=device_id,
+        split_id=split_id,
+        tensors=tuple(_tensor_from_wire(e, i, split_codecs, split_id)
+                      for i, e in enumerate(raw_tensors)),
         deadline=float(deadline),
         reply_to=reply_to if isinstance(reply_to, str) else "",
         timestamps={k: float(v) for k, v in timestamps.items()},
