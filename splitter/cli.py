@@ -214,6 +214,10 @@ def register_split(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--fix-shapes", action="store_true",
                    help="write the --input-shape dims into head.onnx/tail.onnx (default: "
                    "they keep the model's dynamic dims)")
+    p.add_argument("--input-codec", metavar="raw|png|jpeg[:Q]", default=None,
+                   help="with --at cloud_only: the device sends its image input encoded "
+                   "(jpeg = jpeg:90); the split gets its own id and the manifest records "
+                   "the bytes and the agreement with the uncompressed answers on the samples")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_split)
 
@@ -225,7 +229,7 @@ def run_split(args: argparse.Namespace) -> int:
         args.model, args.at, args.out, samples=args.samples, num_samples=args.num_samples,
         tolerance=args.tolerance, verify=args.verify, model_name=args.name, seed=args.seed,
         external_data=args.external_data, input_shapes=_shapes(args.model, args.input_shape),
-        fix_shapes=args.fix_shapes)
+        fix_shapes=args.fix_shapes, input_codec=args.input_codec)
     if args.json:
         print(json.dumps(result.to_dict()))
         return EXIT_OK
@@ -240,6 +244,12 @@ def run_split(args: argparse.Namespace) -> int:
           f"  head:     {result.head or 'none (cloud_only: the device sends its inputs)'}\n"
           f"  tail:     {result.tail or 'none (edge_only: the device answers)'}\n"
           f"  manifest: {result.manifest}\n  {verified}")
+    cost = m.verification.get("input_codec")
+    if cost:
+        print(f"  input codec {cost['codec']}: {_bytes(cost['bytes_per_sample'])}/sample "
+              f"(raw {_bytes(cost['raw_bytes_per_sample'])}), answers agree with the "
+              f"uncompressed model on {100 * (cost['agreement'] or 0):.1f}% of "
+              f"{cost['samples']} sample(s) ({cost['match']})")
     return EXIT_OK
 
 

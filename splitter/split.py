@@ -6,6 +6,12 @@ Two cuts are the baselines every split is judged against, written the same way:
 
 The manifest is written last, and only when verification passed (or was skipped): a split
 directory with a manifest is one workers may serve, so a failed split must not leave one.
+
+A cloud_only split may send its image input JPEG/PNG-encoded (``input_codec``, see
+:mod:`splitinfer.imagecodec`): its own split id (the raw one + ``-jpeg90``), the codec in
+the manifest, and what it costs measured on the samples (:func:`measure_codec`:
+``verification.input_codec`` = bytes per sample after encoding and the share of samples
+whose answer matches the uncompressed model's).
 """
 
 from __future__ import annotations
@@ -23,20 +29,31 @@ import onnxruntime as ort
 
 import splitinfer
 from splitinfer.errors import BadInputError, SplitInferError, VerificationError
+from splitinfer.imagecodec import CodecSpec, ImageCodec, image_layout, make_codec, parse_spec
 from splitinfer.manifest import (
     MANIFEST_NAME,
     Dim,
     FileRef,
     Manifest,
+    TensorSpec,
     make_split_id,
     sha256_file,
 )
 from splitter.cuts import cut_costs, plan_cut
 from splitter.extract import build_halves, build_whole, save_half
 from splitter.graph import GraphIndex, InputShapes, load_model
-from splitter.verify import check_samples, input_specs, load_npz, make_samples, verify_split
+from splitter.verify import (
+    batches,
+    check_samples,
+    input_specs,
+    load_npz,
+    make_samples,
+    ort_session,
+    verify_split,
+)
 
-__all__ = ["SplitResult", "split_model", "cut_kind", "shapes_from_samples"]
+__all__ = ["SplitResult", "split_model", "cut_kind", "shapes_from_samples", "measure_codec",
+           "codec_input"]
 
 log = logging.getLogger(__name__)
 Samples = str | Path | Mapping[str, np.ndarray[Any, Any]] | None
@@ -68,6 +85,9 @@ class SplitResult:
             "verified": self.max_abs_diff is not None,
             "cut": [s.to_dict() for s in self.manifest_obj.cut],
             "bytes_per_sample": self.manifest_obj.bytes_per_sample,
+            **({"input_codec": self.manifest_obj.input_codec,
+                "codec_cost": self.manifest_obj.verification.get("input_codec")}
+               if self.manifest_obj.input_codec else {}),
             **({"analysis": self.manifest_obj.extra["analysis"]}
                if "analysis" in self.manifest_obj.extra else {}),
         }
@@ -87,6 +107,7 @@ def split_model(
     external_data: bool | None = None,
     input_shapes: InputShapes | None = None,
     fix_shapes: bool = False,
+    input_codec: str | CodecSpec | None = None,
 ) -> SplitResult:
     """Cut ``model`` at the tensors ``cut`` (names, or one comma-separated string).
 
@@ -98,8 +119,13 @@ def split_model(
     Raises BadInputError for a bad file, name, cut or samples, and VerificationError when
     head→tail differs from the full model by more than ``tolerance`` relative to the
     output's scale. ``external_data``: None writes the halves' weights to a side file only
-    past 2 GB; True always; False never.
+    past 2 GB; True always; False never. ``input_codec`` (``raw``, ``png``, ``jpeg:Q``;
+    cloud_only only) sends the image input encoded; its float range and its cost come from
+    the samples (generated ones when none are given).
     """
+    codec_spec = parse_spec(input_codec) if isinstance(input_codec, str) else input_codec
+    if codec_spec is not None and codec_spec.codec == "raw":
+        codec_spec = None
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise BadInputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     source = Path(model)
@@ -114,6 +140,9 @@ def split_model(
                        fix_shapes=fix_shapes)
     names = _cut_names(index, cut)
     kind = cut_kind(index, names)
+    if codec_spec is not None and kind != "cloud_only":
+        raise BadInputError(f"--input-codec {codec_spec}: only the cloud_only baseline sends "
+                            f"its input encoded; this cut is a {kind} (use --at cloud_only)")
     # One onnxruntime typing run (if any is needed) for everything typed below.
     index.ensure_types([*index.inputs, *index.outputs, *index.live_tensors()])
     inputs = tuple(index.artifact_spec(n) for n in index.inputs)
@@ -126,12 +155,19 @@ def split_model(
         plan = plan_cut(index, names)
         cut_names = plan.tensors
     specs = {n: index.artifact_spec(n) for n in cut_names}
-    if verify and data is None:
+    if (verify or codec_spec is not None) and data is None:
         data = make_samples(index.analysis_model, num_samples, seed)
+    codec = None
+    if codec_spec is not None and data is not None:
+        target = codec_input(list(inputs))
+        codec = make_codec(codec_spec, target.name, target.dtype, target.shape,
+                           data.get(target.name))
 
     source_sha = sha256_file(source)
     name = model_name or source.stem
     split_id = make_split_id(name, source_sha, cut_names)
+    if codec is not None:
+        split_id = f"{split_id}-{codec.spec.suffix}"
     metadata = {"split_id": split_id, "source_sha256": source_sha, "cut": ",".join(cut_names),
                 "kind": kind}
     if kind == "split":
@@ -176,6 +212,8 @@ def split_model(
         verification = {"max_abs_diff": abs_diff, "max_rel_diff": rel_diff,
                         "samples": len(next(iter(data.values()))) if data else 0,
                         "tolerance": tolerance}
+    if codec is not None and data is not None:
+        verification["input_codec"] = measure_codec(source, codec, data, list(inputs))
     extra: dict[str, Any] = dict(cut_costs(index, cut_names))
     if index.input_shapes:
         analysed = [index.spec(n).bytes_per_sample() for n in cut_names]
@@ -205,6 +243,7 @@ def split_model(
         verification=verification,
         extra=extra,
         kind=kind,
+        input_codec=codec.to_dict() if codec is not None else None,
     )
     manifest_path = manifest.save(out)
     log.info("split %s (%s) written to %s", split_id, kind, out)
@@ -213,6 +252,59 @@ def split_model(
 
 
 CLOUD_ONLY, EDGE_ONLY = "cloud_only", "edge_only"
+
+
+def codec_input(inputs: Sequence[TensorSpec]) -> TensorSpec:
+    """The model input an image codec applies to: the first image-like one."""
+    reasons = []
+    for spec in inputs:
+        try:
+            image_layout(spec.shape, spec.dtype, name=spec.name)
+            return spec
+        except BadInputError as exc:
+            reasons.append(exc.message)
+    raise BadInputError("no model input is an image an input codec can carry: "
+                        + "; ".join(reasons))
+
+
+def measure_codec(model: str | Path, codec: ImageCodec, samples: Mapping[str, Any],
+                  inputs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """What ``codec`` costs on ``samples``: encoded bytes per sample and agreement.
+
+    ``agreement``: the share of samples whose answer through the codec matches the
+    uncompressed model's: the argmax of the first output for a classifier (first output
+    of rank 2 with 2+ classes), else every value within 1% of the sample's largest
+    magnitude (at least 1) — the ``"match"`` key says which.
+    """
+    images = codec.encode(np.asarray(samples[codec.input]))
+    decoded = codec.decode(images, list(samples[codec.input].shape), codec.dtype)
+    coded = {**samples, codec.input: decoded}
+    session = ort_session(model, what=str(model))
+    first = session.get_outputs()[0].name
+    refs, gots = [], []
+    for ref_feed, coded_feed in zip(batches(samples, inputs), batches(coded, inputs),
+                                    strict=True):
+        refs.append(np.asarray(session.run([first], ref_feed)[0]))
+        gots.append(np.asarray(session.run([first], coded_feed)[0]))
+    ref, got = np.concatenate(refs), np.concatenate(gots)
+    classifier = ref.ndim == 2 and ref.shape[1] > 1 and ref.dtype.kind == "f"
+    if classifier:
+        same = ref.argmax(axis=1) == got.argmax(axis=1)
+    else:
+        flat_ref = ref.reshape(len(ref), -1).astype(np.float64)
+        flat_got = got.reshape(len(got), -1).astype(np.float64)
+        bound = 0.01 * np.maximum(1.0, np.abs(flat_ref).max(axis=1, initial=0.0))
+        same = (np.abs(flat_got - flat_ref).max(axis=1, initial=0.0) <= bound)
+    raw = samples[codec.input]
+    return {
+        "codec": str(codec.spec),
+        "samples": len(same),
+        "bytes_per_sample": round(sum(len(b) for b in images) / max(len(images), 1)),
+        "raw_bytes_per_sample": int(raw[0].nbytes) if len(raw) else 0,
+        "agreement": float(same.mean()) if len(same) else None,
+        "match": "argmax" if classifier else "allclose",
+        "max_abs_diff": float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0,
+    }
 
 
 def cut_kind(index: GraphIndex, names: Sequence[str]) -> str:
