@@ -104,7 +104,8 @@ from splitinfer.wire import (
     peek_reply_address,
 )
 
-__all__ = ["AgentConfig", "EdgeAgent", "InferenceResult", "check_tensors", "ONLINE", "OFFLINE"]
+__all__ = ["AgentConfig", "EdgeAgent", "InferenceResult", "SplitState", "check_tensors",
+           "ONLINE", "OFFLINE"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -175,6 +176,29 @@ class InferenceResult:
     timings: dict[str, float]
     split_id: str = ""
     requests: int = 1
+    # "cloud" (a worker ran the tail) or "edge" (answered here: an edge_only split, or a
+    # bundle agent's fallback); ``fallback`` says why a bundle agent answered locally when
+    # it had not chosen to: "offline", "no_worker", "deadline", "timeout" ("" otherwise).
+    served_by: str = "cloud"
+    fallback: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class SplitState:
+    """One split an agent serves: its manifest, head, fixed batch and request topic."""
+
+    manifest: Manifest
+    head: HeadRuntime | None
+    batch: int | None
+    request_topic: str
+
+    @property
+    def split_id(self) -> str:
+        return self.manifest.split_id
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
 
 
 @dataclass(eq=False)
@@ -182,6 +206,7 @@ class _Reply:
     envelope: Envelope
     received: float  # perf_counter
     decode_s: float
+    size: int = 0  # result payload bytes
 
 
 @dataclass(eq=False)
@@ -193,6 +218,7 @@ class _Pending:
     epoch: int = 0  # connection it was last published on
     sent: float = 0.0  # perf_counter of the last publish
     publishes: int = 0
+    split: SplitState | None = None  # None: the agent's own (first) split
 
 
 @dataclass
@@ -205,23 +231,27 @@ class _Counters:
 
 
 class EdgeAgent:
-    """The device side of one split, on one broker connection."""
+    """The device side of one split (or several: :meth:`add_split`), on one broker connection.
+
+    Every split of an agent shares its connection, result topic and presence; a request
+    names its split in the envelope and goes to the request topic of its split's model,
+    and results are matched by request id whatever split they answer.
+    """
 
     def __init__(self, *, manifest: Manifest, config: AgentConfig,
                  head: HeadRuntime | None = None, connector: Connector | None = None) -> None:
-        if head is None and manifest.kind == "cloud_only":
-            head = PassThroughHead(manifest)
-        if head is not None:
-            check_head(head, manifest)
-        self.manifest = manifest
         self.config = config
-        self.head = head
+        self._topics = Topics(config.prefix)
+        self.splits: dict[str, SplitState] = {}
+        first = self.add_split(manifest, head)
+        self.manifest = manifest
+        self.head = first.head
         self.kind = manifest.kind
-        self.batch = fixed_batch(manifest)
+        self.batch = first.batch
         self._connector: Connector = connector or MqttConnector(
             config.broker, timeout_s=config.connect_timeout_s)
-        topics = Topics(config.prefix)
-        self.request_topic = topics.request(topic_name(manifest.model), config.device_id)
+        topics = self._topics
+        self.request_topic = first.request_topic
         self.result_topic = topics.result(config.device_id)
         self.status_topic = topics.status(config.device_id)
         self.counters = _Counters()
@@ -237,6 +267,48 @@ class EdgeAgent:
         self._local = False  # an edge_only agent, started without a broker
         self._grace_until = 0.0  # loop.time() until which no-subscriber PUBACKs are retried
         self._retrying: set[str] = set()  # request ids _retry_after_reconnect re-publishes
+
+    def add_split(self, manifest: Manifest, head: HeadRuntime | None = None) -> SplitState:
+        """Serve one more split on this agent's connection (before :meth:`start`)."""
+        if head is None and manifest.kind == "cloud_only":
+            head = PassThroughHead(manifest)
+        if head is not None:
+            check_head(head, manifest)
+        if manifest.split_id in self.splits:
+            raise BadInputError(f"edge agent {self.config.device_id}: split "
+                                f"{manifest.split_id} added twice", split_id=manifest.split_id)
+        state = SplitState(manifest, head, fixed_batch(manifest),
+                           self._topics.request(topic_name(manifest.model),
+                                                self.config.device_id))
+        self.splits[manifest.split_id] = state
+        return state
+
+    def split_state(self, split: str | None = None) -> SplitState:
+        """The split named ``split`` (this agent's first one when None)."""
+        if split is None:
+            return self.splits[self.manifest.split_id]
+        state = self.splits.get(split)
+        if state is None:
+            raise BadInputError(f"edge agent {self.device_id} serves no split {split!r}; it "
+                                f"has {', '.join(self.splits)}", split_id=split)
+        return state
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, *, config: AgentConfig,
+                    edge_profile: Mapping[str, Any] | str | Path | None = None,
+                    cloud_profile: Mapping[str, Any] | str | Path | None = None,
+                    link: str | None = None, policy: Any = None, split: str | None = None,
+                    heads: Mapping[str, HeadRuntime] | None = None,
+                    connector: Connector | None = None, threads: int | None = None,
+                    clock: Any = None) -> EdgeAgent:
+        """An agent holding every head of a bundle (``splitinfer bundle``) on one connection,
+        choosing the split per request: :class:`edge_agent.bundle_agent.BundleAgent`."""
+        from edge_agent.bundle_agent import BundleAgent
+
+        return BundleAgent.load(bundle_dir, config=config, edge_profile=edge_profile,
+                                cloud_profile=cloud_profile, link=link, policy=policy,
+                                split=split, heads=heads, connector=connector,
+                                threads=threads, clock=clock)
 
     @classmethod
     def from_artifacts(cls, directory: str | Path, *, config: AgentConfig,
@@ -273,7 +345,7 @@ class EdgeAgent:
                                device_id=self.device_id)
         if self._supervisor is not None or self._local:
             return
-        if self.kind == "edge_only":
+        if all(s.kind == "edge_only" for s in self.splits.values()):
             self._local = True  # the whole model is here: nothing to connect to
             return
         transport: Transport | None = None
@@ -341,30 +413,39 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ inference
 
-    async def infer(self, inputs: Inputs, *, timeout: float | None = None) -> InferenceResult:
+    async def infer(self, inputs: Inputs, *, timeout: float | None = None,
+                    split: str | None = None) -> InferenceResult:
         """Run the head on ``inputs`` (one array per model input, samples first, any number
         of them), send the cut, and return the tail's outputs. The deadline (``timeout`` or
         the config's) covers it all, every request of a call fed in fixed-size batches too.
+        ``split`` names one of the agent's splits (default: its first).
         """
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         timeout = self._timeout(timeout)
-        deadline, expires = time.time() + timeout, loop.time() + timeout
         self._check_started()
-        if self.head is None:
+        state = self.split_state(split)
+        return await self._infer_split(state, self.check_inputs(inputs, state), started=started,
+                                       timeout=timeout)
+
+    async def _infer_split(self, state: SplitState, arrays: Mapping[str, Array], *,
+                           started: float, timeout: float) -> InferenceResult:
+        """``arrays`` (checked model inputs) through ``state`` under one ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline, expires = time.time() + timeout, loop.time() + timeout
+        if state.head is None:
             raise BadInputError(f"edge agent {self.device_id} has no head for "
-                                f"{self.manifest.split_id}; use infer_activation()",
-                                split_id=self.manifest.split_id)
-        arrays = self.check_inputs(inputs)
+                                f"{state.split_id}; use infer_activation()",
+                                split_id=state.split_id)
         samples = _samples(arrays)
-        if self.batch is None or samples is None or samples == self.batch:
-            return await self._infer_one(arrays, started=started, deadline=deadline,
+        if state.batch is None or samples is None or samples == state.batch:
+            return await self._infer_one(state, arrays, started=started, deadline=deadline,
                                          expires=expires, timeout=timeout)
-        return await self._infer_chunked(arrays, samples, self.batch, started=started,
+        return await self._infer_chunked(state, arrays, samples, state.batch, started=started,
                                          deadline=deadline, expires=expires, timeout=timeout)
 
-    async def _infer_one(self, arrays: Mapping[str, Array], *, started: float, deadline: float,
-                         expires: float, timeout: float) -> InferenceResult:
+    async def _infer_one(self, state: SplitState, arrays: Mapping[str, Array], *,
+                         started: float, deadline: float, expires: float,
+                         timeout: float) -> InferenceResult:
         loop = asyncio.get_running_loop()
         stamps = {"head_start": time.time()}
         t0 = time.perf_counter()
@@ -372,21 +453,24 @@ class EdgeAgent:
         if in_thread is None:
             in_thread = _AGENTS_ON_LOOP.get(loop, 0) > 1
         if in_thread:
-            cut = await loop.run_in_executor(None, functools.partial(self._run_head, arrays))
+            cut = await loop.run_in_executor(None, functools.partial(self._run_head, arrays,
+                                                                     state))
         else:
-            cut = self._run_head(arrays)
+            cut = self._run_head(arrays, state)
         head_s = time.perf_counter() - t0
         stamps["head_end"] = time.time()
         if loop.time() >= expires:
-            raise DeadlineExceeded(f"the head of {self.manifest.split_id} took {head_s:.3f} s, "
+            raise DeadlineExceeded(f"the head of {state.split_id} took {head_s:.3f} s, "
                                    f"past the {timeout:.3g} s deadline",
-                                   split_id=self.manifest.split_id, device_id=self.device_id)
-        if self.kind == "edge_only":
-            return self._local_result(cut, head_s=head_s, started=started)
+                                   split_id=state.split_id, device_id=self.device_id)
+        if state.kind == "edge_only":
+            return self._local_result(cut, head_s=head_s, started=started, state=state)
         return await self._request(cut, head_s=head_s, stamps=stamps, started=started,
-                                   deadline=deadline, expires=expires, timeout=timeout)
+                                   deadline=deadline, expires=expires, timeout=timeout,
+                                   state=state)
 
-    async def _infer_chunked(self, arrays: Mapping[str, Array], samples: int, batch: int, *,
+    async def _infer_chunked(self, state: SplitState, arrays: Mapping[str, Array],
+                             samples: int, batch: int, *,
                              started: float, deadline: float, expires: float,
                              timeout: float) -> InferenceResult:
         """``samples`` in requests of the split's fixed ``batch``, outputs in input order."""
@@ -394,7 +478,7 @@ class EdgeAgent:
 
         async def one(chunk: dict[str, Array]) -> InferenceResult:
             async with gate:
-                return await self._infer_one(chunk, started=time.perf_counter(),
+                return await self._infer_one(state, chunk, started=time.perf_counter(),
                                              deadline=deadline, expires=expires,
                                              timeout=timeout)
 
@@ -416,67 +500,78 @@ class EdgeAgent:
         timings["e2e"] = time.perf_counter() - started
         return InferenceResult(request_id=parts[0].request_id, outputs=outputs,
                                timings={k: timings[k] for k in STAGES if k in timings},
-                               split_id=parts[0].split_id, requests=len(parts))
+                               split_id=parts[0].split_id, requests=len(parts),
+                               served_by=parts[0].served_by)
 
-    def _local_result(self, cut: Mapping[str, Array], *, head_s: float,
-                      started: float) -> InferenceResult:
+    def _local_result(self, cut: Mapping[str, Array], *, head_s: float, started: float,
+                      state: SplitState | None = None) -> InferenceResult:
         """An edge_only answer: the head is the whole model, its outputs are the result."""
-        outputs = check_tensors({s.name: cut[s.name] for s in self.manifest.outputs},
-                                self.manifest.outputs, "outputs", self.manifest.split_id,
+        manifest = (state or self.split_state()).manifest
+        outputs = check_tensors({s.name: cut[s.name] for s in manifest.outputs},
+                                manifest.outputs, "outputs", manifest.split_id,
                                 any_batch=True)
         return InferenceResult(request_id=new_request_id(), outputs=outputs,
                                timings={"e2e": time.perf_counter() - started, "head": head_s},
-                               split_id=self.manifest.split_id)
+                               split_id=manifest.split_id, served_by="edge")
 
     async def infer_activation(self, cut_tensors: Mapping[str, Array], *,
-                               timeout: float | None = None) -> InferenceResult:
+                               timeout: float | None = None,
+                               split: str | None = None) -> InferenceResult:
         """Send recorded head outputs (the manifest's cut tensors) without running the head."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         timeout = self._timeout(timeout)
         self._check_started()
-        cut = check_tensors(cut_tensors, self.manifest.cut, "cut tensors", self.manifest.split_id)
-        if self.kind == "edge_only":  # recorded outputs of the whole model: nothing to send
-            return self._local_result(cut, head_s=0.0, started=started)
+        state = self.split_state(split)
+        cut = check_tensors(cut_tensors, state.manifest.cut, "cut tensors", state.split_id)
+        if state.kind == "edge_only":  # recorded outputs of the whole model: nothing to send
+            return self._local_result(cut, head_s=0.0, started=started, state=state)
         return await self._request(cut, head_s=0.0, stamps={}, started=started,
                                    deadline=time.time() + timeout,
-                                   expires=loop.time() + timeout, timeout=timeout)
+                                   expires=loop.time() + timeout, timeout=timeout, state=state)
 
-    def check_inputs(self, inputs: Inputs) -> dict[str, Array]:
+    def check_inputs(self, inputs: Inputs, state: SplitState | None = None) -> dict[str, Array]:
         """The model inputs by name, checked against the manifest (TensorError/BadInputError);
         any number of samples, whatever the split's batch dimension."""
+        manifest = (state or self.split_state()).manifest
         if isinstance(inputs, np.ndarray):
-            if len(self.manifest.inputs) != 1:
+            if len(manifest.inputs) != 1:
                 raise BadInputError(
-                    f"{self.manifest.split_id} has {len(self.manifest.inputs)} inputs "
-                    f"{[s.name for s in self.manifest.inputs]}; pass a dict keyed by input name",
-                    split_id=self.manifest.split_id)
-            inputs = {self.manifest.inputs[0].name: inputs}
-        return check_tensors(inputs, self.manifest.inputs, "model inputs",
-                             self.manifest.split_id, any_batch=True)
+                    f"{manifest.split_id} has {len(manifest.inputs)} inputs "
+                    f"{[s.name for s in manifest.inputs]}; pass a dict keyed by input name",
+                    split_id=manifest.split_id)
+            inputs = {manifest.inputs[0].name: inputs}
+        return check_tensors(inputs, manifest.inputs, "model inputs",
+                             manifest.split_id, any_batch=True)
 
-    def _run_head(self, arrays: Mapping[str, Array]) -> dict[str, Array]:
-        if self.head is None:  # infer() checked; keeps mypy and python -O honest
+    def _run_head(self, arrays: Mapping[str, Array],
+                  state: SplitState | None = None) -> dict[str, Array]:
+        state = state or self.split_state()
+        manifest, head = state.manifest, state.head
+        if head is None:  # infer() checked; keeps mypy and python -O honest
             raise BadInputError(f"edge agent {self.device_id} has no head")
-        out = self.head.run({n: arrays[n] for n in self.head.input_names})
+        out = head.run({n: arrays[n] for n in head.input_names})
         try:
-            return check_tensors({s.name: out[s.name] for s in self.manifest.cut},
-                                self.manifest.cut, "head outputs", self.manifest.split_id)
+            return check_tensors({s.name: out[s.name] for s in manifest.cut},
+                                manifest.cut, "head outputs", manifest.split_id)
         except TensorError as exc:
             raise TensorError(f"the head disagrees with the manifest's cut: {exc}",
-                              split_id=self.manifest.split_id) from None
+                              split_id=manifest.split_id) from None
 
     async def _request(self, cut: Mapping[str, Array], *, head_s: float,
                        stamps: dict[str, float], started: float, deadline: float,
-                       expires: float, timeout: float) -> InferenceResult:
+                       expires: float, timeout: float,
+                       state: SplitState | None = None) -> InferenceResult:
         loop = asyncio.get_running_loop()
+        state = state or self.split_state()
+        manifest = state.manifest
         request_id = new_request_id()
         t0 = time.perf_counter()
         envelope = Envelope(
             kind=REQUEST, request_id=request_id, device_id=self.device_id,
-            split_id=self.manifest.split_id, deadline=deadline, reply_to=self.result_topic,
+            split_id=manifest.split_id, deadline=deadline, reply_to=self.result_topic,
             tensors=[WireTensor(s.name, cut[s.name], s.quantization,
-                               codec=self.manifest.codec_for(s.name)) for s in self.manifest.cut],
+                               codec=manifest.codec_for(s.name)) for s in manifest.cut],
             timestamps=stamps)
         envelope.stamp("sent")
         payload = encode(envelope)
@@ -484,8 +579,8 @@ class EdgeAgent:
         if len(payload) > self.config.max_payload:
             raise WireError(f"request of {len(payload)} bytes exceeds the {self.config.max_payload}"
                             f" byte limit; send fewer samples per call",
-                            code=ErrorCode.PAYLOAD_TOO_LARGE, split_id=self.manifest.split_id)
-        pending = _Pending(request_id, loop.create_future(), payload, expires)
+                            code=ErrorCode.PAYLOAD_TOO_LARGE, split_id=manifest.split_id)
+        pending = _Pending(request_id, loop.create_future(), payload, expires, split=state)
         self._pending[request_id] = pending
         try:
             self._send(pending)
@@ -494,16 +589,17 @@ class EdgeAgent:
             except asyncio.TimeoutError:
                 if pending.future.done() and not pending.future.cancelled():
                     raise  # a TimeoutError the future itself carried
-                raise DeadlineExceeded(self._deadline_message(request_id, timeout),
-                                       split_id=self.manifest.split_id,
+                raise DeadlineExceeded(self._deadline_message(request_id, timeout, state),
+                                       split_id=manifest.split_id,
                                        device_id=self.device_id) from None
         except Exception as exc:
             self.counters.errors[getattr(exc, "code", type(exc).__name__)] += 1
+            self._observe_failure(pending, exc)
             raise
         finally:
             self._pending.pop(request_id, None)
         t1 = time.perf_counter()
-        outputs = self._outputs(reply.envelope)
+        outputs = self._outputs(reply.envelope, state)
         done = time.perf_counter()
         worker = worker_stages(reply.envelope.timestamps)
         measured = {
@@ -516,16 +612,25 @@ class EdgeAgent:
             "decode": reply.decode_s + (done - t1),
         }
         timings = {k: v for k in STAGES if (v := measured.get(k)) is not None}
-        return InferenceResult(request_id=request_id, outputs=outputs, timings=timings,
-                               split_id=reply.envelope.split_id)
+        result = InferenceResult(request_id=request_id, outputs=outputs, timings=timings,
+                                 split_id=reply.envelope.split_id)
+        self._observe_reply(pending, reply, result)
+        return result
 
-    def _outputs(self, envelope: Envelope) -> dict[str, Array]:
+    def _observe_reply(self, pending: _Pending, reply: _Reply, result: InferenceResult) -> None:
+        """Hook: a request was answered (the bundle agent measures its link here)."""
+
+    def _observe_failure(self, pending: _Pending, exc: BaseException) -> None:
+        """Hook: a request failed (no worker, deadline, error result, lost connection)."""
+
+    def _outputs(self, envelope: Envelope, state: SplitState | None = None) -> dict[str, Array]:
+        manifest = (state or self.split_state()).manifest
         try:
-            return check_tensors(envelope.arrays(), self.manifest.outputs, "result tensors",
-                                self.manifest.split_id)
+            return check_tensors(envelope.arrays(), manifest.outputs, "result tensors",
+                                manifest.split_id)
         except BadInputError as exc:
             raise TensorError(f"result {envelope.request_id} does not match the manifest: "
-                              f"{exc}", split_id=self.manifest.split_id) from None
+                              f"{exc}", split_id=manifest.split_id) from None
 
     # ------------------------------------------------------------------ connection
 
@@ -646,8 +751,9 @@ class EdgeAgent:
         pending.sent = time.perf_counter()
         pending.publishes += 1
         self.counters.published += 1
+        topic = pending.split.request_topic if pending.split is not None else self.request_topic
         try:
-            reason = await transport.publish(self.request_topic, pending.payload,
+            reason = await transport.publish(topic, pending.payload,
                                              qos=self.config.qos, options=options)
         except TransportError as exc:
             # The supervisor sees the same loss and re-publishes after reconnecting.
@@ -668,9 +774,10 @@ class EdgeAgent:
                       self.device_id, pending.request_id)
             self._spawn(self._publish_later(pending), f"edge-again:{pending.request_id[:8]}")
             return
+        state = pending.split or self.split_state()
         pending.future.set_exception(NoSubscriberError(
-            self._no_subscriber_message(), topic=self.request_topic,
-            split_id=self.manifest.split_id, device_id=self.device_id))
+            self._no_subscriber_message(state), topic=state.request_topic,
+            split_id=state.split_id, device_id=self.device_id))
 
     async def _publish_later(self, pending: _Pending) -> None:
         await asyncio.sleep(_RETRY_MIN_S)
@@ -695,7 +802,8 @@ class EdgeAgent:
             else:
                 pending.future.set_exception(WireError(
                     f"result for request {request_id} cannot be decoded: {exc}", code=exc.code,
-                    split_id=self.manifest.split_id, device_id=self.device_id))
+                    split_id=(pending.split or self.split_state()).split_id,
+                    device_id=self.device_id))
             return
         decode_s = time.perf_counter() - received
         pending = self._pending.get(envelope.request_id)
@@ -704,12 +812,14 @@ class EdgeAgent:
             log.debug("%s: late, duplicate or stray %s %s", self.device_id, envelope.kind,
                       envelope.request_id)
             return
+        state = pending.split or self.split_state()
         if envelope.error is not None:
             pending.future.set_exception(RemoteError(
                 envelope.error.code, envelope.error.message, split_id=envelope.split_id,
-                device_id=self.device_id, topic=self.request_topic))
+                device_id=self.device_id, topic=state.request_topic))
         else:
-            pending.future.set_result(_Reply(envelope, received, decode_s))
+            pending.future.set_result(_Reply(envelope, received, decode_s,
+                                             len(message.payload)))
 
     # ------------------------------------------------------------------ helpers
 
@@ -729,22 +839,26 @@ class EdgeAgent:
         url = getattr(self._connector, "url", None)
         return url if isinstance(url, str) else "the broker"
 
-    def serve_hint(self) -> str:
+    def serve_hint(self, state: SplitState | None = None) -> str:
         """The command that starts a worker for this agent's requests."""
+        split_id = (state or self.split_state()).split_id
         prefix = "" if self.config.prefix == DEFAULT_PREFIX else f" --prefix {self.config.prefix}"
         return (f"splitinfer cloud serve --broker {self._broker_name()}{prefix} "
-                f"--artifacts DIR (holding {self.manifest.split_id})")
+                f"--artifacts DIR (holding {split_id})")
 
-    def _no_subscriber_message(self) -> str:
-        return (f"no worker subscribed to {self.request_topic} (broker: no matching "
-                f"subscribers); start one with: {self.serve_hint()}")
+    def _no_subscriber_message(self, state: SplitState | None = None) -> str:
+        state = state or self.split_state()
+        return (f"no worker subscribed to {state.request_topic} (broker: no matching "
+                f"subscribers); start one with: {self.serve_hint(state)}")
 
-    def _deadline_message(self, request_id: str, timeout: float) -> str:
-        state = "" if self.connected else f"; not connected to {self._broker_name()}"
-        return (f"no result for request {request_id} of {self.manifest.split_id} on "
-                f"{self.request_topic} within {timeout:.3g} s{state}; is a cloud worker "
-                f"serving model {self.manifest.model!r} under prefix "
-                f"{self.config.prefix!r}? start one with: {self.serve_hint()}")
+    def _deadline_message(self, request_id: str, timeout: float,
+                          state: SplitState | None = None) -> str:
+        state = state or self.split_state()
+        where = "" if self.connected else f"; not connected to {self._broker_name()}"
+        return (f"no result for request {request_id} of {state.split_id} on "
+                f"{state.request_topic} within {timeout:.3g} s{where}; is a cloud worker "
+                f"serving model {state.manifest.model!r} under prefix "
+                f"{self.config.prefix!r}? start one with: {self.serve_hint(state)}")
 
 
 def check_tensors(arrays: Mapping[str, Any], specs: tuple[TensorSpec, ...], what: str,
