@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 BENCHES = {
     "overhead": "simulators.bench_overhead",
     "batching": "simulators.bench_batching",
+    "planner": "simulators.bench_planner",
 }
 
 
