@@ -9,14 +9,16 @@ directory per input codec (``cloud_only_jpeg90/``, ``cloud_only_png/``), describ
 Which cuts (``--cuts``):
 
 - ``auto`` (default): up to :data:`AUTO_CUTS` Pareto-useful cuts. A cut is dropped when
-  another candidate (the cloud_only baseline included) sends fewer bytes per sample AND
-  leaves less compute on the head: it can never be faster wherever the device is slower
-  than the worker. In a quantized model only int8 cuts are candidates (4x fewer bytes
-  than the float tensor beside them, and bit-exact). Multi-tensor cuts (inside residual
-  blocks, up to ``--max-tensors``) compete on the same terms: they stay where cheaper.
-  From the cuts that survive, the choice is spread over the depth of the model: farthest-
-  point sampling in (head FLOPs share, log bytes), seeded with the two baselines, so the
-  candidates differ from each other and from the baselines as much as they can.
+  another candidate (the baselines included) sends fewer bytes per sample AND leaves less
+  compute on the head: it can never be faster wherever the device is slower than the
+  worker. In a quantized model only int8 cuts are candidates (4x fewer bytes than the
+  float tensor beside them, and bit-exact). Multi-tensor cuts (inside residual blocks, up
+  to ``--max-tensors``) compete on the same terms: they stay where cheaper. The strict
+  front comes first (no other cut with no more bytes and no more head compute); a cut
+  that only ties a shallower one on bytes (more compute on the device, less on a loaded
+  worker) fills in when that front is short. The choice is spread over the depth of the
+  model: farthest-point sampling in (head FLOPs share, log bytes), seeded with the two
+  baselines, so the candidates differ from each other and from the baselines.
 - ``K``: the K best by that same rule.
 - ``NAME,NAME,…``: these cuts (tensor names as ``inspect`` lists them; a multi-tensor cut
   joins its tensors with ``+``: ``a+b``).
@@ -54,6 +56,7 @@ __all__ = ["AUTO_CUTS", "register", "run_bundle", "build_bundle", "select_cuts",
            "BundleResult"]
 
 AUTO_CUTS = 5
+_SHARE_EPS = 1e-3  # 0.1% of the model's FLOPs
 _OURS = re.compile(r"^(cut_\w+|edge_only|cloud_only(_\w+)?)$")
 
 
@@ -158,11 +161,43 @@ def pareto(candidates: Sequence[Cut], others: Sequence[Cut] = ()) -> list[Cut]:
     return kept
 
 
+def _weakly_dominates(o: Cut, c: Cut) -> bool:
+    """``o`` sends no more bytes and leaves no more on the head (shares within
+    :data:`_SHARE_EPS` count as equal: a cut whose tail is a rounding error of the model
+    is the edge-only path plus a network trip), and is better in one of them."""
+    (ob, of), (cb, cf) = _point(o), _point(c)
+    return ob <= cb and of <= cf + _SHARE_EPS and (ob < cb or of < cf - _SHARE_EPS)
+
+
+def _spread(pool: Sequence[Cut], count: int, anchors: Sequence[Cut], top: int) -> list[Cut]:
+    """Farthest-point sampling in (head FLOPs share, log bytes / log max bytes)."""
+    def coords(cut: Cut) -> tuple[float, float]:
+        b, f = _point(cut)
+        return f, math.log1p(b) / math.log1p(max(top, 1))
+
+    placed = [coords(c) for c in anchors]
+    chosen: list[Cut] = []
+    left = list(pool)
+    while left and len(chosen) < count:
+        def gap(cut: Cut) -> float:
+            x, y = coords(cut)
+            return min((math.hypot(x - ax, y - ay) for ax, ay in placed), default=math.inf)
+        best = max(left, key=gap)  # ties: the first, the shallower
+        chosen.append(best)
+        placed.append(coords(best))
+        left.remove(best)
+    return chosen
+
+
 def select_cuts(cuts: Sequence[Cut], count: int = AUTO_CUTS) -> tuple[list[Cut], int, int]:
     """Up to ``count`` Pareto-useful cuts spread over the depth (see the module docstring).
 
-    ``cuts``: an inspection's cuts, baselines included. Returns (chosen cuts in depth
-    order, how many candidates, how many of them not dominated).
+    ``cuts``: an inspection's cuts, baselines included. Never a dominated cut (another
+    with fewer bytes AND less head compute). First from the strict front (no other cut
+    with no more bytes and no more compute); cuts that only tie a shallower one on bytes
+    (same bytes, more compute on the device: less on a loaded worker) fill in when that
+    front is shorter than ``count``. Returns (chosen cuts in depth order, how many
+    candidates, how many of them not dominated).
     """
     if count < 1:
         from splitinfer.errors import BadInputError
@@ -172,24 +207,14 @@ def select_cuts(cuts: Sequence[Cut], count: int = AUTO_CUTS) -> tuple[list[Cut],
     if any(c.quantized for c in splits):
         splits = [c for c in splits if c.quantized]
     baselines = [c for c in cuts if c.kind != "split" and c.bytes_per_sample is not None]
-    front = pareto(splits, [c for c in baselines if c.kind == "cloud_only"])
+    front = pareto(splits, baselines)
+    primary = [c for c in front
+               if not any(_weakly_dominates(o, c) for o in [*front, *baselines] if o is not c)]
     top = max([_point(c)[0] for c in [*front, *baselines]] or [1])
-
-    def coords(cut: Cut) -> tuple[float, float]:
-        b, f = _point(cut)
-        return f, math.log1p(b) / math.log1p(max(top, 1))
-
-    chosen: list[Cut] = []
-    anchors = [coords(c) for c in baselines]
-    left = list(front)
-    while left and len(chosen) < count:
-        def gap(cut: Cut) -> float:
-            x, y = coords(cut)
-            return min((math.hypot(x - ax, y - ay) for ax, ay in anchors), default=math.inf)
-        best = max(left, key=gap)  # ties: the first, the shallower
-        chosen.append(best)
-        anchors.append(coords(best))
-        left.remove(best)
+    chosen = _spread(primary, count, baselines, top)
+    if len(chosen) < count:
+        rest = [c for c in front if c not in primary]
+        chosen += _spread(rest, count - len(chosen), [*baselines, *chosen], top)
     chosen.sort(key=lambda c: c.index)
     return chosen, len(splits), len(front)
 
