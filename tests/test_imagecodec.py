@@ -74,15 +74,15 @@ def test_png_uint8_is_exact_both_layouts() -> None:
 
 
 def test_float_png_loses_only_the_uint8_step() -> None:
-    x = smooth(4, 16, 16, 3) * np.float32([[[2.0]], [[1.0]], [[0.5]]]) - 1.0  # per-channel
+    x = smooth(4, 16, 16, 3) * np.array([2.0, 1.0, 0.5], np.float32)[:, None, None] - 1.0
     codec = make_codec("png", "x", "float32", ["N", 3, 16, 16], x)
     assert codec is not None and codec.scale is not None and codec.offset is not None
     np.testing.assert_allclose(codec.offset, x.min(axis=(0, 2, 3)), rtol=1e-6)
-    np.testing.assert_allclose(np.float32(codec.scale) * 255, np.ptp(x, axis=(0, 2, 3)),
+    np.testing.assert_allclose(np.asarray(codec.scale, np.float32) * 255, np.ptp(x, axis=(0, 2, 3)),
                                rtol=1e-5)
     y = codec.decode(codec.encode(x), list(x.shape), "float32")
     assert y.dtype == np.float32 and y.shape == x.shape
-    step = np.float32(codec.scale)[None, :, None, None]
+    step = np.asarray(codec.scale, np.float32)[None, :, None, None]
     assert (np.abs(y - x) <= step / 2 + 1e-6).all()
 
 
