@@ -274,8 +274,9 @@ def build_bundle(model: str | Path, out_dir: str | Path, *, cuts: str | int = "a
                 f" (sizes unknown: {unsized}; give --input-shape)" if unsized else ""))
         wanted: list[tuple[str, list[str], Cut | None]] = [
             (f"cut_{c.index:02d}", list(c.names), c) for c in chosen]
-    else:
-        wanted = _named_cuts(text, listed)
+    else:  # in depth order, as auto's; cuts inspect does not list go last
+        wanted = sorted(_named_cuts(text, listed),
+                        key=lambda w: w[2].index if w[2] is not None else len(listed))
 
     if codecs is None:
         try:
