@@ -260,6 +260,13 @@ def build_bundle(model: str | Path, out_dir: str | Path, *, cuts: str | int = "a
         if input_shapes:
             index = open_index(source, input_shapes=input_shapes)
     if data is None:
+        unknown = index.unknown_dims()
+        if unknown:  # the costs (and the cut choice) would count them as 1
+            dims = ", ".join(f"{d['tensor']}[{d['axis']}]" + (f" ({d['name']})" if d["name"]
+                                                             else "") for d in unknown)
+            raise BadInputError(f"{source}: input dims {dims} are symbolic; give "
+                                "--input-shape (e.g. NAME=1x3x224x224) or --samples so that "
+                                "bytes and FLOPs are those of the inputs the device sends")
         data = make_samples(index.analysis_model, num_samples, seed)
     inspection = inspect_model(index, max_tensors=max_tensors)
     listed = inspection.cuts

@@ -162,3 +162,22 @@ def test_worker_serves_every_tail_and_decodes_codec_requests(
         np.testing.assert_allclose(answer, want, rtol=0, atol=1e-5)  # the decoded image's
     raw_answer = got["cloud_only"]
     assert not np.array_equal(got["cloud_only_jpeg90"], raw_answer)  # jpeg is lossy
+
+
+def test_symbolic_dims_need_input_shape(tmp_path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(zoo.mobilenet_v2(tmp_path / "m.onnx", width=0.35, resolution=32)))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"
+    del model.graph.value_info[:]
+    onnx.save(model, tmp_path / "sym.onnx")
+    with pytest.raises(BadInputError, match="symbolic; give --input-shape"):
+        build_bundle(tmp_path / "sym.onnx", tmp_path / "b")
+    name = model.graph.input[0].name
+    result = build_bundle(tmp_path / "sym.onnx", tmp_path / "b", cuts="2",
+                          input_shapes={name: ("N", 3, 48, 48)}, num_samples=4)
+    raw = result.bundle.get("cloud_only")
+    assert raw.bytes_per_sample == 3 * 48 * 48 * 4
+    assert len(result.bundle.of_kind("split")) == 2
+    assert result.bundle.manifest("cloud_only_jpeg90").cut[0].shape[2:] == ("H", "W")
