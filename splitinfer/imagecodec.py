@@ -50,7 +50,7 @@ CODECS = ("jpeg", "png")
 LAYOUTS = ("NCHW", "NHWC")
 DEFAULT_JPEG_QUALITY = 90
 # Decoded size cap per tensor (all samples together), checked before any decompression.
-MAX_DECODED_BYTES = 256 * 1024 * 1024
+MAX_DECODED_BYTES = 64 * 1024 * 1024
 _FLOATS = ("float16", "float32", "float64")
 _MODES = {1: "L", 3: "RGB"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
