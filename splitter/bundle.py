@@ -146,17 +146,16 @@ def _point(cut: Cut) -> tuple[int, float]:
 
 def pareto(candidates: Sequence[Cut], others: Sequence[Cut] = ()) -> list[Cut]:
     """The candidates no other cut (of ``candidates`` or ``others``) dominates: fewer bytes
-    AND less head compute. Of cuts at the same point the first is kept."""
+    AND less head compute. Of cuts at the same point (same bytes, shares within
+    :data:`_SHARE_EPS`) the first is kept."""
     kept: list[Cut] = []
-    seen: set[tuple[int, float]] = set()
     pool = [*candidates, *others]
     for cut in candidates:
         b, f = _point(cut)
-        if (b, f) in seen:
-            continue
+        if any(_point(k)[0] == b and abs(_point(k)[1] - f) <= _SHARE_EPS for k in kept):
+            continue  # the same cut for the planner (a Relu after its Conv, say)
         if any(_point(o)[0] < b and _point(o)[1] < f for o in pool if o is not cut):
             continue
-        seen.add((b, f))
         kept.append(cut)
     return kept
 
