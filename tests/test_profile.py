@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,15 @@ import pytest
 from splitinfer.bundle import Bundle, BundleSplit
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import BadInputError
+from splitinfer.imagecodec import make_codec
 from splitinfer.manifest import Manifest
 from splitter.planner import profile as prof
 
 REPO = Path(__file__).resolve().parents[1]
 CUTS = {"cloud_only": "cloud_only", "cut_relu1": "relu1", "cut_pool": "pool",
         "edge_only": "edge_only"}
+JPEG_DIR = "cloud_only_jpeg90"
+DIRS = [*CUTS, JPEG_DIR]
 STAT_KEYS = {"p50", "p90", "p99", "mean", "n"}
 
 
@@ -38,6 +43,17 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         m = split_model(zoo.digits_cnn_path(), cut, root / name).manifest_obj
         model, sha = m.model, m.source.sha256
         splits.append(BundleSplit(m.split_id, name, m.kind, m.bytes_per_sample, None))
+    # the cloud-only baseline with its input sent as JPEG (splitinfer bundle --input-codec)
+    raw = Manifest.load(root / "cloud_only")
+    images, _ = zoo.digits_test_set()
+    spec = raw.inputs[0]
+    codec = make_codec("jpeg:90", spec.name, spec.dtype, spec.shape, images[:64])
+    assert codec is not None
+    shutil.copytree(root / "cloud_only", root / JPEG_DIR)
+    coded = replace(raw, split_id=raw.split_id + "-jpeg90", input_codec=codec.to_dict())
+    coded.save(root / JPEG_DIR)
+    splits.append(BundleSplit(coded.split_id, JPEG_DIR, "cloud_only", None, 0.0,
+                              input_codec="jpeg:90"))
     Bundle(model=model, source_sha256=sha, splits=tuple(splits), root=root).save()
     return root
 
@@ -79,7 +95,8 @@ def test_edge_profile_schema(bundle_dir: Path, samples_npz: Path) -> None:
     assert set(doc["splits"]) == set(bundle.ids)
     by_dir = _splits_by_dir(doc)
     for name, s in by_dir.items():
-        assert s["kind"] == bundle.get(name).kind and s["input_codec"] == "raw"
+        assert s["kind"] == bundle.get(name).kind
+        assert s["input_codec"] == ("jpeg:90" if name == JPEG_DIR else "raw")
         assert set(s["head_ms"]) == STAT_KEYS and set(s["encode_ms"]) == STAT_KEYS
         assert s["head_ms"]["n"] == 12
     assert by_dir["cloud_only"]["head_ms"]["p99"] == 0.0
@@ -90,6 +107,14 @@ def test_edge_profile_schema(bundle_dir: Path, samples_npz: Path) -> None:
         m = Manifest.load(bundle_dir / name)
         assert by_dir[name]["cut_bytes"] == m.bytes_per_sample
         assert by_dir[name]["request_bytes"] > by_dir[name]["cut_bytes"]
+    # JPEG: the encoded images' bytes, one per sample, as the codec makes them
+    coded = Manifest.load(bundle_dir / JPEG_DIR)
+    codec = coded.codec_for("image")
+    assert codec is not None
+    images = np.load(samples_npz)["image"]
+    jpeg = [len(codec.encode(images[i:i + 1])[0]) for i in range(len(images))]
+    assert by_dir[JPEG_DIR]["cut_bytes"] == round(sum(jpeg) / len(jpeg))
+    assert by_dir[JPEG_DIR]["head_ms"]["p50"] == 0.0
     json.dumps(doc)  # plain JSON all through
 
 
@@ -122,6 +147,9 @@ def test_request_bytes_are_what_the_agent_sends(bundle_dir: Path, samples_npz: P
 
     async def sizes(name: str) -> list[int]:
         broker = MemoryBroker()
+        m = Manifest.load(bundle_dir / name)
+        codec = m.codec_for("image")
+        codecs = {m.split_id: {"image": codec}} if codec is not None else {}
         seen: list[int] = []
         worker = await broker.connect(client_id="worker", will=None)
         await worker.subscribe(Topics().shared_request_filter())
@@ -129,7 +157,7 @@ def test_request_bytes_are_what_the_agent_sends(bundle_dir: Path, samples_npz: P
         async def serve() -> None:
             async for message in worker.messages():
                 seen.append(len(message.payload))
-                req = decode(message.payload)
+                req = decode(message.payload, codecs=codecs)
                 answer = req.result([WireTensor("logits", np.zeros((1, 10), np.float32))])
                 await worker.publish(req.reply_to, encode(answer))
 
@@ -144,7 +172,7 @@ def test_request_bytes_are_what_the_agent_sends(bundle_dir: Path, samples_npz: P
         return seen
 
     by_dir = _splits_by_dir(doc)
-    for name in ("cloud_only", "cut_relu1", "cut_pool"):
+    for name in ("cloud_only", "cut_relu1", "cut_pool", JPEG_DIR):
         got = asyncio.run(asyncio.wait_for(sizes(name), 30))
         assert len(got) == len(images)
         assert by_dir[name]["request_bytes"] == round(sum(got) / len(got))
@@ -156,7 +184,7 @@ def test_cloud_profile(bundle_dir: Path, samples_npz: Path) -> None:
     assert doc["side"] == "cloud" and doc["threads"] == 0
     by_dir = _splits_by_dir(doc)
     assert set(by_dir["edge_only"]) == {"kind", "dir", "input_codec"}
-    for name in ("cloud_only", "cut_relu1", "cut_pool"):
+    for name in ("cloud_only", "cut_relu1", "cut_pool", JPEG_DIR):
         s = by_dir[name]
         assert set(s["decode_ms"]) == STAT_KEYS and s["decode_ms"]["n"] == 24
         assert s["tail_ms"]["p50"] == pytest.approx(2.0)
@@ -172,8 +200,6 @@ def test_single_split_folder_and_random_inputs(bundle_dir: Path, tmp_path: Path)
     doc = prof.profile(bundle_dir / "cut_pool", "edge", max_samples=5)
     (entry,) = doc["splits"].values()
     assert entry["dir"] == "cut_pool" and entry["head_ms"]["n"] == 5
-    import shutil
-
     for name in ("cut_pool", "edge_only"):  # a folder of split folders, no bundle.json
         shutil.copytree(bundle_dir / name, tmp_path / "plain" / name)
     plain = prof.profile(tmp_path / "plain", "edge", max_samples=2)
@@ -212,7 +238,7 @@ def test_cli_writes_the_profile(bundle_dir: Path, tmp_path: Path,
     assert code == 0
     written = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == written
-    assert written["speed"] == 8.0 and len(written["splits"]) == len(CUTS)
+    assert written["speed"] == 8.0 and len(written["splits"]) == len(DIRS)
     code = cli_main(["profile", "--artifacts", str(tmp_path / "nothing"), "--side", "cloud"])
     assert code == 2
     assert "no such folder" in capsys.readouterr().err
@@ -238,4 +264,4 @@ def test_edge_install_without_onnx(bundle_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"splits": len(CUTS)}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"splits": len(DIRS)}

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
+    from splitinfer.imagecodec import ImageCodec
     from splitinfer.manifest import Manifest, TensorSpec
 
     Array = np.ndarray[Any, Any]
@@ -80,23 +81,15 @@ class SplitEntry:
     input_codec: str = "raw"
 
 
+def _codecs(manifest: Manifest) -> dict[str, ImageCodec]:
+    """Cut tensor name -> the image codec it travels with (``Manifest.input_codec``)."""
+    return {s.name: c for s in manifest.cut if (c := manifest.codec_for(s.name)) is not None}
+
+
 def _codec_label(manifest: Manifest) -> str:
     """The manifest's input codec as a spec string (``raw``, ``png``, ``jpeg:90``)."""
-    codec = getattr(manifest, "input_codec", None)
-    if not codec:
-        return "raw"
-    if isinstance(codec, str):
-        return codec
-    spec = getattr(codec, "spec", None)
-    if callable(spec):
-        return str(spec())
-    if isinstance(spec, str):
-        return spec
-    if isinstance(codec, Mapping):
-        name = str(codec.get("codec", "raw"))
-        quality = codec.get("quality")
-        return f"{name}:{quality}" if name == "jpeg" and quality is not None else name
-    return str(codec)
+    codecs = list(_codecs(manifest).values())
+    return str(codecs[0].spec) if codecs else "raw"
 
 
 def find_splits(artifacts: str | Path) -> tuple[str, str, list[SplitEntry]]:
@@ -338,13 +331,8 @@ def _request(entry: SplitEntry, cut: Mapping[str, Array], *, deadline_s: float =
     from splitinfer.wire import REQUEST, Envelope, WireTensor, encode, new_request_id
 
     m = entry.manifest
-    codec_for = getattr(m, "codec_for", None)
-    tensors = []
-    for s in m.cut:
-        codec = codec_for(s.name) if codec_for is not None else None
-        tensors.append(WireTensor(s.name, cut[s.name], s.quantization, codec=codec)
-                       if codec is not None else WireTensor(s.name, cut[s.name],
-                                                            s.quantization))
+    tensors = [WireTensor(s.name, cut[s.name], s.quantization, codec=m.codec_for(s.name))
+               for s in m.cut]
     now = time.time()
     env = Envelope(kind=REQUEST, request_id=new_request_id(), device_id=DEVICE_ID,
                    split_id=m.split_id, deadline=now + deadline_s,
@@ -375,7 +363,7 @@ def _result(request: bytes, outputs: Mapping[str, Array], manifest: Manifest) ->
 
     from splitinfer.wire import WireTensor, decode, encode
 
-    env = decode(request)
+    env = decode(request, codecs={manifest.split_id: _codecs(manifest)})
     now = time.time()
     for stage in ("recv", "batched", "tail_start", "tail_end", "reply"):
         env.timestamps[stage] = now
@@ -509,13 +497,14 @@ def profile_cloud(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *
                         providers=provs)
         batchable = tail.fixed_batch is None and not any(
             s.shape and isinstance(s.shape[0], int) for s in m.outputs)
-        decode(payloads[0])
+        codecs = {m.split_id: _codecs(m)}  # what the worker's registry passes
+        decode(payloads[0], codecs=codecs)
         decode_s: list[float] = []
         feeds: list[dict[str, Array]] = []
         for _ in range(max(1, repeats)):
             for p in payloads:
                 t0 = clock()
-                env = decode(p)
+                env = decode(p, codecs=codecs)
                 decode_s.append(clock() - t0)
                 feeds.append(env.arrays())
         for _ in range(WARMUP_RUNS):
