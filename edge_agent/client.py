@@ -62,7 +62,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -103,6 +103,10 @@ from splitinfer.wire import (
     new_request_id,
     peek_reply_address,
 )
+
+if TYPE_CHECKING:
+    from edge_agent.adaptive import Switch
+    from edge_agent.bundle_agent import BundleAgent
 
 __all__ = ["AgentConfig", "EdgeAgent", "InferenceResult", "SplitState", "check_tensors",
            "ONLINE", "OFFLINE"]
@@ -300,7 +304,7 @@ class EdgeAgent:
                     link: str | None = None, policy: Any = None, split: str | None = None,
                     heads: Mapping[str, HeadRuntime] | None = None,
                     connector: Connector | None = None, threads: int | None = None,
-                    clock: Any = None) -> EdgeAgent:
+                    clock: Any = None) -> BundleAgent:
         """An agent holding every head of a bundle (``splitinfer bundle``) on one connection,
         choosing the split per request: :class:`edge_agent.bundle_agent.BundleAgent`."""
         from edge_agent.bundle_agent import BundleAgent
@@ -337,6 +341,11 @@ class EdgeAgent:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def switches(self) -> list[Switch]:
+        """Split changes so far: none for a plain agent (a bundle agent's policy makes them)."""
+        return []
 
     async def start(self) -> None:
         """Connect, subscribe, announce presence; then keep the connection up in a task."""

@@ -129,7 +129,7 @@ class Worker:
         self.server = self.thread = None
 
 
-def make_agent(bundle_dir: Path, url: str, prefix: str, **kwargs: Any) -> EdgeAgent:
+def make_agent(bundle_dir: Path, url: str, prefix: str, **kwargs: Any) -> BundleAgent:
     config = AgentConfig(device_id="adaptive-1", broker=url, prefix=prefix,
                          timeout_s=TIMEOUT_S, reconnect_min_s=0.05, reconnect_max_s=0.3)
     return EdgeAgent.from_bundle(bundle_dir, config=config, link="lan", threads=1,
