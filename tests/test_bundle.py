@@ -181,3 +181,20 @@ def test_symbolic_dims_need_input_shape(tmp_path: Path) -> None:
     assert raw.bytes_per_sample == 3 * 48 * 48 * 4
     assert len(result.bundle.of_kind("split")) == 2
     assert result.bundle.manifest("cloud_only_jpeg90").cut[0].shape[2:] == ("H", "W")
+
+
+def test_split_input_codec_cli(tmp_path: Path, images: np.ndarray[Any, Any],
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "s.npz", image=images[:16])
+    base = ["split", str(zoo.digits_cnn_path()), "--samples", str(tmp_path / "s.npz")]
+    assert cli_main([*base, "--at", "cloud_only", "-o", str(tmp_path / "png"),
+                     "--input-codec", "png", "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["split_id"].endswith("-png") and report["input_codec"]["codec"] == "png"
+    cost = report["codec_cost"]
+    assert cost["agreement"] == 1.0 and cost["samples"] == 16
+    assert 0 < cost["bytes_per_sample"] < cost["raw_bytes_per_sample"] == 256
+    assert Manifest.load(tmp_path / "png").codec_for("image") is not None
+    assert cli_main([*base, "--at", "relu3", "-o", str(tmp_path / "x"),
+                     "--input-codec", "jpeg"]) == 2
+    assert "only the cloud_only baseline" in capsys.readouterr().err
