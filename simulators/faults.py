@@ -21,6 +21,8 @@ Plan grammar: comma separated ``KIND[:TARGET]@AT[+DURATION]``, times with ``ms``
     kill-worker[:I]@AT         SIGKILL worker I (default: the first still alive)
     term-worker[:I]@AT         SIGTERM worker I: a graceful drain
     cut-link[:NAME]@AT+T       cut link(s) for T s: connections reset, new ones refused
+    link-cut@AT+T              cut every device link for T s (cut-link without a target:
+                               the device lost its network; the fleet's offline test)
     stall-link[:NAME]@AT+T     stall link(s) for T s: data waits, connections survive
 
 A link ``NAME`` may be a glob (``dev-1*``); without one every link is hit. Each fault runs
@@ -44,8 +46,8 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from splitinfer.link import format_time, parse_time
 from splitinfer.errors import BadInputError
+from splitinfer.link import format_time, parse_time
 
 __all__ = ["Fault", "FaultPlan", "FaultEvent", "FaultInjector", "FAULT_KINDS"]
 
@@ -60,9 +62,12 @@ FAULT_KINDS: dict[str, tuple[bool, bool]] = {
     "kill-worker": (False, False),
     "term-worker": (False, False),
     "cut-link": (True, True),
+    "link-cut": (True, True),
     "stall-link": (True, True),
 }
 _FORM = "KIND[:TARGET]@AT[+DURATION], e.g. cut-link:dev-3@10s+5s"
+_NO_TARGET = ("link-cut",)  # kinds that always hit every link
+_LINK_KINDS = ("cut-link", "stall-link", "link-cut")  # applied on the proxies' loop
 
 
 class BrokerLike(Protocol):
@@ -103,6 +108,10 @@ class Fault:
         if plus and not takes:
             raise BadInputError(f"fault {text!r}: {kind} takes no duration; expected "
                                 f"{kind}[:TARGET]@AT")
+        if kind in _NO_TARGET and target.strip():
+            raise BadInputError(f"fault {text!r}: {kind} takes no target (it hits every "
+                                f"link); expected {kind}@AT+DURATION, or cut-link:NAME@AT+T "
+                                "for some links")
         if needs and not plus:
             raise BadInputError(f"fault {text!r}: {kind} needs a duration; expected "
                                 f"{kind}[:TARGET]@AT+DURATION, e.g. {kind}@10s+5s")
@@ -174,6 +183,7 @@ class FaultInjector:
             "kill-worker": lambda f: self.kill_worker(f.target, signal.SIGKILL),
             "term-worker": lambda f: self.kill_worker(f.target, signal.SIGTERM),
             "cut-link": lambda f: self.cut_link(f.target, f.duration_s or 0.0),
+            "link-cut": lambda f: self.cut_link(None, f.duration_s or 0.0),
             "stall-link": lambda f: self.stall_link(f.target, f.duration_s or 0.0),
         }
 
@@ -272,7 +282,7 @@ class FaultInjector:
         try:
             if handler is None:
                 raise BadInputError(f"no handler for fault kind {fault.kind!r}")
-            if fault.kind in ("cut-link", "stall-link") or inspect.iscoroutinefunction(handler):
+            if fault.kind in _LINK_KINDS or inspect.iscoroutinefunction(handler):
                 result = handler(fault)  # cheap, and a proxy wants its own loop's thread
             else:
                 result = await asyncio.to_thread(handler, fault)

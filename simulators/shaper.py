@@ -63,8 +63,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from splitinfer.link import LinkProfile, Outage
 from splitinfer.errors import StartupError
+from splitinfer.link import LinkProfile, Outage
 
 __all__ = ["ShapingProxy", "Shaper", "StallWindows", "LinkStats", "DirectionStats",
            "QUEUE_LIMIT"]
@@ -191,6 +191,23 @@ class Shaper:
         return cls(rate_bps=profile.rate_bps(direction), delay_s=profile.delay_s,
                    jitter_s=profile.jitter_s, loss=profile.loss, rto_s=profile.effective_rto_s,
                    mss=profile.mss, rng=rng, stats=stats, stalls=stalls)
+
+    def retune(self, profile: LinkProfile, direction: Literal["up", "down"]) -> None:
+        """Take ``profile``'s rate, delay, jitter, loss, RTO and MSS from now on.
+
+        Chunks already scheduled keep their delivery times (they were serialized, or
+        queued for it, on the old link), and the stream's order holds: a chunk never lands
+        before the one ahead of it. The next chunk starts when the serializer is free.
+        """
+        self.sec_per_byte = 8.0 / profile.rate_bps(direction)
+        self.delay = profile.delay_s
+        self.jitter = profile.jitter_s
+        self.rto = profile.effective_rto_s
+        self.mss = profile.mss
+        if profile.loss != self.loss:
+            self.loss = profile.loss
+            self._log_keep = math.log1p(-self.loss) if self.loss else 0.0
+            self._to_loss = self._gap() if self.loss else 0
 
     def _gap(self) -> int:
         """Segments up to and including the next lost one: Geometric(p) >= 1."""
@@ -657,6 +674,26 @@ class ShapingProxy:
             return False
         self.loop.call_soon_threadsafe(fn, *args)
         return True
+
+    # ---- a link that changes -------------------------------------------------------------
+
+    def set_profile(self, profile: LinkProfile | str) -> None:
+        """Change the link's rates, delay, jitter and loss, at once, for every open
+        connection and every later one (the link schedule's changes).
+
+        Bytes already scheduled keep their delivery times (see :meth:`Shaper.retune`). The
+        new profile's outage windows are not scheduled (the proxy's own, from its start,
+        stay): outages come from the start profile, :meth:`add_outage` or the faults.
+        """
+        new = profile if isinstance(profile, LinkProfile) else LinkProfile.parse(profile)
+        if self._loop is not None and self._off_loop(self.set_profile, new):
+            return
+        self.profile = new
+        for conn in self._conns:
+            conn.up.shaper.retune(new, "up")
+            conn.down.shaper.retune(new, "down")
+        log.info("link %s now %s (%d open connections)", self.name, new.spec(),
+                 len(self._conns))
 
     # ---- connections ---------------------------------------------------------------------
 

@@ -27,12 +27,39 @@ def test_plan_from_the_issue() -> None:
     assert len(FaultPlan.parse("")) == 0
 
 
+def test_link_cut_cuts_every_device_link() -> None:
+    plan = FaultPlan.parse("link-cut@20s+10s")
+    assert plan.faults == (Fault("link-cut", 20.0, 10.0),)
+    assert FaultPlan.parse(plan.spec()) == plan
+
+    class Link:
+        def __init__(self) -> None:
+            self.cuts: list[float] = []
+
+        def cut(self, duration_s: float) -> None:
+            self.cuts.append(duration_s)
+
+        def stall(self, duration_s: float) -> None:
+            raise AssertionError("not a stall")
+
+    links = {f"dev-{i}": Link() for i in range(3)}
+
+    async def main() -> None:
+        event = await FaultInjector(links=links).apply(plan.faults[0])
+        assert event.ok and event.detail == "cut 3 link(s) for 10 s"
+
+    asyncio.run(main())
+    assert all(link.cuts == [10.0] for link in links.values())
+
+
 @pytest.mark.parametrize(("plan", "says"), [
     ("reboot@1s", "unknown kind 'reboot'"),
     ("cut-link@10s", "needs a duration"),
     ("kill-worker@1s+2s", "takes no duration"),
     ("broker-restart", "expected KIND[:TARGET]@AT"),
     ("broker-restart@soon", "time 'soon'"),
+    ("link-cut@20s", "needs a duration"),
+    ("link-cut:dev-1@20s+10s", "takes no target"),
 ])
 def test_bad_plans_say_what_was_expected(plan: str, says: str) -> None:
     with pytest.raises(BadInputError, match=re.escape(says)):

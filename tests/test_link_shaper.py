@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from splitinfer.link import LinkProfile
 from simulators.shaper import DirectionStats, Shaper, StallWindows
+from splitinfer.link import LinkProfile
 
 
 def test_idle_link_costs_serialization_plus_delay() -> None:
@@ -93,3 +93,36 @@ def test_stall_windows_hold_and_pause_serialization() -> None:
     assert stats.stall_s == pytest.approx(0.8 + 1.0)
     assert s.schedule(7.0, 1000) == pytest.approx(7.011)
     assert windows.windows == []  # past windows are dropped as time moves on
+
+
+def test_retune_keeps_scheduled_deliveries_and_applies_to_the_next_chunk() -> None:
+    wifi, slow = LinkProfile.parse("up=8mbit,delay=10ms"), LinkProfile.parse(
+        "up=0.8mbit,delay=100ms,loss=0")
+    s = Shaper.for_profile(wifi, "up")
+    first = s.schedule(0.0, 100_000)  # 0.1 s serializing + 10 ms
+    assert first == pytest.approx(0.11)
+    s.retune(slow, "up")
+    # serializer still busy until 0.1 s: the next chunk starts then, at the new rate/delay
+    assert s.schedule(0.05, 1_000) == pytest.approx(0.1 + 0.01 + 0.1)
+    assert s.schedule(5.0, 1_000) == pytest.approx(5.0 + 0.01 + 0.1)
+    s.retune(wifi, "up")
+    assert s.schedule(10.0, 1_000) == pytest.approx(10.0 + 0.001 + 0.01)
+    # faster after slower: never before the previous chunk's delivery (no reordering)
+    s.retune(slow, "up")
+    late = s.schedule(20.0, 1_000)
+    s.retune(wifi, "up")
+    assert s.schedule(20.0, 10) >= late
+
+
+def test_retune_loss_on_and_off() -> None:
+    stats = DirectionStats()
+    s = Shaper(rate_bps=1e9, rng=random.Random(2), stats=stats, mss=1000)
+    s.retune(LinkProfile.parse("up=1gbit,loss=10%,rto=50ms"), "up")
+    for i in range(1000):
+        s.schedule(float(i), 1000)
+    assert 50 < stats.lost_segments < 150
+    s.retune(LinkProfile.parse("up=1gbit"), "up")
+    lost = stats.lost_segments
+    for i in range(1000):
+        s.schedule(2000.0 + i, 1000)
+    assert stats.lost_segments == lost
