@@ -8,6 +8,10 @@
                                         broker="mqtt://broker:1883")) as agent:
         result = await agent.infer({"x": batch})      # InferenceResult(outputs, timings, …)
 
+    agent = EdgeAgent.from_bundle(bundle_dir, config=config, link="4g")  # every split
+    async with agent:
+        result = await agent.infer(frame)   # .split_id, .served_by "cloud"|"edge", .fallback
+
     with SplitClient(split_dir, broker="mqtt://broker:1883") as client:   # blocking form
         result = client.infer({"x": batch})
 
@@ -18,7 +22,15 @@ on a Raspberry Pi.
 
 from __future__ import annotations
 
-from edge_agent.client import OFFLINE, ONLINE, AgentConfig, EdgeAgent, InferenceResult
+from edge_agent.adaptive import Decision, Observation, Policy, PolicyConfig, Switch
+from edge_agent.client import (
+    OFFLINE,
+    ONLINE,
+    AgentConfig,
+    EdgeAgent,
+    InferenceResult,
+    SplitState,
+)
 from edge_agent.memory import MemoryBroker
 from edge_agent.runtime import HeadRuntime, OrtHead, load_head
 from edge_agent.stats import STAGES, LatencyStats, summarize
@@ -35,7 +47,9 @@ from edge_agent.transport import (
 __all__ = [
     # the agent
     "AgentConfig", "EdgeAgent", "InferenceResult", "SplitClient", "default_device_id",
-    "ONLINE", "OFFLINE",
+    "ONLINE", "OFFLINE", "SplitState",
+    # choosing the split at run time (EdgeAgent.from_bundle)
+    "Policy", "PolicyConfig", "Observation", "Decision", "Switch",
     # head backends
     "HeadRuntime", "OrtHead", "load_head",
     # timings

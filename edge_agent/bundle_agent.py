@@ -93,6 +93,7 @@ Array = Any
 Profile = Mapping[str, Any] | str | Path | None
 _NO_WORKER_CODES = {ErrorCode.UNKNOWN_SPLIT.value, ErrorCode.OVERLOADED.value,
                     ErrorCode.SHUTTING_DOWN.value}
+_MEASURED: dict[tuple[str, tuple[tuple[str, int], ...]], dict[str, Any]] = {}
 _PROBE: contextvars.ContextVar[bool] = contextvars.ContextVar("splitinfer_probe",
                                                               default=False)
 
@@ -140,8 +141,11 @@ class BundleAgent(EdgeAgent):
                 manifests[s.split_id], bundle.path(s), threads=threads)
         edge = _read_profile(edge_profile, "edge")
         cloud = _read_profile(cloud_profile, "cloud")
-        if edge is None:
-            edge = measure_edge_profile(bundle, manifests, loaded)
+        if edge is None:  # measured once per bundle and set of head objects (a fleet)
+            key = (str(bundle.root.resolve()), tuple((k, id(h)) for k, h in loaded.items()))
+            edge = _MEASURED.get(key)
+            if edge is None:
+                edge = _MEASURED[key] = measure_edge_profile(bundle, manifests, loaded)
         if cloud is None:
             cloud = assumed_cloud_profile(bundle, manifests, loaded, edge)
         costs = {c.split_id: c for c in costs_from_profiles(edge, cloud)}

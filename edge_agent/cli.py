@@ -19,6 +19,19 @@ cancelled, the rest never sent, and the message names the request topic and the 
 that starts a worker. ``--keep-going`` sends every request regardless. An ``edge_only``
 split runs wholly here and needs no broker.
 
+Adaptive (a bundle, ``splitinfer bundle``)::
+
+    splitinfer edge run --artifacts BUNDLE --adaptive [--edge-profile E.json]
+        [--cloud-profile C.json] [--link wifi] [--split ID] --input IN.npz --output OUT.npz
+
+holds every head of the bundle on one connection and picks the split per request
+(:mod:`edge_agent.adaptive`); when the cloud cannot answer in time it answers locally with
+the bundle's edge_only split, so the run does not stop at a missing worker. Without
+profiles the heads are measured here at start-up and the tails assumed from the bundle's
+FLOPs shares (:mod:`edge_agent.bundle_agent`). ``--split ID`` pins one split (a split id or
+its folder name). The summary says which split served how many requests, how many were
+answered locally and why, and the switches.
+
 Every flag also reads ``SPLITINFER_<FLAG>`` (e.g. ``SPLITINFER_BROKER``). Exit codes: 0 ok,
 1 some requests failed or no worker answered, 2 bad input (files, names, dtypes, device
 id), 3 broker unreachable.
@@ -91,6 +104,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    default=env_default("--keep-going", "") not in ("", "0", "false"),
                    help="send every request even after one got no worker's answer "
                         "(default: stop at the first)")
+    flag("--edge-profile", optional=True, metavar="E.json", dest="edge_profile",
+         help="with a bundle: this device's profile (splitinfer profile --side edge; "
+              "default: measure the heads at start-up)")
+    flag("--cloud-profile", optional=True, metavar="C.json", dest="cloud_profile",
+         help="with a bundle: the workers' profile (splitinfer profile --side cloud; "
+              "default: tails assumed from the bundle's FLOPs shares)")
+    flag("--link", optional=True, metavar="PROFILE|SPEC",
+         help="with a bundle: the link to expect before anything is measured (3g, 4g, wifi, "
+              "lan or a spec; default wifi)")
+    flag("--split", optional=True, metavar="ID",
+         help="with a bundle: serve this split only (split id or folder name)")
+    p.add_argument("--adaptive", action="store_true",
+                   default=env_default("--adaptive", "") not in ("", "0", "false"),
+                   help="--artifacts is a bundle: choose the split per request, answer "
+                        "locally when the cloud cannot")
     p.add_argument("--json", action="store_true",
                    default=env_default("--json", "") not in ("", "0", "false"),
                    help="print a JSON summary (counts, latency percentiles per stage)")
@@ -106,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from edge_agent.bundle_agent import BundleAgent
     from edge_agent.client import AgentConfig, EdgeAgent
     from edge_agent.stats import LatencyStats
     from edge_agent.sync import default_device_id
@@ -115,14 +144,23 @@ def run(args: argparse.Namespace) -> int:
                             f"{args.batch_size} and {args.concurrency}")
     config = AgentConfig(device_id=args.device_id or default_device_id(), broker=args.broker,
                          prefix=args.prefix, timeout_s=args.timeout)
-    agent = EdgeAgent.from_artifacts(args.artifacts, config=config,
-                                     threads=args.threads or None)
+    adaptive = _wants_bundle(args)
+    agent: EdgeAgent
+    if adaptive:
+        agent = EdgeAgent.from_bundle(args.artifacts, config=config,
+                                      edge_profile=args.edge_profile,
+                                      cloud_profile=args.cloud_profile, link=args.link,
+                                      split=args.split, threads=args.threads or None)
+    else:
+        agent = EdgeAgent.from_artifacts(args.artifacts, config=config,
+                                         threads=args.threads or None)
     arrays, ignored = read_inputs(args.input, agent.manifest)
     if ignored:
         print(f"splitinfer edge run: note: ignoring {ignored} in {args.input} (not inputs of "
               f"{agent.manifest.model}: {list(arrays)})", file=sys.stderr)
-    batch = agent.batch or args.batch_size or 1
-    if agent.batch and args.batch_size not in (None, agent.batch):
+    # a bundle's splits may differ in fixed batch: each call is chunked by its own split
+    batch = (args.batch_size or 1) if adaptive else (agent.batch or args.batch_size or 1)
+    if agent.batch and not adaptive and args.batch_size not in (None, agent.batch):
         print(f"splitinfer edge run: note: {agent.manifest.split_id} is fixed at batch "
               f"{agent.batch}; sending {agent.batch} sample(s) per request, not "
               f"{args.batch_size}", file=sys.stderr)
@@ -173,6 +211,11 @@ def run(args: argparse.Namespace) -> int:
         "outputs": {k: {"dtype": v.dtype.name, "shape": list(v.shape)}
                     for k, v in outputs.items()},
     }
+    adaptive_summary = agent.summary() if isinstance(agent, BundleAgent) else None
+    if adaptive_summary is not None:
+        summary["kind"] = "bundle"
+        summary["split_id"] = adaptive_summary["current"]
+        summary["adaptive"] = adaptive_summary
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -181,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
               f"{e2e.get('p50', float('nan')):.2f} p95 {e2e.get('p95', float('nan')):.2f} "
               f"p99 {e2e.get('p99', float('nan')):.2f}"
               + (f"; wrote {written}" if written else ""))
+        if adaptive_summary is not None:
+            print(_adaptive_line(adaptive_summary))
     if stopped is not None:
         print(f"splitinfer edge run: error: {stopped}; stopped at the first request no "
               f"worker answered ({skipped} of {len(results)} requests cancelled or not sent; "
@@ -192,6 +237,33 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _wants_bundle(args: argparse.Namespace) -> bool:
+    """A bundle agent: --adaptive, or bundle-only flags, or a bundle folder as artifacts."""
+    from pathlib import Path
+
+    from splitinfer.bundle import is_bundle
+    from splitinfer.manifest import MANIFEST_NAME
+
+    bundle_flags = [f for f, v in (("--edge-profile", args.edge_profile),
+                                   ("--cloud-profile", args.cloud_profile),
+                                   ("--link", args.link), ("--split", args.split)) if v]
+    bundle = is_bundle(args.artifacts)
+    if (args.adaptive or bundle_flags) and not bundle:
+        raise BadInputError(f"{args.artifacts}: not a bundle (no bundle.json); "
+                            f"{'--adaptive' if args.adaptive else bundle_flags[0]} needs the "
+                            "folder `splitinfer bundle MODEL.onnx -o DIR` writes")
+    return bool(args.adaptive or bundle_flags or (
+        bundle and not (Path(args.artifacts) / MANIFEST_NAME).is_file()))
+
+
+def _adaptive_line(summary: dict[str, Any]) -> str:
+    used = ", ".join(f"{split} {n}" for split, n in summary["splits_used"].items()) or "none"
+    why = ", ".join(f"{k} {n}" for k, n in summary["fallbacks"].items())
+    return (f"splits: {used}; answered locally {summary['served_locally']}"
+            + (f" (fallback: {why})" if why else "")
+            + f"; switches {len(summary['switches'])}; probes {summary['probes']}")
 
 
 def read_inputs(path: str, manifest: Manifest) -> tuple[dict[str, npt.NDArray[Any]], list[str]]:

@@ -282,3 +282,50 @@ def test_a_bundle_split_id_is_its_manifest(bundle_dir: Path) -> None:
     bundle = Bundle.load(bundle_dir)
     for s in bundle:
         assert Manifest.load(bundle.path(s)).split_id == s.split_id
+
+
+def test_cli_adaptive_and_pinned(mosquitto: MosquittoBroker, bundle_dir: Path, images: Array,
+                                 topic_prefix: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from splitinfer.cli import main as cli_main
+    from splitinfer.errors import EXIT_BAD_INPUT, EXIT_OK
+
+    inp = tmp_path / "in.npz"
+    np.savez(inp, image=images[:5])
+    want = full_model(images[:5])
+    bundle = Bundle.load(bundle_dir)
+    common = ["edge", "run", "--broker", mosquitto.url, "--artifacts", str(bundle_dir),
+              "--prefix", topic_prefix, "--input", str(inp), "--threads", "1", "--json"]
+    worker = Worker(mosquitto.url, topic_prefix, bundle_dir)
+    worker.start()
+    try:
+        for extra, name in ((["--adaptive", "--link", "4g"], "adaptive"),
+                            (["--split", "cut_pool"], "pinned")):
+            out = tmp_path / f"{name}.npz"
+            code = cli_main([*common, "--output", str(out), *extra])
+            captured = capsys.readouterr()
+            assert code == EXIT_OK, captured.err
+            summary = json.loads(captured.out)
+            adaptive = summary["adaptive"]
+            assert sum(adaptive["splits_used"].values()) == 5 == summary["ok"]
+            assert set(adaptive["splits_used"]) <= set(bundle.ids)
+            with np.load(out) as got:
+                np.testing.assert_allclose(got["logits"], want, rtol=1e-5, atol=1e-5)
+        assert adaptive["splits_used"] == {bundle.get("cut_pool").split_id: 5}
+        assert adaptive["served_locally"] == 0 and adaptive["pinned"] is not None
+    finally:
+        worker.stop()
+    # no worker at all: the run still answers every sample (locally) and exits 0
+    out = tmp_path / "alone.npz"
+    code = cli_main([*common, "--output", str(out), "--adaptive", "--timeout", "1"])
+    captured = capsys.readouterr()
+    assert code == EXIT_OK, captured.err
+    with np.load(out) as got:
+        np.testing.assert_allclose(got["logits"], want, rtol=1e-5, atol=1e-5)
+    # --adaptive needs a bundle
+    code = cli_main([*common, "--output", str(out), "--adaptive", "--artifacts",
+                     str(bundle_dir / "cut_pool")])
+    assert code == EXIT_BAD_INPUT
+    assert "not a bundle" in capsys.readouterr().err
