@@ -98,6 +98,7 @@ def test_edge_profile_schema(bundle_dir: Path, samples_npz: Path) -> None:
         assert s["kind"] == bundle.get(name).kind
         assert s["input_codec"] == ("jpeg:90" if name == JPEG_DIR else "raw")
         assert set(s["head_ms"]) == STAT_KEYS and set(s["encode_ms"]) == STAT_KEYS
+        assert set(s["decode_ms"]) == STAT_KEYS  # the result envelope, on the device
         assert s["head_ms"]["n"] == 12
     assert by_dir["cloud_only"]["head_ms"]["p99"] == 0.0
     assert by_dir["cut_relu1"]["head_ms"]["p50"] > 0
@@ -130,8 +131,9 @@ def test_speed_scales_only_the_head(bundle_dir: Path) -> None:
         for key in ("p50", "p90", "p99", "mean"):
             assert s["head_ms"][key] == pytest.approx(1.0)
             assert f["head_ms"][key] == pytest.approx(4.0 * s["head_ms"][key])
-        if s["kind"] == "split":
-            assert f["encode_ms"]["p50"] == pytest.approx(s["encode_ms"]["p50"])
+        if s["kind"] == "split":  # one step each: the device's codec work is not scaled
+            assert f["encode_ms"]["p50"] == pytest.approx(1.0) == s["encode_ms"]["p50"]
+            assert f["decode_ms"]["p50"] == pytest.approx(1.0) == s["decode_ms"]["p50"]
     with pytest.raises(BadInputError, match="--speed"):
         prof.profile(bundle_dir, "edge", speed=0.0)
 
@@ -265,3 +267,28 @@ def test_edge_install_without_onnx(bundle_dir: Path) -> None:
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"splits": len(DIRS)}
+
+
+def test_fixed_batch_splits(tmp_path: Path) -> None:
+    """Halves fixed at batch 2 (a folder of split folders, no bundle.json): requests carry
+    two samples, as the agent sends them; the tail is not batchable, so a batch of B
+    requests runs B times, as the worker runs it."""
+    from fixtures_edge import baseline_dir, fixed_batch_model, split_at_pool
+
+    model = fixed_batch_model(tmp_path / "chain_b2.onnx", batch=2)
+    split_at_pool(model, tmp_path / "plain" / "cut_p1", batch=2)
+    baseline_dir(model, tmp_path / "plain" / "cloud_only", "cloud_only")
+    baseline_dir(model, tmp_path / "plain" / "edge_only", "edge_only")
+    edge = prof.profile(tmp_path / "plain", "edge", max_samples=5, timer=StepTimer(0.001))
+    cloud = prof.profile(tmp_path / "plain", "cloud", max_samples=5, batches=(1, 3),
+                         repeats=1, timer=StepTimer(0.001))
+    e, c = _splits_by_dir(edge), _splits_by_dir(cloud)
+    cut = Manifest.load(tmp_path / "plain" / "cut_p1")
+    assert e["cut_p1"]["samples_per_request"] == 2 == c["cut_p1"]["samples_per_request"]
+    assert e["cut_p1"]["head_ms"]["n"] == 3  # 5 samples in runs of 2, the last padded
+    assert e["cut_p1"]["cut_bytes"] == 2 * (cut.bytes_per_sample or 0)
+    for name in ("cut_p1", "cloud_only"):
+        assert c[name]["batchable"] is False
+        # throughput = B requests / the batch's p50 (one 1 ms step here)
+        assert c[name]["batches"]["3"]["throughput_rps"] == pytest.approx(3000.0)
+    assert e["edge_only"]["head_ms"]["p50"] == pytest.approx(1.0)

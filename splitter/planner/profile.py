@@ -15,14 +15,17 @@ device and the worker use, so a figure here is what the fleet sees:
 - a request is the envelope the agent builds (``edge_agent.client``, ``_request``): the cut
   tensors with their quantization and, for a cloud_only split with an ``input_codec``, the
   image codec; ``encode_ms`` times building and encoding it, ``request_bytes`` is its
-  size, ``cut_bytes`` the tensor bytes in it (after the codec);
+  size, ``cut_bytes`` the tensor bytes in it (after the codec); ``decode_ms`` (edge side)
+  times decoding the worker's result envelope on the device;
 - tails run with the worker's session settings (``cloud_service.registry``:
   ``--threads`` intra-op threads, default 0 = onnxruntime's own choice as the worker's
   ``--threads`` default, no spinning, sequential), on the worker's default providers
   (CUDA when present); a batch of B requests runs as the worker runs it: one concatenated
   run when the tail is batchable, else one run per request (fixed-batch tails padded).
 
-Inputs: ``--samples NPZ`` (keys = model input names, first axis = samples; other keys
+A split whose halves have a fixed batch F > 1 sends F samples per request, as the agent
+does; its entries say so (``samples_per_request``, 1 otherwise) and every figure is per
+request. Inputs: ``--samples NPZ`` (keys = model input names, first axis = samples; other keys
 such as ``label`` are ignored with one warning), else random inputs of the declared
 shapes (a symbolic non-batch dim is an error naming it). ``DIR`` is a bundle (with
 ``bundle.json``), one split folder, or a folder of split folders. Output: the JSON
@@ -419,26 +422,61 @@ def profile_edge(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *,
                 head_s.append(clock() - t0)
                 cuts.append(result)
         entry: dict[str, Any] = {"kind": e.kind, "dir": e.dir, "input_codec": e.input_codec,
+                                 "samples_per_request": batch,
                                  "head_ms": stats_ms(head_s, speed) if head else
                                  _zero_stats(len(cuts))}
         if m.kind == "edge_only":
-            entry.update(encode_ms=_zero_stats(len(cuts)), request_bytes=0, cut_bytes=0)
+            entry.update(encode_ms=_zero_stats(len(cuts)), request_bytes=0, cut_bytes=0,
+                         decode_ms=_zero_stats(len(cuts)))
         else:
             _request(e, cuts[0])  # warm-up (first-call imports, codec start-up)
             encode_s, sizes, tensor_bytes = [], [], []
+            payloads = []
             for cut in cuts:
                 t0 = clock()
                 payload = _request(e, cut)
                 encode_s.append(clock() - t0)
                 sizes.append(len(payload))
                 tensor_bytes.append(_tensor_bytes(payload))
+                payloads.append(payload)
             entry.update(encode_ms=stats_ms(encode_s),
                          request_bytes=round(sum(sizes) / len(sizes)),
-                         cut_bytes=round(sum(tensor_bytes) / len(tensor_bytes)))
+                         cut_bytes=round(sum(tensor_bytes) / len(tensor_bytes)),
+                         decode_ms=_result_decode(payloads, m, batch, clock))
         out[e.split_id] = entry
         log.info("edge %s (%s): head p50 %.3f ms, %s request bytes", e.split_id, e.kind,
                  entry["head_ms"]["p50"], entry["request_bytes"])
     return out
+
+
+def _result_decode(requests: Sequence[bytes], manifest: Manifest, batch: int,
+                   clock: Timer) -> dict[str, float | int]:
+    """The device's share of an answer: decoding the worker's result envelope.
+
+    The outputs are zeros of the declared output shapes (the size is what matters: raw
+    bytes cost the same whatever they hold); n = 0 when an output has a symbolic dim.
+    """
+    import numpy as np
+
+    from splitinfer.dtypes import numpy_dtype
+    from splitinfer.wire import decode
+
+    outputs: dict[str, Array] = {}
+    for spec in manifest.outputs:
+        dims = [d if isinstance(d, int) else -1 for d in spec.shape]
+        if dims and dims[0] < 0:
+            dims[0] = batch
+        if any(d < 0 for d in dims):
+            return _zero_stats(0)
+        outputs[spec.name] = np.zeros(dims, dtype=numpy_dtype(spec.dtype))
+    results = [_result(p, outputs, manifest) for p in requests]
+    decode(results[0])
+    times = []
+    for r in results:
+        t0 = clock()
+        decode(r)
+        times.append(clock() - t0)
+    return stats_ms(times)
 
 
 def _run_batch(tail: _Session, batchable: bool, jobs: Sequence[Mapping[str, Array]]
@@ -487,11 +525,13 @@ def profile_cloud(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *
             continue
         inputs = {s.name: samples[s.name] for s in m.inputs}
         if m.kind == "cloud_only":
-            cuts = _chunks(inputs, _batch_of(m.cut))
+            per_request = _batch_of(m.cut)
+            cuts = _chunks(inputs, per_request)
         else:
             head = _Session(m.resolve(e.path, "head"), side="edge", threads=threads,
                             providers=["CPUExecutionProvider"])
-            cuts = [head.run(f) for f in _chunks(inputs, head.fixed_batch or 1)]
+            per_request = head.fixed_batch or 1
+            cuts = [head.run(f) for f in _chunks(inputs, per_request)]
         payloads = [_request(e, c) for c in cuts]
         tail = _Session(m.resolve(e.path, "tail"), side="cloud", threads=threads,
                         providers=provs)
@@ -532,7 +572,8 @@ def profile_cloud(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *
             per_batch[str(b)] = {"p50_ms": p50,
                                  "throughput_rps": round(b * 1000.0 / p50, 3) if p50 > 0
                                  else 0.0}
-        base.update(decode_ms=stats_ms(decode_s), tail_ms=stats_ms(tail_s),
+        base.update(samples_per_request=per_request, decode_ms=stats_ms(decode_s),
+                    tail_ms=stats_ms(tail_s),
                     result_bytes=round(sum(result_sizes) / len(result_sizes)),
                     batchable=batchable, batches=per_batch)
         out[e.split_id] = base
