@@ -25,11 +25,31 @@ device and the worker use, so a figure here is what the fleet sees:
 
 A split whose halves have a fixed batch F > 1 sends F samples per request, as the agent
 does; its entries say so (``samples_per_request``, 1 otherwise) and every figure is per
-request. Inputs: ``--samples NPZ`` (keys = model input names, first axis = samples; other keys
-such as ``label`` are ignored with one warning), else random inputs of the declared
-shapes (a symbolic non-batch dim is an error naming it). ``DIR`` is a bundle (with
-``bundle.json``), one split folder, or a folder of split folders. Output: the JSON
-documented in ``splitter/planner/__init__.py``'s contract (``splitinfer.profile/1``).
+request. Inputs: ``--samples NPZ`` (keys = model input names, first axis = samples;
+other keys such as ``label`` are ignored with one warning), else random inputs of the
+declared shapes (a symbolic non-batch dim is an error naming it; random images are noise,
+so a JPEG's size is a worst case: give real samples for codec'd splits). ``DIR`` is a
+bundle (with ``bundle.json``), one split folder, or a folder of split folders (ids from
+the manifests).
+
+The JSON (``splitinfer.profile/1``; times in ms, each a ``{"p50", "p90", "p99", "mean",
+"n"}`` distribution; bytes per request)::
+
+    {"format": "splitinfer.profile/1", "side": "edge", "model": "digits_cnn",
+     "source_sha256": "…", "machine": {"hostname", "platform", "machine", "processor",
+     "cpus", "onnxruntime", "python"}, "threads": 1, "speed": 8.0, "samples": 32,
+     "providers": ["CPUExecutionProvider"], "measured_at": "2026-12-02T08:00:00Z",
+     "splits": {"<split_id>": {
+        "kind": "split", "dir": "cut_07", "input_codec": "raw", "samples_per_request": 1,
+        # edge side
+        "head_ms": {…}, "encode_ms": {…}, "decode_ms": {…},
+        "request_bytes": 487, "cut_bytes": 256,
+        # cloud side instead
+        "decode_ms": {…}, "tail_ms": {…}, "result_bytes": 323, "batchable": true,
+        "batches": {"1": {"p50_ms": 0.04, "throughput_rps": 25000.0}, "2": {…}, …}}}}
+
+Edge side: cloud_only has a zero head, edge_only has the whole model as its head and no
+request (0 bytes, zero encode/decode). Cloud side: edge_only holds only kind/dir/codec.
 
 No ``onnx`` here: this runs on an edge install (onnxruntime, numpy, msgpack). Timers are
 injectable (``timer=``) so tests check the arithmetic without wall-clock assertions.
