@@ -7,7 +7,8 @@ it against the fleet). Pure Python, stdlib only, so the device can run it.
 A request's latency, from the moment it is due to the moment its result is decoded, is the
 sum of the stages it passes through in order (all seconds, each a p50)::
 
-    total = head + encode                       on the device (edge profile)
+    total = agent                               the device's own overhead (a constant)
+          + head + encode                       on the device (edge profile)
           + uplink                              request PUBLISH over the link
           + broker                              per broker hop, x 2 (there and back)
           + queue                               waiting at the worker (load, batching)
@@ -15,11 +16,14 @@ sum of the stages it passes through in order (all seconds, each a p50)::
           + downlink                            result PUBLISH over the link
           + decode                              the device reads the result
 
-*edge_only* is ``head`` alone (the whole model, nothing crosses); *cloud_only* has no head
+*edge_only* is ``agent + head`` (the whole model, nothing crosses); *cloud_only* has no head
 (``head`` = 0) but may encode its input (an image codec: ``encode``).
 
 Each term (see :func:`predict`):
 
+* ``agent``: the device's per-request time outside the profiled stages (its event loop
+  and thread hops; in the fleet, also its dispatch lag behind the scheduled arrival, which
+  the fleet charges): :data:`DEFAULT_AGENT_S`, measured once per machine.
 * ``head``, ``encode`` (edge profile; head already x ``--speed``), ``tail``,
   ``cloud_decode`` (cloud profile, batch 1): p50s as measured.
 * ``uplink`` = ``wire_bytes * 8 / up_bps + delay + loss delay + own queue``. ``wire_bytes``
@@ -78,12 +82,20 @@ from splitinfer.link import DEFAULT_MSS, MIN_RTO_S, LinkProfile
 
 __all__ = ["LinkEstimate", "SplitCosts", "Prediction", "mqtt_publish_bytes", "predict",
            "recommend", "costs_from_profiles", "md1_wait_quantile", "DEFAULT_BROKER_S",
+           "DEFAULT_AGENT_S",
            "DEFAULT_MAX_BATCH", "DEFAULT_MAX_DELAY_S", "PROFILE_FORMAT"]
 
-# One broker hop (a PUBLISH into mosquitto and out to the subscriber, both clients' MQTT
-# work included) on loopback, measured on the 2-core dev box with the tuned mosquitto
-# (`splitinfer bench planner` prints its own measurement beside it); docs/planning.md.
-DEFAULT_BROKER_S = 0.0008
+# One broker hop: a PUBLISH into the tuned mosquitto and out to its subscriber, both
+# clients' MQTT work, the worker's handling around its tail, and the link emulator's timer
+# lateness (~0.7 ms a direction). Measured once on the 2-core dev box by
+# `splitinfer bench planner --calibrate`: the digits CNN cloud_only over the "lan" profile,
+# half the fleet's broker_queue p50 (3.5 ms). docs/planning.md, "Calibration".
+DEFAULT_BROKER_S = 0.0018
+# The device's own time per request outside head, encode and decode: the fleet's dispatch
+# lag behind the scheduled arrival, the hop to the head's thread and back, resolving the
+# result. Measured the same way: the "other" stage p50 of the digits CNN edge_only (1.6 ms)
+# and cloud_only (2.0 ms, device decode 0.2 ms apart) runs.
+DEFAULT_AGENT_S = 0.002
 DEFAULT_MAX_BATCH = 32  # cloud_service.config defaults
 DEFAULT_MAX_DELAY_S = 0.002
 PROFILE_FORMAT = "splitinfer.profile/1"
@@ -157,7 +169,8 @@ class Prediction:
     """The predicted p50 of one split on one link, by term (seconds).
 
     ``decode_s`` holds both decodes (worker: request, device: result); ``bytes`` the
-    request's bytes on the wire (the MQTT PUBLISH packet; 0 for edge_only).
+    request's bytes on the wire (the MQTT PUBLISH packet; 0 for edge_only); ``agent_s``
+    the device's own overhead (in ``total_s``).
     """
 
     split_id: str
@@ -172,6 +185,7 @@ class Prediction:
     downlink_s: float
     decode_s: float
     bytes: int = 0
+    agent_s: float = 0.0
 
     @property
     def network_s(self) -> float:
@@ -188,7 +202,7 @@ class Prediction:
                 "encode_ms": ms(self.encode_s), "uplink_ms": ms(self.uplink_s),
                 "broker_ms": ms(self.broker_s), "queue_ms": ms(self.queue_s),
                 "tail_ms": ms(self.tail_s), "downlink_ms": ms(self.downlink_s),
-                "decode_ms": ms(self.decode_s)}
+                "decode_ms": ms(self.decode_s), "agent_ms": ms(self.agent_s)}
 
 
 def _varint_len(n: int) -> int:
@@ -302,7 +316,8 @@ def _worker_queue(costs: SplitCosts, lam: float, max_batch: int, max_delay_s: fl
 
 def predict(costs: SplitCosts, link: LinkEstimate, *, load_rps: float = 0.0,
             workers: int = 1, broker_s: float = DEFAULT_BROKER_S, topic_len: int = 48,
-            qos: int = 1, device_rps: float = 0.0, protocol: str = "3.1.1",
+            qos: int = 1, device_rps: float = 0.0, agent_s: float = DEFAULT_AGENT_S,
+            protocol: str = "3.1.1",
             max_batch: int = DEFAULT_MAX_BATCH,
             max_delay_s: float = DEFAULT_MAX_DELAY_S) -> Prediction:
     """The predicted p50 of ``costs`` on ``link`` (see the module docstring, term by term).
@@ -310,7 +325,7 @@ def predict(costs: SplitCosts, link: LinkEstimate, *, load_rps: float = 0.0,
     ``load_rps``: requests/s reaching the worker pool (all devices); ``workers``: how many
     share it; ``broker_s``: one broker hop; ``topic_len``: bytes of the topics (request and
     result alike); ``device_rps``: this device's own rate (its requests queue behind each
-    other on its uplink; 0 = one at a time).
+    other on its uplink; 0 = one at a time); ``agent_s``: the device's own overhead.
     """
     if workers < 1:
         raise BadInputError(f"workers {workers}: expected at least 1")
@@ -318,8 +333,8 @@ def predict(costs: SplitCosts, link: LinkEstimate, *, load_rps: float = 0.0,
         raise BadInputError(f"load {load_rps!r} / device rate {device_rps!r} req/s: "
                             "expected >= 0")
     if costs.kind == "edge_only":
-        return Prediction(costs.split_id, costs.kind, costs.head_s, costs.head_s, 0.0, 0.0,
-                          0.0, 0.0, 0.0, 0.0, 0.0, 0)
+        return Prediction(costs.split_id, costs.kind, agent_s + costs.head_s, costs.head_s, 0.0,
+                          0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, agent_s)
     up_bytes = mqtt_publish_bytes(topic_len, costs.request_bytes, qos=qos, protocol=protocol)
     down_bytes = mqtt_publish_bytes(topic_len, costs.result_bytes, qos=qos, protocol=protocol)
     up_serial = up_bytes * 8 / link.up_bps
@@ -331,10 +346,10 @@ def predict(costs: SplitCosts, link: LinkEstimate, *, load_rps: float = 0.0,
     queue = _worker_queue(costs, load_rps / workers, max_batch, max_delay_s)
     broker = 2 * broker_s
     decode = costs.cloud_decode_s + costs.decode_s
-    total = (costs.head_s + costs.encode_s + uplink + broker + queue + costs.tail_s
+    total = (agent_s + costs.head_s + costs.encode_s + uplink + broker + queue + costs.tail_s
              + downlink + decode)
     return Prediction(costs.split_id, costs.kind, total, costs.head_s, costs.encode_s, uplink,
-                      broker, queue, costs.tail_s, downlink, decode, up_bytes)
+                      broker, queue, costs.tail_s, downlink, decode, up_bytes, agent_s)
 
 
 def recommend(preds: Sequence[Prediction], *,

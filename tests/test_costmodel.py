@@ -39,7 +39,7 @@ def test_publish_bytes() -> None:
 
 
 def test_predict_by_hand() -> None:
-    p = predict(COSTS, LINK, broker_s=0.001)
+    p = predict(COSTS, LINK, broker_s=0.001, agent_s=0.002)
     # up: remaining = 2 + 48 + 2 + 12450 = 12502 (2-byte varint) -> 12505 bytes on the wire
     up = 12505 * 8 / 1e6 + 0.05  # 0.10004 + 0.05
     # down: remaining = 2 + 48 + 2 + 950 = 1002 -> 1005 bytes
@@ -50,11 +50,12 @@ def test_predict_by_hand() -> None:
     assert p.broker_s == pytest.approx(0.002)  # two hops
     assert p.queue_s == 0.0
     assert p.decode_s == pytest.approx(0.0025)  # worker 2 ms + device 0.5 ms
-    total = 0.2 + 0.001 + up + 0.002 + 0.03 + down + 0.0025
+    total = 0.002 + 0.2 + 0.001 + up + 0.002 + 0.03 + down + 0.0025
     assert p.total_s == pytest.approx(total)
-    assert p.total_s == pytest.approx(0.43956)
+    assert p.total_s == pytest.approx(0.44156)
     d = p.to_dict()
-    assert d["predicted_ms"] == pytest.approx(439.56)
+    assert d["predicted_ms"] == pytest.approx(441.56)
+    assert d["agent_ms"] == pytest.approx(2.0)
     assert d["uplink_ms"] == pytest.approx(150.04)
     assert {"split_id", "kind", "bytes", "predicted_ms", "head_ms", "uplink_ms", "queue_ms",
             "tail_ms", "downlink_ms"} <= set(d)
@@ -77,8 +78,10 @@ def test_jitter_leaves_the_median() -> None:
 
 
 def test_edge_only_is_its_head() -> None:
-    p = predict(SplitCosts("e", "edge_only", 0, 0, 0.5, 0, 0, 0), LINK, load_rps=100)
-    assert (p.total_s, p.uplink_s, p.bytes, p.broker_s) == (0.5, 0.0, 0, 0.0)
+    p = predict(SplitCosts("e", "edge_only", 0, 0, 0.5, 0, 0, 0), LINK, load_rps=100,
+                agent_s=0.002)
+    assert (p.uplink_s, p.bytes, p.broker_s) == (0.0, 0, 0.0)
+    assert p.total_s == pytest.approx(0.502)  # agent + head
 
 
 def test_md1_quantile() -> None:

@@ -96,10 +96,11 @@ def test_json_one_link(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert topic == 32
     up = mqtt_publish_bytes(32, 10_000) * 8 / 5.85e6 + 0.030  # 10039 bytes: 13.73 + 30 ms
     down = mqtt_publish_bytes(32, 400) * 8 / 20e6 + 0.030     # 437 bytes: 0.17 + 30 ms
-    total = 0.150 + 0.0005 + up + 2 * 0.0008 + 0.004 + 0.0005 + down
+    # agent 2 ms + head + encode + up + 2 broker hops of 1.8 ms + tail + worker decode + down
+    total = 0.002 + 0.150 + 0.0005 + up + 2 * 0.0018 + 0.004 + 0.0005 + down
     assert by["m-c2"]["bytes"] == 10039
     assert by["m-c2"]["predicted_ms"] == pytest.approx(total * 1e3, abs=1e-3)
-    assert by["m-e"]["predicted_ms"] == 400.0 and by["m-e"]["uplink_ms"] == 0.0
+    assert by["m-e"]["predicted_ms"] == 402.0 and by["m-e"]["uplink_ms"] == 0.0
     best = min(data["splits"], key=lambda s: s["predicted_ms"])
     assert data["recommended"] == best["split_id"]
 

@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--broker-ms", type=_positive, metavar="MS",
                    help="one broker hop in ms (default: the constant measured on this "
                    "project's tuned mosquitto, see docs/planning.md)")
+    p.add_argument("--agent-ms", type=_positive, metavar="MS",
+                   help="the device's own time per request outside head, encode and decode "
+                   "in ms (default: the constant measured on the dev box, docs/planning.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw the stacked predicted latencies, one panel per link")
@@ -136,9 +139,16 @@ def load_inputs(artifacts: str | Path, edge_path: str, cloud_path: str,
 
 def plan_link(bundle: Bundle, costs: Sequence[SplitCosts], link: LinkProfile, *,
               load_rps: float = 0.0, workers: int = 1, deadline_s: float | None = None,
-              device_rps: float = 0.0, broker_s: float | None = None) -> dict[str, Any]:
+              device_rps: float = 0.0, broker_s: float | None = None,
+              agent_s: float | None = None) -> dict[str, Any]:
     """The ``--json`` object of one link: ``{"link", "recommended", "splits": [...]}``."""
-    from splitinfer.costmodel import DEFAULT_BROKER_S, LinkEstimate, predict, recommend
+    from splitinfer.costmodel import (
+        DEFAULT_AGENT_S,
+        DEFAULT_BROKER_S,
+        LinkEstimate,
+        predict,
+        recommend,
+    )
     from splitinfer.topics import DEFAULT_PREFIX, Topics, topic_name
 
     topic_len = len(Topics(DEFAULT_PREFIX).request(topic_name(bundle.model),
@@ -146,7 +156,8 @@ def plan_link(bundle: Bundle, costs: Sequence[SplitCosts], link: LinkProfile, *,
     estimate = LinkEstimate.from_profile(link)
     preds = [predict(c, estimate, load_rps=load_rps, workers=workers, topic_len=topic_len,
                      device_rps=device_rps,
-                     broker_s=DEFAULT_BROKER_S if broker_s is None else broker_s)
+                     broker_s=DEFAULT_BROKER_S if broker_s is None else broker_s,
+                     agent_s=DEFAULT_AGENT_S if agent_s is None else agent_s)
              for c in costs]
     best = recommend(preds, deadline_s=deadline_s)
     splits = []
@@ -220,8 +231,10 @@ def run(args: argparse.Namespace) -> int:
     bundle, costs = load_inputs(args.artifacts, args.edge_profile, args.cloud_profile)
     deadline = None if args.deadline_ms is None else args.deadline_ms / 1e3
     broker = None if args.broker_ms is None else args.broker_ms / 1e3
+    agent = None if args.agent_ms is None else args.agent_ms / 1e3
     results = [plan_link(bundle, costs, link, load_rps=args.load, workers=args.workers,
-                         deadline_s=deadline, device_rps=args.device_rate, broker_s=broker)
+                         deadline_s=deadline, device_rps=args.device_rate, broker_s=broker,
+                         agent_s=agent)
                for link in links]
     if args.plot:
         from splitter.planner.plot import plot_plan

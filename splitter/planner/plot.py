@@ -21,7 +21,7 @@ __all__ = ["plot_plan", "STACK"]
 
 # (label, colour, keys of the plan's per-split entry summed into it)
 STACK: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("head", "#4c72b0", ("head_ms", "encode_ms")),
+    ("head", "#4c72b0", ("head_ms", "encode_ms", "agent_ms")),
     ("network", "#dd8452", ("uplink_ms", "broker_ms", "downlink_ms")),
     ("queue", "#c44e52", ("queue_ms",)),
     ("tail", "#55a868", ("tail_ms", "decode_ms")),
