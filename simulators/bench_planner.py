@@ -2,9 +2,10 @@
 
 For each model (MobileNetV2 int8, ResNet-18 int8 from :mod:`splitter.zoo`, quantized with
 ``splitinfer quantize``) the bench builds a bundle (``--cuts`` int8 cuts + edge only +
-cloud only raw + cloud only JPEG 90), profiles it (``splitinfer profile --side edge
---speed 8`` and ``--side cloud``, one onnxruntime thread each, as the fleet's devices and
-the bench's worker), predicts every split's p50 on each link with
+cloud only raw + cloud only JPEG 90), profiles it (``splitinfer profile``'s code, ``--side
+edge --speed 8`` and ``--side cloud``, one onnxruntime thread each as the fleet's devices
+and the bench's worker, each timed run after ``--profile-gap`` idle seconds as at 1 req/s:
+:class:`SpacedTimer`), predicts every split's p50 on each link with
 :mod:`splitinfer.costmodel` and then *measures* it: one fleet device (real head slowed
 ``--speed`` times, :class:`~simulators.fleet_support.SlowHead`) with that split pinned,
 Poisson 1 req/s, through that link's shaping proxy, a tuned mosquitto and one worker
@@ -37,7 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run", "main", "build_bundle", "smooth_images", "summarize", "MODELS"]
+__all__ = ["add_parser", "run", "main", "SpacedTimer", "build_bundle", "smooth_images",
+           "summarize", "MODELS"]
 
 MODELS = ("mobilenet_v2", "resnet18")
 TARGET_MAPE = 10.0
@@ -59,11 +61,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--speed", type=float, default=8.0, help="device slowdown (default 8)")
     p.add_argument("--rate", type=float, default=1.0, help="requests/s of the device "
                    "(default 1)")
-    p.add_argument("--duration", type=float, default=15.0, help="measured seconds per pair "
-                   "(default 15)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per pair "
+                   "(default 20)")
+    p.add_argument("--seed", type=int, default=0, help="the arrivals' seed (default 0)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per pair")
-    p.add_argument("--broker-ms", type=float, help="one broker hop in ms (default: measured "
-                   "here by a raw MQTT echo)")
+    p.add_argument("--profile-gap", type=float, default=0.1, metavar="S",
+                   help="idle seconds before each timed run of the profiles (default 0.1: "
+                   "as at 1 req/s; 0 = back to back, as `splitinfer profile`)")
+    p.add_argument("--broker-ms", type=float, help="one broker hop in ms (default: the cost "
+                   "model's constant; --calibrate measures it)")
+    p.add_argument("--agent-ms", type=float, help="the device's own overhead per request in "
+                   "ms (default: the cost model's constant; --calibrate measures it)")
+    p.add_argument("--calibrate", action="store_true", help="only measure the cost model's "
+                   "per-machine constants (broker hop, device overhead) with the digits CNN "
+                   "and print them (~80 s)")
     p.add_argument("--workdir", help="keep bundles, profiles and fleet reports here (reused "
                    "when present); default a temporary folder")
     p.add_argument("--plot", metavar="PNG", help="the plan's plot of the first model")
@@ -91,27 +102,14 @@ def smooth_images(count: int, resolution: int, seed: int = 0) -> Any:
     return img.astype(np.float32)
 
 
-def _pick_cuts(cuts: Sequence[Any], count: int) -> list[Any]:
-    """``count`` int8 single-tensor cuts, Pareto-useful: in each of ``count`` equal bands
-    of head FLOPs share, the one with the fewest bytes."""
-    pool = [c for c in cuts if c.kind == "split" and c.quantized and len(c.tensors) == 1
-            and c.bytes_per_sample and 0.02 < c.head_flops_share < 0.98]
-    chosen = []
-    for i in range(count):
-        lo, hi = 0.02 + i * 0.96 / count, 0.02 + (i + 1) * 0.96 / count
-        band = [c for c in pool if lo <= c.head_flops_share < hi]
-        if band:
-            chosen.append(min(band, key=lambda c: (c.bytes_per_sample, -c.head_flops_share)))
-    return chosen
-
-
 def build_bundle(model: str, resolution: int, out: Path, cuts: int) -> tuple[Path, Path]:
-    """(bundle folder, samples NPZ) for ``model`` int8 at ``resolution``; reused if built."""
+    """(bundle folder, samples NPZ) for ``model`` int8 at ``resolution``, reused if there:
+    the zoo model, ``splitinfer quantize``'s code on the samples, then ``splitinfer bundle
+    --cuts K --input-codec raw,jpeg:90`` (K int8 cuts + edge only + cloud only raw + JPEG)."""
     import numpy as np
 
-    from splitinfer.bundle import Bundle, BundleSplit
-    from splitinfer.manifest import sha256_file
-    from splitter import list_cuts, split_model, zoo
+    from splitinfer.errors import StartupError
+    from splitter import zoo
     from splitter.quantize import quantize_static
 
     out.mkdir(parents=True, exist_ok=True)
@@ -124,95 +122,89 @@ def build_bundle(model: str, resolution: int, out: Path, cuts: int) -> tuple[Pat
     make = zoo.mobilenet_v2 if model == "mobilenet_v2" else zoo.resnet18
     fp32 = make(out / f"{model}.onnx", resolution=resolution)
     int8 = quantize_static(fp32, {"input": images[:8]}, out / f"{model}_int8.onnx")
-    name = f"{model}_int8"
-    splits = []
-    plan: list[tuple[str, str | Sequence[str], str | None, float]] = [
-        ("edge_only", "edge_only", None, 1.0)]
-    for i, cut in enumerate(_pick_cuts(list_cuts(int8, input_shapes={
-            "input": (1, 3, resolution, resolution)}), cuts)):
-        plan.append((f"cut_{i + 1:02d}", list(cut.names), None, cut.head_flops_share))
-    plan += [("cloud_only", "cloud_only", None, 0.0),
-             ("cloud_only_jpeg90", "cloud_only", "jpeg:90", 0.0)]
-    for folder, at, codec, share in plan:
-        res = split_model(int8, at, bundle_dir / folder, samples=str(samples), model_name=name,
-                          input_codec=codec)
-        m = res.manifest_obj
-        crossing = 0 if m.kind == "edge_only" else sum(
-            int(np.prod([d if isinstance(d, int) else 1 for d in s.shape[1:]]))
-            * np.dtype(s.dtype).itemsize for s in m.cut)
-        extra: dict[str, Any] = {}
-        if codec:
-            info = json.loads(res.manifest.read_text()).get("verification", {})
-            enc = info.get("input_codec", {}) if isinstance(info, Mapping) else {}
-            crossing = int(enc.get("bytes_per_sample", crossing)) if isinstance(enc, Mapping) \
-                else crossing
-            if isinstance(enc, Mapping) and "agreement" in enc:
-                extra["agreement"] = enc["agreement"]
-        splits.append(BundleSplit(m.split_id, folder, m.kind, crossing, round(share, 4),
-                                  input_codec=codec or "raw", extra=extra))
-    Bundle(name, sha256_file(int8), tuple(splits), root=bundle_dir).save()
+    cmd = [sys.executable, "-m", "splitinfer.cli", "bundle", str(int8), "-o", str(bundle_dir),
+           "--cuts", str(cuts), "--samples", str(samples), "--input-codec", "raw,jpeg:90"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StartupError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-2000:]}")
     return bundle_dir, samples
 
 
-def _profile(bundle: Path, samples: Path, side: str, speed: float, out: Path) -> dict[str, Any]:
+class SpacedTimer:
+    """A ``perf_counter`` for :func:`splitter.planner.profile.profile` that idles ``gap_s``
+    before every timed run (its calls come in start/end pairs): the profile then times
+    each head, encode, decode and tail as the device and the worker run them at 1 req/s,
+    from an idle CPU. On this 2-core VM a head timed back to back takes about half of what
+    it takes after 100 ms or more of idling (docs/planning.md, "Calibration"), and the
+    fleet's devices and worker see the idle figure."""
+
+    def __init__(self, gap_s: float) -> None:
+        self.gap_s = gap_s
+        self._calls = 0
+
+    def __call__(self) -> float:
+        if self._calls % 2 == 0 and self.gap_s > 0:
+            time.sleep(self.gap_s)
+        self._calls += 1
+        return time.perf_counter()
+
+
+def _profile(bundle: Path, samples: Path, side: str, speed: float, out: Path,
+             gap_s: float) -> dict[str, Any]:
+    """``splitinfer profile`` of one side (its API, with :class:`SpacedTimer`); cached."""
     if not out.is_file():
-        cmd = [sys.executable, "-m", "splitinfer.cli", "profile", "--artifacts", str(bundle),
-               "--side", side, "--threads", "1", "--samples", str(samples), "-o", str(out)]
-        if side == "edge":
-            cmd += ["--speed", str(speed)]
-        else:
-            cmd += ["--batches", "1,2,4,8"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            from splitinfer.errors import StartupError
+        from splitter.planner.profile import profile
 
-            raise StartupError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                               f"{proc.stderr.strip()[-2000:]}")
-    data: dict[str, Any] = json.loads(out.read_text())
-    return data
+        data = profile(bundle, side, threads=1, speed=speed if side == "edge" else 1.0,
+                       samples=samples, batches=(1, 2, 4, 8), repeats=2, max_samples=16,
+                       timer=SpacedTimer(gap_s))
+        data["gap_s"] = gap_s
+        out.write_text(json.dumps(data, indent=2) + "\n")
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
 
 
-# ---- the broker hop -----------------------------------------------------------------------
+# ---- the per-machine constants -----------------------------------------------------------
 
 
-async def _broker_hop(url: str, workdir: Path, payload: int = 400, count: int = 60) -> float:
-    """Half the p50 round trip of a raw MQTT echo (QoS 1) through the broker: one hop."""
-    import asyncio
+async def _calibrate(work: Path) -> dict[str, float]:
+    """The cost model's two constants on this machine, from the digits CNN (its head and
+    tail take a fraction of a millisecond, so what is left is overhead), one device at
+    1 req/s for 30 s: ``agent`` = the fleet's "other" stage p50 (edge_only, no link;
+    cloud_only over "lan"), ``broker`` = half the "broker_queue" p50 over "lan" (two hops,
+    with the worker's handling and the shaping proxy's timer lateness)."""
+    from simulators.broker import MosquittoBroker
+    from simulators.fleet import Fleet, FleetConfig
+    from simulators.fleet_support import WorkerPool
+    from splitinfer.topics import DEFAULT_PREFIX
+    from splitter import split_model, zoo
 
-    from splitinfer.mqtt import BrokerConfig, connect
-
-    echo = subprocess.Popen([sys.executable, "-m", "simulators.echo", "--broker", url,
-                             "--listen", "bench/planner/req", "--answer", "bench/planner/res"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    root = work / "calibrate"
+    for kind in ("edge_only", "cloud_only"):
+        if not (root / kind / "manifest.json").is_file():
+            split_model(zoo.digits_cnn_path(), kind, root / kind)
+    broker = MosquittoBroker()
+    broker.start()
+    pool = WorkerPool(count=1, broker=broker.url, artifacts=root, prefix=DEFAULT_PREFIX,
+                      group="bench", log_dir=root / "worker", threads=1)
+    stages: dict[str, dict[str, float]] = {}
     try:
-        lines = []
-        while echo.stdout is not None:
-            line = await asyncio.to_thread(echo.stdout.readline)
-            lines.append(line)
-            if b"echo ready" in line:
-                break
-            if not line:
-                from splitinfer.errors import StartupError
-
-                raise StartupError(f"echo did not start: {b''.join(lines)[-500:]!r}")
-        client, _ = await connect(BrokerConfig.from_url(url), "bench-planner-echo")
-        try:
-            await client.subscribe("bench/planner/res", qos=1)
-            times = []
-            body = b"x" * payload
-            for _ in range(count):
-                t0 = time.perf_counter()
-                await client.publish("bench/planner/req", body, qos=1)
-                async for _msg in client.messages:
-                    break
-                times.append(time.perf_counter() - t0)
-                await asyncio.sleep(0.01)
-        finally:
-            await client.__aexit__(None, None, None)
-        return statistics.median(times[5:]) / 2
+        pool.start()
+        for kind, links in (("edge_only", ()), ("cloud_only", ("lan",))):
+            cfg = FleetConfig(artifacts=root, split=kind, devices=1, rate=1.0, links=links,
+                              duration_s=30.0, warmup_s=2.0, broker=broker.url, workers=0,
+                              timeout_s=10.0, drain_s=5.0, out=root / f"fleet-{kind}",
+                              png=False, seed=0)
+            rep = (await Fleet(cfg).run()).report
+            stages[kind] = {k: float(v["p50"] or 0.0)
+                            for k, v in rep["stages_detail_ms"].items() if isinstance(v, dict)}
     finally:
-        echo.terminate()
-        echo.wait(10)
+        pool.stop()
+        broker.close()
+    return {"agent_ms": (stages["edge_only"]["other"] + stages["cloud_only"]["other"]) / 2,
+            "broker_ms": stages["cloud_only"]["broker_queue"] / 2,
+            "device_decode_ms": stages["cloud_only"]["decode"]}
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -225,7 +217,7 @@ async def _measure(bundle: Path, samples: Path, split_dir: str, link: str | None
     cfg = FleetConfig(artifacts=bundle, split=split_dir, devices=1, rate=args.rate,
                       speed=args.speed, links=(link,) if link else (), duration_s=args.duration,
                       warmup_s=args.warmup, broker=url, workers=0, input=samples,
-                      timeout_s=10.0, drain_s=5.0, out=out, png=False, seed=1)
+                      timeout_s=10.0, drain_s=5.0, out=out, png=False, seed=args.seed)
     result = await Fleet(cfg).run()
     rep = result.report
     return {"p50_ms": rep.get("p50_ms"), "answered": rep.get("answered"),
@@ -239,7 +231,14 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
     from simulators.broker import MosquittoBroker
     from simulators.fleet_support import WorkerPool
     from splitinfer.bundle import Bundle
-    from splitinfer.costmodel import LinkEstimate, costs_from_profiles, predict, recommend
+    from splitinfer.costmodel import (
+        DEFAULT_AGENT_S,
+        DEFAULT_BROKER_S,
+        LinkEstimate,
+        costs_from_profiles,
+        predict,
+        recommend,
+    )
     from splitinfer.link import LinkProfile
     from splitinfer.topics import DEFAULT_PREFIX, Topics, topic_name
 
@@ -247,8 +246,10 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
     bundle_dir, samples = build_bundle(model, args.resolution, work / model, args.cuts)
     bundle = Bundle.load(bundle_dir)
     log(f"{model}: bundle of {len(bundle)} splits ({time.perf_counter() - t0:.0f} s)")
-    edge = _profile(bundle_dir, samples, "edge", args.speed, work / model / "edge.json")
-    cloud = _profile(bundle_dir, samples, "cloud", args.speed, work / model / "cloud.json")
+    edge = _profile(bundle_dir, samples, "edge", args.speed, work / model / "edge.json",
+                    args.profile_gap)
+    cloud = _profile(bundle_dir, samples, "cloud", args.speed, work / model / "cloud.json",
+                     args.profile_gap)
     costs = {c.split_id: c for c in costs_from_profiles(edge, cloud)}
     log(f"{model}: profiled ({time.perf_counter() - t0:.0f} s)")
     links = [s.strip() for s in args.links.split(",") if s.strip()]
@@ -260,14 +261,15 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
     rows: list[dict[str, Any]] = []
     try:
         pool.start()
-        hop = args.broker_ms / 1e3 if args.broker_ms is not None else \
-            asyncio.run(_broker_hop(broker.url, work))
+        hop = DEFAULT_BROKER_S if args.broker_ms is None else args.broker_ms / 1e3
+        agent = DEFAULT_AGENT_S if args.agent_ms is None else args.agent_ms / 1e3
         edge_only: dict[str, Any] | None = None
         for link in links:
             estimate = LinkEstimate.from_profile(LinkProfile.parse(link))
             for s in bundle:
                 pred = predict(costs[s.split_id], estimate, load_rps=args.rate,
-                               device_rps=args.rate, broker_s=hop, topic_len=topic_len)
+                               device_rps=args.rate, broker_s=hop, agent_s=agent,
+                               topic_len=topic_len)
                 if s.kind == "edge_only" and edge_only is not None:
                     measured = edge_only
                 else:
@@ -294,6 +296,7 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
                                      0, 0, 0, 0, 0, 0, 0, 0) for r in preds])
         recs[link] = None if best is None else best.split_id
     return {"model": model, "bundle": str(bundle_dir), "broker_hop_ms": hop * 1e3,
+            "agent_ms": agent * 1e3,
             "rows": rows, "recommended": recs, "edge": edge, "cloud": cloud}
 
 
@@ -346,7 +349,7 @@ def report_text(models: Sequence[Mapping[str, Any]], summary: Mapping[str, Any])
     lines = []
     for m in models:
         lines.append(f"\n{m['model']} (bundle {m['bundle']}; broker hop "
-                     f"{m['broker_hop_ms']:.2f} ms measured by a raw MQTT echo)")
+                     f"{m['broker_hop_ms']:.2f} ms, device overhead {m['agent_ms']:.2f} ms)")
         lines.append(f"  {'link':5s} {'split':18s} {'kind':10s} {'predicted':>9s} "
                      f"{'measured':>9s} {'error':>7s}")
         for r in m["rows"]:
@@ -393,6 +396,23 @@ def run(args: argparse.Namespace) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    if args.calibrate:
+        import asyncio
+
+        from splitinfer.costmodel import DEFAULT_AGENT_S, DEFAULT_BROKER_S
+
+        found = asyncio.run(_calibrate(work))
+        print(f"broker hop        {found['broker_ms']:.2f} ms (the cost model's constant: "
+              f"{DEFAULT_BROKER_S * 1e3:.2f} ms)")
+        print(f"device overhead   {found['agent_ms']:.2f} ms (the cost model's constant: "
+              f"{DEFAULT_AGENT_S * 1e3:.2f} ms)")
+        print(f"device decode     {found['device_decode_ms']:.2f} ms (digits result; not in "
+              "the profiles)")
+        if args.json:
+            print(json.dumps(found))
+        if tmp is not None:
+            tmp.cleanup()
+        return 0
     t0 = time.perf_counter()
     log(f"bench planner: {', '.join(models)} at {args.resolution}x{args.resolution}, links "
         f"{args.links}, speed {args.speed:g}, {args.rate:g} req/s, {args.duration:g} s per pair "
@@ -408,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
         bundle, costs = load_inputs(first["bundle"], str(work / first["model"] / "edge.json"),
                                     str(work / first["model"] / "cloud.json"))
         plans = [plan_link(bundle, costs, LinkProfile.parse(link), load_rps=args.rate,
-                           device_rps=args.rate, broker_s=first["broker_hop_ms"] / 1e3)
+                           device_rps=args.rate, broker_s=first["broker_hop_ms"] / 1e3,
+                           agent_s=first["agent_ms"] / 1e3)
                  for link in args.links.split(",")]
         plot_plan(plans, args.plot, title=f"{bundle.model} at {args.resolution}x"
                   f"{args.resolution}, device at --speed {args.speed:g}")
