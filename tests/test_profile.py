@@ -292,3 +292,16 @@ def test_fixed_batch_splits(tmp_path: Path) -> None:
         # throughput = B requests / the batch's p50 (one 1 ms step here)
         assert c[name]["batches"]["3"]["throughput_rps"] == pytest.approx(3000.0)
     assert e["edge_only"]["head_ms"]["p50"] == pytest.approx(1.0)
+
+
+def test_interleave_runs_splits_round_robin() -> None:
+    order: list[str] = []
+
+    def call(name: str) -> Any:
+        return lambda: order.append(name) or name
+
+    times, results = prof._interleave([[call("a0"), call("a1"), call("a2")], [],
+                                       [call("b0")]], StepTimer(0.5))
+    assert order == ["a0", "b0", "a1", "a2"]
+    assert results == [["a0", "a1", "a2"], [], ["b0"]]
+    assert times == [[0.5] * 3, [], [0.5]]

@@ -62,7 +62,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,6 +87,7 @@ WARMUP_RUNS = 3
 # As long as the fleet's device ids ("<6 hex>-<5 digits>"), so the envelope's size matches.
 DEVICE_ID = "prof00-00000"
 Timer = Callable[[], float]
+R = TypeVar("R")
 
 
 # --- what to profile ---------------------------------------------------------------------
@@ -407,43 +408,61 @@ def _check_speed(speed: float) -> None:
                             "8 = a device eight times slower)")
 
 
+def _interleave(calls: Sequence[Sequence[Callable[[], R]]], clock: Timer
+                ) -> tuple[list[list[float]], list[list[R]]]:
+    """Run every split's calls round-robin (call i of each split, then call i + 1 of
+    each), timing each one: a burst of load from elsewhere on the machine then slows every
+    split alike instead of biasing one of them. Returns (seconds, results) per split."""
+    times: list[list[float]] = [[] for _ in calls]
+    results: list[list[R]] = [[] for _ in calls]
+    for i in range(max((len(c) for c in calls), default=0)):
+        for k, split_calls in enumerate(calls):
+            if i < len(split_calls):
+                t0 = clock()
+                value = split_calls[i]()
+                times[k].append(clock() - t0)
+                results[k].append(value)
+    return times, results
+
+
 def profile_edge(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *,
                  threads: int = 1, speed: float = 1.0, repeats: int = 1,
                  providers: Sequence[str] | None = None,
                  timer: Timer | None = None) -> dict[str, dict[str, Any]]:
     """Per split: head (x ``speed``), request encode, request and cut bytes, at batch 1."""
+    import functools
     import time
 
     _check_speed(speed)
     clock = timer or time.perf_counter
     provs = _providers("edge", providers)
-    out: dict[str, dict[str, Any]] = {}
+    heads: list[_Session | None] = []
+    runs: list[list[dict[str, Array]]] = []
+    batches: list[int] = []
     for e in entries:
         m = e.manifest
-        inputs = {s.name: samples[s.name] for s in m.inputs}
         head = None
         if m.kind != "cloud_only":
             head = _Session(m.resolve(e.path, "head"), side="edge", threads=threads,
                             providers=provs)
         batch = (head.fixed_batch or 1) if head is not None else _batch_of(m.inputs)
-        runs = _chunks(inputs, batch)
+        split_runs = _chunks({s.name: samples[s.name] for s in m.inputs}, batch)
         if head is not None:
             for _ in range(WARMUP_RUNS):
-                head.run(runs[0])
-        head_s: list[float] = []
-        cuts: list[dict[str, Array]] = []
-        for _ in range(max(1, repeats)):
-            for feeds in runs:
-                if head is None:
-                    cuts.append(feeds)
-                    continue
-                t0 = clock()
-                result = head.run(feeds)
-                head_s.append(clock() - t0)
-                cuts.append(result)
+                head.run(split_runs[0])
+        heads.append(head)
+        runs.append(split_runs * max(1, repeats))
+        batches.append(batch)
+    head_s, head_out = _interleave(
+        [[functools.partial(h.run, f) for f in r] if h is not None else []
+         for h, r in zip(heads, runs, strict=True)], clock)
+    out: dict[str, dict[str, Any]] = {}
+    for k, e in enumerate(entries):
+        m, head, batch = e.manifest, heads[k], batches[k]
+        cuts = head_out[k] if head is not None else runs[k]
         entry: dict[str, Any] = {"kind": e.kind, "dir": e.dir, "input_codec": e.input_codec,
                                  "samples_per_request": batch,
-                                 "head_ms": stats_ms(head_s, speed) if head else
+                                 "head_ms": stats_ms(head_s[k], speed) if head else
                                  _zero_stats(len(cuts))}
         if m.kind == "edge_only":
             entry.update(encode_ms=_zero_stats(len(cuts)), request_bytes=0, cut_bytes=0,
@@ -521,6 +540,55 @@ def _run_batch(tail: _Session, batchable: bool, jobs: Sequence[Mapping[str, Arra
     return outs
 
 
+@dataclass
+class _CloudSplit:
+    """One split's tail and its real requests, decoded, ready for timing."""
+
+    entry: SplitEntry
+    tail: _Session
+    batchable: bool
+    per_request: int
+    payloads: list[bytes]
+    decode_s: list[float]
+    feeds: list[dict[str, Array]]
+
+
+def _prepare_cloud(e: SplitEntry, samples: Mapping[str, Array], *, threads: int,
+                   providers: Sequence[str], repeats: int, clock: Timer) -> _CloudSplit:
+    """The split's requests as the device sends them (its head run here, on the CPU),
+    decoded as the worker decodes them (timed), and its tail session, warmed up."""
+    from splitinfer.wire import decode
+
+    m = e.manifest
+    inputs = {s.name: samples[s.name] for s in m.inputs}
+    if m.kind == "cloud_only":
+        per_request = _batch_of(m.cut)
+        cuts = _chunks(inputs, per_request)
+    else:
+        head = _Session(m.resolve(e.path, "head"), side="edge", threads=threads,
+                        providers=["CPUExecutionProvider"])
+        per_request = head.fixed_batch or 1
+        cuts = [head.run(f) for f in _chunks(inputs, per_request)]
+    payloads = [_request(e, c) for c in cuts]
+    tail = _Session(m.resolve(e.path, "tail"), side="cloud", threads=threads,
+                    providers=providers)
+    batchable = tail.fixed_batch is None and not any(
+        s.shape and isinstance(s.shape[0], int) for s in m.outputs)
+    codecs = {m.split_id: _codecs(m)}  # what the worker's registry passes
+    decode(payloads[0], codecs=codecs)
+    decode_s: list[float] = []
+    feeds: list[dict[str, Array]] = []
+    for _ in range(max(1, repeats)):
+        for p in payloads:
+            t0 = clock()
+            env = decode(p, codecs=codecs)
+            decode_s.append(clock() - t0)
+            feeds.append(env.arrays())
+    for _ in range(WARMUP_RUNS):
+        tail.run(feeds[0])
+    return _CloudSplit(e, tail, batchable, per_request, payloads, decode_s, feeds)
+
+
 def profile_cloud(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *,
                   threads: int = 0, batches: Sequence[int] = DEFAULT_BATCHES,
                   repeats: int = 3, providers: Sequence[str] | None = None,
@@ -530,74 +598,43 @@ def profile_cloud(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *
     The requests are real: each split's head (when its folder has one) runs on the
     samples on this machine first, and the cut goes into the envelope the agent builds.
     """
+    import functools
     import time
-
-    from splitinfer.wire import decode
 
     clock = timer or time.perf_counter
     provs = _providers("cloud", providers)
+    work = [_prepare_cloud(e, samples, threads=threads, providers=provs, repeats=repeats,
+                           clock=clock) for e in entries if e.manifest.kind != "edge_only"]
+    tail_s, tail_out = _interleave(
+        [[functools.partial(_run_batch, w.tail, w.batchable, [f]) for f in w.feeds]
+         for w in work], clock)
+    per_batch: list[dict[str, dict[str, float]]] = [{} for _ in work]
+    for b in sorted(set(batches)):
+        calls = []
+        for w in work:
+            jobs = [w.feeds[i % len(w.feeds)] for i in range(b)]
+            if b > 1:
+                _run_batch(w.tail, w.batchable, jobs)  # warm-up at this shape
+            calls.append([functools.partial(_run_batch, w.tail, w.batchable, jobs)] *
+                         max(1, repeats) if b > 1 else [])
+        times, _ = _interleave(calls, clock)
+        for k in range(len(work)):
+            p50 = float(stats_ms(times[k] if b > 1 else tail_s[k])["p50"])  # 1: as tail_ms
+            per_batch[k][str(b)] = {"p50_ms": p50, "throughput_rps":
+                                    round(b * 1000.0 / p50, 3) if p50 > 0 else 0.0}
     out: dict[str, dict[str, Any]] = {}
     for e in entries:
-        m = e.manifest
-        base: dict[str, Any] = {"kind": e.kind, "dir": e.dir, "input_codec": e.input_codec}
-        if m.kind == "edge_only":
-            out[e.split_id] = base
-            continue
-        inputs = {s.name: samples[s.name] for s in m.inputs}
-        if m.kind == "cloud_only":
-            per_request = _batch_of(m.cut)
-            cuts = _chunks(inputs, per_request)
-        else:
-            head = _Session(m.resolve(e.path, "head"), side="edge", threads=threads,
-                            providers=["CPUExecutionProvider"])
-            per_request = head.fixed_batch or 1
-            cuts = [head.run(f) for f in _chunks(inputs, per_request)]
-        payloads = [_request(e, c) for c in cuts]
-        tail = _Session(m.resolve(e.path, "tail"), side="cloud", threads=threads,
-                        providers=provs)
-        batchable = tail.fixed_batch is None and not any(
-            s.shape and isinstance(s.shape[0], int) for s in m.outputs)
-        codecs = {m.split_id: _codecs(m)}  # what the worker's registry passes
-        decode(payloads[0], codecs=codecs)
-        decode_s: list[float] = []
-        feeds: list[dict[str, Array]] = []
-        for _ in range(max(1, repeats)):
-            for p in payloads:
-                t0 = clock()
-                env = decode(p, codecs=codecs)
-                decode_s.append(clock() - t0)
-                feeds.append(env.arrays())
-        for _ in range(WARMUP_RUNS):
-            tail.run(feeds[0])
-        tail_s: list[float] = []
-        result_sizes: list[int] = []
-        for i, f in enumerate(feeds):
-            t0 = clock()
-            result = _run_batch(tail, batchable, [f])[0]
-            tail_s.append(clock() - t0)
-            if i < len(payloads):
-                result_sizes.append(len(_result(payloads[i], result, m)))
-        per_batch: dict[str, dict[str, float]] = {}
-        for b in sorted(set(batches)):
-            times = tail_s  # batch 1: every sample, as tail_ms
-            if b > 1:
-                jobs = [feeds[i % len(feeds)] for i in range(b)]
-                _run_batch(tail, batchable, jobs)  # warm-up at this shape
-                times = []
-                for _ in range(max(1, repeats)):
-                    t0 = clock()
-                    _run_batch(tail, batchable, jobs)
-                    times.append(clock() - t0)
-            p50 = float(stats_ms(times)["p50"])
-            per_batch[str(b)] = {"p50_ms": p50,
-                                 "throughput_rps": round(b * 1000.0 / p50, 3) if p50 > 0
-                                 else 0.0}
-        base.update(samples_per_request=per_request, decode_ms=stats_ms(decode_s),
-                    tail_ms=stats_ms(tail_s),
-                    result_bytes=round(sum(result_sizes) / len(result_sizes)),
-                    batchable=batchable, batches=per_batch)
-        out[e.split_id] = base
-        log.info("cloud %s (%s): tail p50 %.3f ms", e.split_id, e.kind, base["tail_ms"]["p50"])
+        out[e.split_id] = {"kind": e.kind, "dir": e.dir, "input_codec": e.input_codec}
+    for k, w in enumerate(work):
+        m = w.entry.manifest
+        sizes = [len(_result(p, r[0], m)) for p, r in zip(w.payloads, tail_out[k],
+                                                          strict=False)]
+        out[m.split_id].update(
+            samples_per_request=w.per_request, decode_ms=stats_ms(w.decode_s),
+            tail_ms=stats_ms(tail_s[k]), result_bytes=round(sum(sizes) / len(sizes)),
+            batchable=w.batchable, batches=per_batch[k])
+        log.info("cloud %s (%s): tail p50 %.3f ms", m.split_id, m.kind,
+                 out[m.split_id]["tail_ms"]["p50"])
     return out
 
 
