@@ -298,7 +298,10 @@ def test_interleave_runs_splits_round_robin() -> None:
     order: list[str] = []
 
     def call(name: str) -> Any:
-        return lambda: order.append(name) or name
+        def run() -> str:
+            order.append(name)
+            return name
+        return run
 
     times, results = prof._interleave([[call("a0"), call("a1"), call("a2")], [],
                                        [call("b0")]], StepTimer(0.5))
