@@ -44,12 +44,26 @@ of ``--input`` other than the model inputs and ``label`` are ignored, with one w
 
 **Latency** of a request runs from its *scheduled* arrival to the result (so the fleet's
 own lag is charged, never hidden). Stages: see :data:`STAGE_SOURCES`.
+
+**Bundles** (:mod:`simulators.fleet_bundle`): with a bundle as ``artifacts`` the devices
+are adaptive (``EdgeAgent.from_bundle``: every head, the split chosen per request, answers
+on the device when the cloud cannot make it), sharing one loaded head per split; the
+workers serve every tail. ``split`` pins one split of the bundle instead (a plain agent
+of that split, workers serving that split). The report then says which split served how
+many requests (``splits_used``, ``per_split``), how many were answered on the device
+(``served_locally``), every device's ``switches``, and, per fault, what happened to the
+requests due during it (``during_faults``).
+
+**Link schedule** (``link_schedule``, :mod:`simulators.link_schedule`): every device link
+proxy follows it (without ``links`` the proxies start from its first entry). Its times, the
+faults' and the switches' ``t_s`` all count from the start of the measured window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import resource
@@ -65,7 +79,15 @@ import numpy as np
 import numpy.typing as npt
 
 from simulators.arrivals import ArrivalProcess
-from simulators.faults import FaultInjector, FaultPlan
+from simulators.faults import FAULT_KINDS, FaultInjector, FaultPlan
+from simulators.fleet_bundle import (
+    SplitSizes,
+    Target,
+    derived_times,
+    load_heads,
+    resolve,
+    split_sizes,
+)
 from simulators.fleet_stats import (
     RAW_STAGES,
     REPORT_STAGES,
@@ -73,6 +95,8 @@ from simulators.fleet_stats import (
     FleetResult,
     Tally,
     accuracy,
+    fault_windows,
+    split_figures,
     write_outputs,
 )
 from simulators.fleet_support import (
@@ -82,14 +106,11 @@ from simulators.fleet_support import (
     WorkerPool,
     find_source_model,
     load_inputs,
-    mqtt_publish_bytes,
-    payload_sizes,
     random_inputs,
     record_head_outputs,
     reference_predictions,
 )
 from simulators.fleet_transport import TRANSPORTS, connector_for, pick_transport
-from splitinfer.link import LinkProfile
 from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,
@@ -97,8 +118,8 @@ from splitinfer.errors import (
     SplitInferError,
     StartupError,
 )
-from splitinfer.manifest import Manifest, find_split_dirs
-from splitinfer.topics import DEFAULT_PREFIX, Topics, topic_name
+from splitinfer.link import LinkProfile
+from splitinfer.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["FleetConfig", "Fleet", "FleetResult", "Progress", "STAGE_SOURCES",
            "REPORT_STAGES", "FAULT_EXTRA_KINDS"]
@@ -106,7 +127,10 @@ __all__ = ["FleetConfig", "Fleet", "FleetResult", "Progress", "STAGE_SOURCES",
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 
-FAULT_EXTRA_KINDS = ("restart-worker",)
+# link-cut (cut every device link) is simulators.faults' own kind where it has one
+FAULT_EXTRA_KINDS: tuple[str, ...] = ("restart-worker",) + \
+    (() if "link-cut" in FAULT_KINDS else ("link-cut",))
+LINK_FAULTS = ("cut-link", "stall-link", "link-cut")
 PROTOCOLS = ("3.1.1", "5", "auto")
 _HEAD_WAIT_MIN_S = 1e-3
 
@@ -129,7 +153,11 @@ class FleetConfig:
     faults: str = ""
     input: Path | None = None
     reference: Path | None = None
-    split: str | None = None  # which split under `artifacts` (default: the only one)
+    split: str | None = None  # which split under `artifacts` (default: the only one);
+    # with a bundle: pin this split (default: adaptive devices)
+    link_schedule: str = ""  # e.g. "wifi@0s,3g@20s,wifi@40s" (from the window's start)
+    edge_profile: Path | None = None  # profile JSONs the adaptive devices plan with
+    cloud_profile: Path | None = None
     workers: int = 1  # started by the fleet; 0 = workers already serve the broker
     worker_threads: int = 1
     max_batch: int | None = None
@@ -180,6 +208,15 @@ class FleetConfig:
         self.arrival_process()
         self.link_profiles()
         self.fault_plan()
+        self.schedule()
+
+    def schedule(self) -> Any:
+        """The :class:`~simulators.link_schedule.LinkSchedule`, None without one."""
+        if not self.link_schedule.strip():
+            return None
+        from simulators.link_schedule import LinkSchedule
+
+        return LinkSchedule.parse(self.link_schedule)
 
     def arrival_process(self) -> ArrivalProcess:
         return ArrivalProcess.parse(self.arrivals).with_rate(self.rate)
@@ -240,25 +277,17 @@ class Fleet:
         self._devices: list[_Device] = []
         self._phase = "warmup"
         self._t0 = 0.0  # perf_counter at the start of the schedule (warm-up included)
+        self._window_start = 0.0  # perf_counter at the start of the measured window
         self.transport = config.transport
+        self._sizes: dict[str, SplitSizes] = {}
+        self._derived_cache: dict[tuple[int, str], tuple[float, float]] = {}
+        self._link_schedule: Any = None
+        self._applied: list[tuple[float, LinkProfile]] = []  # link changes as applied
+
+    def _link_changed(self, at_s: float, profile: LinkProfile) -> None:
+        self._applied.append((at_s, profile))
 
     # ------------------------------------------------------------------ preparation
-
-    def _split(self) -> tuple[Path, Manifest]:
-        dirs = find_split_dirs(self.config.artifacts)
-        if not dirs:
-            raise StartupError(f"no split under {self.config.artifacts} (no manifest.json); "
-                               "run 'splitinfer split' first")
-        if self.config.split:
-            dirs = [d for d in dirs if d.name == self.config.split or
-                    Manifest.load(d).split_id == self.config.split]
-            if not dirs:
-                raise BadInputError(f"split {self.config.split!r} not found under "
-                                    f"{self.config.artifacts}")
-        elif len(dirs) > 1:
-            raise BadInputError(f"{self.config.artifacts} holds {len(dirs)} splits; pick one "
-                                f"with --split (one of {[d.name for d in dirs]})")
-        return dirs[0], Manifest.load(dirs[0])
 
     def _prefix(self) -> str:
         if self.config.prefix:
@@ -270,12 +299,61 @@ class Fleet:
             return url
         return f"{url}{'&' if '?' in url else '?'}protocol={self.config.mqtt}"
 
+    def _sizes_for(self, target: Target, topics: Topics) -> dict[str, SplitSizes]:
+        """Request/result sizes of every split the devices may use (the last device's ids:
+        the longest)."""
+        cfg = self.config
+        device = f"{self.token}-{cfg.devices:05d}"
+        codec: dict[str, int | None] = {}
+        if target.bundle is not None:
+            for s in target.bundle.splits:
+                codec[s.split_id] = s.bytes_per_sample if s.input_codec != "raw" else None
+        return {split_id: split_sizes(manifest, topics=topics, device_id=device,
+                                      replay=cfg.replay, qos=cfg.qos,
+                                      codec_bytes=codec.get(split_id))
+                for split_id, (_, manifest) in target.manifests.items()}
+
+    def _derived(self, group: _Group, split_id: str, due_s: float) -> tuple[float, float]:
+        """Derived one-way link times of a ``split_id`` request due at ``due_s`` (from the
+        window's start) on ``group``'s link, as the schedule has it then."""
+        profile = group.profile
+        if self._link_schedule is not None and group.proxy is not None:
+            scheduled = self._link_schedule.profile_at(due_s)
+            if scheduled is not None:
+                profile = scheduled
+        key = (id(profile), split_id)
+        times = self._derived_cache.get(key)
+        if times is None:
+            sizes = self._sizes.get(split_id)
+            times = (0.0, 0.0) if sizes is None else derived_times(profile, sizes)
+            self._derived_cache[key] = times
+        return times
+
+    def _agent(self, index: int, group: _Group, target: Target, head: Any,
+               heads: dict[str, Any], prefix: str, profiles: dict[str, Any]) -> Any:
+        from edge_agent import AgentConfig, EdgeAgent
+
+        cfg = self.config
+        config = AgentConfig(device_id=f"{self.token}-{index:05d}", broker=group.url,
+                             prefix=prefix, timeout_s=cfg.timeout_s, qos=cfg.qos,
+                             presence=cfg.presence)
+        if target.mode == "adaptive":
+            shaped = group.profile is not None and group.profile.spec() != "up=inf"
+            # the prior: the link the device starts on (loopback or unshaped: lan)
+            return EdgeAgent.from_bundle(
+                target.split_dir, config=config, heads=heads, connector=group.connector,
+                link=group.profile.spec() if shaped and group.profile else "lan",
+                clock=time.perf_counter, **profiles)
+        return EdgeAgent(manifest=target.manifest, head=None if cfg.replay else head,
+                         connector=group.connector, config=config)
+
     # ------------------------------------------------------------------ the run
 
     async def run(self) -> FleetResult:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        split_dir, manifest = self._split()
+        target = resolve(cfg.artifacts, cfg.split, replay=cfg.replay)
+        split_dir, manifest = target.split_dir, target.manifest
         out = cfg.out or Path(f"reports/fleet-{time.strftime('%Y%m%d-%H%M%S')}-{self.token}")
         out.mkdir(parents=True, exist_ok=True)
         inputs = load_inputs(cfg.input, manifest) if cfg.input else \
@@ -284,38 +362,43 @@ class Fleet:
             log.warning("--input %s: ignoring %s (neither inputs of %s %s nor 'label')",
                         inputs.source, list(inputs.ignored), manifest.model,
                         [s.name for s in manifest.inputs])
-        local = manifest.kind == "edge_only"  # the whole model on the device: no broker
-        reference = cfg.reference or find_source_model(manifest, split_dir)
+        local = target.local  # the whole model on the device: no broker
+        reference = cfg.reference or _source_model(target)
         ref_pred = reference_predictions(reference, inputs) if reference is not None and \
             (inputs.labels is not None or cfg.reference is not None) else None
-        from edge_agent import AgentConfig, EdgeAgent, load_head
+        from edge_agent import load_head
 
-        head = load_head(manifest, split_dir, threads=1)
+        head: Any = None
+        heads: dict[str, Any] = {}
         recorded: list[dict[str, Array]] = []
         head_times: list[float] = []
-        if cfg.replay:
-            recorded, head_times = record_head_outputs(head, inputs, cfg.record)
-        elif cfg.speed > 1.0:
-            head = SlowHead(head, cfg.speed)
+        if target.mode == "adaptive":
+            heads = load_heads(target.manifests, speed=cfg.speed)
+        else:
+            head = load_head(manifest, split_dir, threads=1)
+            if cfg.replay:
+                recorded, head_times = record_head_outputs(head, inputs, cfg.record)
+            elif cfg.speed > 1.0:
+                head = SlowHead(head, cfg.speed)
+        if cfg.speed > 1.0 and not cfg.replay:
             from concurrent.futures import ThreadPoolExecutor
 
             # sleeping heads hold a thread each; the default pool (cores + 4) would queue them
             loop.set_default_executor(ThreadPoolExecutor(max(8, min(cfg.devices, 256)),
                                                          thread_name_prefix="fleet-head"))
+        profiles = self._profiles()
         _raise_file_limit(3 * cfg.devices + 256)
         prefix = self._prefix()
         topics = Topics(prefix)
         self.transport = self._transport_for(cfg.broker)
-        sizes = (0, 0) if local else payload_sizes(
-            manifest, device_id=f"{self.token}-{cfg.devices - 1:05d}",
-            result_topic=topics.result(f"{self.token}-{cfg.devices:05d}"), replay=cfg.replay)
-        request_topic = topics.request(topic_name(manifest.model),
-                                       f"{self.token}-{cfg.devices:05d}")
-        wire_up = 0 if local else mqtt_publish_bytes(request_topic, sizes[0], cfg.qos)
-        wire_down = 0 if local else mqtt_publish_bytes(
-            topics.result(f"{self.token}-{cfg.devices:05d}"), sizes[1], cfg.qos)
+        self._sizes = {} if local else self._sizes_for(target, topics)
+        if local:
+            self._sizes = {manifest.split_id: SplitSizes(manifest.split_id, "edge_only",
+                                                         0, 0, 0, 0)}
+        sizes = self._sizes.get(manifest.split_id) if target.mode != "adaptive" else None
         checking = inputs.labels is not None or ref_pred is not None
         plan = cfg.fault_plan()
+        self._link_schedule = cfg.schedule()
         events: list[Any] = []
         broker: Any = None
         pool: WorkerPool | None = None
@@ -323,7 +406,7 @@ class Fleet:
             broker, url, broker_kind = await self._start_broker(stack, local=local)
             if cfg.workers and not local:
                 pool = WorkerPool(count=cfg.workers, broker=self._with_protocol(url),
-                                  artifacts=split_dir, prefix=prefix,
+                                  artifacts=target.worker_artifacts, prefix=prefix,
                                   group="" if broker_kind.startswith("embedded") else "fleet",
                                   log_dir=out, threads=cfg.worker_threads,
                                   extra=self._worker_flags())
@@ -332,31 +415,32 @@ class Fleet:
             if local:
                 self._groups.append(_Group("local", None, url))
             else:
-                await self._start_links(stack, url, plan, wire_up, wire_down)
+                await self._start_links(stack, url, plan, sizes)
             for index in range(cfg.devices):
                 group = index * len(self._groups) // cfg.devices
                 self._groups[group].devices += 1
-                agent = EdgeAgent(manifest=manifest, head=None if cfg.replay else head,
-                                  connector=self._groups[group].connector,
-                                  config=AgentConfig(
-                                      device_id=f"{self.token}-{index:05d}",
-                                      broker=self._groups[group].url, prefix=prefix,
-                                      timeout_s=cfg.timeout_s, qos=cfg.qos,
-                                      presence=cfg.presence))
+                agent = self._agent(index, self._groups[group], target, head, heads, prefix,
+                                    profiles)
                 self._devices.append(_Device(index, agent, group))
             stack.push_async_callback(self._close_devices)
             connect_s = await self._connect_all()
-            await self._warm_up_path(recorded, inputs)
+            await self._warm_up_path(recorded, inputs, target, heads, url, prefix)
             schedule_t, schedule_dev = self._schedule()
             meter = CpuMeter(self._cpu_roles(broker, broker_kind, pool))
+            links = {g.name: g.proxy for g in self._groups if g.proxy}
             injector = FaultInjector(broker=broker, workers=pool.procs if pool else [],
-                                     links={g.name: g.proxy for g in self._groups if g.proxy})
+                                     links=links)
+            if "link-cut" in FAULT_EXTRA_KINDS:
+                injector.register("link-cut",
+                                  lambda f: injector.cut_link(None, f.duration_s or 0.0))
             if pool is not None:
                 injector.register("restart-worker", lambda f: pool.spawn_and_wait())
             self._t0 = time.perf_counter()
             window_start = self._t0 + cfg.warmup_s
+            self._window_start = window_start
             ticker = asyncio.create_task(self._tick(meter, window_start), name="fleet-tick")
             faults_task: asyncio.Task[list[Any]] | None = None
+            schedule_task: asyncio.Task[Any] | None = None
             try:
                 dispatch = asyncio.create_task(
                     self._dispatch(schedule_t, schedule_dev, recorded, head_times, inputs,
@@ -367,6 +451,11 @@ class Fleet:
                 if len(plan):
                     faults_task = asyncio.create_task(
                         injector.run(plan, t0=loop.time()), name="fleet-faults")
+                if self._link_schedule is not None and links:
+                    schedule_task = asyncio.create_task(
+                        self._link_schedule.run(list(links.values()), loop.time(),
+                                                on_change=self._link_changed),
+                        name="fleet-link-schedule")
                 await dispatch
                 self._phase = "drain"
                 await self._drain(cfg.drain)
@@ -379,22 +468,49 @@ class Fleet:
                         await faults_task
                     events = [e.as_dict() for e in injector.events]
             finally:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
+                for task in (ticker, schedule_task):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
                 for task in list(self._tasks):
                     task.cancel()
             retries = self._retry_counters()
             link_stats = [self._link_report(g) for g in self._groups]
+            switches = self._switches(window_start)
         result = self._result(
-            manifest=manifest, split_dir=split_dir, url=url, broker_kind=broker_kind,
+            target=target, url=url, broker_kind=broker_kind,
             connect_s=connect_s, cpu=meter.report(), events=events, retries=retries,
             link_stats=link_stats, inputs=inputs, ref_pred=ref_pred, reference=reference,
-            window_start=window_start, sizes=sizes, wire=(wire_up, wire_down),
-            head_times=head_times, prefix=prefix)
+            window_start=window_start, sizes=sizes, head_times=head_times, prefix=prefix,
+            plan=plan, switches=switches)
         result.report["out"] = str(out)
         write_outputs(result, out, png=cfg.png)
         return result
+
+    def _profiles(self) -> dict[str, Any]:
+        """The edge/cloud profile JSONs for ``from_bundle``, read once for every device."""
+        out: dict[str, Any] = {}
+        for key, path in (("edge_profile", self.config.edge_profile),
+                          ("cloud_profile", self.config.cloud_profile)):
+            if path is None:
+                continue
+            try:
+                out[key] = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as exc:
+                raise BadInputError(f"--{key.replace('_', '-')} {path}: not a readable "
+                                    f"profile JSON ('splitinfer profile -o'): {exc}") from exc
+        return out
+
+    def _switches(self, window_start: float) -> list[dict[str, Any]]:
+        """Every device's split changes, ``t_s`` from the window's start, in time order."""
+        out = []
+        for device in self._devices:
+            for sw in getattr(device.agent, "switches", ()):
+                out.append({"t_s": round(sw.t_s - window_start, 4), "device": sw.device,
+                            "from": sw.from_split, "to": sw.to_split,
+                            "reason": getattr(sw, "reason", "")})
+        return sorted(out, key=lambda s: (s["t_s"], s["device"]))
 
     def _transport_for(self, url: str | None) -> str:
         from splitinfer.mqtt import BrokerConfig
@@ -435,13 +551,17 @@ class Fleet:
         return broker, broker.url, "mosquitto (latency-tuned)"
 
     async def _start_links(self, stack: contextlib.AsyncExitStack, url: str, plan: FaultPlan,
-                           wire_up: int, wire_down: int) -> None:
+                           sizes: SplitSizes | None) -> None:
         from simulators.shaper import ShapingProxy
         from splitinfer.mqtt import BrokerConfig
 
         cfg = self.config
         profiles: list[LinkProfile | None] = list(cfg.link_profiles())
-        wants_link = any(f.kind in ("cut-link", "stall-link") for f in plan)
+        wants_link = any(f.kind in LINK_FAULTS for f in plan)
+        if not profiles and self._link_schedule is not None:
+            changes = self._link_schedule.changes()
+            if changes:  # every proxy starts from the schedule's first entry
+                profiles = [changes[0][1]]
         if not profiles:
             # link faults need a proxy to break: an unshaped one ("direct")
             profiles = [LinkProfile(name="direct")] if wants_link else [None]
@@ -461,10 +581,8 @@ class Fleet:
                 stack.push_async_callback(proxy.close)
                 proxy_url = f"mqtt://{proxy.host}:{proxy.port}" + (f"?{query}" if query else "")
                 group = _Group(name, profile, self._with_protocol(proxy_url), proxy)
-                group.up_s = profile.transfer_s(wire_up, "up") + \
-                    profile.expected_loss_delay_s(wire_up)
-                group.down_s = profile.transfer_s(wire_down, "down") + \
-                    profile.expected_loss_delay_s(wire_down)
+                if sizes is not None:
+                    group.up_s, group.down_s = derived_times(profile, sizes)
             group.connector = connector_for(
                 group.url, self.transport, timeout_s=max(10.0, cfg.timeout_s))
             self._groups.append(group)
@@ -499,17 +617,45 @@ class Fleet:
                                f"connect; first: {failures[0]}")
         return time.perf_counter() - t0
 
-    async def _warm_up_path(self, recorded: list[dict[str, Array]], inputs: Inputs) -> None:
-        """One request through each worker's path before the clock starts (sessions warm)."""
-        device = self._devices[0]
-        for _ in range(max(1, self.config.workers) * 2):
+    async def _warm_up_path(self, recorded: list[dict[str, Array]], inputs: Inputs,
+                            target: Target, heads: dict[str, Any], url: str,
+                            prefix: str) -> None:
+        """One request through each worker's path before the clock starts (sessions warm).
+
+        Adaptive devices: two requests per worker for every tail of the bundle, from a plain
+        agent pinned to each split on a direct connection, so that no tail's first request
+        (session warm-up) lands in the window and no device's chooser sees it."""
+        rounds = max(1, self.config.workers) * 2
+        if target.mode != "adaptive":
+            device = self._devices[0]
+            for _ in range(rounds):
+                try:
+                    if recorded:
+                        await device.agent.infer_activation(recorded[0], timeout=60.0)
+                    else:
+                        await device.agent.infer(inputs.sample(0), timeout=60.0)
+                except SplitInferError as exc:
+                    raise StartupError(f"the first request got no answer: {exc}") from exc
+            return
+        from edge_agent import AgentConfig, EdgeAgent
+
+        for split_id, (_, manifest) in target.manifests.items():
+            if manifest.kind == "edge_only":
+                continue
+            config = AgentConfig(device_id=f"{self.token}-warm", prefix=prefix,
+                                 broker=self._with_protocol(url), qos=self.config.qos,
+                                 presence=False, timeout_s=60.0)
+            agent = EdgeAgent(manifest=manifest, head=heads.get(split_id), config=config,
+                              connector=connector_for(config.broker, self.transport))
             try:
-                if recorded:
-                    await device.agent.infer_activation(recorded[0], timeout=60.0)
-                else:
-                    await device.agent.infer(inputs.sample(0), timeout=60.0)
+                await agent.start()
+                for _ in range(rounds):
+                    await agent.infer(inputs.sample(0))
             except SplitInferError as exc:
-                raise StartupError(f"the first request got no answer: {exc}") from exc
+                raise StartupError(f"split {split_id}: the first request got no answer: "
+                                   f"{exc}") from exc
+            finally:
+                await agent.close()
 
     def _schedule(self) -> tuple[Array, Array]:
         """Every device's send times (s from the start, warm-up included), merged in order."""
@@ -551,7 +697,7 @@ class Fleet:
                 device = self._devices[int(devices[i])]
                 k, device.sent = device.sent, device.sent + 1
                 tally = self.measured if due >= warmup else self.warm
-                tally.sent += 1
+                tally.sent_one(due - warmup)
                 task = asyncio.create_task(
                     self._request(device, k, t0 + due, tally, recorded, head_times, inputs,
                                   checking), name="fleet-request")
@@ -578,21 +724,31 @@ class Fleet:
                 sample = (device.index + k * cfg.devices) % len(inputs)
                 result = await device.agent.infer(inputs.sample(sample))
         except DeadlineExceeded:
-            tally.timeouts += 1
+            tally.failed_one("timeout", due_s=due - self._window_start, device=device.index)
             return
         except RemoteError as exc:
-            tally.errors[f"remote:{exc.code}"] += 1
+            tally.failed_one("error", error=f"remote:{exc.code}",
+                             due_s=due - self._window_start, device=device.index)
             return
         except SplitInferError as exc:
-            tally.errors[type(exc).__name__] += 1
+            tally.failed_one("error", error=type(exc).__name__,
+                             due_s=due - self._window_start, device=device.index)
             return
         done = time.perf_counter()
-        group = self._groups[device.group]
+        due_s = due - self._window_start
+        split_id = result.split_id
+        sizes = self._sizes.get(split_id)
+        served_by = "edge" if sizes is not None and sizes.kind == "edge_only" else \
+            (getattr(result, "served_by", "") or "cloud")
+        up_s, down_s = (0.0, 0.0) if served_by == "edge" else \
+            self._derived(self._groups[device.group], split_id, due_s)
         if recorded and head_s < _HEAD_WAIT_MIN_S:  # not waited: charged arithmetically
             done += head_s
         tally.answered_one(result.timings if not recorded else {**result.timings, "head": head_s},
                            due=due, start=start, done=done, group=device.group,
-                           up_s=group.up_s, down_s=group.down_s)
+                           up_s=up_s, down_s=down_s, split_id=split_id, served_by=served_by,
+                           fallback=getattr(result, "fallback", ""), device=device.index,
+                           due_s=due_s)
         if checking:
             first = next(iter(result.outputs.values()))
             tally.checks.append((sample, int(np.asarray(first).reshape(-1).argmax())))
@@ -629,26 +785,51 @@ class Fleet:
                 "late_results": sum(c.late_results for c in counters)}
 
     def _link_report(self, group: _Group) -> dict[str, Any]:
+        pinned = len(self._sizes) == 1
         out: dict[str, Any] = {"name": group.name, "devices": group.devices,
                                "spec": group.profile.spec() if group.profile else None,
-                               "uplink_ms_derived": round(group.up_s * 1e3, 3),
-                               "downlink_ms_derived": round(group.down_s * 1e3, 3)}
+                               "uplink_ms_derived": round(group.up_s * 1e3, 3)
+                               if pinned else None,
+                               "downlink_ms_derived": round(group.down_s * 1e3, 3)
+                               if pinned else None}
+        if not pinned:  # adaptive: per split, on the link's first profile
+            out["derived_ms_per_split"] = {
+                split_id: [round(t * 1e3, 3) for t in derived_times(group.profile, sizes)]
+                for split_id, sizes in self._sizes.items()}
         if group.proxy is not None:
             out["proxy"] = group.proxy.stats.as_dict()
         return out
 
+    def _applied_padded(self, changes: list[Any]) -> list[Any]:
+        return [*self._applied, *([None] * (len(changes) - len(self._applied)))][:len(changes)]
+
+    def _fault_spans(self, plan: FaultPlan, events: list[dict[str, Any]],
+                     ) -> list[tuple[float, float, str]]:
+        """``[start, end)`` (s from the window's start) of every fault that lasts: its actual
+        start (from its event) plus its planned duration."""
+        spans = []
+        for fault in plan:
+            if not fault.duration_s:
+                continue
+            start = next((e["start_s"] for e in events if e["kind"] == fault.kind
+                          and e["planned_s"] == fault.at_s), fault.at_s)
+            spans.append((float(start), float(start) + fault.duration_s, fault.spec()))
+        return spans
+
     # ------------------------------------------------------------------ the report
 
-    def _result(self, *, manifest: Manifest, split_dir: Path, url: str, broker_kind: str,
+    def _result(self, *, target: Target, url: str, broker_kind: str,
                 connect_s: float, cpu: dict[str, Any], events: list[Any],
                 retries: dict[str, int], link_stats: list[dict[str, Any]], inputs: Inputs,
                 ref_pred: Array | None, reference: Path | None, window_start: float,
-                sizes: tuple[int, int], wire: tuple[int, int], head_times: list[float],
-                prefix: str) -> FleetResult:
+                sizes: SplitSizes | None, head_times: list[float], prefix: str,
+                plan: FaultPlan, switches: list[dict[str, Any]]) -> FleetResult:
         from edge_agent.stats import percentiles
 
         cfg, m = self.config, self.measured
         lost = m.sent - m.answered - sum(m.errors.values()) - m.timeouts
+        changes = self._link_schedule.changes() if self._link_schedule is not None else []
+        spans = self._fault_spans(plan, events)
         e2e = percentiles(m.e2e)
         span = (m.last_done - window_start) if m.answered else 0.0
         stage_detail = {s: percentiles(m.stages.get(s, [])) for s in (*REPORT_STAGES,
@@ -684,9 +865,25 @@ class Fleet:
                 "qos": cfg.qos, "workers": cfg.workers, "worker_threads": cfg.worker_threads,
                 "input": inputs.source, "prefix": prefix,
             },
-            "split": {"split_id": manifest.split_id, "dir": str(split_dir),
-                      "request_bytes": sizes[0], "result_bytes": sizes[1],
-                      "request_wire_bytes": wire[0], "result_wire_bytes": wire[1]},
+            "mode": target.mode,
+            "split": {"split_id": target.manifest.split_id if target.mode != "adaptive"
+                      else "adaptive", "dir": str(target.split_dir),
+                      **(sizes.as_dict() if sizes is not None else
+                         {"request_bytes": None, "result_bytes": None,
+                          "request_wire_bytes": None, "result_wire_bytes": None})},
+            "bundle": None if target.bundle is None else {
+                "path": str(target.bundle.root), "model": target.bundle.model,
+                "splits": [{"dir": s.dir, **self._sizes[s.split_id].as_dict()}
+                           for s in target.bundle.splits if s.split_id in self._sizes]},
+            "splits_used": dict(m.splits.most_common()),
+            "served_locally": m.served_locally,
+            "per_split": split_figures(m, cfg.timeout_s),
+            "switches": switches,
+            "link_schedule": [{"t_s": t, "link": p.spec(), "applied_s": round(a[0], 4)
+                               if a is not None else None}
+                              for (t, p), a in zip(changes, self._applied_padded(changes),
+                                                   strict=True)],
+            "during_faults": fault_windows(m, spans, cfg.timeout_s),
             "broker": {"url": url.partition("?")[0], "kind": broker_kind,
                        "cpu": "in the fleet process" if broker_kind.startswith("embedded")
                        else ("not measured (external)" if cfg.broker else "own process")},
@@ -697,7 +894,20 @@ class Fleet:
         return FleetResult(
             report=report, e2e_ms=np.asarray(m.e2e) * 1e3, groups=np.asarray(m.groups),
             group_names=names,
-            stages_ms={s: np.asarray(v) * 1e3 for s, v in m.stages.items()})
+            stages_ms={s: np.asarray(v) * 1e3 for s, v in m.stages.items()},
+            outcomes=m.outcomes, link_changes=[(t, p.name) for t, p in changes],
+            fault_spans=spans)
+
+
+def _source_model(target: Target) -> Path | None:
+    """The unsplit model next to the split (or the bundle), sha256 checked; None if absent."""
+    if target.mode != "adaptive":
+        return find_source_model(target.manifest, target.split_dir)
+    for split_dir, manifest in target.manifests.values():
+        found = find_source_model(manifest, split_dir)
+        if found is not None:
+            return found
+    return None
 
 
 def _raise_file_limit(want: int) -> None:

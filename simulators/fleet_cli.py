@@ -33,6 +33,14 @@ examples:
   splitinfer fleet --artifacts split/ --devices 200 --link 4g --replay --duration 20
   splitinfer fleet --artifacts split/ --devices 8 --input test.npz --duration 10
   splitinfer fleet --artifacts split/ --devices 50 --replay --faults "cut-link@5s+3s"
+  splitinfer fleet --artifacts bundle/ --devices 20 --link-schedule wifi@0s,3g@20s,wifi@40s
+  splitinfer fleet --artifacts bundle/ --devices 20 --faults link-cut@20s+10s --link wifi
+  splitinfer fleet --artifacts bundle/ --split cut_03 --devices 1 --link 3g --speed 8
+
+With a bundle (splitinfer bundle) the devices are adaptive: each holds every head and
+chooses the split per request (EdgeAgent.from_bundle), answering on the device when the
+cloud cannot; --split pins one split of the bundle. The report then adds splits_used,
+served_locally, per_split, switches and during_faults.
 
 exit codes: 0 done (with --check: and nothing lost, p99 within --max-p99-ms); 1 --check
 failed; 2 bad input; 3 could not start (broker, workers, devices).
@@ -49,10 +57,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     artifacts = env_default("--artifacts")
     p.add_argument("--artifacts", default=artifacts, required=artifacts is None,
-                   help="a split directory (or a folder of them, with --split) "
-                   "[SPLITINFER_ARTIFACTS]")
+                   help="a split directory, a folder of them (with --split), or a bundle "
+                   "(adaptive devices) [SPLITINFER_ARTIFACTS]")
     p.add_argument("--split", default=_env("--split", None),
-                   help="split id or directory name under --artifacts [SPLITINFER_SPLIT]")
+                   help="split id or directory name under --artifacts; with a bundle, pins "
+                   "every device to that split [SPLITINFER_SPLIT]")
+    p.add_argument("--link-schedule", default=_env("--link-schedule", ""),
+                   metavar="PROFILE@T,...",
+                   help="change every device link during the run, e.g. "
+                   "'wifi@0s,3g@20s,wifi@40s' (times from the start of the measured window; "
+                   "without --link the links start as the first entry)")
+    p.add_argument("--edge-profile", default=_env("--edge-profile", None),
+                   help="adaptive devices: the edge profile to plan with (splitinfer profile "
+                   "--side edge; default: measured at start-up)")
+    p.add_argument("--cloud-profile", default=_env("--cloud-profile", None),
+                   help="adaptive devices: the cloud profile (default: assumed, then observed)")
     p.add_argument("--devices", type=int, default=_env("--devices", 10),
                    help="virtual devices (default %(default)s)")
     p.add_argument("--rate", type=float, default=_env("--rate", 1.0),
@@ -74,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "'4g,loss=1%%'); repeat for groups: devices split evenly between them")
     p.add_argument("--faults", default=_env("--faults", ""),
                    help="e.g. 'broker-restart@20s,kill-worker@30s,cut-link@10s+5s' (times "
-                   "from the start of the measured window); also restart-worker@T")
+                   "from the start of the measured window); also restart-worker@T and "
+                   "link-cut@T+D (every device link)")
     p.add_argument("--input", default=_env("--input", None),
                    help="npz: one array per model input (any number of samples), optional "
                         "'label' (accuracy); other keys are ignored with one warning")
@@ -143,6 +163,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
         artifacts=Path(args.artifacts), split=args.split, devices=args.devices,
         rate=args.rate, duration_s=args.duration, arrivals=args.arrivals, seed=args.seed,
         replay=args.replay, speed=args.speed, links=tuple(links), faults=args.faults,
+        link_schedule=args.link_schedule or "",
+        edge_profile=Path(args.edge_profile) if args.edge_profile else None,
+        cloud_profile=Path(args.cloud_profile) if args.cloud_profile else None,
         input=Path(args.input) if args.input else None,
         reference=Path(args.reference) if args.reference else None,
         broker=args.broker, embedded_broker=args.embedded_broker, workers=args.workers,

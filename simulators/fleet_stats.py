@@ -20,8 +20,9 @@ import numpy.typing as npt
 
 from simulators.fleet_support import Inputs
 
-__all__ = ["STAGE_SOURCES", "REPORT_STAGES", "RAW_STAGES", "Tally", "FleetResult",
-           "accuracy", "jsonable", "write_outputs"]
+__all__ = ["STAGE_SOURCES", "REPORT_STAGES", "RAW_STAGES", "Tally", "Outcome", "FleetResult",
+           "accuracy", "jsonable", "write_outputs", "split_figures", "fault_windows",
+           "per_second"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -47,6 +48,21 @@ RAW_STAGES = ("network", "queue")  # as the agent measures them, kept in the rep
 _MEASURED = ("head", "encode", "network", "queue", "tail", "decode")
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one request ended: ``due_s`` from the start of the measured window, ``kind``
+    ``answered``/``timeout``/``error``; for an answer the split that served it, where
+    (``served_by``: ``cloud`` or ``edge``), why locally (``fallback``) and its latency."""
+
+    due_s: float
+    device: int
+    kind: str
+    split_id: str = ""
+    served_by: str = ""
+    fallback: str = ""
+    e2e_s: float = 0.0
+
+
 @dataclass
 class Tally:
     """Outcomes and figures of one set of requests (the warm-up or the measured window)."""
@@ -61,17 +77,43 @@ class Tally:
     groups: list[int] = field(default_factory=list)
     checks: list[tuple[int, int]] = field(default_factory=list)  # (sample, predicted class)
     last_done: float = 0.0
+    splits: Counter[str] = field(default_factory=Counter)  # answers per split_id
+    served_locally: int = 0
+    split_e2e: dict[str, list[float]] = field(default_factory=dict)
+    due: list[float] = field(default_factory=list)  # every request sent, s from the window
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def sent_one(self, due_s: float) -> None:
+        self.sent += 1
+        self.due.append(due_s)
+
+    def failed_one(self, kind: str, *, due_s: float, device: int, error: str = "") -> None:
+        """A timeout (``kind`` "timeout") or an error (``error`` names it)."""
+        if kind == "timeout":
+            self.timeouts += 1
+        else:
+            self.errors[error] += 1
+        self.outcomes.append(Outcome(due_s, device, kind))
 
     @property
     def failed(self) -> int:
         return self.timeouts + sum(self.errors.values())
 
     def answered_one(self, timings: Mapping[str, float], *, due: float, start: float,
-                     done: float, group: int, up_s: float, down_s: float) -> None:
+                     done: float, group: int, up_s: float, down_s: float,
+                     split_id: str = "", served_by: str = "cloud", fallback: str = "",
+                     device: int = 0, due_s: float = 0.0) -> None:
         """Record an answered request: ``timings`` as the agent measured them (seconds),
-        ``due``/``start``/``done`` on ``time.perf_counter``, its link group's derived
-        one-way times ``up_s``/``down_s``."""
+        ``due``/``start``/``done`` on ``time.perf_counter``, the derived one-way link times
+        ``up_s``/``down_s`` of its split on its link, the split that served it and where
+        (``served_by`` "cloud" or "edge"), ``due_s`` from the start of the window."""
         e2e = done - due
+        self.splits[split_id] += 1
+        self.split_e2e.setdefault(split_id, []).append(e2e)
+        if served_by == "edge":
+            self.served_locally += 1
+        self.outcomes.append(Outcome(due_s, device, "answered", split_id, served_by,
+                                     fallback, e2e))
         get = timings.get
         network, queue = get("network", 0.0), get("queue", 0.0)
         measured = sum(get(s, 0.0) for s in _MEASURED)
@@ -101,6 +143,66 @@ class FleetResult:
     groups: Array
     group_names: list[str]
     stages_ms: dict[str, Array]
+    outcomes: list[Outcome] = field(default_factory=list)  # the measured window's
+    link_changes: list[tuple[float, str]] = field(default_factory=list)  # (t_s, profile)
+    fault_spans: list[tuple[float, float, str]] = field(default_factory=list)  # start, end
+
+
+def split_figures(tally: Tally, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Per split that answered: answers, how many on the device, latency percentiles (ms)
+    and the answers within the deadline (``timeout_s``, from the scheduled arrival)."""
+    from edge_agent.stats import percentiles
+
+    local: Counter[str] = Counter(o.split_id for o in tally.outcomes
+                                  if o.kind == "answered" and o.served_by == "edge")
+    out: dict[str, dict[str, Any]] = {}
+    for split_id in sorted(tally.split_e2e):
+        e2e = tally.split_e2e[split_id]
+        q = percentiles(e2e)
+        out[split_id] = {"answered": len(e2e), "served_locally": local[split_id],
+                         "within_deadline": sum(1 for v in e2e if v <= timeout_s),
+                         **{f"{k}_ms": v for k, v in q.items() if k != "n"}}
+    return out
+
+
+def fault_windows(tally: Tally, spans: list[tuple[float, float, str]],
+                  timeout_s: float) -> list[dict[str, Any]]:
+    """What happened to the requests due inside each fault span ``[start, end)`` (s from
+    the window's start): sent, answered, within the deadline, served on the device (and
+    why), timeouts, errors and lost."""
+    out = []
+    for start, end, kind in spans:
+        due = sum(1 for d in tally.due if start <= d < end)
+        inside = [o for o in tally.outcomes if start <= o.due_s < end]
+        answered = [o for o in inside if o.kind == "answered"]
+        timeouts = sum(1 for o in inside if o.kind == "timeout")
+        errors = sum(1 for o in inside if o.kind == "error")
+        out.append({
+            "fault": kind, "start_s": round(start, 3), "end_s": round(end, 3), "sent": due,
+            "answered": len(answered),
+            "within_deadline": sum(1 for o in answered if o.e2e_s <= timeout_s),
+            "served_locally": sum(1 for o in answered if o.served_by == "edge"),
+            "fallbacks": dict(Counter(o.fallback for o in answered if o.fallback)),
+            "timeouts": timeouts, "errors": errors,
+            "lost": due - len(answered) - timeouts - errors,
+            "max_ms": round(max((o.e2e_s for o in answered), default=0.0) * 1e3, 3),
+        })
+    return out
+
+
+def per_second(outcomes: list[Outcome], seconds: int) -> tuple[list[str], Array]:
+    """Answers per split per second of the window (by scheduled arrival): the split ids
+    (first seen first) and a ``[len(ids), seconds]`` count matrix."""
+    ids: list[str] = []
+    for o in outcomes:
+        if o.kind == "answered" and o.split_id not in ids:
+            ids.append(o.split_id)
+    counts = np.zeros((len(ids), max(1, seconds)), dtype=np.int64)
+    index = {s: i for i, s in enumerate(ids)}
+    for o in outcomes:
+        if o.kind == "answered" and 0 <= o.due_s < counts.shape[1]:
+            counts[index[o.split_id], int(o.due_s)] += 1
+    return ids, counts
 
 
 def accuracy(checks: list[tuple[int, int]], inputs: Inputs, ref_pred: Array | None,

@@ -55,8 +55,7 @@ def format_report(r: Mapping[str, Any]) -> str:
         f"{c['duration_s']:g} s, {'replay' if c['replay'] else 'head on device'}, speed "
         f"x{c['speed']:g}; MQTT {c['mqtt']} QoS {c['qos']} ({c['transport']}); "
         f"{c['workers']} worker(s); broker {r['broker']['kind']}",
-        f"split   {r['split']['split_id']}: request {r['split']['request_bytes']} B, result "
-        f"{r['split']['result_bytes']} B",
+        _split_line(r),
         "",
         format_table([[r["sent"], r["answered"], r["errors"], r["timeouts"], r["lost"],
                        r["throughput_rps"], r["offered_rps"]]],
@@ -89,6 +88,7 @@ def format_report(r: Mapping[str, Any]) -> str:
             [[g["name"], g["devices"], g["spec"], g["uplink_ms_derived"],
               g["downlink_ms_derived"]] for g in links],
             ["link", "devices", "spec", "uplink ms", "downlink ms"])]
+    out += _split_sections(r)
     retries = r["retries"]
     out.append(f"\nretries republished {retries['republished']}, reconnects "
                f"{retries['reconnects']}, late results {retries['late_results']}")
@@ -114,6 +114,53 @@ def format_report(r: Mapping[str, Any]) -> str:
         out.append(f"plot     {r['png']}")
     out.append(f"report   {r['report']}")
     return "\n".join(out)
+
+
+def _split_line(r: Mapping[str, Any]) -> str:
+    split = r["split"]
+    if r.get("mode") == "adaptive":
+        b = r.get("bundle") or {}
+        return (f"split   adaptive over bundle {b.get('model')} ({len(b.get('splits', []))} "
+                f"splits, {split['dir']})")
+    pinned = " (pinned, from a bundle)" if r.get("mode") == "pinned" else ""
+    return (f"split   {split['split_id']}{pinned}: request {split['request_bytes']} B, result "
+            f"{split['result_bytes']} B")
+
+
+def _split_sections(r: Mapping[str, Any]) -> list[str]:
+    """Which split answered what, where, how fast; the switches; requests due in faults."""
+    per = r.get("per_split") or {}
+    out: list[str] = []
+    if per and (r.get("mode") != "single" or len(per) > 1):
+        out += ["", format_table(
+            [[sid, q["answered"], q["served_locally"], q["within_deadline"], q.get("p50_ms"),
+              q.get("p95_ms"), q.get("p99_ms"), q.get("max_ms")] for sid, q in per.items()],
+            ["split", "answered", "on device", "in deadline", "p50 ms", "p95 ms", "p99 ms",
+             "max ms"])]
+        out.append(f"served locally {r.get('served_locally', 0)} of {r['answered']}")
+    switches = r.get("switches") or []
+    if r.get("mode") == "adaptive":
+        devices = len({s["device"] for s in switches})
+        out.append(f"switches {len(switches)} ({devices} devices)")
+        for s in switches[:8]:
+            out.append(f"  {s['t_s']:8.3f} s  {s['device']}  {s['from']} -> {s['to']}"
+                       f"  {s.get('reason', '')}")
+        if len(switches) > 8:
+            out.append(f"  ... {len(switches) - 8} more in the JSON")
+    schedule = r.get("link_schedule") or []
+    if schedule:
+        out.append("link schedule " + ", ".join(
+            f"{e['link']}@{e['t_s']:g}s" + (f" (applied {e['applied_s']:.3f})"
+                                            if e.get("applied_s") is not None else "")
+            for e in schedule))
+    windows = r.get("during_faults") or []
+    if windows:
+        out += ["", format_table(
+            [[w["fault"], w["sent"], w["answered"], w["within_deadline"], w["served_locally"],
+              w["timeouts"], w["errors"], w["lost"], w["max_ms"]] for w in windows],
+            ["requests due during", "sent", "answered", "in deadline", "on device",
+             "timeouts", "errors", "lost", "max ms"])]
+    return out
 
 
 def _cpu_table(cpu: Mapping[str, Any]) -> str:
@@ -142,8 +189,16 @@ def write_png(result: FleetResult, path: str | Path) -> Path:
 
     path = Path(path)
     r = result.report
-    fig, (ax_cdf, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.8),
-                                         gridspec_kw={"width_ratios": [3, 2]})
+    timeline = bool(result.outcomes) and (r.get("mode", "single") != "single"
+                                          or bool(result.link_changes or result.fault_spans))
+    if timeline:
+        fig = plt.figure(figsize=(12, 8.6))
+        grid = fig.add_gridspec(2, 2, width_ratios=[3, 2], height_ratios=[1, 0.9])
+        ax_cdf, ax_bar = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        _timeline(fig.add_subplot(grid[1, :]), result)
+    else:
+        fig, (ax_cdf, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.8),
+                                             gridspec_kw={"width_ratios": [3, 2]})
     groups = result.groups
     names = result.group_names
     for index, name in enumerate(names):
@@ -191,3 +246,47 @@ def write_png(result: FleetResult, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _timeline(ax: Any, result: FleetResult) -> None:
+    """Answers per split per second of the window (stacked, by scheduled arrival), the
+    link schedule's changes as labelled lines, fault windows shaded."""
+    from simulators.fleet_stats import per_second
+
+    r = result.report
+    seconds = max(1, int(np.ceil(r["config"]["duration_s"])))
+    ids, counts = per_second(result.outcomes, seconds)
+    names = _short_names(ids, r)
+    x = np.arange(counts.shape[1])
+    bottom = np.zeros(counts.shape[1])
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b2", "#937860", "#da8bc3",
+               "#8c8c8c", "#ccb974", "#64b5cd"]
+    for i, sid in enumerate(ids):
+        ax.bar(x, counts[i], bottom=bottom, width=1.0, align="edge", label=names[sid],
+               color=colours[i % len(colours)], linewidth=0)
+        bottom += counts[i]
+    top = float(bottom.max()) if bottom.size else 1.0
+    for start, end, kind in result.fault_spans:
+        ax.axvspan(start, end, color="red", alpha=0.12, lw=0)
+        ax.text(start, top * 1.02, kind, fontsize=8, color="darkred", va="bottom")
+    for t, name in result.link_changes:
+        ax.axvline(t, color="black", ls="--", lw=1)
+        ax.text(t + 0.2, top * 0.95, name, fontsize=8, va="top")
+    ax.set_xlim(0, seconds)
+    ax.set_ylim(0, max(1.0, top) * 1.1)
+    ax.set_xlabel("second of the measured window (scheduled arrival)")
+    ax.set_ylabel("answers per second")
+    ax.set_title(f"which split served each second: {r.get('served_locally', 0)} answered on the "
+                 f"device, {len(r.get('switches') or [])} switches", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _short_names(ids: Sequence[str], r: Mapping[str, Any]) -> dict[str, str]:
+    """A split's bundle directory and kind (``cut_03 (split)``), else its id."""
+    bundle = r.get("bundle") or {}
+    by_id = {s["split_id"]: s for s in bundle.get("splits", [])}
+    out = {}
+    for sid in ids:
+        s = by_id.get(sid)
+        out[sid] = f"{s['dir']} ({s['kind']})" if s else sid
+    return out

@@ -1,0 +1,160 @@
+"""The fleet on a bundle: pinned splits, adaptive devices, a link schedule and a link cut.
+
+The bundle is the digits CNN (int8, static QDQ) built here with ``split_model`` and
+``splitinfer.bundle.Bundle``: its two smallest int8 cuts with work on both sides, plus
+``cloud_only`` and ``edge_only``. Every fleet runs against the session's real mosquitto
+with a real ``splitinfer cloud serve`` worker that the fleet starts itself (serving the
+pinned split, or every tail of the bundle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulators.broker import MosquittoBroker
+from simulators.fleet import Fleet, FleetConfig
+from simulators.fleet_bundle import resolve
+from simulators.fleet_stats import FleetResult
+from splitinfer.bundle import Bundle, BundleSplit
+from splitinfer.errors import BadInputError
+
+pytestmark = pytest.mark.integration
+
+KEYS = ("splits_used", "served_locally", "switches", "per_split", "during_faults",
+        "link_schedule", "mode", "bundle")
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from splitter import list_cuts, split_model
+    from splitter.quantize import quantize_static
+    from splitter.zoo import digits_calibration_path, digits_cnn_path
+
+    root = tmp_path_factory.mktemp("fleet-bundle") / "digits"
+    root.mkdir()
+    int8 = quantize_static(digits_cnn_path(), digits_calibration_path(),
+                           root / "digits_cnn.int8.onnx")
+    cuts = [c for c in list_cuts(int8) if c.quantized and len(c.tensors) == 1
+            and c.bytes_per_sample and 0.05 <= c.head_flops_share <= 0.95]
+    chosen = sorted(cuts, key=lambda c: (c.bytes_per_sample, c.index))[:2]
+    entries = []
+    for i, cut in enumerate(chosen):
+        result = split_model(int8, [t.name for t in cut.tensors], root / f"cut_{i}",
+                             num_samples=2)
+        entries.append(BundleSplit(result.split_id, f"cut_{i}", "split", cut.bytes_per_sample,
+                                   cut.head_flops_share))
+    for kind in ("cloud_only", "edge_only"):
+        result = split_model(int8, kind, root / kind, num_samples=2)
+        entries.append(BundleSplit(result.split_id, kind, kind,
+                                   784 * 4 if kind == "cloud_only" else 0,
+                                   0.0 if kind == "cloud_only" else 1.0))
+    from splitinfer.manifest import sha256_file
+
+    Bundle("digits_cnn_int8", sha256_file(int8), tuple(entries), root).save()
+    return root
+
+
+def _run(bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path, **kwargs: Any,
+         ) -> FleetResult:
+    config = FleetConfig(**{"artifacts": bundle, "broker": mosquitto.url, "workers": 1,
+                            "warmup_s": 0.3, "png": False, "devices": 3, "rate": 5.0,
+                            "duration_s": 2.0, "out": tmp_path / "out", "timeout_s": 3.0,
+                            "prefix": f"fb{tmp_path.name[-12:].replace('-', '')}",
+                            **kwargs})
+    return asyncio.run(Fleet(config).run())
+
+
+def _accounted(report: dict[str, Any]) -> None:
+    assert report["lost"] == (report["sent"] - report["answered"] - report["errors"]
+                              - report["timeouts"])
+    assert sum(report["splits_used"].values()) == report["answered"]
+    assert sum(q["answered"] for q in report["per_split"].values()) == report["answered"]
+
+
+def test_resolve_names_pinned_and_adaptive(digits_bundle: Path) -> None:
+    bundle = Bundle.load(digits_bundle)
+    by_dir = resolve(digits_bundle, "cut_0")
+    by_id = resolve(digits_bundle, bundle.get("cut_0").split_id)
+    assert by_dir.mode == by_id.mode == "pinned"
+    assert by_dir.split_dir == by_id.split_dir == digits_bundle / "cut_0"
+    adaptive = resolve(digits_bundle, None)
+    assert adaptive.mode == "adaptive" and set(adaptive.manifests) == set(bundle.ids)
+    assert resolve(digits_bundle / "cut_1", None).mode == "single"  # a plain split dir
+    with pytest.raises(BadInputError, match="--replay.*--split"):
+        resolve(digits_bundle, None, replay=True)
+    with pytest.raises(Exception, match="no split 'nope'"):
+        resolve(digits_bundle, "nope")
+
+
+@pytest.mark.parametrize("split", ["cut_0", "cloud_only", "edge_only"])
+def test_pinned_split_serves_only_that_split(digits_bundle: Path, mosquitto: MosquittoBroker,
+                                             tmp_path: Path, split: str) -> None:
+    report = _run(digits_bundle, mosquitto, tmp_path, split=split, devices=2).report
+    split_id = Bundle.load(digits_bundle).get(split).split_id
+    _accounted(report)
+    assert report["mode"] == "pinned" and report["split"]["split_id"] == split_id
+    assert report["answered"] == report["sent"] > 0 and report["lost"] == 0
+    assert report["splits_used"] == {split_id: report["answered"]}
+    assert report["served_locally"] == (report["answered"] if split == "edge_only" else 0)
+    assert report["switches"] == []
+
+
+def test_adaptive_fleet_reports_splits_switches_and_draws(
+        digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    result = _run(digits_bundle, mosquitto, tmp_path, png=True)
+    report = result.report
+    for key in KEYS:
+        assert key in report, key
+    _accounted(report)
+    assert report["mode"] == "adaptive" and report["lost"] == 0
+    assert report["answered"] == report["sent"] > 0
+    assert set(report["splits_used"]) <= set(Bundle.load(digits_bundle).ids)
+    assert {s["dir"] for s in report["bundle"]["splits"]} == {"cut_0", "cut_1", "cloud_only",
+                                                              "edge_only"}
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["splits_used"] == report["splits_used"]
+    assert Path(report["png"]).stat().st_size > 10_000
+    assert len(result.outcomes) == report["answered"] + report["errors"] + report["timeouts"]
+
+
+def test_link_schedule_moves_every_link_and_switches_are_well_formed(
+        digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.0,
+                  link_schedule="wifi@0s,3g@1.5s").report
+    _accounted(report)
+    assert report["lost"] == 0
+    assert [e["link"] for e in report["link_schedule"]] == ["wifi", "3g"]
+    applied = [e["applied_s"] for e in report["link_schedule"]]
+    assert applied[0] == pytest.approx(0.0, abs=0.2) and applied[1] == pytest.approx(1.5,
+                                                                                     abs=0.2)
+    # the proxies started from the schedule's first entry (no --link given)
+    assert [g["spec"] for g in report["links"]] == ["wifi"]
+    ids = set(Bundle.load(digits_bundle).ids)
+    devices = set()
+    for s in report["switches"]:
+        assert set(s) >= {"t_s", "device", "from", "to"}
+        assert isinstance(s["t_s"], float) and s["from"] in ids and s["to"] in ids
+        assert s["from"] != s["to"]
+        devices.add(s["device"])
+    assert len(devices) <= 3
+    times = [s["t_s"] for s in report["switches"]]
+    assert times == sorted(times)
+
+
+def test_link_cut_is_answered_on_the_device_and_nothing_is_lost(
+        digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.5,
+                  faults="link-cut@1s+1.5s").report
+    _accounted(report)
+    assert report["lost"] == 0 and report["answered"] == report["sent"]
+    assert report["served_locally"] > 0
+    [window] = report["during_faults"]
+    assert window["fault"].startswith("link-cut") and window["sent"] > 0
+    assert window["answered"] == window["sent"] and window["served_locally"] > 0
+    assert window["within_deadline"] == window["answered"]
+    assert [g["name"] for g in report["links"]] == ["direct"]  # a proxy to cut
