@@ -308,3 +308,21 @@ def test_interleave_runs_splits_round_robin() -> None:
     assert order == ["a0", "b0", "a1", "a2"]
     assert results == [["a0", "a1", "a2"], [], ["b0"]]
     assert times == [[0.5] * 3, [], [0.5]]
+
+
+def test_gap_idles_before_every_timed_span(bundle_dir: Path, samples_npz: Path) -> None:
+    sleeps: list[float] = []
+    timer = prof.SpacedTimer(0.25, StepTimer(0.001), sleep=sleeps.append)
+    doc = prof.profile(bundle_dir, "edge", samples=samples_npz, timer=timer)
+    by_dir = _splits_by_dir(doc)
+    spans = sum(s[k]["n"] for s in by_dir.values() for k in ("head_ms", "encode_ms",
+                                                              "decode_ms")
+                if not (k == "head_ms" and s["kind"] == "cloud_only")
+                and not (k != "head_ms" and s["kind"] == "edge_only"))
+    assert spans == 3 * 12 + 2 * 4 * 12  # three heads; four requests encoded and answered
+    assert sleeps == [0.25] * spans
+    assert by_dir["cut_pool"]["head_ms"]["p50"] == pytest.approx(1.0)  # idling is not timed
+    with pytest.raises(BadInputError, match="--gap-ms"):
+        prof.profile(bundle_dir, "edge", gap_s=-1.0)
+    assert prof.profile(bundle_dir / "cut_pool", "edge", max_samples=1,
+                        gap_s=0.001)["gap_s"] == 0.001

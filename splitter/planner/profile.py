@@ -38,7 +38,8 @@ The JSON (``splitinfer.profile/1``; times in ms, each a ``{"p50", "p90", "p99", 
     {"format": "splitinfer.profile/1", "side": "edge", "model": "digits_cnn",
      "source_sha256": "…", "machine": {"hostname", "platform", "machine", "processor",
      "cpus", "onnxruntime", "python"}, "threads": 1, "speed": 8.0, "samples": 32,
-     "providers": ["CPUExecutionProvider"], "measured_at": "2026-12-02T08:00:00Z",
+     "providers": ["CPUExecutionProvider"], "gap_s": 0.0,
+     "measured_at": "2026-12-02T08:00:00Z",
      "splits": {"<split_id>": {
         "kind": "split", "dir": "cut_07", "input_codec": "raw", "samples_per_request": 1,
         # edge side
@@ -72,7 +73,8 @@ if TYPE_CHECKING:
 
     Array = np.ndarray[Any, Any]
 
-__all__ = ["register", "PROFILE_FORMAT", "DEFAULT_BATCHES", "SplitEntry", "find_splits",
+__all__ = ["register", "PROFILE_FORMAT", "DEFAULT_BATCHES", "SplitEntry", "SpacedTimer",
+           "find_splits",
            "load_samples", "random_samples", "profile", "profile_edge", "profile_cloud",
            "machine_info", "stats_ms"]
 
@@ -638,13 +640,39 @@ def profile_cloud(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *
     return out
 
 
+class SpacedTimer:
+    """A timer that idles ``gap_s`` before every timed span (every span here is a pair of
+    calls, start and end): the runs then start from an idle CPU, as at a low rate."""
+
+    def __init__(self, gap_s: float, base: Timer | None = None,
+                 sleep: Callable[[float], object] | None = None) -> None:
+        import time
+
+        self.gap_s = gap_s
+        self.base = base or time.perf_counter
+        self.sleep = sleep or time.sleep
+        self._calls = 0
+
+    def __call__(self) -> float:
+        if self._calls % 2 == 0:
+            self.sleep(self.gap_s)
+        self._calls += 1
+        return self.base()
+
+
 def profile(artifacts: str | Path, side: str, *, threads: int | None = None,
             speed: float = 1.0, samples: str | Path | None = None,
             batches: Sequence[int] = DEFAULT_BATCHES, repeats: int | None = None,
             max_samples: int = DEFAULT_MAX_SAMPLES, providers: Sequence[str] | None = None,
-            timer: Timer | None = None) -> dict[str, Any]:
-    """The whole profile document of ``artifacts`` measured on this machine."""
+            gap_s: float = 0.0, timer: Timer | None = None) -> dict[str, Any]:
+    """The whole profile document of ``artifacts`` measured on this machine.
+
+    ``gap_s`` idles that long before every timed run (:class:`SpacedTimer`), so each
+    figure is what a device or a worker sees at a low request rate, from an idle CPU
+    (on a small VM a head timed back to back can take half as long as after 100 ms idle).
+    """
     import datetime
+    import math
 
     from splitinfer.errors import BadInputError
 
@@ -663,6 +691,10 @@ def profile(artifacts: str | Path, side: str, *, threads: int | None = None,
         threads = 1 if side == "edge" else 0
     if threads < 0:
         raise BadInputError(f"--threads {threads}: expected >= 0 (0 = onnxruntime's default)")
+    if not (math.isfinite(gap_s) and gap_s >= 0):
+        raise BadInputError(f"--gap-ms {gap_s * 1e3!r}: expected milliseconds >= 0")
+    if gap_s > 0:
+        timer = SpacedTimer(gap_s, timer)
     if side == "edge":
         splits = profile_edge(entries, arrays, threads=threads, speed=speed,
                               repeats=repeats or 1, providers=providers, timer=timer)
@@ -673,7 +705,7 @@ def profile(artifacts: str | Path, side: str, *, threads: int | None = None,
     return {"format": PROFILE_FORMAT, "side": side, "model": model, "source_sha256": sha,
             "machine": machine_info(), "threads": threads,
             "speed": float(speed) if side == "edge" else 1.0, "samples": n,
-            "providers": _providers(side, providers),
+            "providers": _providers(side, providers), "gap_s": gap_s,
             "measured_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "splits": splits}
 
 
@@ -716,7 +748,7 @@ def _command(args: argparse.Namespace) -> int:
 
     doc = profile(args.artifacts, args.side, threads=args.threads, speed=args.speed,
                   samples=args.samples, batches=args.batches, repeats=args.repeats,
-                  max_samples=args.max_samples,
+                  max_samples=args.max_samples, gap_s=args.gap_ms / 1e3,
                   providers=[p for p in args.providers.split(",") if p] if args.providers
                   else None)
     text = json.dumps(doc, indent=2)
@@ -751,6 +783,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--repeats", type=int, default=None, metavar="R",
                    help="passes over the samples (default 1 on the edge side, 3 on the cloud "
                    "side; also the runs per batch size)")
+    p.add_argument("--gap-ms", type=float, default=0.0, metavar="MS",
+                   help="idle this long before every timed run, so the figures are those "
+                   "of a device or worker at a low request rate (e.g. 100 for 1 req/s; "
+                   "default 0: back to back)")
     p.add_argument("--providers", default=None, metavar="P1,P2",
                    help="onnxruntime execution providers (default: CPU on the edge side, "
                    "CUDA when present else CPU on the cloud side, as the worker)")
