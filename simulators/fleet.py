@@ -478,12 +478,14 @@ class Fleet:
             retries = self._retry_counters()
             link_stats = [self._link_report(g) for g in self._groups]
             switches = self._switches(window_start)
+            adaptive = self._adaptive_summary() if target.mode == "adaptive" else None
         result = self._result(
             target=target, url=url, broker_kind=broker_kind,
             connect_s=connect_s, cpu=meter.report(), events=events, retries=retries,
             link_stats=link_stats, inputs=inputs, ref_pred=ref_pred, reference=reference,
             window_start=window_start, sizes=sizes, head_times=head_times, prefix=prefix,
             plan=plan, switches=switches)
+        result.report["adaptive"] = adaptive
         result.report["out"] = str(out)
         write_outputs(result, out, png=cfg.png)
         return result
@@ -501,6 +503,23 @@ class Fleet:
                 raise BadInputError(f"--{key.replace('_', '-')} {path}: not a readable "
                                     f"profile JSON ('splitinfer profile -o'): {exc}") from exc
         return out
+
+    def _adaptive_summary(self) -> dict[str, Any]:
+        """What the adaptive devices ended with: the split each is on, their shadow probes,
+        local answers by reason (warm-up included), and one device's predictions and link
+        estimate (the others' are alike on a shared link)."""
+        current: Counter[str] = Counter()
+        fallbacks: Counter[str] = Counter()
+        probes = 0
+        for device in self._devices:
+            agent = device.agent
+            current[agent.policy.current] += 1
+            fallbacks.update(agent.fallbacks)
+            probes += agent.probes
+        first = self._devices[0].agent.summary()
+        return {"current": dict(current.most_common()), "probes": probes,
+                "fallbacks": dict(sorted(fallbacks.items())),
+                "device0": {k: first.get(k) for k in ("predicted_ms", "link_estimate")}}
 
     def _switches(self, window_start: float) -> list[dict[str, Any]]:
         """Every device's split changes, ``t_s`` from the window's start, in time order."""

@@ -25,6 +25,11 @@ from splitinfer.errors import BadInputError
 
 pytestmark = pytest.mark.integration
 
+# The digits CNN runs in ~0.2 ms here: on the device it always beats any network. At x60
+# (a device 60 times slower) the whole model takes ~10-30 ms, so the cloud wins on loopback
+# and wifi and edge_only wins on 3g: the choice flips with the link.
+SLOW = 60.0
+
 KEYS = ("splits_used", "served_locally", "switches", "per_split", "during_faults",
         "link_schedule", "mode", "bundle")
 
@@ -106,14 +111,20 @@ def test_pinned_split_serves_only_that_split(digits_bundle: Path, mosquitto: Mos
 
 def test_adaptive_fleet_reports_splits_switches_and_draws(
         digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    result = _run(digits_bundle, mosquitto, tmp_path, png=True)
+    result = _run(digits_bundle, mosquitto, tmp_path, png=True, speed=SLOW)
     report = result.report
     for key in KEYS:
         assert key in report, key
     _accounted(report)
     assert report["mode"] == "adaptive" and report["lost"] == 0
     assert report["answered"] == report["sent"] > 0
-    assert set(report["splits_used"]) <= set(Bundle.load(digits_bundle).ids)
+    bundle = Bundle.load(digits_bundle)
+    assert set(report["splits_used"]) <= set(bundle.ids)
+    edge = bundle.get("edge_only").split_id
+    # loopback: the cloud is chosen, so answers came from cloud splits
+    assert sum(n for sid, n in report["splits_used"].items() if sid != edge) > 0
+    assert report["served_locally"] == report["splits_used"].get(edge, 0)
+    assert set(report["adaptive"]["current"]) <= set(bundle.ids)
     assert {s["dir"] for s in report["bundle"]["splits"]} == {"cut_0", "cut_1", "cloud_only",
                                                               "edge_only"}
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -124,7 +135,7 @@ def test_adaptive_fleet_reports_splits_switches_and_draws(
 
 def test_link_schedule_moves_every_link_and_switches_are_well_formed(
         digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.0,
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.5, speed=SLOW,
                   link_schedule="wifi@0s,3g@1.5s").report
     _accounted(report)
     assert report["lost"] == 0
@@ -144,17 +155,22 @@ def test_link_schedule_moves_every_link_and_switches_are_well_formed(
     assert len(devices) <= 3
     times = [s["t_s"] for s in report["switches"]]
     assert times == sorted(times)
+    # on 3g the devices' own observations moved them to edge_only: the proxies did change
+    edge = Bundle.load(digits_bundle).get("edge_only").split_id
+    assert any(s["t_s"] > 1.5 and s["to"] == edge for s in report["switches"])
 
 
 def test_link_cut_is_answered_on_the_device_and_nothing_is_lost(
         digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.5,
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.5, speed=SLOW,
                   faults="link-cut@1s+1.5s").report
     _accounted(report)
     assert report["lost"] == 0 and report["answered"] == report["sent"]
-    assert report["served_locally"] > 0
+    assert 0 < report["served_locally"] < report["answered"]  # the cloud served the rest
     [window] = report["during_faults"]
     assert window["fault"].startswith("link-cut") and window["sent"] > 0
     assert window["answered"] == window["sent"] and window["served_locally"] > 0
+    assert set(window["fallbacks"]) <= {"offline", "timeout", "no_worker", "deadline"}
+    assert sum(window["fallbacks"].values()) > 0  # answered locally because of the cut
     assert window["within_deadline"] == window["answered"]
     assert [g["name"] for g in report["links"]] == ["direct"]  # a proxy to cut
