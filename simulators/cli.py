@@ -20,6 +20,7 @@ BENCHES = {
     "overhead": "simulators.bench_overhead",
     "batching": "simulators.bench_batching",
     "planner": "simulators.bench_planner",
+    "resplit": "simulators.bench_resplit",
 }
 
 

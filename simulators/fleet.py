@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -158,6 +159,7 @@ class FleetConfig:
     link_schedule: str = ""  # e.g. "wifi@0s,3g@20s,wifi@40s" (from the window's start)
     edge_profile: Path | None = None  # profile JSONs the adaptive devices plan with
     cloud_profile: Path | None = None
+    reconnect_max_s: float | None = None  # devices' longest reconnect backoff (agent's own)
     workers: int = 1  # started by the fleet; 0 = workers already serve the broker
     worker_threads: int = 1
     max_batch: int | None = None
@@ -190,6 +192,8 @@ class FleetConfig:
         if not (np.isfinite(self.speed) and self.speed >= 1.0):
             raise BadInputError(f"speed {self.speed!r}: expected a factor >= 1 (1 = this "
                                 "machine, 4 = a device four times slower)")
+        if self.reconnect_max_s is not None and not self.reconnect_max_s > 0:
+            raise BadInputError(f"reconnect_max_s {self.reconnect_max_s!r}: expected s > 0")
         if self.workers < 0 or self.worker_threads < 0 or self.record < 1:
             raise BadInputError("expected workers >= 0, worker_threads >= 0, record >= 1")
         if self.workers == 0 and self.broker is None:
@@ -283,6 +287,7 @@ class Fleet:
         self._derived_cache: dict[tuple[int, str], tuple[float, float]] = {}
         self._link_schedule: Any = None
         self._applied: list[tuple[float, LinkProfile]] = []  # link changes as applied
+        self._connectivity: list[tuple[float, str, bool]] = []  # (perf_counter, device, up)
 
     def _link_changed(self, at_s: float, profile: LinkProfile) -> None:
         self._applied.append((at_s, profile))
@@ -337,13 +342,19 @@ class Fleet:
         config = AgentConfig(device_id=f"{self.token}-{index:05d}", broker=group.url,
                              prefix=prefix, timeout_s=cfg.timeout_s, qos=cfg.qos,
                              presence=cfg.presence)
+        if cfg.reconnect_max_s is not None:
+            config = dataclasses.replace(config, reconnect_max_s=cfg.reconnect_max_s,
+                                         reconnect_min_s=min(config.reconnect_min_s,
+                                                             cfg.reconnect_max_s))
         if target.mode == "adaptive":
             shaped = group.profile is not None and group.profile.spec() != "up=inf"
             # the prior: the link the device starts on (loopback or unshaped: lan)
-            return EdgeAgent.from_bundle(
+            agent = EdgeAgent.from_bundle(
                 target.split_dir, config=config, heads=heads, connector=group.connector,
                 link=group.profile.spec() if shaped and group.profile else "lan",
                 clock=time.perf_counter, **profiles)
+            self._record_connectivity(agent)
+            return agent
         return EdgeAgent(manifest=target.manifest, head=None if cfg.replay else head,
                          connector=group.connector, config=config)
 
@@ -504,6 +515,23 @@ class Fleet:
                                     f"profile JSON ('splitinfer profile -o'): {exc}") from exc
         return out
 
+    def _record_connectivity(self, agent: Any) -> None:
+        """Note when ``agent``'s chooser learns the broker connection went or came back
+        (``Policy.set_connected``: on that call it falls back to, or resumes from, local
+        answers), so the report can say when splitting resumed whatever the arrivals."""
+        policy = agent.policy
+        original = policy.set_connected
+        device = agent.device_id
+        state = {"connected": True}
+
+        def recorded(t: float, connected: bool) -> None:
+            original(t, connected)
+            if connected != state["connected"]:
+                state["connected"] = connected
+                self._connectivity.append((t, device, connected))
+
+        setattr(policy, "set_connected", recorded)  # noqa: B010  (instance, not class)
+
     def _adaptive_summary(self) -> dict[str, Any]:
         """What the adaptive devices ended with: the split each is on, their shadow probes,
         local answers by reason (warm-up included), and one device's predictions and link
@@ -517,7 +545,11 @@ class Fleet:
             fallbacks.update(agent.fallbacks)
             probes += agent.probes
         first = self._devices[0].agent.summary()
+        origin = self._window_start
+        connectivity = [{"t_s": round(t - origin, 4), "device": d, "connected": up}
+                        for t, d, up in sorted(self._connectivity)]
         return {"current": dict(current.most_common()), "probes": probes,
+                "connectivity": connectivity,
                 "fallbacks": dict(sorted(fallbacks.items())),
                 "device0": {k: first.get(k) for k in ("predicted_ms", "link_estimate")}}
 

@@ -114,6 +114,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="worker --max-batch (default: the worker's)")
     p.add_argument("--max-delay-ms", type=float, default=_env("--max-delay-ms", None),
                    help="worker --max-delay-ms (default: the worker's)")
+    p.add_argument("--reconnect-max", type=float, default=_env("--reconnect-max", None),
+                   help="devices' longest pause between reconnect attempts, s (default: the "
+                   "agent's, 2 s)")
     p.add_argument("--timeout", type=float, default=_env("--timeout", 10.0),
                    help="per-request deadline in s (default %(default)s)")
     p.add_argument("--drain", type=float, default=_env("--drain", None),
@@ -163,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         artifacts=Path(args.artifacts), split=args.split, devices=args.devices,
         rate=args.rate, duration_s=args.duration, arrivals=args.arrivals, seed=args.seed,
         replay=args.replay, speed=args.speed, links=tuple(links), faults=args.faults,
-        link_schedule=args.link_schedule or "",
+        link_schedule=args.link_schedule or "", reconnect_max_s=args.reconnect_max,
         edge_profile=Path(args.edge_profile) if args.edge_profile else None,
         cloud_profile=Path(args.cloud_profile) if args.cloud_profile else None,
         input=Path(args.input) if args.input else None,
