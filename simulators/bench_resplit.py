@@ -19,8 +19,11 @@ model takes ~12 ms on the device: on wifi the cloud (cloud_only, ~17 ms with the
 one-way delay) beats it, on 3g (75 ms each way) edge_only wins by far, so the best split
 flips with each link change. A bigger model (MobileNetV2 int8 at --speed 8) flips too, but
 20 devices of it would run 20 real heads and their tails on this machine's 2 cores, and
-the figures would measure CPU contention rather than the chooser. ``--bundle DIR`` runs any
-other bundle.
+the figures would measure CPU contention rather than the chooser; ``--model mobilenet_v2``
+(int8 at ``--resolution`` 128, 3 cuts + baselines + cloud_only JPEG, as the planner bench
+builds it; devices at x8 sending its smooth sample images) runs it anyway: there the plan
+flips between cloud_only JPEG (wifi, ~33 ms predicted) and edge_only (3g, ~128 ms).
+``--bundle DIR`` runs any other bundle.
 
 The devices plan with costs measured at start-up (no profiles: ``edge_agent.bundle_agent``
 measures the heads once, the tails are assumed, then observed), exactly as a device given
@@ -53,15 +56,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("resplit", help="adaptive devices: re-split on link changes, answer "
                        "offline during a link cut (issue 9's two fleet targets)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", default=None, help="bundle folder (default: build the digits "
-                   "CNN int8 bundle in a temporary folder)")
+    p.add_argument("--bundle", default=None, help="bundle folder (default: build --model's "
+                   "int8 bundle in a temporary folder)")
+    p.add_argument("--model", choices=("digits", "mobilenet_v2"), default="digits",
+                   help="the bundle to build (default digits; see above)")
+    p.add_argument("--resolution", type=int, default=128,
+                   help="mobilenet_v2 input size (default 128)")
+    p.add_argument("--input", default=None,
+                   help="npz of samples the devices send (default: the model's own samples; "
+                   "random inputs with --bundle)")
     p.add_argument("--only", choices=("resplit", "offline"), default=None,
                    help="run one of the two (default both)")
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--rate", type=float, default=1.0, help="requests/s per device (default 1)")
     p.add_argument("--arrivals", default="poisson")
-    p.add_argument("--speed", type=float, default=60.0,
-                   help="device compute factor (default 60: see above)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="device compute factor (default 60 for digits, 8 for mobilenet_v2)")
     p.add_argument("--timeout", type=float, default=1.0, help="per-request deadline, s")
     p.add_argument("--duration", type=float, default=60.0, help="re-split run, s (default 60)")
     p.add_argument("--schedule", default="wifi@0s,3g@20s,wifi@40s")
@@ -71,6 +81,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--faults", default="link-cut@20s+10s")
     p.add_argument("--offline-rate", type=float, default=None,
                    help="requests/s per device in the offline run (default --rate)")
+    p.add_argument("--edge-profile", default=None,
+                   help="profile JSONs the devices plan with (default: the agent's own "
+                   "start-up measurement and assumptions)")
+    p.add_argument("--cloud-profile", default=None)
     p.add_argument("--reconnect-max", type=float, default=1.0,
                    help="devices' longest reconnect pause, s (default 1; the agent's own "
                    "default of 2 s alone may use up the 2 s resume target)")
@@ -198,6 +212,9 @@ def _fleet(args: argparse.Namespace, bundle: Path, out: Path, **kwargs: Any) -> 
     from simulators.fleet import Fleet, FleetConfig
 
     config = FleetConfig(artifacts=bundle, devices=args.devices, speed=args.speed,
+                         input=Path(args.input) if args.input else None,
+                         edge_profile=Path(args.edge_profile) if args.edge_profile else None,
+                         cloud_profile=Path(args.cloud_profile) if args.cloud_profile else None,
                          timeout_s=args.timeout, arrivals=args.arrivals, warmup_s=3.0,
                          broker=args.broker, workers=1, out=out,
                          reconnect_max_s=args.reconnect_max, **kwargs)
@@ -264,7 +281,17 @@ def run(args: argparse.Namespace) -> int:
     figures: dict[str, Any] = {}
     texts: list[str] = []
     with tempfile.TemporaryDirectory(prefix="splitinfer-bench-resplit-") as tmp:
-        bundle = Path(args.bundle) if args.bundle else build_digits_bundle(Path(tmp))
+        if args.speed is None:
+            args.speed = 8.0 if args.model == "mobilenet_v2" else 60.0
+        if args.bundle:
+            bundle = Path(args.bundle)
+        elif args.model == "mobilenet_v2":
+            from simulators.bench_planner import build_bundle
+
+            bundle, samples = build_bundle("mobilenet_v2", args.resolution, Path(tmp) / "mnv2", 3)
+            args.input = args.input or str(samples)
+        else:
+            bundle = build_digits_bundle(Path(tmp))
         if args.only in (None, "resplit"):
             result, ids = _fleet(args, bundle, out / "resplit", rate=args.rate,
                                  duration_s=args.duration, link_schedule=args.schedule)

@@ -90,7 +90,7 @@ def test_resolve_names_pinned_and_adaptive(digits_bundle: Path) -> None:
     adaptive = resolve(digits_bundle, None)
     assert adaptive.mode == "adaptive" and set(adaptive.manifests) == set(bundle.ids)
     assert resolve(digits_bundle / "cut_1", None).mode == "single"  # a plain split dir
-    with pytest.raises(BadInputError, match="--replay.*--split"):
+    with pytest.raises(BadInputError, match=r"--replay.*--split"):
         resolve(digits_bundle, None, replay=True)
     with pytest.raises(Exception, match="no split 'nope'"):
         resolve(digits_bundle, "nope")
@@ -174,3 +174,69 @@ def test_link_cut_is_answered_on_the_device_and_nothing_is_lost(
     assert sum(window["fallbacks"].values()) > 0  # answered locally because of the cut
     assert window["within_deadline"] == window["answered"]
     assert [g["name"] for g in report["links"]] == ["direct"]  # a proxy to cut
+
+
+def test_cli_maps_the_bundle_flags() -> None:
+    from simulators.fleet_cli import config_from_args
+    from splitinfer.cli import build_parser
+
+    args = build_parser().parse_args([
+        "fleet", "--artifacts", "b", "--split", "cut_0", "--link-schedule",
+        "wifi@0s,3g@20s", "--faults", "link-cut@5s+2s", "--edge-profile", "e.json",
+        "--cloud-profile", "c.json", "--reconnect-max", "0.5"])
+    config = config_from_args(args)
+    assert (config.split, config.link_schedule) == ("cut_0", "wifi@0s,3g@20s")
+    assert [t for t, _ in config.schedule().changes()] == [0.0, 20.0]
+    assert [f.kind for f in config.fault_plan()] == ["link-cut"]
+    assert (config.edge_profile, config.cloud_profile) == (Path("e.json"), Path("c.json"))
+    assert config.reconnect_max_s == 0.5
+
+
+def _switch(t: float, device: str, a: str, b: str) -> dict[str, Any]:
+    return {"t_s": t, "device": device, "from": a, "to": b, "reason": "predicted"}
+
+
+def test_resplit_figures_per_change() -> None:
+    from simulators.bench_resplit import resplit_figures
+
+    report = {"lost": 0, "bundle": None, "link_schedule": [
+        {"t_s": 0.0, "link": "wifi", "applied_s": 0.0},
+        {"t_s": 20.0, "link": "3g", "applied_s": 20.1},
+        {"t_s": 40.0, "link": "wifi", "applied_s": 40.0}],
+        "switches": [_switch(-0.5, "a", "x", "y"),  # warm-up: before any change
+                     _switch(20.6, "a", "c", "e"), _switch(21.1, "b", "c", "e"),
+                     _switch(23.0, "b", "e", "c"), _switch(24.0, "b", "c", "e"),
+                     _switch(40.5, "a", "e", "c")]}
+    fig = resplit_figures(report, ["a", "b"], end_s=60.0)
+    first, second = fig["changes"]
+    assert (first["link"], first["switched"], first["max_delay_s"]) == ("3g", 2, 1.0)
+    assert first["max_switches_per_device"] == 3 and not first["ok"]  # b flapped
+    assert (second["switched"], second["not_switched"], second["ok"]) == (1, 1, False)
+    assert not fig["ok"]
+    report["switches"] = [_switch(20.6, "a", "c", "e"), _switch(21.1, "b", "c", "e"),
+                          _switch(40.5, "a", "e", "c"), _switch(41.0, "b", "e", "c")]
+    fig = resplit_figures(report, ["a", "b"], end_s=60.0)
+    assert fig["ok"] and fig["changes"][1]["p95_delay_s"] == pytest.approx(0.975)
+
+
+def test_offline_figures_resume_and_late_local_answers() -> None:
+    from simulators.bench_resplit import offline_figures
+    from simulators.fleet_stats import Outcome
+
+    window = {"fault": "link-cut@20s+10s", "start_s": 20.0, "end_s": 30.0, "sent": 2,
+              "answered": 2, "within_deadline": 2, "served_locally": 2, "lost": 0,
+              "fallbacks": {"offline": 2}, "timeouts": 0, "errors": 0, "max_ms": 30.0}
+    conn = [{"t_s": 20.0, "device": "a", "connected": False},
+            {"t_s": 30.4, "device": "a", "connected": True},
+            {"t_s": 20.0, "device": "b", "connected": False},
+            {"t_s": 31.5, "device": "b", "connected": True}]
+    report = {"lost": 0, "during_faults": [window], "adaptive": {"connectivity": conn}}
+    outcomes = [Outcome(25.0, 0, "answered", "e", "edge", "offline", 0.03),
+                Outcome(30.2, 0, "answered", "e", "edge", "offline", 0.03),
+                Outcome(31.0, 0, "answered", "c", "cloud", "", 0.02)]
+    fig = offline_figures(report, outcomes, 2, timeout_s=1.0)
+    [w] = fig["windows"]
+    assert (w["devices_reconnected"], w["max_resume_s"]) == (2, 1.5)
+    assert w["max_first_cloud_answer_s"] == 1.0 and fig["ok"]
+    late = [*outcomes, Outcome(32.5, 1, "answered", "e", "edge", "offline", 0.03)]
+    assert not offline_figures(report, late, 2, timeout_s=1.0)["ok"]
