@@ -33,10 +33,14 @@ Each term (see :func:`predict`):
   Loss delay is the mean retransmission delay, ``segments * p * RTO`` (exactly
   :meth:`splitinfer.link.LinkProfile.expected_loss_delay_s`). *Own queue*: a device that
   sends ``device_rps`` requests/s on one TCP connection queues behind its own previous
-  request when serialization takes long (M/D/1 on the link, below).
-* ``broker``: a constant per broker hop (the broker forwarding one message plus the two
-  clients' MQTT handling on loopback), two hops per request; :data:`DEFAULT_BROKER_S` is
-  measured on the tuned mosquitto of this project's benches, override it per deployment.
+  request while that one serializes: an M/D/1 queue on the link with service
+  ``wire_bytes * 8 / up_bps`` and ``rho = device_rps * service`` (its median wait, as for
+  the worker below, is 0 while ``rho <= 0.5``).
+* ``broker``: a constant per broker hop, two hops per request (device -> broker ->
+  worker, worker -> broker -> device): the broker forwarding one message, both clients'
+  MQTT handling, the worker's own handling around its tail and the link emulator's timer
+  lateness; :data:`DEFAULT_BROKER_S`, measured once per machine; override it per
+  deployment.
 * ``queue``: each worker sees Poisson arrivals at ``lambda = load_rps / workers``
   (mosquitto's shared subscription deals round robin, more regular than Poisson, so this
   errs on the slow side) and a deterministic service (a tail's time varies by a few
@@ -62,9 +66,11 @@ Each term (see :func:`predict`):
 chunk ahead of it. The clip binds only when ``delay < j`` or when two chunks are closer
 than ``2 j`` apart on the link; a message's last chunk (which decides when it lands) comes
 at least a chunk's serialization after the one ahead, and the one ahead of a message's
-first chunk is a previous message. So the delivery is ``end + delay + U``, symmetric about
-``end + delay``, and the sum of the two directions' independent symmetric jitters has
-median 0. (Jitter widens the p99, which this model does not predict.) Even where
+first chunk is a previous message (1 s earlier at 1 req/s; on the downlink the broker's
+PUBACK of the request, one worker round (tail + hops) earlier, which binds only when that
+round is shorter than ``2 j``, and then rarely). So the delivery is ``end + delay + U``,
+symmetric about ``end + delay``, and the sum of the two directions' independent symmetric
+jitters has median 0. (Jitter widens the p99, which this model does not predict.) Even where
 ``delay < j`` clips it, the clipped mass lies below 0 and the median of ``max(-delay, U)``
 stays 0.
 """
