@@ -64,7 +64,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import resource
@@ -84,10 +83,16 @@ from simulators.faults import FAULT_KINDS, FaultInjector, FaultPlan
 from simulators.fleet_bundle import (
     SplitSizes,
     Target,
+    adaptive_summary,
     derived_times,
     load_heads,
+    read_profiles,
+    record_connectivity,
     resolve,
+    source_model,
     split_sizes,
+    switch_list,
+    warm_up_tails,
 )
 from simulators.fleet_stats import (
     RAW_STAGES,
@@ -105,7 +110,6 @@ from simulators.fleet_support import (
     Inputs,
     SlowHead,
     WorkerPool,
-    find_source_model,
     load_inputs,
     random_inputs,
     record_head_outputs,
@@ -353,7 +357,7 @@ class Fleet:
                 target.split_dir, config=config, heads=heads, connector=group.connector,
                 link=group.profile.spec() if shaped and group.profile else "lan",
                 clock=time.perf_counter, **profiles)
-            self._record_connectivity(agent)
+            record_connectivity(agent, self._connectivity)
             return agent
         return EdgeAgent(manifest=target.manifest, head=None if cfg.replay else head,
                          connector=group.connector, config=config)
@@ -374,7 +378,7 @@ class Fleet:
                         inputs.source, list(inputs.ignored), manifest.model,
                         [s.name for s in manifest.inputs])
         local = target.local  # the whole model on the device: no broker
-        reference = cfg.reference or _source_model(target)
+        reference = cfg.reference or source_model(target)
         ref_pred = reference_predictions(reference, inputs) if reference is not None and \
             (inputs.labels is not None or cfg.reference is not None) else None
         from edge_agent import load_head
@@ -397,7 +401,7 @@ class Fleet:
             # sleeping heads hold a thread each; the default pool (cores + 4) would queue them
             loop.set_default_executor(ThreadPoolExecutor(max(8, min(cfg.devices, 256)),
                                                          thread_name_prefix="fleet-head"))
-        profiles = self._profiles()
+        profiles = read_profiles(cfg.edge_profile, cfg.cloud_profile)
         _raise_file_limit(3 * cfg.devices + 256)
         prefix = self._prefix()
         topics = Topics(prefix)
@@ -488,8 +492,10 @@ class Fleet:
                     task.cancel()
             retries = self._retry_counters()
             link_stats = [self._link_report(g) for g in self._groups]
-            switches = self._switches(window_start)
-            adaptive = self._adaptive_summary() if target.mode == "adaptive" else None
+            agents = [d.agent for d in self._devices]
+            switches = switch_list(agents, window_start)
+            adaptive = adaptive_summary(agents, self._connectivity, window_start) \
+                if target.mode == "adaptive" else None
         result = self._result(
             target=target, url=url, broker_kind=broker_kind,
             connect_s=connect_s, cpu=meter.report(), events=events, retries=retries,
@@ -500,68 +506,6 @@ class Fleet:
         result.report["out"] = str(out)
         write_outputs(result, out, png=cfg.png)
         return result
-
-    def _profiles(self) -> dict[str, Any]:
-        """The edge/cloud profile JSONs for ``from_bundle``, read once for every device."""
-        out: dict[str, Any] = {}
-        for key, path in (("edge_profile", self.config.edge_profile),
-                          ("cloud_profile", self.config.cloud_profile)):
-            if path is None:
-                continue
-            try:
-                out[key] = json.loads(Path(path).read_text())
-            except (OSError, ValueError) as exc:
-                raise BadInputError(f"--{key.replace('_', '-')} {path}: not a readable "
-                                    f"profile JSON ('splitinfer profile -o'): {exc}") from exc
-        return out
-
-    def _record_connectivity(self, agent: Any) -> None:
-        """Note when ``agent``'s chooser learns the broker connection went or came back
-        (``Policy.set_connected``: on that call it falls back to, or resumes from, local
-        answers), so the report can say when splitting resumed whatever the arrivals."""
-        policy = agent.policy
-        original = policy.set_connected
-        device = agent.device_id
-        state = {"connected": True}
-
-        def recorded(t: float, connected: bool) -> None:
-            original(t, connected)
-            if connected != state["connected"]:
-                state["connected"] = connected
-                self._connectivity.append((t, device, connected))
-
-        setattr(policy, "set_connected", recorded)  # noqa: B010  (instance, not class)
-
-    def _adaptive_summary(self) -> dict[str, Any]:
-        """What the adaptive devices ended with: the split each is on, their shadow probes,
-        local answers by reason (warm-up included), and one device's predictions and link
-        estimate (the others' are alike on a shared link)."""
-        current: Counter[str] = Counter()
-        fallbacks: Counter[str] = Counter()
-        probes = 0
-        for device in self._devices:
-            agent = device.agent
-            current[agent.policy.current] += 1
-            fallbacks.update(agent.fallbacks)
-            probes += agent.probes
-        first = self._devices[0].agent.summary()
-        origin = self._window_start
-        connectivity = [{"t_s": round(t - origin, 4), "device": d, "connected": up}
-                        for t, d, up in sorted(self._connectivity)]
-        return {"current": dict(current.most_common()), "probes": probes,
-                "connectivity": connectivity,
-                "fallbacks": dict(sorted(fallbacks.items())),
-                "device0": {k: first.get(k) for k in ("predicted_ms", "link_estimate")}}
-
-    def _switches(self, window_start: float) -> list[dict[str, Any]]:
-        """Every device's split changes, ``t_s`` from the window's start, in time order."""
-        out = []
-        for device in self._devices:
-            for sw in getattr(device.agent, "switches", ()):
-                out.append({"t_s": round(sw.t_s - window_start, 4), "device": sw.device,
-                            "from": sw.from_split, "to": sw.to_split,
-                            "reason": getattr(sw, "reason", "")})
-        return sorted(out, key=lambda s: (s["t_s"], s["device"]))
 
     def _transport_for(self, url: str | None) -> str:
         from splitinfer.mqtt import BrokerConfig
@@ -688,25 +632,9 @@ class Fleet:
                 except SplitInferError as exc:
                     raise StartupError(f"the first request got no answer: {exc}") from exc
             return
-        from edge_agent import AgentConfig, EdgeAgent
-
-        for split_id, (_, manifest) in target.manifests.items():
-            if manifest.kind == "edge_only":
-                continue
-            config = AgentConfig(device_id=f"{self.token}-warm", prefix=prefix,
-                                 broker=self._with_protocol(url), qos=self.config.qos,
-                                 presence=False, timeout_s=60.0)
-            agent = EdgeAgent(manifest=manifest, head=heads.get(split_id), config=config,
-                              connector=connector_for(config.broker, self.transport))
-            try:
-                await agent.start()
-                for _ in range(rounds):
-                    await agent.infer(inputs.sample(0))
-            except SplitInferError as exc:
-                raise StartupError(f"split {split_id}: the first request got no answer: "
-                                   f"{exc}") from exc
-            finally:
-                await agent.close()
+        await warm_up_tails(target, heads, inputs, url=self._with_protocol(url), prefix=prefix,
+                            device_id=f"{self.token}-warm", qos=self.config.qos,
+                            transport=self.transport, rounds=rounds)
 
     def _schedule(self) -> tuple[Array, Array]:
         """Every device's send times (s from the start, warm-up included), merged in order."""
@@ -950,15 +878,6 @@ class Fleet:
             fault_spans=spans)
 
 
-def _source_model(target: Target) -> Path | None:
-    """The unsplit model next to the split (or the bundle), sha256 checked; None if absent."""
-    if target.mode != "adaptive":
-        return find_source_model(target.manifest, target.split_dir)
-    for split_dir, manifest in target.manifests.values():
-        found = find_source_model(manifest, split_dir)
-        if found is not None:
-            return found
-    return None
 
 
 def _raise_file_limit(want: int) -> None:

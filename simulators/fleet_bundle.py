@@ -12,26 +12,37 @@
 
 :class:`SplitSizes` holds what crosses the link per split (request and result envelope and
 their MQTT PUBLISH sizes), from which :func:`derived_times` gives the one-way link times
-the stage breakdown uses. :func:`load_heads` loads each head once for all devices.
+the stage breakdown uses. :func:`load_heads` loads each head once for all devices; the
+other helpers read the profiles, warm every tail up, and collect what the adaptive
+devices did (switches, connectivity, a summary).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_agent.runtime import HeadRuntime, load_head
-from simulators.fleet_support import SlowHead, mqtt_publish_bytes, payload_sizes
+from simulators.fleet_support import (
+    Inputs,
+    SlowHead,
+    find_source_model,
+    mqtt_publish_bytes,
+    payload_sizes,
+)
 from splitinfer.bundle import Bundle, is_bundle
-from splitinfer.errors import BadInputError, StartupError
+from splitinfer.errors import BadInputError, SplitInferError, StartupError
 from splitinfer.link import LinkProfile
 from splitinfer.manifest import Manifest, find_split_dirs
 from splitinfer.topics import Topics, topic_name
 
 __all__ = ["MODES", "Target", "SplitSizes", "resolve", "split_sizes", "derived_times",
-           "load_heads"]
+           "load_heads", "source_model", "read_profiles", "warm_up_tails",
+           "record_connectivity", "switch_list", "adaptive_summary"]
 
 MODES = ("single", "pinned", "adaptive")
 
@@ -167,3 +178,104 @@ def load_heads(manifests: Mapping[str, tuple[Path, Manifest]], *, speed: float,
         head = load_head(manifest, directory, threads=threads)
         heads[split_id] = SlowHead(head, speed) if speed > 1.0 and manifest.head else head
     return heads
+
+
+def source_model(target: Target) -> Path | None:
+    """The unsplit model next to the split (or the bundle), sha256 checked; None if absent."""
+    for split_dir, manifest in target.manifests.values():
+        found = find_source_model(manifest, split_dir)
+        if found is not None:
+            return found
+    return None
+
+
+def read_profiles(edge: Path | None, cloud: Path | None) -> dict[str, Any]:
+    """The edge/cloud profile JSONs for ``from_bundle``, read once for every device."""
+    out: dict[str, Any] = {}
+    for key, path in (("edge_profile", edge), ("cloud_profile", cloud)):
+        if path is None:
+            continue
+        try:
+            out[key] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"--{key.replace('_', '-')} {path}: not a readable profile "
+                                f"JSON ('splitinfer profile -o'): {exc}") from exc
+    return out
+
+
+async def warm_up_tails(target: Target, heads: Mapping[str, HeadRuntime],
+                        inputs: Inputs, *, url: str, prefix: str, device_id: str, qos: int,
+                        transport: str, rounds: int) -> None:
+    """``rounds`` requests through every tail of the bundle before the clock starts, from a
+    plain agent pinned to each cloud split on a direct connection, so that no tail's first
+    run (session warm-up) lands in the window, nor in any adaptive device's chooser."""
+    from edge_agent import AgentConfig, EdgeAgent
+    from simulators.fleet_transport import connector_for
+
+    for split_id, (_, manifest) in target.manifests.items():
+        if manifest.kind == "edge_only":
+            continue
+        config = AgentConfig(device_id=device_id, prefix=prefix, broker=url, qos=qos,
+                             presence=False, timeout_s=60.0)
+        agent = EdgeAgent(manifest=manifest, head=heads.get(split_id), config=config,
+                          connector=connector_for(url, transport))
+        try:
+            await agent.start()
+            for _ in range(rounds):
+                await agent.infer(inputs.sample(0))
+        except SplitInferError as exc:
+            raise StartupError(f"split {split_id}: the first request got no answer: "
+                               f"{exc}") from exc
+        finally:
+            await agent.close()
+
+
+def record_connectivity(agent: Any, sink: list[tuple[float, str, bool]]) -> None:
+    """Append ``(clock, device, connected)`` to ``sink`` whenever ``agent``'s chooser learns
+    that the broker connection went or came back (``Policy.set_connected``: on that call it
+    falls back to local answers, or resumes splitting), so that the report can say when
+    splitting resumed whatever the arrivals. Wraps the one policy object's method."""
+    policy = agent.policy
+    original = policy.set_connected
+    device = agent.device_id
+    state = {"connected": True}
+
+    def recorded(t: float, connected: bool) -> None:
+        original(t, connected)
+        if connected != state["connected"]:
+            state["connected"] = connected
+            sink.append((t, device, connected))
+
+    setattr(policy, "set_connected", recorded)  # noqa: B010  (this instance only)
+
+
+def switch_list(agents: Sequence[Any], origin: float) -> list[dict[str, Any]]:
+    """Every agent's split changes, ``t_s`` from ``origin`` (the window's start on the
+    agents' clock), in time order; a plain agent has none."""
+    out = []
+    for agent in agents:
+        for sw in getattr(agent, "switches", ()):
+            out.append({"t_s": round(sw.t_s - origin, 4), "device": sw.device,
+                        "from": sw.from_split, "to": sw.to_split,
+                        "reason": getattr(sw, "reason", "")})
+    return sorted(out, key=lambda s: (s["t_s"], s["device"]))
+
+
+def adaptive_summary(agents: Sequence[Any], connectivity: list[tuple[float, str, bool]],
+                     origin: float) -> dict[str, Any]:
+    """What the adaptive devices ended with: the split each is on, their shadow probes, local
+    answers by reason (warm-up included), when each learnt the connection went down or came
+    back, and one device's predictions and link estimate (alike on a shared link)."""
+    current: Counter[str] = Counter()
+    fallbacks: Counter[str] = Counter()
+    probes = 0
+    for agent in agents:
+        current[agent.policy.current] += 1
+        fallbacks.update(agent.fallbacks)
+        probes += agent.probes
+    first = agents[0].summary()
+    return {"current": dict(current.most_common()), "probes": probes,
+            "connectivity": [{"t_s": round(t - origin, 4), "device": d, "connected": up}
+                             for t, d, up in sorted(connectivity)],
+            "fallbacks": dict(sorted(fallbacks.items())),
+            "device0": {k: first.get(k) for k in ("predicted_ms", "link_estimate")}}
