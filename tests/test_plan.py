@@ -184,3 +184,27 @@ def test_cheap_import() -> None:
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bench_summary_arithmetic() -> None:
+    """The planner bench's figures from synthetic rows: MAPE, recommended vs best, baselines."""
+    from simulators.bench_planner import SpacedTimer, summarize
+
+    def row(link: str, d: str, kind: str, pred: float, meas: float,
+            codec: str = "raw") -> dict[str, Any]:
+        return {"link": link, "split_id": f"m-{d}", "dir": d, "kind": kind,
+                "input_codec": codec, "predicted_ms": pred, "p50_ms": meas}
+
+    rows = [row("3g", "edge_only", "edge_only", 100, 110), row("3g", "cut", "split", 90, 100),
+            row("3g", "cloud_only", "cloud_only", 300, 300),
+            row("3g", "jpeg", "cloud_only", 95, 95, "jpeg:90")]
+    summary = summarize([{"model": "m", "rows": rows, "recommended": {"3g": "m-cut"}}])
+    # |errors|: 10/110, 10/100, 0, 0 -> (9.09 + 10 + 0 + 0) / 4 = 4.77 %
+    assert summary["mape_pct"] == pytest.approx((100 * 10 / 110 + 10) / 4)
+    link = summary["per_link"][0]
+    # recommended cut measured 100 ms, best measured jpeg 95 ms: 5.26 % behind
+    assert link["best"] == "jpeg" and link["gap_pct"] == pytest.approx(100 * 5 / 95)
+    assert (link["edge_only_ms"], link["cloud_only_raw_ms"], link["cloud_only_jpeg_ms"]) == \
+        (110, 300, 95)
+    timer = SpacedTimer(0.0)
+    assert timer() <= timer()
