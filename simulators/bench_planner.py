@@ -5,9 +5,10 @@ For each model (MobileNetV2 int8, ResNet-18 int8 from :mod:`splitter.zoo`, quant
 cloud only raw + cloud only JPEG 90), profiles it (``splitinfer profile``'s code, ``--side
 edge --speed 8`` and ``--side cloud``, one onnxruntime thread each as the fleet's devices
 and the bench's worker, each timed run after ``--profile-gap`` idle seconds as at 1 req/s:
-:class:`SpacedTimer`), predicts every split's p50 on each link with
-:mod:`splitinfer.costmodel` and then *measures* it: one fleet device (real head slowed
-``--speed`` times, :class:`~simulators.fleet_support.SlowHead`) with that split pinned,
+:class:`SpacedTimer`; each split right before it is measured), predicts every split's p50
+on each link with :mod:`splitinfer.costmodel` and then *measures* it: one fleet device
+(real head slowed ``--speed`` times, :class:`~simulators.fleet_support.SlowHead`) with that
+split pinned,
 Poisson 1 req/s, through that link's shaping proxy, a tuned mosquitto and one worker
 serving the bundle (both started once for all runs of a model). edge_only crosses no
 link: it is measured once per model and stands on every link.
@@ -15,8 +16,9 @@ link: it is measured once per model and stands on every link.
 Printed: predicted beside measured p50 per (link, split); the MAPE over all pairs
 (target <= 10 %); per link the recommended split's measured p50 beside the best measured
 one (target within 5 %) and beside the baselines (edge only, cloud only raw, cloud only
-JPEG: does splitting pay?). The broker hop the model charges is measured here too, once,
-by a raw MQTT echo through the same mosquitto (half its round trip), unless ``--broker-ms``.
+JPEG: does splitting pay?). The cost model's two per-machine constants (broker hop, device
+overhead) are its defaults, or ``--broker-ms``/``--agent-ms``; ``--calibrate`` measures
+them (digits CNN).
 
 Inputs: smooth synthetic images (a random 8x8 field upsampled, plus mild noise), so the
 JPEG baseline compresses like a photograph rather than like white noise; the same samples
@@ -44,6 +46,7 @@ __all__ = ["add_parser", "run", "main", "SpacedTimer", "build_bundle", "smooth_i
 MODELS = ("mobilenet_v2", "resnet18")
 TARGET_MAPE = 10.0
 TARGET_BEST = 5.0
+SETTLE_S = 3.0  # idle seconds after the worker's start-up, before the first profile
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,19 +153,32 @@ class SpacedTimer:
         return time.perf_counter()
 
 
-def _profile(bundle: Path, samples: Path, side: str, speed: float, out: Path,
-             gap_s: float) -> dict[str, Any]:
-    """``splitinfer profile`` of one side (its API, with :class:`SpacedTimer`); cached."""
-    if not out.is_file():
-        from splitter.planner.profile import profile
+def _profile_split(entry: Any, arrays: Mapping[str, Any], side: str, speed: float,
+                   gap_s: float) -> dict[str, Any]:
+    """One split's entry of ``splitinfer profile --side SIDE`` (its code, one onnxruntime
+    thread, 16 samples x 2, each timed run after ``gap_s`` idle: :class:`SpacedTimer`)."""
+    from splitter.planner.profile import profile_cloud, profile_edge
 
-        data = profile(bundle, side, threads=1, speed=speed if side == "edge" else 1.0,
-                       samples=samples, batches=(1, 2, 4, 8), repeats=2, max_samples=16,
-                       timer=SpacedTimer(gap_s))
-        data["gap_s"] = gap_s
-        out.write_text(json.dumps(data, indent=2) + "\n")
-    loaded: dict[str, Any] = json.loads(out.read_text())
-    return loaded
+    if side == "edge":
+        out = profile_edge([entry], arrays, threads=1, speed=speed, repeats=2,
+                           timer=SpacedTimer(gap_s))
+    else:
+        out = profile_cloud([entry], arrays, threads=1, batches=(1, 2, 4, 8), repeats=2,
+                            timer=SpacedTimer(gap_s))
+    result: dict[str, Any] = out[entry.split_id]
+    return result
+
+
+def _document(side: str, model: str, sha: str, speed: float, gap_s: float,
+              splits: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``splitinfer.profile/1`` document around per-split entries."""
+    from splitter.planner.profile import PROFILE_FORMAT, machine_info
+
+    return {"format": PROFILE_FORMAT, "side": side, "model": model, "source_sha256": sha,
+            "machine": machine_info(), "threads": 1,
+            "speed": speed if side == "edge" else 1.0, "samples": 16, "gap_s": gap_s,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "splits": dict(splits)}
 
 
 # ---- the per-machine constants -----------------------------------------------------------
@@ -246,12 +262,11 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
     bundle_dir, samples = build_bundle(model, args.resolution, work / model, args.cuts)
     bundle = Bundle.load(bundle_dir)
     log(f"{model}: bundle of {len(bundle)} splits ({time.perf_counter() - t0:.0f} s)")
-    edge = _profile(bundle_dir, samples, "edge", args.speed, work / model / "edge.json",
-                    args.profile_gap)
-    cloud = _profile(bundle_dir, samples, "cloud", args.speed, work / model / "cloud.json",
-                     args.profile_gap)
-    costs = {c.split_id: c for c in costs_from_profiles(edge, cloud)}
-    log(f"{model}: profiled ({time.perf_counter() - t0:.0f} s)")
+    from splitter.planner.profile import find_splits, load_samples
+
+    name, sha, entries = find_splits(bundle_dir)
+    arrays = load_samples(samples, entries[0].manifest.inputs, limit=16)
+    by_id = {e.split_id: e for e in entries}
     links = [s.strip() for s in args.links.split(",") if s.strip()]
     topic_len = len(Topics(DEFAULT_PREFIX).request(topic_name(bundle.model), "d" * 12))
     broker = MosquittoBroker()
@@ -259,19 +274,34 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
     pool = WorkerPool(count=1, broker=broker.url, artifacts=bundle_dir, prefix=DEFAULT_PREFIX,
                       group="bench", log_dir=work / model / "worker", threads=1)
     rows: list[dict[str, Any]] = []
+    edge_entries: dict[str, Any] = {}
+    cloud_entries: dict[str, Any] = {}
     try:
         pool.start()
+        time.sleep(SETTLE_S)  # the worker's start-up kept both cores busy: let them idle
         hop = DEFAULT_BROKER_S if args.broker_ms is None else args.broker_ms / 1e3
         agent = DEFAULT_AGENT_S if args.agent_ms is None else args.agent_ms / 1e3
-        edge_only: dict[str, Any] | None = None
-        for link in links:
-            estimate = LinkEstimate.from_profile(LinkProfile.parse(link))
-            for s in bundle:
-                pred = predict(costs[s.split_id], estimate, load_rps=args.rate,
-                               device_rps=args.rate, broker_s=hop, agent_s=agent,
-                               topic_len=topic_len)
+        # Each split is profiled right before it is measured on every link, so that the
+        # machine's drift (other load on the shared cores) separates the two by a minute,
+        # not by the quarter hour of the whole bench.
+        for s in bundle:
+            entry = by_id[s.split_id]
+            edge_entries[s.split_id] = _profile_split(entry, arrays, "edge", args.speed,
+                                                      args.profile_gap)
+            cloud_entries[s.split_id] = _profile_split(entry, arrays, "cloud", args.speed,
+                                                       args.profile_gap)
+            (cost,) = costs_from_profiles(
+                _document("edge", name, sha, args.speed, args.profile_gap,
+                          {s.split_id: edge_entries[s.split_id]}),
+                _document("cloud", name, sha, args.speed, args.profile_gap,
+                          {s.split_id: cloud_entries[s.split_id]}))
+            edge_only: dict[str, Any] | None = None
+            for link in links:
+                estimate = LinkEstimate.from_profile(LinkProfile.parse(link))
+                pred = predict(cost, estimate, load_rps=args.rate, device_rps=args.rate,
+                               broker_s=hop, agent_s=agent, topic_len=topic_len)
                 if s.kind == "edge_only" and edge_only is not None:
-                    measured = edge_only
+                    measured = edge_only  # no link: one measurement stands on every link
                 else:
                     measured = asyncio.run(_measure(
                         bundle_dir, samples, s.dir, None if s.kind == "edge_only" else link,
@@ -287,6 +317,12 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
     finally:
         pool.stop()
         broker.close()
+    edge = _document("edge", name, sha, args.speed, args.profile_gap, edge_entries)
+    cloud = _document("cloud", name, sha, args.speed, args.profile_gap, cloud_entries)
+    (work / model / "edge.json").write_text(json.dumps(edge, indent=2) + "\n")
+    (work / model / "cloud.json").write_text(json.dumps(cloud, indent=2) + "\n")
+    order = {link: i for i, link in enumerate(links)}
+    rows.sort(key=lambda r: order[r["link"]])  # stable: bundle order within a link
     recs = {}
     for link in links:
         preds = [r for r in rows if r["link"] == link]
