@@ -10,9 +10,9 @@ import math
 import random
 from typing import Any
 
-from splitinfer.link import LinkProfile
 from simulators.shaper import ShapingProxy
 from splitinfer.errors import StartupError
+from splitinfer.link import LinkProfile
 
 __all__ = ["main"]
 

@@ -10,8 +10,8 @@ import aiomqtt
 import pytest
 
 from simulators.broker import MosquittoBroker
-from splitinfer.link import LinkProfile
 from simulators.shaper import ShapingProxy
+from splitinfer.link import LinkProfile
 from splitinfer.mqtt import BrokerConfig, connect
 
 N = 100_000

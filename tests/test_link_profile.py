@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitinfer.link import PROFILES, LinkProfile, Outage, format_time, parse_time
 from splitinfer.errors import BadInputError
+from splitinfer.link import PROFILES, LinkProfile, Outage, format_time, parse_time
 
 
 def test_named_profiles_carry_the_issue_uplinks() -> None:
