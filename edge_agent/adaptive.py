@@ -92,11 +92,11 @@ class PolicyConfig:
     margin_rel: float = 0.10  # a candidate must be predicted >= 10 % faster ...
     margin_abs_s: float = 0.003  # ... and >= 3 ms faster
     confirm: int = 2  # consecutive observations voting for it
-    dwell_s: float = 0.3  # from its first vote to the switch, at least
+    dwell_s: float = 0.25  # from its first vote to the switch, at least
     min_hold_s: float = 2.0  # no switch within this of the previous one
     alpha: float = 0.5  # weight of a new observation in the smoothed state
-    probe_interval_s: float = 1.0  # no cloud observation for this long: shadow probe
-    probe_gap_s: float = 0.25  # confirmation probe this long after an unconfirmed vote
+    probe_interval_s: float = 0.75  # no cloud observation for this long: shadow probe
+    probe_gap_s: float = 0.1  # confirmation probe this long after an unconfirmed vote
     probe_timeout_s: float = 2.0  # a probe unanswered by then failed
     reserve_factor: float = 1.5  # local reserve = edge_only head x this + reserve_abs_s
     reserve_abs_s: float = 0.02
@@ -133,6 +133,7 @@ class Observation:
     tail_s: float | None = None
     head_s: float | None = None
     probe: bool = False
+    sent: float | None = None  # the policy's clock when the request went out (None: t)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class _State:
 class _Vote:
     split_id: str
     since: float
+    sent: float  # when the first voting observation's request went out
     states: list[_State] = field(default_factory=list)
 
 
@@ -305,7 +307,7 @@ class Policy:
             self._probing = None
         if self.down and self._connected:
             self.down = ""  # the cloud answered: it is back
-        self._cast(obs.t, own)
+        self._cast(obs.t, own, obs.t if obs.sent is None else obs.sent)
         self._maybe_switch(obs.t)
 
     def observe_local(self, t: float, head_s: float) -> None:
@@ -361,20 +363,25 @@ class Policy:
     def _clamp(self, k: float) -> float:
         return min(self.config.k_max, max(self.config.k_min, k))
 
-    def _cast(self, t: float, own: _State) -> None:
-        """This observation's vote: the split best under it alone, if it beats the current."""
+    def _cast(self, t: float, own: _State, sent: float) -> None:
+        """This observation's vote: the split best under it alone, if it beats the current.
+
+        An answer to a request sent before the one that opened the vote describes the link
+        as it was: it neither confirms nor cancels the vote (answers overtake each other
+        across a change)."""
         if self.pinned is not None:
             return
         pick = self.best(own)
         vote = self._vote
         if pick == self.current or not self._better(self.predicted(pick, own),
                                                     self.predicted(self.current, own)):
-            self._vote = None
+            if vote is None or sent >= vote.sent:
+                self._vote = None
             return
         if vote is not None and vote.split_id == pick:
             vote.states.append(own)
-        else:
-            self._vote = _Vote(pick, t, [own])
+        elif vote is None or sent >= vote.sent:
+            self._vote = _Vote(pick, t, sent, [own])
 
     # ---- probing -------------------------------------------------------------------
 
@@ -400,6 +407,22 @@ class Policy:
                 and since_probe >= cfg.probe_interval_s:
             return self.best(self.state, self.cloud)  # on edge_only, or the cloud was down
         return None
+
+    def next_probe_at(self, now: float | None = None) -> float | None:
+        """When :meth:`probe_due` will next name a split (None: not while nothing changes),
+        so the agent's prober sleeps until then instead of polling."""
+        now = self.clock() if now is None else now
+        cfg = self.config
+        if not self.cloud or not self._connected:
+            return None
+        if self._probing is not None:
+            return self._last_probe + cfg.probe_timeout_s
+        vote = self._vote
+        if vote is not None and len(vote.states) < cfg.confirm and (
+                self.costs[vote.split_id].kind != "edge_only"
+                or self.costs[self.current].kind != "edge_only"):
+            return max(self._last_probe, self._last_cloud_obs) + cfg.probe_gap_s
+        return max(self._last_probe, self._last_cloud_obs) + cfg.probe_interval_s
 
     def probe_started(self, now: float, split_id: str) -> None:
         self._probing = split_id

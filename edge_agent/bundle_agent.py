@@ -120,6 +120,7 @@ class BundleAgent(EdgeAgent):
         self.probes = 0
         self._last_inputs: dict[str, Array] | None = None
         self._prober: asyncio.Task[None] | None = None
+        self._poke = asyncio.Event()  # the prober re-reads next_probe_at()
 
     # ------------------------------------------------------------------ construction
 
@@ -192,6 +193,7 @@ class BundleAgent(EdgeAgent):
     async def _establish(self, transport: Transport) -> None:
         await super()._establish(transport)
         self.policy.set_connected(self._clock(), True)
+        self._poke.set()
 
     def _detach(self, transport: Transport) -> None:
         lost = self._transport is transport
@@ -209,6 +211,8 @@ class BundleAgent(EdgeAgent):
         timeout = self._timeout(timeout)
         self._check_started()
         arrays = self.check_inputs(inputs)
+        if self._last_inputs is None:
+            self._poke.set()
         self._last_inputs = arrays
         now = self._clock()
         decision = self.policy.decide(now, timeout)
@@ -283,24 +287,39 @@ class BundleAgent(EdgeAgent):
         if pending.publishes == 1 and "recv" in stamps and "sent" in stamps:
             uplink = stamps["recv"] - stamps["sent"]
         t = result.timings
+        now = self._clock()
         self.policy.observe(Observation(
-            self._clock(), state.split_id, len(pending.payload), reply.size,
+            now, state.split_id, len(pending.payload), reply.size,
             t.get("network", 0.0), uplink_s=uplink, queue_s=t.get("queue"),
-            tail_s=t.get("tail"), head_s=t.get("head") or None, probe=_PROBE.get()))
+            tail_s=t.get("tail"), head_s=t.get("head") or None, probe=_PROBE.get(),
+            sent=now - (time.perf_counter() - pending.sent)))
+        self._poke.set()
 
     def _observe_failure(self, pending: _Pending, exc: BaseException) -> None:
         reason = self._reason(exc)
         if reason is not None and pending.split is not None:
             self.policy.observe_failure(self._clock(), pending.split.split_id, reason,
                                         probe=_PROBE.get())
+            self._poke.set()
 
     # ------------------------------------------------------------------ probing
 
     async def _probe_loop(self) -> None:
-        """Every ``probe_gap_s``, send the shadow request the policy asks for, if any."""
-        gap = self.policy.config.probe_gap_s
+        """Send the shadow requests the policy asks for, when it asks (``next_probe_at``);
+        woken early by every observation, failure, reconnect and first input."""
         while True:
-            await asyncio.sleep(gap)
+            at = self.policy.next_probe_at(self._clock())
+            wait = 1.0 if at is None else min(1.0, max(0.0, at - self._clock()))
+            self._poke.clear()
+            # asyncio.wait, not wait_for: 3.11's wait_for can swallow a cancel that races
+            # the event being set, and close() would wait for this task forever
+            waiter = asyncio.ensure_future(self._poke.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=wait + 0.001)
+            finally:
+                waiter.cancel()
+            if self._closed:
+                return
             arrays = self._last_inputs
             if arrays is None or not self.connected:
                 continue
