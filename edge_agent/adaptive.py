@@ -61,11 +61,12 @@ Chosen values (:class:`PolicyConfig`) and why, for requests at 1-5 req/s and the
 ``splitinfer.link`` profiles: a 10 % / 3 ms margin is above the run-to-run spread of a
 p50 on this machine (a few %) and of wifi's ±1 ms jitter, far below the gap a link change
 opens (x3 to x17); two confirming votes over >= 0.25 s reject single outliers and still fit
-two observations in 0.5 s (the confirmation probe, 0.1 s after a vote); alpha 0.5 follows a change in two or
-three observations when no switch restarts it; a 0.75 s re-probe interval costs ~1.3 small
-requests a second while on edge_only and notices a recovered link within ~1 s; a 2 s hold
-caps a change at two switches. Together: a switch within ~0.25 s + 2 round trips of the
-first observation after a change (< 2 s at 1 req/s, probes included), at most 2 per change.
+two observations in 0.5 s (the confirmation probe, 0.1 s after a vote); alpha 0.5
+follows a change in two or three observations when no switch restarts it; a 0.75 s
+re-probe interval costs ~1.3 small requests a second while on edge_only and notices a
+recovered link within ~1 s; a 2 s hold caps a change at two switches. Together: a
+switch within ~0.25 s + 2 round trips of the first observation after a change (< 2 s at
+1 req/s, probes included), at most 2 per change.
 """
 
 from __future__ import annotations
