@@ -140,8 +140,8 @@ def split_sizes(manifest: Manifest, *, topics: Topics, device_id: str, replay: b
         up = max(0, up - raw) + codec_bytes
     request_topic = topics.request(topic_name(manifest.model), device_id)
     return SplitSizes(manifest.split_id, manifest.kind, up, down,
-                      mqtt_publish_bytes(request_topic, up, qos),
-                      mqtt_publish_bytes(result_topic, down, qos))
+                      mqtt_publish_bytes(request_topic, up, qos=qos),
+                      mqtt_publish_bytes(result_topic, down, qos=qos))
 
 
 def _tensor_bytes(spec: Any) -> int:

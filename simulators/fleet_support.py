@@ -29,6 +29,7 @@ import numpy.typing as npt
 from edge_agent.runtime import HeadRuntime
 from splitinfer import ort_config
 from splitinfer.batches import padded_chunks
+from splitinfer.costmodel import mqtt_publish_bytes  # re-exported: the fleet's sizes
 from splitinfer.errors import BadInputError, StartupError
 from splitinfer.manifest import Manifest, TensorSpec, sha256_file
 from splitinfer.wire import REQUEST, RESULT, Envelope, WireTensor, encode
@@ -343,12 +344,6 @@ def run_in_batches(session: Any, feeds: Mapping[str, Array]) -> list[Array]:
     return [np.concatenate([np.asarray(p[j]) for p in parts])[:samples]
             for j in range(len(parts[0]))]
 
-
-def mqtt_publish_bytes(topic: str, payload_len: int, qos: int = 1) -> int:
-    """Size of an MQTT 3.1.1 PUBLISH: fixed header, topic, packet id, payload."""
-    body = 2 + len(topic.encode()) + (2 if qos else 0) + payload_len
-    header = 1 + max(1, (body.bit_length() + 6) // 7)
-    return header + body
 
 
 def payload_sizes(manifest: Manifest, *, device_id: str, result_topic: str,
