@@ -5,6 +5,7 @@
 ``{prefix}/v1/res/{device_id}``            its results (device: subscribe only)
 ``{prefix}/v1/status/{device_id}``         presence, retained; last will = offline
 ``$share/{group}/{prefix}/v1/req/{model}/+``  what a worker group subscribes to
+``{prefix}/v1/workers/{worker_id}``        a worker's heartbeat, retained (workers only)
 =========================================  ===========================================
 
 A mosquitto ACL that confines each device to its own topics (``%c`` = client id = device id)::
@@ -79,6 +80,21 @@ class Topics:
 
     def status(self, device_id: str) -> str:
         return f"{self.prefix}/v1/status/{check_level(device_id, 'device id')}"
+
+    def worker_status(self, worker_id: str) -> str:
+        """A worker's retained heartbeat (JSON; see cloud_service.heartbeat)."""
+        return f"{self.prefix}/v1/workers/{check_level(worker_id, 'worker id')}"
+
+    def worker_status_filter(self) -> str:
+        return f"{self.prefix}/v1/workers/+"
+
+    def parse_worker_status(self, topic: str) -> str | None:
+        """The worker id of a heartbeat topic, or None if it is not one."""
+        head = f"{self.prefix}/v1/workers/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head):]
+        return rest if _LEVEL.fullmatch(rest) else None
 
     def request_filter(self, model: str = "+") -> str:
         if model != "+":
