@@ -18,8 +18,12 @@ Plan grammar: comma separated ``KIND[:TARGET]@AT[+DURATION]``, times with ``ms``
     broker-restart@AT[+DOWN]   stop, stay down DOWN (default 0), start on the same port
     broker-kill@AT[+DOWN]      SIGKILL (no clean disconnects); with DOWN, start again after
     broker-stop@AT, broker-start@AT
-    kill-worker[:I]@AT         SIGKILL worker I (default: the first still alive)
-    term-worker[:I]@AT         SIGTERM worker I: a graceful drain
+    kill-worker[:I]@AT[+DOWN]  SIGKILL worker I (default: the first still alive); with
+                               DOWN, start the same worker again (same command line, same
+                               ``--worker-id``) DOWN s after the signal
+    term-worker[:I]@AT[+DOWN]  SIGTERM worker I (a graceful drain); DOWN as for kill-worker
+    stop-worker[:I]@AT+T       SIGSTOP worker I (a hung replica: its connection stays open),
+                               SIGCONT T s later
     cut-link[:NAME]@AT+T       cut link(s) for T s: connections reset, new ones refused
     link-cut@AT+T              cut every device link for T s (cut-link without a target:
                                the device lost its network; the fleet's offline test)
@@ -30,11 +34,17 @@ as a task of its own, so a slow broker restart does not delay the fault after it
 kinds: ``faults.register("restart-worker", fn)`` where ``fn(fault)`` returns a detail
 string; a plain function runs in a worker thread (it may block), a coroutine function on
 the event loop.
+
+Restarting a worker needs ``FaultInjector(restart_worker=fn)``: ``fn(index)`` starts worker
+``index`` again, waits until it serves and returns the new process (the fleet passes
+:meth:`simulators.fleet_support.WorkerPool.restart`); the injector then aims later faults
+at the new process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import inspect
 import logging
@@ -59,8 +69,9 @@ FAULT_KINDS: dict[str, tuple[bool, bool]] = {
     "broker-kill": (False, True),
     "broker-stop": (False, False),
     "broker-start": (False, False),
-    "kill-worker": (False, False),
-    "term-worker": (False, False),
+    "kill-worker": (False, True),
+    "term-worker": (False, True),
+    "stop-worker": (True, True),
     "cut-link": (True, True),
     "link-cut": (True, True),
     "stall-link": (True, True),
@@ -170,18 +181,21 @@ class FaultInjector:
 
     def __init__(self, *, broker: BrokerLike | None = None,
                  workers: Sequence[subprocess.Popen[Any] | asyncio.subprocess.Process | int]
-                 = (), links: Mapping[str, LinkLike] | None = None) -> None:
+                 = (), links: Mapping[str, LinkLike] | None = None,
+                 restart_worker: Callable[[int], Any] | None = None) -> None:
         self.broker = broker
         self.workers = list(workers)
         self.links = dict(links or {})
+        self.restarter = restart_worker
         self.events: list[FaultEvent] = []
         self.handlers: dict[str, Handler] = {
             "broker-restart": lambda f: self.restart_broker(f.duration_s or 0.0),
             "broker-kill": lambda f: self.kill_broker(f.duration_s),
             "broker-stop": lambda f: self.stop_broker(),
             "broker-start": lambda f: self.start_broker(),
-            "kill-worker": lambda f: self.kill_worker(f.target, signal.SIGKILL),
-            "term-worker": lambda f: self.kill_worker(f.target, signal.SIGTERM),
+            "kill-worker": lambda f: self.kill_worker(f.target, signal.SIGKILL, f.duration_s),
+            "term-worker": lambda f: self.kill_worker(f.target, signal.SIGTERM, f.duration_s),
+            "stop-worker": self.stop_worker,
             "cut-link": lambda f: self.cut_link(f.target, f.duration_s or 0.0),
             "link-cut": lambda f: self.cut_link(None, f.duration_s or 0.0),
             "stall-link": lambda f: self.stall_link(f.target, f.duration_s or 0.0),
@@ -226,30 +240,77 @@ class FaultInjector:
         broker.start()
         return f"killed (SIGKILL), down {down_s:g} s, started"
 
-    def kill_worker(self, target: str | int | None = None,
-                    sig: signal.Signals = signal.SIGKILL) -> str:
+    def _worker_index(self, target: str | int | None) -> int | None:
+        """The worker a fault aims at: ``target``, else the first still alive (None: none)."""
         if not self.workers:
             raise BadInputError("a worker fault needs FaultInjector(workers=[...])")
         if target is None:
             alive = [i for i, w in enumerate(self.workers) if _alive(w)]
-            if not alive:
-                return "no worker alive"
-            index = alive[0]
-        else:
-            index = int(target) if str(target).isdigit() else -1
-            if not 0 <= index < len(self.workers):
-                raise BadInputError(f"worker {target!r}: expected an index 0-"
-                                    f"{len(self.workers) - 1}")
+            return alive[0] if alive else None
+        index = int(target) if str(target).isdigit() else -1
+        if not 0 <= index < len(self.workers):
+            raise BadInputError(f"worker {target!r}: expected an index 0-"
+                                f"{len(self.workers) - 1}")
+        return index
+
+    def _signal(self, index: int, sig: signal.Signals) -> str | None:
+        """Send ``sig`` to worker ``index``; None when it is gone already."""
         worker = self.workers[index]
-        pid = worker if isinstance(worker, int) else worker.pid
         try:
             if isinstance(worker, int):
                 os.kill(worker, sig)
             else:
                 worker.send_signal(sig)
         except ProcessLookupError:
-            return f"worker {index} (pid {pid}) already gone"
-        return f"worker {index} (pid {pid}) sent {sig.name}"
+            return None
+        return f"worker {index} (pid {_pid(worker)}) sent {sig.name}"
+
+    def kill_worker(self, target: str | int | None = None,
+                    sig: signal.Signals = signal.SIGKILL, down_s: float | None = None) -> str:
+        """Send ``sig`` (SIGKILL, or SIGTERM: the worker drains); with ``down_s``, start the
+        same worker again ``down_s`` after the signal (and after it has exited)."""
+        index = self._worker_index(target)
+        if index is None:
+            return "no worker alive"
+        if down_s is not None and self.restarter is None:
+            raise BadInputError("restarting a worker needs FaultInjector(restart_worker=...)")
+        t0 = time.monotonic()
+        sent = self._signal(index, sig)
+        detail = sent or f"worker {index} (pid {_pid(self.workers[index])}) already gone"
+        if down_s is None:
+            return detail
+        exited = _wait_exit(self.workers[index], max(down_s, 30.0))
+        if exited is None:  # a drain that does not end: the restart must not share its id
+            self._signal(index, signal.SIGKILL)
+            _wait_exit(self.workers[index], 5.0)
+            detail += f"; still running after {max(down_s, 30.0):g} s, SIGKILLed"
+        else:
+            detail += f"; exited after {exited:.3f} s"
+        time.sleep(max(0.0, t0 + down_s - time.monotonic()))
+        restarted = time.monotonic() - t0
+        new = self.restarter(index)  # type: ignore[misc]
+        if new is not None and not isinstance(new, str):
+            self.workers[index] = new
+        return (f"{detail}; restarted {restarted:.3f} s after the signal, serving again "
+                f"{time.monotonic() - t0:.3f} s after it (pid {_pid(self.workers[index])})")
+
+    async def stop_worker(self, fault: Fault) -> str:
+        """SIGSTOP worker ``fault.target`` (its connection stays open, it answers nothing),
+        SIGCONT ``fault.duration_s`` later (also when the run is cancelled first)."""
+        index = self._worker_index(fault.target)
+        if index is None:
+            return "no worker alive"
+        sent = self._signal(index, signal.SIGSTOP)
+        if sent is None:
+            return f"worker {index} already gone"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            await asyncio.sleep(fault.duration_s or 0.0)
+        finally:
+            resumed = self._signal(index, signal.SIGCONT)
+        return (f"{sent}, SIGCONT after {loop.time() - t0:.3f} s"
+                if resumed else f"{sent}; gone before SIGCONT")
 
     def _links(self, target: str | None) -> list[tuple[str, LinkLike]]:
         hits = [(name, link) for name, link in self.links.items()
@@ -331,3 +392,22 @@ def _alive(worker: subprocess.Popen[Any] | asyncio.subprocess.Process | int) -> 
     if isinstance(worker, subprocess.Popen):
         return worker.poll() is None
     return worker.returncode is None
+
+
+def _pid(worker: subprocess.Popen[Any] | asyncio.subprocess.Process | int) -> int:
+    return worker if isinstance(worker, int) else worker.pid
+
+
+def _wait_exit(worker: subprocess.Popen[Any] | asyncio.subprocess.Process | int,
+               timeout_s: float) -> float | None:
+    """Block until ``worker`` has exited (seconds it took), None after ``timeout_s``."""
+    t0 = time.monotonic()
+    while _alive(worker):
+        if time.monotonic() - t0 > timeout_s:
+            return None
+        if isinstance(worker, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(0.05)
+        else:
+            time.sleep(0.05)
+    return time.monotonic() - t0

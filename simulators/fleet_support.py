@@ -34,7 +34,7 @@ from splitinfer.errors import BadInputError, StartupError
 from splitinfer.manifest import Manifest, TensorSpec, sha256_file
 from splitinfer.wire import REQUEST, RESULT, Envelope, WireTensor, encode
 
-__all__ = ["WorkerPool", "CpuMeter", "SlowHead", "Inputs", "load_inputs",
+__all__ = ["WorkerPool", "serve_has_flag", "CpuMeter", "SlowHead", "Inputs", "load_inputs",
            "record_head_outputs",
            "random_inputs", "reference_predictions", "run_in_batches", "find_source_model",
            "payload_sizes",
@@ -57,10 +57,14 @@ class WorkerPool:
 
     Each runs ``python -m splitinfer.cli -v cloud serve …`` and is ready once its log has
     the ready line ``serving N split(s) …`` (printed after the subscription is in place).
+    Worker ``i`` gets ``--worker-id {prefix}-w{i}`` (a stable client id and a persistent
+    session) when the installed ``cloud serve`` has that flag (``worker_ids=None``: ask its
+    ``--help`` once), so :meth:`restart` brings back the same identity.
     """
 
     def __init__(self, *, count: int, broker: str, artifacts: Path, prefix: str, group: str,
-                 log_dir: Path, threads: int = 1, extra: Sequence[str] = ()) -> None:
+                 log_dir: Path, threads: int = 1, extra: Sequence[str] = (),
+                 worker_ids: bool | None = None) -> None:
         self.count = count
         self.broker = broker
         self.artifacts = artifacts
@@ -69,15 +73,23 @@ class WorkerPool:
         self.log_dir = log_dir
         self.threads = threads
         self.extra = tuple(extra)
+        self.worker_ids = serve_has_flag("--worker-id") if worker_ids is None else worker_ids
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started = 0
+        self.restarts: list[dict[str, Any]] = []  # index, old pid, new pid, seconds to serve
 
-    def command(self) -> list[str]:
+    def worker_id(self, index: int) -> str | None:
+        return f"{self.prefix}-w{index}" if self.worker_ids else None
+
+    def command(self, index: int | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "splitinfer.cli", "-v", "cloud", "serve",
                "--broker", self.broker, "--artifacts", str(self.artifacts),
                "--prefix", self.prefix, "--threads", str(self.threads),
                "--metrics-interval", "0"]
         cmd += ["--group", self.group] if self.group else ["--no-group"]
+        worker_id = self.worker_id(len(self.procs) if index is None else index)
+        if worker_id is not None:
+            cmd += ["--worker-id", worker_id]
         return cmd + list(self.extra)
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -87,15 +99,19 @@ class WorkerPool:
         for proc, log_path in pending:
             self._wait_serving(proc, log_path, deadline)
 
-    def spawn(self) -> tuple[subprocess.Popen[bytes], Path]:
-        """One more worker (also the fault injection's ``restart-worker``); not waited for."""
+    def _popen(self, index: int) -> tuple[subprocess.Popen[bytes], Path]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"worker-{self.started}.log"
         self.started += 1
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self.command(index), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return proc, log_path
+
+    def spawn(self) -> tuple[subprocess.Popen[bytes], Path]:
+        """One more worker (also the fault injection's ``restart-worker``); not waited for."""
+        proc, log_path = self._popen(len(self.procs))
         self.procs.append(proc)
         return proc, log_path
 
@@ -103,6 +119,27 @@ class WorkerPool:
         proc, log_path = self.spawn()
         self._wait_serving(proc, log_path, time.monotonic() + timeout_s)
         return f"worker {len(self.procs) - 1} (pid {proc.pid}) serving"
+
+    def restart(self, index: int, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+        """Start worker ``index`` again with its own command line (same ``--worker-id``) once
+        the old process has exited (SIGKILL after 10 s), wait until it serves, return it."""
+        if not 0 <= index < len(self.procs):
+            raise BadInputError(f"worker {index}: expected an index 0-{len(self.procs) - 1}")
+        old = self.procs[index]
+        if old.poll() is None:
+            try:
+                old.wait(10.0)
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait()
+        t0 = time.monotonic()
+        proc, log_path = self._popen(index)
+        self.procs[index] = proc
+        self._wait_serving(proc, log_path, time.monotonic() + timeout_s)
+        self.restarts.append({"index": index, "old_pid": old.pid, "pid": proc.pid,
+                              "worker_id": self.worker_id(index), "log": str(log_path),
+                              "serving_after_s": round(time.monotonic() - t0, 3)})
+        return proc
 
     @staticmethod
     def _wait_serving(proc: subprocess.Popen[bytes], log_path: Path, deadline: float) -> None:
@@ -130,6 +167,24 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+_FLAGS: dict[str, str] = {}
+
+
+def serve_has_flag(flag: str) -> bool:
+    """Whether the installed ``splitinfer cloud serve`` takes ``flag`` (its ``--help``,
+    asked once per process)."""
+    if "help" not in _FLAGS:
+        try:
+            done = subprocess.run([sys.executable, "-m", "splitinfer.cli", "cloud", "serve",
+                                   "--help"], capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+            _FLAGS["help"] = done.stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("cannot ask cloud serve for its flags: %s", exc)
+            return False
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", _FLAGS["help"]) is not None
 
 
 # ---- CPU accounting ---------------------------------------------------------------------

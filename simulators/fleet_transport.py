@@ -18,7 +18,10 @@ only drives paho's socket directly from the loop:
   per readiness, not paho's one per header byte), and hand messages to a deque that
   ``messages()`` drains without a task per message;
 * PUBACK/SUBACK resolve futures keyed by message id; one timer per connector runs
-  ``loop_misc`` (keep-alive) for all its clients.
+  ``loop_misc`` (keep-alive) for all its clients;
+* ``publish`` returns the PUBACK's MQTT 5 reason code as the agent's own transport does
+  (16, :data:`~edge_agent.transport.NO_MATCHING_SUBSCRIBERS`: no worker subscribes), None
+  on QoS 0 and MQTT 3.1.1.
 
 Plain TCP only; a TLS broker URL falls back to the agent's own connector
 (:func:`connector_for`).
@@ -206,7 +209,10 @@ class PahoTransport:
             raise self._lost  # type: ignore[misc]
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      options: PublishOptions | None = None) -> None:
+                      options: PublishOptions | None = None) -> int | None:
+        """Publish; as :class:`~edge_agent.transport.MqttTransport`: the broker's MQTT 5
+        PUBACK reason code (0, or e.g. 16 "no matching subscribers"), None on QoS 0 or
+        MQTT 3.1.1."""
         if self._lost is not None:
             raise TransportError(f"publish to {topic} via {self._url} failed: {self._lost}",
                                  topic=topic)
@@ -219,16 +225,21 @@ class PahoTransport:
             raise TransportError(f"publish to {topic} via {self._url} failed (paho rc "
                                  f"{info.rc})", topic=topic)
         self.flush()
-        if qos == 0 or info.is_published():
-            return
-        future = self._acks.get(info.mid)
-        if future is None:
-            future = self._acks[info.mid] = self._loop.create_future()
-        try:
-            await future
-        except TransportError as exc:
-            raise TransportError(f"publish to {topic} via {self._url} failed: {exc}",
-                                 topic=topic) from exc
+        if qos == 0:
+            return None
+        reason: Any = 0
+        if not info.is_published():
+            future = self._acks.get(info.mid)
+            if future is None:
+                future = self._acks[info.mid] = self._loop.create_future()
+            try:
+                reason = await future
+            except TransportError as exc:
+                raise TransportError(f"publish to {topic} via {self._url} failed: {exc}",
+                                     topic=topic) from exc
+        if self._protocol != "5":
+            return None
+        return _reason_value(reason)
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
         if self._lost is not None:
@@ -259,6 +270,14 @@ class PahoTransport:
         except Exception as exc:  # a broken socket may fail the DISCONNECT in many ways
             log.debug("closing the connection to %s: %s", self._url, exc)
         self._fail(TransportError(f"connection to {self._url} closed by the client"))
+
+
+def _reason_value(reason: Any) -> int:
+    """paho's ReasonCode (or an int) as the plain MQTT 5 reason byte."""
+    try:
+        return int(getattr(reason, "value", reason) or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 class _Unreachable(TransportError):

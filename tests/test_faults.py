@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,6 +26,80 @@ def test_plan_from_the_issue() -> None:
     assert FaultPlan.parse("term-worker:1@500ms,stall-link:dev-*@1s+250ms").faults == (
         Fault("term-worker", 0.5, None, "1"), Fault("stall-link", 1.0, 0.25, "dev-*"))
     assert len(FaultPlan.parse("")) == 0
+
+
+def test_worker_fault_plans() -> None:
+    plan = FaultPlan.parse("stop-worker:1@8s+20s,kill-worker@2s+3s,term-worker:0@4s+3s,"
+                           "kill-worker@9s")
+    assert plan.faults == (Fault("kill-worker", 2.0, 3.0), Fault("term-worker", 4.0, 3.0, "0"),
+                           Fault("stop-worker", 8.0, 20.0, "1"), Fault("kill-worker", 9.0))
+    assert FaultPlan.parse(plan.spec()) == plan
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_stop_worker_stops_then_continues() -> None:
+    a, b = _sleeper(), _sleeper()
+
+    async def main() -> tuple[str, str, str]:
+        faults = FaultInjector(workers=[a, b])
+        task = asyncio.create_task(faults.apply(Fault("stop-worker", 0.0, 0.4, "1")))
+        await asyncio.sleep(0.2)
+        during = _state(b.pid), _state(a.pid)
+        event = await task
+        assert event.ok and "SIGSTOP" in event.detail and "SIGCONT after" in event.detail
+        return (*during, _state(b.pid))
+
+    try:
+        stopped, other, after = asyncio.run(main())
+        assert stopped == "T" and other != "T" and after != "T"
+        # cancelled mid-stop (the run ended): the worker is continued all the same
+        async def cancelled() -> None:
+            task = asyncio.create_task(FaultInjector(workers=[a]).stop_worker(
+                Fault("stop-worker", 0.0, 30.0)))
+            await asyncio.sleep(0.2)
+            assert _state(a.pid) == "T"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancelled())
+        assert _state(a.pid) != "T"
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_kill_worker_restarts_the_same_worker(sig: signal.Signals) -> None:
+    old, other = _sleeper(), _sleeper()
+    started: list[tuple[int, float]] = []
+    new: list[subprocess.Popen[bytes]] = []
+
+    def restart(index: int) -> subprocess.Popen[bytes]:
+        assert old.poll() is not None  # never two processes with one worker id
+        started.append((index, time.monotonic()))
+        new.append(_sleeper())
+        return new[-1]
+
+    try:
+        faults = FaultInjector(workers=[old, other], restart_worker=restart)
+        t0 = time.monotonic()
+        detail = faults.kill_worker(None, sig, down_s=0.3)
+        assert old.returncode == -sig
+        assert [i for i, _ in started] == [0] and started[0][1] - t0 >= 0.3
+        assert faults.workers[0] is new[0] and faults.workers[1] is other
+        assert f"sent {sig.name}" in detail and "restarted" in detail and str(new[0].pid) in detail
+        with pytest.raises(BadInputError, match="restart_worker"):
+            FaultInjector(workers=[other]).kill_worker(None, sig, down_s=1.0)
+    finally:
+        for p in (old, other, *new):
+            p.kill()
+            p.wait()
 
 
 def test_link_cut_cuts_every_device_link() -> None:
@@ -55,7 +130,8 @@ def test_link_cut_cuts_every_device_link() -> None:
 @pytest.mark.parametrize(("plan", "says"), [
     ("reboot@1s", "unknown kind 'reboot'"),
     ("cut-link@10s", "needs a duration"),
-    ("kill-worker@1s+2s", "takes no duration"),
+    ("broker-stop@1s+2s", "takes no duration"),
+    ("stop-worker@1s", "needs a duration"),
     ("broker-restart", "expected KIND[:TARGET]@AT"),
     ("broker-restart@soon", "time 'soon'"),
     ("link-cut@20s", "needs a duration"),
