@@ -22,6 +22,32 @@ are matched by request id through a dict of futures; an entry is removed in ``fi
 whatever happens. An error result raises :class:`RemoteError`; no result before the
 deadline raises :class:`DeadlineExceeded`.
 
+Re-sending (a request is idempotent: its id is the key, the worker answers a copy from its
+cache): QoS 1 ends at the broker, and a broker holds nothing for a shared-subscription
+group with no member, so the agent re-sends the *same* request (same id, payload and
+absolute deadline) until it is answered or its deadline passes:
+
+* no answer within the retry interval (:class:`RetryBackoff`: ``retry_s`` until round
+  trips are measured, then srtt + 4 x rttvar as TCP does, each re-send doubling up to
+  ``retry_max_s``, jittered) — a lost copy, a hung replica, a worker killed mid-request;
+* a PUBACK "no matching subscribers" (MQTT 5 reason 16; mosquitto 2 sends it): re-sent
+  after 0.25 s doubling to 2 s, while a worker is expected back (below);
+* a reconnect: everything pending goes out again at once on the new connection.
+
+One heap and one timer per agent drive every re-send (no task per pending request). The
+first answer for an id resolves the call; a later one is dropped and counted
+(``counters.duplicates``), so the application never sees two. ``InferenceResult.attempts``
+says how many times the request went out.
+
+No worker (fail fast): a "no matching subscribers" PUBACK raises :class:`NoSubscriberError`
+at once, naming the topic, when this agent has seen no worker (no result, no PUBACK that
+matched a subscriber) for ``worker_grace_s`` — at first use, or long after the last worker
+left — and it is not within ``reconnect_grace_s`` of a reconnect. Otherwise a worker is
+probably restarting (or re-subscribing to a restarted broker) and the request is re-sent.
+A bundle agent with an edge_only split falls back at the first such PUBACK instead
+(:mod:`edge_agent.bundle_agent`). Elsewhere (MQTT 3.1.1, other brokers) only the re-sends
+on silence and the deadline's :class:`DeadlineExceeded` apply.
+
 Samples: the first axis of every input counts samples, and a call takes any number of
 them. When the split's files are fixed at a batch size B (their first dimension, e.g. 1:
 :func:`~edge_agent.runtime.fixed_batch`), a call of N != B samples goes out as
@@ -29,13 +55,6 @@ ceil(N / B) requests of B (the last one padded with copies of its last sample, w
 results are dropped), ``chunk_concurrency`` of them in flight, heads pipelined with the
 requests before them; the outputs come back concatenated in input order under the one
 deadline. A dynamic batch goes as one request, as before.
-
-No worker: on MQTT 5 a broker such as mosquitto 2 acknowledges a request that no one
-subscribes to with PUBACK reason 16 ("No matching subscribers"); the call then raises
-:class:`NoSubscriberError` at once, naming the topic, instead of waiting out its deadline
-(for ``reconnect_grace_s`` after a reconnect such requests are re-published instead: the
-workers may be subscribing again). Elsewhere (MQTT 3.1.1, other brokers) it is the
-deadline's :class:`DeadlineExceeded`.
 
 Baselines (``manifest.kind``): a ``cloud_only`` split has no head; its model inputs go
 out as the cut. An ``edge_only`` split runs its head (the whole model) here and never
@@ -53,7 +72,10 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import heapq
+import itertools
 import logging
+import math
 import random
 import time
 import weakref
@@ -61,7 +83,7 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,8 +130,8 @@ if TYPE_CHECKING:
     from edge_agent.adaptive import Switch
     from edge_agent.bundle_agent import BundleAgent
 
-__all__ = ["AgentConfig", "EdgeAgent", "InferenceResult", "SplitState", "check_tensors",
-           "ONLINE", "OFFLINE"]
+__all__ = ["AgentConfig", "AgentCounters", "EdgeAgent", "InferenceResult", "RetryBackoff",
+           "SplitState", "check_tensors", "ONLINE", "OFFLINE"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -121,9 +143,16 @@ _AGENTS_ON_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = \
 
 ONLINE = b"online"
 OFFLINE = b"offline"
-# Re-publishing after a reconnect: first retry, and the cap of the doubling interval.
-_RETRY_MIN_S = 0.25
-_RETRY_MAX_S = 2.0
+# Re-sending after a "no matching subscribers" PUBACK: first wait, and the doubling's cap.
+_NOSUB_MIN_S = 0.25
+_NOSUB_MAX_S = 2.0
+# Every wait is jittered down by up to this share, so agents that lost their requests at
+# the same moment (a broker or worker restart) do not re-send in lockstep.
+_JITTER = 0.25
+# Ids of answered requests kept to tell a duplicate answer from a late one (per agent).
+_ANSWERED_KEEP = 1024
+# A timer may fire this much before its due time (the loop's clock resolution).
+_TIMER_SLACK_S = 1e-3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +179,15 @@ class AgentConfig:
     # After a reconnect, "no matching subscribers" is retried this long, not raised: the
     # workers may still be subscribing again to a restarted broker.
     reconnect_grace_s: float = 5.0
+    # Re-send a request with no answer after retry_s (0: never re-send on silence),
+    # doubling with jitter up to retry_max_s, never past its deadline; with
+    # retry_adaptive the first wait follows the measured round trips (RetryBackoff).
+    retry_s: float = 1.0
+    retry_max_s: float = 4.0
+    retry_adaptive: bool = True
+    # "No matching subscribers" is re-sent, not raised, for this long after the last sign
+    # of a worker (a result, or a PUBACK that matched a subscriber): a worker restarting.
+    worker_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         check_level(self.device_id, "device id")
@@ -165,6 +203,14 @@ class AgentConfig:
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise BadInputError("expected 0 < reconnect_min_s <= reconnect_max_s, got "
                                 f"{self.reconnect_min_s}, {self.reconnect_max_s}")
+        if not (math.isfinite(self.retry_s) and math.isfinite(self.retry_max_s)
+                and 0 <= self.retry_s <= self.retry_max_s and self.retry_max_s > 0):
+            raise BadInputError("retry: expected finite 0 <= retry_s <= retry_max_s and "
+                                f"retry_max_s > 0 (seconds), got retry_s={self.retry_s}, "
+                                f"retry_max_s={self.retry_max_s}")
+        if not (math.isfinite(self.worker_grace_s) and self.worker_grace_s >= 0):
+            raise BadInputError(f"worker_grace_s: expected a finite number of seconds >= 0, "
+                                f"got {self.worker_grace_s}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +231,9 @@ class InferenceResult:
     # it had not chosen to: "offline", "no_worker", "deadline", "timeout" ("" otherwise).
     served_by: str = "cloud"
     fallback: str = ""
+    # Publishes of the request before its answer (1: answered at the first try); a call
+    # of several requests sums them.
+    attempts: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,15 +272,140 @@ class _Pending:
     sent: float = 0.0  # perf_counter of the last publish
     publishes: int = 0
     split: SplitState | None = None  # None: the agent's own (first) split
+    due: float = 0.0  # loop.time() of the re-send scheduled for it (0: none)
+    silent: int = 0  # re-sends for want of an answer so far (the backoff's exponent)
+    nosub: int = 0  # "no matching subscribers" PUBACKs in a row
 
 
 @dataclass
 class _Counters:
     published: int = 0
     republished: int = 0
+    retries: int = 0
+    no_subscriber: int = 0
+    duplicates: int = 0
     late_results: int = 0
     reconnects: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+
+
+class AgentCounters:
+    """A read-only, live view of an agent's counters (``EdgeAgent.counters``).
+
+    ``published`` every PUBLISH of a request (first tries and re-sends), ``republished``
+    the re-publishes on a new connection after a reconnect, ``retries`` the re-sends on the
+    same connection (no answer within the retry interval, or "no matching subscribers"),
+    ``no_subscriber`` the PUBACKs with reason 16, ``duplicates`` the answers dropped
+    because their request had been answered already, ``late_results`` results for no
+    pending request (after its deadline, or stray), ``reconnects``, and ``errors`` (failed
+    calls by code).
+    """
+
+    __slots__ = ("_c",)
+
+    def __init__(self, counters: _Counters) -> None:
+        self._c = counters
+
+    @property
+    def published(self) -> int:
+        return self._c.published
+
+    @property
+    def republished(self) -> int:
+        return self._c.republished
+
+    @property
+    def retries(self) -> int:
+        return self._c.retries
+
+    @property
+    def no_subscriber(self) -> int:
+        return self._c.no_subscriber
+
+    @property
+    def duplicates(self) -> int:
+        return self._c.duplicates
+
+    @property
+    def late_results(self) -> int:
+        return self._c.late_results
+
+    @property
+    def reconnects(self) -> int:
+        return self._c.reconnects
+
+    @property
+    def errors(self) -> Mapping[str, int]:
+        return MappingProxyType(self._c.errors)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as plain JSON-ready values (``errors`` sorted by code)."""
+        c = self._c
+        return {"published": c.published, "republished": c.republished,
+                "retries": c.retries, "no_subscriber": c.no_subscriber,
+                "duplicates": c.duplicates, "late_results": c.late_results,
+                "reconnects": c.reconnects, "errors": dict(sorted(c.errors.items()))}
+
+    def __repr__(self) -> str:
+        return f"AgentCounters({self.as_dict()})"
+
+
+class RetryBackoff:
+    """How long to wait for an answer before re-sending: TCP's retransmission timer, simply.
+
+    Until a round trip is measured the first wait is ``retry_s``. Each request answered at
+    its first publish is a sample (Karn's rule: the answer of a re-sent request could be to
+    either copy, so it is none); with ``adaptive`` the first wait then becomes
+    RTO = srtt + 4 x rttvar (RFC 6298: gains 1/8 and 1/4, the first sample sets srtt = R and
+    rttvar = R/2), clamped to [``retry_s`` / 4, ``retry_max_s``]: a fast link re-sends a
+    lost request sooner, a loaded worker is not sent copies of what it is still working on.
+    The k-th re-send waits min(first x 2^k, ``retry_max_s``), less up to a quarter of jitter.
+    ``retry_s`` = 0 turns re-sending on silence off (:meth:`wait` is None).
+    """
+
+    def __init__(self, retry_s: float, retry_max_s: float, *, adaptive: bool = True,
+                 rng: random.Random | None = None) -> None:
+        if not 0 <= retry_s <= retry_max_s:
+            raise BadInputError(f"expected 0 <= retry_s <= retry_max_s, got {retry_s}, "
+                                f"{retry_max_s}")
+        self.retry_s = retry_s
+        self.retry_max_s = retry_max_s
+        self.adaptive = adaptive
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.samples = 0
+        self._rng = rng or random.Random()  # jitter, not crypto
+
+    def observe(self, rtt_s: float) -> None:
+        """A round trip (publish to answer) of a request published once."""
+        if not (math.isfinite(rtt_s) and rtt_s >= 0):
+            return
+        self.samples += 1
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt_s, rtt_s / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
+
+    @property
+    def rto(self) -> float:
+        """The first wait before jitter: ``retry_s``, or the clamped estimate once measured."""
+        if not self.adaptive or self.srtt is None or self.retry_s == 0:
+            return self.retry_s
+        estimate = self.srtt + 4 * self.rttvar
+        return min(max(estimate, self.retry_s / 4), self.retry_max_s)
+
+    def wait(self, resends: int) -> float | None:
+        """Seconds to wait for an answer after the publish that followed ``resends``
+        re-sends for silence (0: the first publish); None: never re-send."""
+        if self.retry_s == 0:
+            return None
+        base = min(self.rto * 2.0 ** min(resends, 30), self.retry_max_s)
+        return base * (1.0 - _JITTER * self._rng.random())
+
+
+def _jittered(seconds: float) -> float:
+    return seconds * (1.0 - _JITTER * random.random())  # jitter, not crypto
 
 
 class EdgeAgent:
@@ -258,7 +432,7 @@ class EdgeAgent:
         self.request_topic = first.request_topic
         self.result_topic = topics.result(config.device_id)
         self.status_topic = topics.status(config.device_id)
-        self.counters = _Counters()
+        self._counters = _Counters()
         self._pending: dict[str, _Pending] = {}
         self._transport: Transport | None = None
         self._protocol = ""
@@ -270,7 +444,15 @@ class EdgeAgent:
         self._closed = False
         self._local = False  # an edge_only agent, started without a broker
         self._grace_until = 0.0  # loop.time() until which no-subscriber PUBACKs are retried
-        self._retrying: set[str] = set()  # request ids _retry_after_reconnect re-publishes
+        self._worker_seen = -math.inf  # loop.time() of the last sign of a worker
+        self.backoff = RetryBackoff(config.retry_s, config.retry_max_s,
+                                    adaptive=config.retry_adaptive)
+        # Re-sends due: (loop.time(), seq, request id), one timer for the earliest of them.
+        self._resends: list[tuple[float, int, str]] = []
+        self._resend_seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._answered: dict[str, None] = {}  # recently answered ids, oldest first
 
     def add_split(self, manifest: Manifest, head: HeadRuntime | None = None) -> SplitState:
         """Serve one more split on this agent's connection (before :meth:`start`)."""
@@ -343,6 +525,11 @@ class EdgeAgent:
         return len(self._pending)
 
     @property
+    def counters(self) -> AgentCounters:
+        """Publishes, re-sends, duplicates and late results so far (a read-only live view)."""
+        return AgentCounters(self._counters)
+
+    @property
     def switches(self) -> list[Switch]:
         """Split changes so far: none for a plain agent (a bundle agent's policy makes them)."""
         return []
@@ -387,6 +574,10 @@ class EdgeAgent:
                 await self._supervisor
         for task in list(self._tasks):
             task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._resends.clear()
         transport, self._transport = self._transport, None
         self._connected.clear()
         if transport is not None:
@@ -510,7 +701,8 @@ class EdgeAgent:
         return InferenceResult(request_id=parts[0].request_id, outputs=outputs,
                                timings={k: timings[k] for k in STAGES if k in timings},
                                split_id=parts[0].split_id, requests=len(parts),
-                               served_by=parts[0].served_by)
+                               served_by=parts[0].served_by,
+                               attempts=sum(p.attempts for p in parts))
 
     def _local_result(self, cut: Mapping[str, Array], *, head_s: float, started: float,
                       state: SplitState | None = None) -> InferenceResult:
@@ -602,11 +794,13 @@ class EdgeAgent:
                                        split_id=manifest.split_id,
                                        device_id=self.device_id) from None
         except Exception as exc:
-            self.counters.errors[getattr(exc, "code", type(exc).__name__)] += 1
+            self._counters.errors[getattr(exc, "code", type(exc).__name__)] += 1
             self._observe_failure(pending, exc)
             raise
         finally:
             self._pending.pop(request_id, None)
+        if pending.publishes == 1:  # Karn: only an answer no copy could have earned
+            self.backoff.observe(reply.received - pending.sent)
         t1 = time.perf_counter()
         outputs = self._outputs(reply.envelope, state)
         done = time.perf_counter()
@@ -622,7 +816,8 @@ class EdgeAgent:
         }
         timings = {k: v for k in STAGES if (v := measured.get(k)) is not None}
         result = InferenceResult(request_id=request_id, outputs=outputs, timings=timings,
-                                 split_id=reply.envelope.split_id)
+                                 split_id=reply.envelope.split_id,
+                                 attempts=max(1, pending.publishes))
         self._observe_reply(pending, reply, result)
         return result
 
@@ -660,15 +855,12 @@ class EdgeAgent:
         now = asyncio.get_running_loop().time()
         again = [p for p in self._pending.values()
                  if p.epoch < self._epoch and not p.future.done() and p.expires > now]
-        self._retrying.update(p.request_id for p in again)
         for pending in again:
             if pending.publishes:
-                self.counters.republished += 1
+                self._counters.republished += 1
             self._send(pending)
         if again:
             log.info("%s: (re)published %d pending request(s)", self.device_id, len(again))
-            self._spawn(self._retry_after_reconnect(self._epoch, [p.request_id for p in again]),
-                        f"edge-retry:{self.device_id}")
 
     def _detach(self, transport: Transport) -> None:
         if self._transport is transport:
@@ -700,7 +892,7 @@ class EdgeAgent:
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, self.config.reconnect_max_s)
             else:
-                self.counters.reconnects += 1
+                self._counters.reconnects += 1
                 delay = self.config.reconnect_min_s
                 log.info("%s: reconnected to %s", self.device_id, self._broker_name())
 
@@ -709,41 +901,12 @@ class EdgeAgent:
             self._dispatch(message)
         raise TransportError(f"the message stream from {self._broker_name()} ended")
 
-    async def _retry_after_reconnect(self, epoch: int, request_ids: list[str]) -> None:
-        """Publish again, with backoff, what went out right after a reconnect.
-
-        A restarted broker has no subscriptions until the workers are back: requests that
-        beat them there reach nobody (QoS 1 ends at the broker). Only these requests are
-        retried, so a slow worker under load never sees duplicates from healthy agents.
-        """
-        loop = asyncio.get_running_loop()
-        delay = _RETRY_MIN_S
-        self._retrying.update(request_ids)  # _establish() added them already
-        try:
-            await self._retry_loop(loop, epoch, request_ids, delay)
-        finally:
-            self._retrying.difference_update(request_ids)
-
-    async def _retry_loop(self, loop: asyncio.AbstractEventLoop, epoch: int,
-                          request_ids: list[str], delay: float) -> None:
-        while request_ids:
-            await asyncio.sleep(delay)
-            if self._epoch != epoch or self._transport is None:
-                return  # the next connection re-publishes them itself
-            now = loop.time()
-            waiting = [p for i in request_ids if (p := self._pending.get(i)) is not None
-                       and not p.future.done() and p.expires > now]
-            for pending in waiting:
-                self.counters.republished += 1
-                self._send(pending)
-            request_ids = [p.request_id for p in waiting]
-            delay = min(delay * 2, _RETRY_MAX_S)
-
     def _send(self, pending: _Pending) -> None:
         transport = self._transport
         if transport is None:
             return  # published by _establish() after the reconnect
         pending.epoch = self._epoch
+        pending.due = 0.0  # this publish supersedes a re-send scheduled before it
         self._spawn(self._publish(transport, pending), f"edge-publish:{pending.request_id[:8]}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -752,14 +915,16 @@ class EdgeAgent:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, transport: Transport, pending: _Pending) -> None:
-        remaining = pending.expires - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        remaining = pending.expires - started
         if remaining <= 0 or pending.future.done():
             return
         options = PublishOptions(response_topic=self.result_topic,
                                  correlation=pending.request_id.encode(), expiry_s=remaining)
         pending.sent = time.perf_counter()
         pending.publishes += 1
-        self.counters.published += 1
+        self._counters.published += 1
         topic = pending.split.request_topic if pending.split is not None else self.request_topic
         try:
             reason = await transport.publish(topic, pending.payload,
@@ -769,30 +934,80 @@ class EdgeAgent:
             log.debug("%s: request %s not published: %s", self.device_id,
                       pending.request_id, exc)
             return
-        if reason == NO_MATCHING_SUBSCRIBERS:
-            self._no_subscriber(pending)
-
-    def _no_subscriber(self, pending: _Pending) -> None:
-        """The broker took the request but no one subscribes to its topic: no worker."""
         if pending.future.done():
             return
-        if asyncio.get_running_loop().time() < self._grace_until:
-            if pending.request_id in self._retrying:
-                return  # _retry_after_reconnect publishes it again anyway
-            log.debug("%s: no subscriber for %s right after a reconnect; trying again",
+        if reason == NO_MATCHING_SUBSCRIBERS:
+            self._no_subscriber(pending)
+            return
+        if reason == 0:  # an MQTT 5 PUBACK that found a subscriber: a worker is there
+            self._worker_seen = loop.time()
+        pending.nosub = 0
+        wait = self.backoff.wait(pending.silent)
+        if wait is not None:  # counted from the publish, not from its PUBACK
+            self._schedule(pending, started + wait)
+
+    def _no_subscriber(self, pending: _Pending) -> None:
+        """The broker took the request but no one subscribes to its topic: no worker now."""
+        self._counters.no_subscriber += 1
+        now = asyncio.get_running_loop().time()
+        if not self._no_subscriber_fails(now):
+            log.debug("%s: no subscriber for %s; a worker is expected back, trying again",
                       self.device_id, pending.request_id)
-            self._spawn(self._publish_later(pending), f"edge-again:{pending.request_id[:8]}")
+            pending.nosub += 1
+            self._schedule(pending, now + _jittered(
+                min(_NOSUB_MIN_S * 2.0 ** min(pending.nosub - 1, 30), _NOSUB_MAX_S)))
             return
         state = pending.split or self.split_state()
         pending.future.set_exception(NoSubscriberError(
             self._no_subscriber_message(state), topic=state.request_topic,
             split_id=state.split_id, device_id=self.device_id))
 
-    async def _publish_later(self, pending: _Pending) -> None:
-        await asyncio.sleep(_RETRY_MIN_S)
-        if not pending.future.done() and pending.expires > asyncio.get_running_loop().time():
-            self.counters.republished += 1
+    def _no_subscriber_fails(self, now: float) -> bool:
+        """Whether "no matching subscribers" ends a call now (fail fast) or is re-sent:
+        re-sent within ``reconnect_grace_s`` of a reconnect or ``worker_grace_s`` of the
+        last sign of a worker (a bundle agent with a local answer overrides this)."""
+        return now >= self._grace_until and now - self._worker_seen > self.config.worker_grace_s
+
+    # ------------------------------------------------------------------ re-sends
+
+    def _schedule(self, pending: _Pending, due: float) -> None:
+        """Re-send ``pending`` at loop time ``due`` unless answered first; not past its
+        deadline. One heap and one timer serve every pending request of the agent."""
+        if due >= pending.expires:
+            pending.due = 0.0
+            return
+        pending.due = due
+        heapq.heappush(self._resends, (due, next(self._resend_seq), pending.request_id))
+        if due < self._timer_at:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(due, self._resend_due)
+        self._timer_at = due
+
+    def _resend_due(self) -> None:
+        """The timer: re-send every request whose time has come, then wait for the next."""
+        self._timer, self._timer_at = None, math.inf
+        if self._closed:
+            return
+        now = asyncio.get_running_loop().time()
+        heap = self._resends
+        while heap and heap[0][0] <= now + _TIMER_SLACK_S:
+            due, _, request_id = heapq.heappop(heap)
+            pending = self._pending.get(request_id)
+            if pending is None or pending.due != due or pending.future.done():
+                continue  # answered, failed, or re-scheduled since
+            pending.due = 0.0
+            if pending.expires <= now or self._transport is None:
+                continue  # too late; or a reconnect re-publishes it
+            if not pending.nosub:
+                pending.silent += 1
+            self._counters.retries += 1
             self._send(pending)
+        if heap:
+            self._arm(heap[0][0])
 
     def _dispatch(self, message: IncomingMessage) -> None:
         received = time.perf_counter()
@@ -809,18 +1024,25 @@ class EdgeAgent:
                 log.warning("%s: dropped an undecodable message on %s: %s", self.device_id,
                             message.topic, exc)
             else:
+                self._remember(request_id)
                 pending.future.set_exception(WireError(
                     f"result for request {request_id} cannot be decoded: {exc}", code=exc.code,
                     split_id=(pending.split or self.split_state()).split_id,
                     device_id=self.device_id))
             return
         decode_s = time.perf_counter() - received
+        if envelope.kind == RESULT:
+            self._worker_seen = asyncio.get_running_loop().time()
         pending = self._pending.get(envelope.request_id)
         if envelope.kind != RESULT or pending is None or pending.future.done():
-            self.counters.late_results += 1
+            if envelope.kind == RESULT and envelope.request_id in self._answered:
+                self._counters.duplicates += 1
+            else:
+                self._counters.late_results += 1
             log.debug("%s: late, duplicate or stray %s %s", self.device_id, envelope.kind,
                       envelope.request_id)
             return
+        self._remember(envelope.request_id)
         state = pending.split or self.split_state()
         if envelope.error is not None:
             pending.future.set_exception(RemoteError(
@@ -829,6 +1051,13 @@ class EdgeAgent:
         else:
             pending.future.set_result(_Reply(envelope, received, decode_s,
                                              len(message.payload)))
+
+    def _remember(self, request_id: str) -> None:
+        """``request_id`` is answered: a later answer for it is a duplicate, not late."""
+        answered = self._answered
+        answered[request_id] = None
+        if len(answered) > _ANSWERED_KEEP:
+            del answered[next(iter(answered))]
 
     # ------------------------------------------------------------------ helpers
 
