@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud_service.dedupe import DEFAULT_MAX_BYTES
 from splitinfer.errors import BadInputError
 from splitinfer.mqtt import BrokerConfig
 from splitinfer.topics import DEFAULT_GROUP, DEFAULT_PREFIX, Topics, check_level
@@ -58,6 +59,20 @@ class Config:
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 5.0
     client_id: str = field(default_factory=_default_client_id)
+    # A stable identity: the MQTT client id becomes worker_id and the session persists
+    # (MQTT 5 clean_start=false + session expiry; MQTT 3.1.1 clean_session=false), so a
+    # worker restarted within session_expiry_s gets what the broker queued for it.
+    # "" = a random client id and a clean session. See docs/cloud.md "Faults".
+    worker_id: str = ""
+    session_expiry_s: float = 60.0
+    # Retained heartbeat on {prefix}/v1/workers/{id} every heartbeat_s (0 = none).
+    heartbeat_s: float = 1.0
+    # A peer whose heartbeat is older than this is fenced (0 = never fence).
+    fence_after_s: float = 3.0
+    # Recent results kept to answer a retried request id again (0 = no result cache;
+    # duplicates of queued requests are still dropped), bounded by entries and bytes.
+    dedupe_size: int = 4096
+    dedupe_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         self.artifacts = Path(self.artifacts)
@@ -80,8 +95,27 @@ class Config:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise BadInputError(f"reconnect_max_s ({self.reconnect_max_s}) must be >= "
                                 f"reconnect_min_s ({self.reconnect_min_s})")
+        if self.worker_id:
+            check_level(self.worker_id, "worker id")
+            self.client_id = self.worker_id
         if not self.client_id:
             raise BadInputError("client_id must not be empty")
+        for name in ("dedupe_size", "dedupe_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BadInputError(f"{name} = {value!r}: expected an integer >= 0")
+        for name in ("session_expiry_s", "heartbeat_s", "fence_after_s"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise BadInputError(f"{name} = {value!r}: expected a finite number >= 0")
+        if self.session_expiry_s > 0xFFFFFFFE:
+            raise BadInputError(f"session_expiry_s = {self.session_expiry_s!r}: expected at "
+                                "most 4294967294 s (MQTT 5's largest finite expiry)")
+        if self.heartbeat_s > 0 or self.fence_after_s > 0:
+            check_level(self.client_id, "client id (the heartbeat topic's worker id)")
+        if 0 < self.fence_after_s <= self.heartbeat_s:
+            raise BadInputError(f"fence_after_s = {self.fence_after_s!r}: expected more than "
+                                f"heartbeat_s ({self.heartbeat_s!r}), or 0 (never fence)")
         self.providers = tuple(self.providers)
         if self.providers:
             import onnxruntime as ort
@@ -105,6 +139,16 @@ class Config:
         topics = self.topics()
         return topics.shared_request_filter(self.group) if self.group \
             else topics.request_filter()
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the worker keeps a broker session across connections (worker_id set)."""
+        return bool(self.worker_id)
+
+    @property
+    def heartbeat_id(self) -> str:
+        """The id in the heartbeat topic: worker_id, else the (random) client id."""
+        return self.worker_id or self.client_id
 
     @property
     def max_delay_s(self) -> float:

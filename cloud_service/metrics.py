@@ -33,6 +33,8 @@ class Metrics:
     queue_wait_s: float = 0.0  # sum over requests: receipt -> batch formed
     tail_s: float = 0.0  # sum over batches: onnxruntime run time
     reconnects: int = 0
+    duplicates: int = 0  # requests seen again by (device, id): dropped or answered from cache
+    fenced: int = 0  # silent peers this worker fenced (cloud_service.heartbeat)
     queue_depth: Callable[[], int] = field(default=lambda: 0, repr=False)
     # (starved, held) seconds of the tail threads: no job at all / waiting for company
     tail_waits: Callable[[], tuple[float, float]] = field(default=lambda: (0.0, 0.0),
@@ -70,6 +72,8 @@ class Metrics:
             "queue_depth": self.queue_depth(),
             "replies_in_flight": self.in_flight(),
             "reconnects": self.reconnects,
+            "duplicates": self.duplicates,
+            "fenced": self.fenced,
             "uptime_s": time.time() - self.started_at,
         }
 
@@ -82,6 +86,8 @@ _COUNTERS = (
     ("batches", "tail runs"),
     ("batched_samples", "samples run through a tail"),
     ("reconnects", "broker reconnections"),
+    ("duplicates", "requests received again (same device and id), not run twice"),
+    ("fenced", "silent peer workers fenced off the broker"),
 )
 _GAUGES = (
     ("queue_depth", "requests waiting for a tail run"),
@@ -141,8 +147,13 @@ class ErrorLog:
         self._last: dict[str, float] = {}
         self._suppressed: Counter[str] = Counter()
 
-    def report(self, kind: str, message: str, *args: object) -> bool:
-        """Log ``message % args`` unless ``kind`` was logged recently. True when logged."""
+    def report(self, kind: str, message: str, *args: object,
+               exc_info: BaseException | bool | None = None) -> bool:
+        """Log ``message % args`` unless ``kind`` was logged recently. True when logged.
+
+        ``exc_info`` (an exception, or True in an ``except`` block) adds its traceback to
+        the logged line only: a bug hit by every message costs one traceback per interval.
+        """
         now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self._interval:
@@ -151,5 +162,5 @@ class ErrorLog:
         self._last[kind] = now
         skipped = self._suppressed.pop(kind, 0)
         suffix = f" ({skipped} more {kind} since the last report)" if skipped else ""
-        self._log.warning("%s: " + message + "%s", kind, *args, suffix)
+        self._log.warning("%s: " + message + "%s", kind, *args, suffix, exc_info=exc_info)
         return True

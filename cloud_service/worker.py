@@ -13,6 +13,14 @@ neither make the worker publish outside ``{prefix}/v1/res/`` nor aim results at 
 device. Only a message on a topic that is not a request topic (which the
 worker's subscription never delivers) falls back to a claimed ``{prefix}/v1/res/…``
 address.
+
+Idempotency (:mod:`cloud_service.dedupe`): a request whose (device, id) is still queued
+or running is not run again, one already answered is answered again from a bounded cache
+of recent results (``Metrics.duplicates`` counts both).
+
+Error answers name the field and what was expected; they never carry exception text or
+what else the worker serves. A bug costs its request an ``internal`` answer and the log
+one traceback per interval (:class:`~cloud_service.metrics.ErrorLog`), counts for the rest.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 
 from cloud_service.batcher import Batcher
 from cloud_service.config import Config
+from cloud_service.dedupe import Key, ResultCache
 from cloud_service.metrics import ErrorLog, Metrics
 from cloud_service.registry import Prepared, Registry, Tail
 from splitinfer.batches import padded_chunks
@@ -108,6 +117,7 @@ class Job:
     prepared: Prepared
     reply: ReplyAddress
     received: float  # unix seconds
+    dedupe: Key | None = None  # (device, request id) while pending
     lane: str = field(init=False)
     samples: int = field(init=False)
     key: tuple[tuple[int, ...], ...] = field(init=False)
@@ -133,6 +143,8 @@ class Worker:
         self._publish = publish
         self._publish_nowait = publish_nowait
         self._errors = ErrorLog(log)
+        self._pending: set[Key] = set()  # accepted, not yet answered
+        self._results = ResultCache(config.dedupe_size, config.dedupe_bytes)
         # answers not yet acknowledged: delivery tasks, and PUBACK futures of the fast path
         self._replies: set[asyncio.Future[None]] = set()
         self._closing = False
@@ -159,10 +171,10 @@ class Worker:
             self._batcher.start()
         try:
             self._submit(msg, now)
-        except Exception as exc:  # a bug must cost one request, not the worker
-            log.exception("unexpected failure handling a message on %s", msg.topic)
-            self._fail(ErrorCode.INTERNAL, f"worker failed on this request: {exc}", msg=msg,
-                       addr=reply_address(self.topics, msg), now=now)
+        except Exception:  # a bug must cost one request, not the worker (nor the log)
+            self._fail(ErrorCode.INTERNAL, "the worker failed on this request; retry, or "
+                       "report it if it persists", msg=msg,
+                       addr=reply_address(self.topics, msg), now=now, exc_info=True)
 
     def _submit(self, msg: Incoming, now: float) -> None:
         try:
@@ -179,6 +191,9 @@ class Worker:
             self._fail(ErrorCode.BAD_MESSAGE, f"expected a {REQUEST!r} envelope on a request "
                        f"topic, got {env.kind!r}", msg=msg, addr=addr, now=now, env=env)
             return
+        key = self._dedupe_key(msg, env)
+        if key is not None and self._duplicate(key, addr):
+            return
         if self._closing:
             self._fail(ErrorCode.SHUTTING_DOWN, "worker is shutting down; retry (another "
                        "replica takes it)", msg=msg, addr=addr, now=now, env=env)
@@ -190,8 +205,8 @@ class Worker:
         tail = self.registry.get(env.split_id)
         if tail is None:
             self._fail(ErrorCode.UNKNOWN_SPLIT, f"no tail for split {env.split_id!r} on this "
-                       f"worker; it serves {sorted(self.registry)}", msg=msg, addr=addr,
-                       now=now, env=env)
+                       "worker (envelope field 'split'); expected a split this worker group "
+                       "serves", msg=msg, addr=addr, now=now, env=env)
             return
         try:
             prepared = tail.prepare(env)
@@ -202,12 +217,32 @@ class Worker:
             self._fail(ErrorCode.BAD_MESSAGE, "no reply address (no response topic, no 'rt', "
                        "not a request topic)", msg=msg, addr=None, now=now, env=env)
             return
-        if not self._batcher.offer(Job(env, prepared, addr, now)):
+        if not self._batcher.offer(Job(env, prepared, addr, now, key)):
             self._fail(ErrorCode.OVERLOADED, f"queue full ({self.config.queue_size} requests "
                        "waiting); retry later", msg=msg, addr=addr, now=now, env=env)
             return
+        if key is not None:
+            self._pending.add(key)
         self._accepted += 1
         self._settled.clear()
+
+    def _dedupe_key(self, msg: Incoming, env: Envelope) -> Key | None:
+        parsed = self.topics.parse_request(msg.topic)
+        if parsed is None or not env.request_id:
+            return None  # no device bound by the topic: nothing safe to key on
+        return (parsed[1], env.request_id)
+
+    def _duplicate(self, key: Key, addr: ReplyAddress | None) -> bool:
+        """True when ``key`` was seen before and is taken care of (dropped or re-sent)."""
+        if key in self._pending:
+            self.metrics.duplicates += 1  # the answer to the first copy covers it
+            return True
+        cached = self._results.get(key)
+        if cached is None or addr is None:
+            return False
+        self.metrics.duplicates += 1
+        self._send_payload(addr, cached, ok=False)  # counted once, as the first answer
+        return True
 
     def _settle(self, jobs: int) -> None:
         self._accepted -= jobs
@@ -218,10 +253,11 @@ class Worker:
 
     def _fail(self, code: ErrorCode, message: str, *, msg: Incoming | None,
               addr: ReplyAddress | None, now: float, env: Envelope | None = None,
-              request_id: str = "") -> None:
+              request_id: str = "", exc_info: BaseException | bool | None = None) -> None:
         self.metrics.error(code)
         topic = msg.topic if msg is not None else "?"
-        self._errors.report(code.value, "%s (request topic %s)", message, topic)
+        self._errors.report(code.value, "%s (request topic %s)", message, topic,
+                            exc_info=exc_info)
         if addr is None:
             self.metrics.unanswerable += 1
             return
@@ -234,13 +270,19 @@ class Worker:
                               timestamps={"recv": now}, error=ErrorInfo.of(code, message))
         self._send(addr, answer, ok=False)
 
-    def _send(self, addr: ReplyAddress, answer: Envelope, *, ok: bool) -> None:
+    def _send(self, addr: ReplyAddress, answer: Envelope, *, ok: bool) -> bytes | None:
+        """Encode and send ``answer``; the payload sent, or None when it cannot be encoded."""
         answer.timestamps["reply"] = time.time()
         try:
             payload = encode(answer)
         except WireError as exc:
-            log.error("cannot encode the answer to %s: %s", answer.request_id, exc)
-            return
+            self._errors.report("encode_failed", "cannot encode the answer to %r: %s",
+                                answer.request_id, exc)
+            return None
+        self._send_payload(addr, payload, ok=ok)
+        return payload
+
+    def _send_payload(self, addr: ReplyAddress, payload: bytes, *, ok: bool) -> None:
         if self._publish_nowait is not None:
             # No task per answer: sent now, the PUBACK resolves a future.
             acked = self._publish_nowait(addr.topic, payload, addr.correlation)
@@ -287,6 +329,7 @@ class Worker:
 
     def _answer_expired(self, job: Job, late: float) -> None:
         self._settle(1)
+        self._forget(job)
         self._fail(ErrorCode.DEADLINE_EXPIRED, f"deadline passed while queued ({late:.3f} s "
                    "late)", msg=None, addr=job.reply, now=job.received, env=job.request)
 
@@ -314,12 +357,14 @@ class Worker:
                       t0: float, t1: float) -> None:
         self._settle(len(jobs))
         for job in jobs:
+            self._forget(job)
             job.request.timestamps["batched"] = batched
             self.metrics.queue_wait_s += batched - job.received
         if isinstance(per_job, Exception):
             for job in jobs:
-                self._fail(ErrorCode.INTERNAL, f"tail of split {split_id} failed: {per_job}",
-                           msg=None, addr=job.reply, now=job.received, env=job.request)
+                self._fail(ErrorCode.INTERNAL, f"the tail of split {split_id!r} failed on "
+                           "this request", msg=None, addr=job.reply, now=job.received,
+                           env=job.request, exc_info=per_job)
             return
         self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0)
         tail = self.registry[split_id]
@@ -328,12 +373,19 @@ class Worker:
             job.request.timestamps["tail_start"] = t0
             job.request.timestamps["tail_end"] = t1
             if isinstance(outputs, Exception):
-                self._fail(ErrorCode.INTERNAL, f"tail of split {split_id} failed: {outputs}",
-                           msg=None, addr=job.reply, now=job.received, env=job.request)
+                self._fail(ErrorCode.INTERNAL, f"the tail of split {split_id!r} failed on "
+                           "this request", msg=None, addr=job.reply, now=job.received,
+                           env=job.request, exc_info=outputs)
                 continue
             tensors = [WireTensor(name, array, specs[name].quantization)
                        for name, array in zip(tail.output_names, outputs, strict=True)]
-            self._send(job.reply, job.request.result(tensors), ok=True)
+            payload = self._send(job.reply, job.request.result(tensors), ok=True)
+            if payload is not None and job.dedupe is not None:
+                self._results.put(job.dedupe, payload, job.deadline)
+
+    def _forget(self, job: Job) -> None:
+        if job.dedupe is not None:
+            self._pending.discard(job.dedupe)
 
     # --- lifecycle -----------------------------------------------------------------------
 
