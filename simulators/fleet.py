@@ -101,6 +101,8 @@ from simulators.fleet_stats import (
     FleetResult,
     Tally,
     accuracy,
+    agent_counters,
+    agent_retry,
     fault_windows,
     split_figures,
     write_outputs,
@@ -164,6 +166,8 @@ class FleetConfig:
     edge_profile: Path | None = None  # profile JSONs the adaptive devices plan with
     cloud_profile: Path | None = None
     reconnect_max_s: float | None = None  # devices' longest reconnect backoff (agent's own)
+    retry_s: float | None = None  # devices' first re-send on silence (agent's own default)
+    retry_max_s: float | None = None
     workers: int = 1  # started by the fleet; 0 = workers already serve the broker
     worker_threads: int = 1
     max_batch: int | None = None
@@ -198,6 +202,10 @@ class FleetConfig:
                                 "machine, 4 = a device four times slower)")
         if self.reconnect_max_s is not None and not self.reconnect_max_s > 0:
             raise BadInputError(f"reconnect_max_s {self.reconnect_max_s!r}: expected s > 0")
+        for name in ("retry_s", "retry_max_s"):
+            value = getattr(self, name)
+            if value is not None and not (np.isfinite(value) and value >= 0):
+                raise BadInputError(f"{name} {value!r}: expected seconds >= 0 (0 = never)")
         if self.workers < 0 or self.worker_threads < 0 or self.record < 1:
             raise BadInputError("expected workers >= 0, worker_threads >= 0, record >= 1")
         if self.workers == 0 and self.broker is None:
@@ -350,6 +358,7 @@ class Fleet:
             config = dataclasses.replace(config, reconnect_max_s=cfg.reconnect_max_s,
                                          reconnect_min_s=min(config.reconnect_min_s,
                                                              cfg.reconnect_max_s))
+        config = agent_retry(config, cfg.retry_s, cfg.retry_max_s)
         if target.mode == "adaptive":
             shaped = group.profile is not None and group.profile.spec() != "up=inf"
             # the prior: the link the device starts on (loopback or unshaped: lan)
@@ -444,7 +453,8 @@ class Fleet:
             meter = CpuMeter(self._cpu_roles(broker, broker_kind, pool))
             links = {g.name: g.proxy for g in self._groups if g.proxy}
             injector = FaultInjector(broker=broker, workers=pool.procs if pool else [],
-                                     links=links)
+                                     links=links,
+                                     restart_worker=pool.restart if pool else None)
             if "link-cut" in FAULT_EXTRA_KINDS:
                 injector.register("link-cut",
                                   lambda f: injector.cut_link(None, f.duration_s or 0.0))
@@ -501,7 +511,7 @@ class Fleet:
             connect_s=connect_s, cpu=meter.report(), events=events, retries=retries,
             link_stats=link_stats, inputs=inputs, ref_pred=ref_pred, reference=reference,
             window_start=window_start, sizes=sizes, head_times=head_times, prefix=prefix,
-            plan=plan, switches=switches)
+            plan=plan, switches=switches, pool=pool)
         result.report["adaptive"] = adaptive
         result.report["out"] = str(out)
         write_outputs(result, out, png=cfg.png)
@@ -727,7 +737,7 @@ class Fleet:
                            due=due, start=start, done=done, group=device.group,
                            up_s=up_s, down_s=down_s, split_id=split_id, served_by=served_by,
                            fallback=getattr(result, "fallback", ""), device=device.index,
-                           due_s=due_s)
+                           due_s=due_s, attempts=getattr(result, "attempts", 1))
         if checking:
             first = next(iter(result.outputs.values()))
             tally.checks.append((sample, int(np.asarray(first).reshape(-1).argmax())))
@@ -757,11 +767,8 @@ class Fleet:
     async def _close_devices(self) -> None:
         await asyncio.gather(*(d.agent.close() for d in self._devices), return_exceptions=True)
 
-    def _retry_counters(self) -> dict[str, int]:
-        counters = [d.agent.counters for d in self._devices]
-        return {"republished": sum(c.republished for c in counters),
-                "reconnects": sum(c.reconnects for c in counters),
-                "late_results": sum(c.late_results for c in counters)}
+    def _retry_counters(self) -> dict[str, int | None]:
+        return agent_counters([d.agent.counters for d in self._devices])
 
     def _link_report(self, group: _Group) -> dict[str, Any]:
         pinned = len(self._sizes) == 1
@@ -802,7 +809,8 @@ class Fleet:
                 retries: dict[str, int], link_stats: list[dict[str, Any]], inputs: Inputs,
                 ref_pred: Array | None, reference: Path | None, window_start: float,
                 sizes: SplitSizes | None, head_times: list[float], prefix: str,
-                plan: FaultPlan, switches: list[dict[str, Any]]) -> FleetResult:
+                plan: FaultPlan, switches: list[dict[str, Any]],
+                pool: WorkerPool | None = None) -> FleetResult:
         from edge_agent.stats import percentiles
 
         cfg, m = self.config, self.measured
@@ -816,6 +824,8 @@ class Fleet:
         report: dict[str, Any] = {
             "sent": m.sent, "answered": m.answered, "errors": sum(m.errors.values()),
             "timeouts": m.timeouts, "lost": lost,
+            "answered_after_retry": m.after_retry, "attempts": dict(sorted(m.attempts.items())),
+            "within_deadline": sum(1 for v in m.e2e if v <= cfg.timeout_s),
             "error_kinds": dict(sorted(m.errors.items())),
             "p50_ms": e2e.get("p50"), "p95_ms": e2e.get("p95"), "p99_ms": e2e.get("p99"),
             "max_ms": e2e.get("max"), "mean_ms": e2e.get("mean"),
@@ -830,6 +840,7 @@ class Fleet:
             "schedule_lag_ms": percentiles(m.lag),
             "retries": retries,
             "faults": events,
+            "worker_restarts": list(pool.restarts) if pool is not None else [],
             "cpu": cpu,
             "accuracy": accuracy(m.checks, inputs, ref_pred, reference),
             "warmup": {"seconds": cfg.warmup_s, "sent": self.warm.sent,
@@ -842,7 +853,9 @@ class Fleet:
                 if head_times else None,
                 "timeout_s": cfg.timeout_s, "mqtt": cfg.mqtt, "transport": self.transport,
                 "qos": cfg.qos, "workers": cfg.workers, "worker_threads": cfg.worker_threads,
-                "input": inputs.source, "prefix": prefix,
+                "input": inputs.source, "prefix": prefix, "retry_s": cfg.retry_s,
+                "retry_max_s": cfg.retry_max_s,
+                "worker_ids": bool(pool is not None and pool.worker_ids),
             },
             "mode": target.mode,
             "split": {"split_id": target.manifest.split_id if target.mode != "adaptive"

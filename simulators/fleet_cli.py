@@ -117,6 +117,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--reconnect-max", type=float, default=_env("--reconnect-max", None),
                    help="devices' longest pause between reconnect attempts, s (default: the "
                    "agent's, 2 s)")
+    p.add_argument("--retry-s", type=float, default=_env("--retry-s", None),
+                   help="devices' first re-send of an unanswered request, s (0 = never; "
+                   "default: the agent's)")
+    p.add_argument("--retry-max-s", type=float, default=_env("--retry-max-s", None),
+                   help="devices' longest pause between re-sends, s (default: the agent's)")
     p.add_argument("--timeout", type=float, default=_env("--timeout", 10.0),
                    help="per-request deadline in s (default %(default)s)")
     p.add_argument("--drain", type=float, default=_env("--drain", None),
@@ -167,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         rate=args.rate, duration_s=args.duration, arrivals=args.arrivals, seed=args.seed,
         replay=args.replay, speed=args.speed, links=tuple(links), faults=args.faults,
         link_schedule=args.link_schedule or "", reconnect_max_s=args.reconnect_max,
+        retry_s=args.retry_s, retry_max_s=args.retry_max_s,
         edge_profile=Path(args.edge_profile) if args.edge_profile else None,
         cloud_profile=Path(args.cloud_profile) if args.cloud_profile else None,
         input=Path(args.input) if args.input else None,

@@ -22,7 +22,7 @@ from simulators.fleet_support import Inputs
 
 __all__ = ["STAGE_SOURCES", "REPORT_STAGES", "RAW_STAGES", "Tally", "Outcome", "FleetResult",
            "accuracy", "jsonable", "write_outputs", "split_figures", "fault_windows",
-           "per_second"]
+           "per_second", "agent_counters", "agent_retry", "COUNTER_NAMES"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -61,6 +61,7 @@ class Outcome:
     served_by: str = ""
     fallback: str = ""
     e2e_s: float = 0.0
+    attempts: int = 1  # publishes of the request before its answer (agent's own count)
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Tally:
     split_e2e: dict[str, list[float]] = field(default_factory=dict)
     due: list[float] = field(default_factory=list)  # every request sent, s from the window
     outcomes: list[Outcome] = field(default_factory=list)
+    after_retry: int = 0  # answers that took more than one publish
+    attempts: Counter[int] = field(default_factory=Counter)  # answers by publishes
 
     def sent_one(self, due_s: float) -> None:
         self.sent += 1
@@ -102,18 +105,23 @@ class Tally:
     def answered_one(self, timings: Mapping[str, float], *, due: float, start: float,
                      done: float, group: int, up_s: float, down_s: float,
                      split_id: str = "", served_by: str = "cloud", fallback: str = "",
-                     device: int = 0, due_s: float = 0.0) -> None:
+                     device: int = 0, due_s: float = 0.0, attempts: int = 1) -> None:
         """Record an answered request: ``timings`` as the agent measured them (seconds),
         ``due``/``start``/``done`` on ``time.perf_counter``, the derived one-way link times
         ``up_s``/``down_s`` of its split on its link, the split that served it and where
-        (``served_by`` "cloud" or "edge"), ``due_s`` from the start of the window."""
+        (``served_by`` "cloud" or "edge"), ``due_s`` from the start of the window,
+        ``attempts`` the publishes it took (``InferenceResult.attempts``)."""
         e2e = done - due
+        attempts = attempts if isinstance(attempts, int) and attempts > 0 else 1
+        self.attempts[attempts] += 1
+        if attempts > 1:
+            self.after_retry += 1
         self.splits[split_id] += 1
         self.split_e2e.setdefault(split_id, []).append(e2e)
         if served_by == "edge":
             self.served_locally += 1
         self.outcomes.append(Outcome(due_s, device, "answered", split_id, served_by,
-                                     fallback, e2e))
+                                     fallback, e2e, attempts))
         get = timings.get
         network, queue = get("network", 0.0), get("queue", 0.0)
         measured = sum(get(s, 0.0) for s in _MEASURED)
@@ -148,6 +156,40 @@ class FleetResult:
     fault_spans: list[tuple[float, float, str]] = field(default_factory=list)  # start, end
 
 
+# EdgeAgent.counters summed over the fleet; a counter the agent does not have yet is None
+COUNTER_NAMES = ("published", "republished", "retries", "reconnects", "duplicates",
+                 "late_results")
+
+
+def agent_counters(counters: list[Any]) -> dict[str, int | None]:
+    """The fleet's sum of each of :data:`COUNTER_NAMES` (None where an agent lacks it)."""
+    out: dict[str, int | None] = {}
+    for name in COUNTER_NAMES:
+        values = [getattr(c, name, None) for c in counters]
+        out[name] = None if any(not isinstance(v, int) for v in values) else \
+            sum(v for v in values if isinstance(v, int))
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def agent_retry(config: Any, retry_s: float | None, retry_max_s: float | None) -> Any:
+    """``config`` (an AgentConfig) with the given retry settings, for an agent that has them
+    (others: unchanged, with a warning)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config)}
+    changes = {k: v for k, v in (("retry_s", retry_s), ("retry_max_s", retry_max_s))
+               if v is not None}
+    missing = sorted(set(changes) - names - _WARNED)
+    if missing:
+        _WARNED.update(missing)
+        log.warning("this edge agent has no %s: ignored", ", ".join(missing))
+    usable = {k: v for k, v in changes.items() if k in names}
+    return dataclasses.replace(config, **usable) if usable else config
+
+
 def split_figures(tally: Tally, timeout_s: float) -> dict[str, dict[str, Any]]:
     """Per split that answered: answers, how many on the device, latency percentiles (ms)
     and the answers within the deadline (``timeout_s``, from the scheduled arrival)."""
@@ -176,10 +218,11 @@ def fault_windows(tally: Tally, spans: list[tuple[float, float, str]],
         inside = [o for o in tally.outcomes if start <= o.due_s < end]
         answered = [o for o in inside if o.kind == "answered"]
         timeouts = sum(1 for o in inside if o.kind == "timeout")
+        retried = sum(1 for o in answered if o.attempts > 1)
         errors = sum(1 for o in inside if o.kind == "error")
         out.append({
             "fault": kind, "start_s": round(start, 3), "end_s": round(end, 3), "sent": due,
-            "answered": len(answered),
+            "answered": len(answered), "answered_after_retry": retried,
             "within_deadline": sum(1 for o in answered if o.e2e_s <= timeout_s),
             "served_locally": sum(1 for o in answered if o.served_by == "edge"),
             "fallbacks": dict(Counter(o.fallback for o in answered if o.fallback)),
