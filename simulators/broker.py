@@ -1,11 +1,15 @@
 """Start a broker for tests, the demo and benchmarks: mosquitto if installed, else amqtt.
 
 :class:`MosquittoBroker` runs the Debian ``mosquitto`` binary on a free loopback port
-with the latency-tuned settings kept in ``docker/mosquitto/mosquitto.conf`` (the
-``TUNING`` lines below; a test keeps the two in step), or with ``tuned=False`` the stock
-settings. It can be stopped and restarted on the same port, which the fault injection
-uses. :class:`EmbeddedBroker` runs amqtt (MQTT 3.1.1 only, no shared subscriptions) in a
-thread of its own for machines without mosquitto.
+with the latency-tuned, memory-bounded settings kept in ``docker/mosquitto/mosquitto.conf``
+(the ``TUNING`` lines below; a test keeps the two in step), or with ``tuned=False`` the
+stock settings. It can be stopped and restarted on the same port, which the fault injection
+uses. For the security tests it also runs the production shape: the dynamic-security
+plugin (``dynsec=``: a ``dynamic-security.json``, see ``cloud_service/broker_setup.py``),
+a mosquitto password file, and TLS listeners (:class:`TlsListener`: server certificate,
+optionally client certificates whose CN is the username and the client id).
+:class:`EmbeddedBroker` runs amqtt (MQTT 3.1.1 only, no shared subscriptions) in a thread
+of its own for machines without mosquitto.
 
 For the broker matrix (tests/test_brokers.py, docs/brokers.md): :class:`NatsBroker` runs
 ``nats-server`` with its MQTT gateway and JetStream, :class:`RabbitMQBroker` a RabbitMQ
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,25 +32,94 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
 from splitinfer.errors import StartupError
 
-__all__ = ["TUNING", "Broker", "MosquittoBroker", "EmbeddedBroker", "NatsBroker",
-           "RabbitMQBroker", "start_broker", "free_port", "wait_for_port", "mosquitto_binary",
-           "nats_binary", "rabbitmq_binary"]
+__all__ = ["TUNING", "MESSAGE_SIZE_LIMIT", "MAX_PACKET_SIZE", "MAX_INFLIGHT_BYTES",
+           "MAX_QUEUED_BYTES", "MAX_QUEUED_MESSAGES", "MEMORY_LIMIT", "subscriber_bound_bytes",
+           "TlsListener", "dynsec_plugin", "Broker", "MosquittoBroker", "EmbeddedBroker",
+           "NatsBroker", "RabbitMQBroker", "start_broker", "free_port", "wait_for_port",
+           "mosquitto_binary", "nats_binary", "rabbitmq_binary"]
 
 log = logging.getLogger(__name__)
+
+# The broker's bounds (issue 10): what one stalled subscriber (a SIGSTOPped worker, a
+# device that stops reading) may make the broker hold is at most MAX_INFLIGHT_BYTES +
+# MAX_QUEUED_BYTES of payloads (plus ~200 bytes of bookkeeping per queued message, at most
+# MAX_QUEUED_MESSAGES of them); past that, mosquitto drops further messages for that
+# client. A PUBLISH is at most the worker's payload limit (splitinfer.wire's
+# DEFAULT_MAX_PAYLOAD, 8 MiB): a bigger payload is refused (MQTT 5 PUBACK 0x97/0x83), a
+# packet over MAX_PACKET_SIZE closes the connection before mosquitto buffers it, and
+# MEMORY_LIMIT is the hard cap on the whole heap (an allocation past it is refused: the
+# message is dropped and its sender disconnected).
+MESSAGE_SIZE_LIMIT = 8 * 1024 * 1024  # == splitinfer.wire.DEFAULT_MAX_PAYLOAD
+MAX_PACKET_SIZE = MESSAGE_SIZE_LIMIT + 64 * 1024  # payload + topic + properties
+MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
+MAX_QUEUED_MESSAGES = 20_000
+MEMORY_LIMIT = 1024 * 1024 * 1024
 
 TUNING = (
     "set_tcp_nodelay true",
     "max_inflight_messages 0",
-    "max_queued_messages 100000",
-    "max_queued_bytes 0",
-    "message_size_limit 16777216",
+    f"max_inflight_bytes {MAX_INFLIGHT_BYTES}",
+    f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+    f"max_queued_bytes {MAX_QUEUED_BYTES}",
+    f"message_size_limit {MESSAGE_SIZE_LIMIT}",
+    f"max_packet_size {MAX_PACKET_SIZE}",
+    f"memory_limit {MEMORY_LIMIT}",
 )
+
+
+def subscriber_bound_bytes() -> int:
+    """What the shipped tuning lets the broker hold for one subscriber that stops reading."""
+    return MAX_INFLIGHT_BYTES + MAX_QUEUED_BYTES + MAX_QUEUED_MESSAGES * 256
+
+
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",  # the eclipse-mosquitto image
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+
+
+def dynsec_plugin() -> str | None:
+    """mosquitto's dynamic-security plugin: ``$SPLITINFER_MOSQUITTO_DYNSEC`` if set ("" =
+    pretend there is none), else the first of :data:`DYNSEC_PLUGIN_PATHS` that exists."""
+    configured = os.environ.get("SPLITINFER_MOSQUITTO_DYNSEC")
+    if configured is not None:
+        return configured or None
+    return next((p for p in DYNSEC_PLUGIN_PATHS if Path(p).exists()), None)
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener: the server's certificate and key, the CA that signs client
+    certificates (and the server's), and whether a client certificate is required.
+
+    With ``client_certs`` the certificate's CN is the username (``use_identity_as_username``:
+    no password is asked) and the client id (``use_username_as_clientid``: whatever id the
+    client sends is replaced, so one device cannot take another's session)."""
+
+    cafile: str
+    certfile: str
+    keyfile: str
+    client_certs: bool = False
+    port: int = 0
+
+    def config_lines(self, host: str, port: int) -> list[str]:
+        lines = [f"listener {port} {host}", f"cafile {self.cafile}",
+                 f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.client_certs:
+            lines += ["require_certificate true", "use_identity_as_username true",
+                      "use_username_as_clientid true"]
+        return lines
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -103,13 +177,25 @@ class _Lifecycle:
 
 
 class MosquittoBroker(_Lifecycle):
-    """A private mosquitto on ``host:port`` (a free port when 0)."""
+    """A private mosquitto on ``host:port`` (a free port when 0).
+
+    ``dynsec``: a dynamic-security configuration (a path or the parsed JSON) copied into
+    the broker's directory on the first start (the plugin rewrites its copy when changed
+    at run time with ``mosquitto_ctrl``; restarts keep those changes); anonymous access is
+    then off. ``password_file``: a mosquitto password file (``mosquitto_passwd``), the
+    plain alternative. ``tls``: TLS listeners, each on a free port (``tls_ports``,
+    :meth:`tls_url`). ``plain=False`` leaves out the plain listener on ``port``.
+    """
 
     supports_shared_subscriptions = True
     supports_mqtt5 = True
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, binary: str | None = None,
-                 extra_config: tuple[str, ...] = (), tuned: bool = True) -> None:
+                 extra_config: tuple[str, ...] = (), tuned: bool = True,
+                 dynsec: str | Path | Mapping[str, Any] | None = None,
+                 password_file: str | Path | None = None,
+                 tls: Sequence[TlsListener] = (), plain: bool = True,
+                 allow_anonymous: bool | None = None) -> None:
         found = binary or mosquitto_binary()
         if not found:
             raise StartupError("mosquitto is not installed; install it (apt-get install -y "
@@ -120,34 +206,81 @@ class MosquittoBroker(_Lifecycle):
         self.extra_config = extra_config
         self.tuned = tuned  # False: mosquitto's defaults (Nagle on, 20 in flight, 1000 queued)
         self._dir = tempfile.TemporaryDirectory(prefix="splitinfer-mosquitto-")
+        self.dir = Path(self._dir.name)
         self._proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(self._dir.name) / "mosquitto.log"
+        self.log_path = self.dir / "mosquitto.log"
+        self.plugin: str | None = None
+        self.dynsec_path: Path | None = None
+        if dynsec is not None:
+            self.plugin = dynsec_plugin()
+            if not self.plugin:
+                raise StartupError("mosquitto's dynamic-security plugin is not installed "
+                                   "(mosquitto_dynamic_security.so; Debian's mosquitto "
+                                   "package ships it); set $SPLITINFER_MOSQUITTO_DYNSEC")
+            self.dynsec_path = self.dir / "dynamic-security.json"
+            text = (Path(dynsec).read_text() if isinstance(dynsec, (str, Path))
+                    else json.dumps(dynsec, indent=1))
+            self.dynsec_path.write_text(text)
+        self.password_file = str(password_file) if password_file is not None else None
+        self.tls = tuple(tls)
+        self.tls_ports = [t.port or free_port(host) for t in self.tls]
+        self.plain = plain
+        secured = dynsec is not None or password_file is not None
+        self.allow_anonymous = (not secured) if allow_anonymous is None else allow_anonymous
+
+    def tls_url(self, index: int = 0) -> str:
+        return f"mqtts://{self.host}:{self.tls_ports[index]}"
 
     def config_text(self) -> str:
-        return "\n".join([
+        uses_files = self.dynsec_path is not None or self.password_file or self.tls
+        lines = [
             *(TUNING if self.tuned else ()),
             "persistence false",
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
-            *self.extra_config,
-        ]) + "\n"
+            # Root (CI containers) would switch to the 'mosquitto' user, which cannot read
+            # our temp directory (keys, the dynsec file it also rewrites).
+            *(["user root"] if uses_files and os.geteuid() == 0 else []),
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+        ]
+        if self.plugin and self.dynsec_path is not None:
+            lines += [f"plugin {self.plugin}", f"plugin_opt_config_file {self.dynsec_path}"]
+        if self.password_file:
+            lines.append(f"password_file {self.password_file}")
+        if self.plain:
+            lines.append(f"listener {self.port} {self.host}")
+        for listener, port in zip(self.tls, self.tls_ports, strict=True):
+            lines += listener.config_lines(self.host, port)
+        return "\n".join([*lines, *self.extra_config]) + "\n"
 
     def start(self) -> None:
         if self.running:
             return
-        conf = Path(self._dir.name) / "mosquitto.conf"
+        conf = self.dir / "mosquitto.conf"
         conf.write_text(self.config_text())
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=logf,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logf.close()
         try:
-            wait_for_port(self.host, self.port)
+            for port in ([self.port] if self.plain else []) + self.tls_ports:
+                wait_for_port(self.host, port)
         except StartupError:
             self.stop()
             raise StartupError(f"mosquitto failed to start on port {self.port}: "
                                f"{self.log_path.read_text()[-500:]}") from None
         log.info("mosquitto listening on %s (pid %d)", self.url, self._proc.pid)
+
+    def rss_bytes(self) -> int | None:
+        """The broker's resident set size (``/proc/PID/status`` VmRSS), None when not running
+        or not on Linux."""
+        if not self.running or self._proc is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self._proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
 
     @property
     def running(self) -> bool:
