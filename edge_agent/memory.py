@@ -8,6 +8,8 @@ and records every publish so a test can look at topics, payloads and MQTT 5 opti
     agent = EdgeAgent(manifest=m, head=h, config=cfg, connector=broker.connect)
     ...
     broker.stop()   # every connection drops (wills fire), connects fail until start()
+    broker.lose(1, "splitinfer/v1/req/#")   # the next such publish is acked, delivered to
+                                            # nobody: a request handed to a hung replica
 
 Integration tests use a real mosquitto instead; this is for logic, not for MQTT.
 """
@@ -132,7 +134,17 @@ class MemoryBroker:
         self.retained: dict[str, bytes] = {}
         self.published: list[Published] = []
         self.connects = 0
+        self.lost: list[Published] = []  # publishes swallowed by lose()
         self._turn = itertools.count()
+        self._lose: list[tuple[str, int]] = []  # (topic filter, publishes still to swallow)
+
+    def lose(self, count: int = 1, pattern: str = "#") -> None:
+        """Swallow the next ``count`` publishes whose topic matches ``pattern``: each is
+        acknowledged as if a subscriber had it (PUBACK 0) and delivered to nobody, like a
+        request handed to a hung replica or lost with a killed worker."""
+        if count < 1:
+            raise ValueError(f"lose: expected count >= 1, got {count}")
+        self._lose.append((pattern, count))
 
     async def connect(self, *, client_id: str, will: LastWill | None) -> MemoryTransport:
         await asyncio.sleep(0)
@@ -177,6 +189,14 @@ class MemoryBroker:
     def _route(self, message: Published) -> bool:
         """Deliver ``message``; True when some subscription matched it."""
         self.published.append(message)
+        for i, (pattern, left) in enumerate(self._lose):
+            if topic_matches(pattern, message.topic):
+                if left > 1:
+                    self._lose[i] = (pattern, left - 1)
+                else:
+                    del self._lose[i]
+                self.lost.append(message)
+                return True
         if message.retain:
             if message.payload:
                 self.retained[message.topic] = message.payload

@@ -1,0 +1,294 @@
+"""Re-sending idempotent requests: the agent against the in-memory broker, no sockets.
+
+The fault is injected by the broker (``MemoryBroker.lose``: acknowledged, delivered to
+nobody; a broker with no subscriber answers PUBACK 16) or by the fake worker (slow,
+answering twice). Timing logic runs on :class:`VirtualTimeLoop`, an event loop whose clock
+jumps to the next timer whenever nothing else is ready, so backoff and deadlines are
+checked exactly without sleeping; the real broker and worker are in
+test_edge_retry_integration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_edge_unit import W, X, fake_worker, make_agent, tail
+
+from edge_agent import MemoryBroker
+from edge_agent.client import AgentConfig, RetryBackoff
+from splitinfer.errors import BadInputError, DeadlineExceeded, NoSubscriberError
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on a virtual clock: when no callback is ready, time jumps to the next
+    timer. Everything in these tests lives on the loop (the memory broker has no I/O), so
+    a 10 s deadline takes microseconds and every wait is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def _run_once(self) -> None:
+        ready: Any = self._ready  # CPython's BaseEventLoop internals
+        scheduled: Any = self._scheduled
+        if not ready:
+            live = [h.when() for h in scheduled if not h.cancelled()]
+            if live:
+                self.now = max(self.now, min(live))
+        super()._run_once()  # type: ignore[misc]
+
+
+def run_virtual(coro_fn: Callable[[], Any]) -> Any:
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro_fn(), 600))
+    finally:
+        loop.close()
+
+
+def run(coro_fn: Callable[[], Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro_fn(), 30))
+
+
+# ---------------------------------------------------------------------- RetryBackoff
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    backoff = RetryBackoff(1.0, 4.0, adaptive=False, rng=random.Random(1))
+    assert backoff.rto == 1.0
+    for k, base in enumerate([1.0, 2.0, 4.0, 4.0, 4.0]):
+        for _ in range(50):
+            wait = backoff.wait(k)
+            assert wait is not None and 0.75 * base <= wait <= base
+    backoff.observe(0.01)
+    assert backoff.rto == 1.0  # not adaptive: the fixed doubling
+    assert RetryBackoff(0.0, 4.0).wait(0) is None  # retry_s 0: never on silence
+
+
+def test_adaptive_backoff_follows_the_round_trips_within_its_clamp() -> None:
+    backoff = RetryBackoff(1.0, 4.0, rng=random.Random(2))
+    backoff.observe(0.2)  # first sample: srtt = R, rttvar = R / 2
+    assert backoff.srtt == pytest.approx(0.2) and backoff.rttvar == pytest.approx(0.1)
+    assert backoff.rto == pytest.approx(0.6)
+    backoff.observe(0.4)  # rttvar = 3/4 0.1 + 1/4 |0.2 - 0.4|, srtt = 7/8 0.2 + 1/8 0.4
+    assert backoff.rttvar == pytest.approx(0.125) and backoff.srtt == pytest.approx(0.225)
+    assert backoff.rto == pytest.approx(0.725)
+    fast = RetryBackoff(1.0, 4.0)
+    for _ in range(20):
+        fast.observe(0.002)
+    assert fast.rto == pytest.approx(0.25)  # clamped to retry_s / 4
+    slow = RetryBackoff(1.0, 4.0)
+    slow.observe(3.0)
+    assert slow.rto == 4.0  # a loaded worker: no copies before retry_max_s
+    slow.observe(float("nan"))
+    slow.observe(-1.0)
+    assert slow.samples == 1
+    wait = slow.wait(3)
+    assert wait is not None and 3.0 <= wait <= 4.0
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"retry_s": -1.0}, "retry_s=-1.0"),
+    ({"retry_s": float("nan")}, "retry_s=nan"),
+    ({"retry_s": 5.0, "retry_max_s": 4.0}, "retry_s <= retry_max_s"),
+    ({"retry_s": 0.0, "retry_max_s": 0.0}, "retry_max_s > 0"),
+    ({"retry_max_s": float("inf")}, "finite"),
+    ({"worker_grace_s": -1.0}, "worker_grace_s"),
+])
+def test_retry_config_is_checked(kwargs: dict[str, Any], words: str) -> None:
+    with pytest.raises(BadInputError) as info:
+        AgentConfig(device_id="d", **kwargs)
+    assert words in str(info.value)
+
+
+# ---------------------------------------------------------------------- re-sending
+
+
+def test_a_lost_request_is_answered_after_one_retry(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        broker.lose(1, f"{topic_prefix}/v1/req/#")
+        async with fake_worker(broker, topic_prefix) as seen, \
+                make_agent(broker, topic_prefix, retry_s=0.5) as agent:
+            result = await agent.infer(X, timeout=10)
+            assert result.attempts == 2 and len(seen) == 1 and len(broker.lost) == 1
+            # the same request went out twice: same id, same payload, same deadline
+            assert broker.lost[0].payload == seen[0][0].payload
+            c = agent.counters
+            assert (c.published, c.retries, c.duplicates, c.late_results) == (2, 1, 0, 0)
+            again = await agent.infer(X, timeout=10)
+            assert again.attempts == 1
+        assert (result.outputs["y"] == tail(X @ W, None)).all()
+
+    run_virtual(main)
+
+
+def test_mqtt311_loses_no_request_either(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker(protocol="3.1.1")  # no PUBACK reasons: only silence tells
+        broker.lose(2, f"{topic_prefix}/v1/req/#")
+        async with fake_worker(broker, topic_prefix) as seen, \
+                make_agent(broker, topic_prefix) as agent:
+            result = await agent.infer(X, timeout=10)
+        assert result.attempts == 3 and len(seen) == 1
+
+    run_virtual(main)
+
+
+def test_backoff_and_deadline_on_a_virtual_clock(topic_prefix: str) -> None:
+    """A worker that never answers: re-sends after ~1, 2, 4, 4 s (jittered down by up to a
+    quarter), none at or past the 10 s deadline, which raises exactly on time."""
+    async def main() -> None:
+        broker = MemoryBroker()
+        loop = asyncio.get_running_loop()
+        sent: list[float] = []
+        original = broker._route
+
+        def route(message: Any) -> bool:
+            if "/v1/req/" in message.topic:
+                sent.append(loop.time())
+            return original(message)
+
+        broker._route = route  # type: ignore[method-assign]
+        async with fake_worker(broker, topic_prefix, mode="silent"), \
+                make_agent(broker, topic_prefix, retry_adaptive=False) as agent:
+            start = loop.time()
+            with pytest.raises(DeadlineExceeded):
+                await agent.infer(X, timeout=10)
+            assert loop.time() - start == pytest.approx(10.0, abs=1e-6)
+            assert agent.pending == 0 and agent.counters.retries == len(sent) - 1
+            await asyncio.sleep(20)  # nothing more goes out for it
+        gaps = [b - a for a, b in itertools.pairwise(sent)]
+        assert len(sent) >= 4 and all(t < start + 10 for t in sent)
+        for gap, base in zip(gaps, [1.0, 2.0, 4.0, 4.0, 4.0], strict=False):
+            assert 0.75 * base - 1e-6 <= gap <= base + 1e-6, gaps
+        expiries = [p.options.expiry_s for p in broker.published
+                    if "/v1/req/" in p.topic and p.options is not None]
+        assert all(e is not None and 0 < e <= 10 for e in expiries)
+        assert sorted(expiries, reverse=True) == expiries  # time left, same deadline
+
+    run_virtual(main)
+
+
+def test_a_slow_worker_answering_every_copy_gives_one_answer(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with fake_worker(broker, topic_prefix, delay=2.5) as seen, \
+                make_agent(broker, topic_prefix, retry_adaptive=False) as agent:
+            result = await agent.infer(X, timeout=10)
+            await asyncio.sleep(10)  # the other copies' answers arrive
+            assert len(seen) == result.attempts >= 2
+            c = agent.counters
+            assert c.duplicates == len(seen) - 1 and c.late_results == 0
+        return None
+
+    run_virtual(main)
+
+
+def test_duplicate_answer_is_dropped_and_counted(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with fake_worker(broker, topic_prefix, mode="twice"), \
+                make_agent(broker, topic_prefix) as agent:
+            result = await agent.infer(X)
+            await asyncio.sleep(0.5)
+            assert result.attempts == 1
+            assert agent.counters.duplicates == 1 and agent.counters.late_results == 0
+
+    run_virtual(main)
+
+
+def test_no_subscriber_after_a_worker_was_seen_is_resent_until_one_is_back(
+        topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        loop = asyncio.get_running_loop()
+        async with make_agent(broker, topic_prefix) as agent:
+            async with fake_worker(broker, topic_prefix):
+                await agent.infer(X)  # a worker was seen
+            call = asyncio.create_task(agent.infer(X, timeout=10))
+            await asyncio.sleep(3.4)  # the worker restarts: PUBACK 16, re-sent with backoff
+            assert not call.done() and agent.counters.no_subscriber >= 3
+            back = loop.time()
+            async with fake_worker(broker, topic_prefix) as seen:
+                result = await call
+                assert loop.time() - back <= 2.0  # the no-subscriber backoff's cap
+            assert len(seen) == 1 and result.attempts == 1 + agent.counters.no_subscriber
+
+    run_virtual(main)
+
+
+def test_no_subscriber_fails_fast_at_first_use_and_after_the_grace(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        loop = asyncio.get_running_loop()
+        async with make_agent(broker, topic_prefix, worker_grace_s=5.0) as agent:
+            t0 = loop.time()
+            with pytest.raises(NoSubscriberError):  # never saw a worker: at once
+                await agent.infer(X, timeout=10)
+            assert loop.time() - t0 < 0.01
+            async with fake_worker(broker, topic_prefix):
+                await agent.infer(X)
+            gone = loop.time()
+            with pytest.raises(NoSubscriberError, match="no worker subscribed to"):
+                await agent.infer(X, timeout=30)  # re-sent for 5 s, then raised
+            assert 5.0 <= loop.time() - gone <= 5.0 + 2.0
+            assert agent.pending == 0
+
+    run_virtual(main)
+
+
+def test_retry_s_zero_never_resends_on_silence(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        broker.lose(1, f"{topic_prefix}/v1/req/#")
+        async with fake_worker(broker, topic_prefix), \
+                make_agent(broker, topic_prefix, retry_s=0.0) as agent:
+            with pytest.raises(DeadlineExceeded):
+                await agent.infer(X, timeout=5)
+            assert agent.counters.published == 1 and agent.counters.retries == 0
+
+    run_virtual(main)
+
+
+def test_one_timer_for_many_pending_requests(topic_prefix: str) -> None:
+    """200 silent requests: one armed timer, re-sends in batches, no task per request
+    waiting out its retry interval."""
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with fake_worker(broker, topic_prefix, mode="silent"), \
+                make_agent(broker, topic_prefix, retry_adaptive=False) as agent:
+            calls = [asyncio.create_task(agent.infer(X, timeout=3)) for _ in range(200)]
+            await asyncio.sleep(0.5)
+            assert agent.pending == 200 and not agent._tasks  # nothing in flight
+            assert agent._timer is not None and len(agent._resends) == 200
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, DeadlineExceeded) for r in results)
+            assert agent.counters.retries >= 200
+
+    run_virtual(main)
+
+
+def test_counters_are_a_read_only_view(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with fake_worker(broker, topic_prefix), make_agent(broker, topic_prefix) as agent:
+            view = agent.counters
+            await agent.infer(X)
+            assert view.published == 1  # live
+            with pytest.raises(AttributeError):
+                view.published = 5  # type: ignore[misc]
+            with pytest.raises(TypeError):
+                view.errors["x"] = 1  # type: ignore[index]
+            assert set(view.as_dict()) >= {"published", "republished", "retries",
+                                           "duplicates", "late_results", "reconnects"}
+
+    run(main)
