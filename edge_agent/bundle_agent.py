@@ -20,7 +20,10 @@ and answers locally with the bundle's edge_only split when the cloud cannot answ
 * not connected (at start-up too: an unreachable broker is no start-up error when the
   bundle has edge_only; the agent keeps reconnecting in the background) -> ``offline``;
 * ``NoSubscriberError`` or a worker's ``unknown_split`` / ``overloaded`` /
-  ``shutting_down`` -> ``no_worker``; no answer within the cloud budget -> ``timeout``;
+  ``shutting_down`` -> ``no_worker``; no answer within the cloud budget -> ``timeout``
+  (a request with no answer is re-sent within the budget as by any agent; but the first
+  "no matching subscribers" PUBACK falls back at once, where a plain agent would re-send
+  it while a worker is expected back: a local answer now beats waiting for a restart);
 * the chosen split is predicted to miss the deadline -> ``deadline``.
 
 The **cloud budget** of a request is its deadline less the local reserve (edge_only's head
@@ -194,6 +197,10 @@ class BundleAgent(EdgeAgent):
         await super()._establish(transport)
         self.policy.set_connected(self._clock(), True)
         self._poke.set()
+
+    def _no_subscriber_fails(self, now: float) -> bool:
+        """With an edge_only split, "no matching subscribers" falls back at once."""
+        return self.policy.edge_only is not None or super()._no_subscriber_fails(now)
 
     def _detach(self, transport: Transport) -> None:
         lost = self._transport is transport

@@ -13,10 +13,17 @@ flight. OUT.npz gets one array per model output, in manifest order, written only
 every request succeeded. ``--json`` prints counts and p50/p95/p99 (ms) of end-to-end
 latency and of each stage (see :mod:`edge_agent.stats`).
 
+Re-sending: a request with no answer goes out again (same id, same deadline) after
+``--retry-s`` (default 1 s; then from the measured round trips), doubling up to
+``--retry-max-s`` (default 4 s), never past its deadline; ``--retry-s 0`` re-sends only
+after a reconnect or a "no matching subscribers" while a worker is expected back. The
+worker answers a copy from its cache; a second answer is dropped (``counters.duplicates``).
+
 Fail fast: the first request that no worker answers — the broker's "no matching
-subscribers" (MQTT 5) or the first deadline passed — stops the run; requests in flight are
-cancelled, the rest never sent, and the message names the request topic and the command
-that starts a worker. ``--keep-going`` sends every request regardless. An ``edge_only``
+subscribers" (MQTT 5) when this run has not seen a worker for ``worker_grace_s`` (10 s; at
+once when none answered yet), or the first deadline passed — stops the run; requests in
+flight are cancelled, the rest never sent, and the message names the request topic and the
+command that starts a worker. ``--keep-going`` sends every request regardless. An ``edge_only``
 split runs wholly here and needs no broker.
 
 Adaptive (a bundle, ``splitinfer bundle``)::
@@ -94,6 +101,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
          help="client id and topic level of this device (default edge-<hostname>-<random>)")
     flag("--prefix", "splitinfer", help="topic prefix (default splitinfer)")
     flag("--timeout", "10", type=float, metavar="S", help="deadline per request, seconds")
+    flag("--retry-s", "1.0", type=float, metavar="S", dest="retry_s",
+         help="re-send a request with no answer after S seconds (then from the measured "
+              "round trips), doubling; 0: only after a reconnect or 'no matching "
+              "subscribers' (default 1.0)")
+    flag("--retry-max-s", "4.0", type=float, metavar="S", dest="retry_max_s",
+         help="longest wait between re-sends of one request (default 4.0)")
     flag("--batch-size", optional=True, type=int, metavar="N", dest="batch_size",
          help="samples per request (default 1; a split fixed at batch B sends B)")
     flag("--concurrency", "1", type=int, metavar="N",
@@ -143,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--batch-size and --concurrency must be >= 1, got "
                             f"{args.batch_size} and {args.concurrency}")
     config = AgentConfig(device_id=args.device_id or default_device_id(), broker=args.broker,
-                         prefix=args.prefix, timeout_s=args.timeout)
+                         prefix=args.prefix, timeout_s=args.timeout, retry_s=args.retry_s,
+                         retry_max_s=args.retry_max_s)
     adaptive = _wants_bundle(args)
     agent: EdgeAgent
     if adaptive:
@@ -180,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             stats.fail(str(getattr(item, "code", type(item).__name__)))
             first_error = first_error or item
         else:
-            stats.add(item.timings)
+            stats.add(item.timings, attempts=item.attempts)
     written = None
     outputs: dict[str, Any] = {}
     if first_error is None and not skipped:
@@ -206,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         **stats.summary(),
         "skipped": skipped,
         "stopped": str(stopped) if stopped is not None else None,
+        "counters": agent.counters.as_dict(),
         "wall_s": round(wall, 4),
         "samples_per_s": round(samples / wall, 2) if wall > 0 else None,
         "outputs": {k: {"dtype": v.dtype.name, "shape": list(v.shape)}

@@ -80,9 +80,14 @@ class LatencyStats:
 
     timings: list[Mapping[str, float]] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    retried: int = 0  # answered requests that went out more than once
+    attempts: int = 0  # publishes of the answered requests
 
-    def add(self, timings: Mapping[str, float]) -> None:
+    def add(self, timings: Mapping[str, float], *, attempts: int = 1) -> None:
         self.timings.append(timings)
+        self.attempts += attempts
+        if attempts > 1:
+            self.retried += 1
 
     def fail(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -101,5 +106,7 @@ class LatencyStats:
             "ok": self.ok,
             "failed": self.failed,
             "errors": dict(sorted(self.errors.items())),
+            "answered_after_retry": self.retried,
+            "attempts": self.attempts,
             "latency_ms": summarize(self.timings),
         }
