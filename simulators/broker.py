@@ -38,6 +38,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from cloud_service.broker_setup import (
+    BOUNDED_TUNING,
+    MAX_INFLIGHT_BYTES,
+    MAX_PACKET_SIZE,
+    MAX_QUEUED_BYTES,
+    MAX_QUEUED_MESSAGES,
+    MEMORY_LIMIT,
+    MESSAGE_SIZE_LIMIT,
+    find_dynsec_plugin,
+)
 from splitinfer.errors import StartupError
 
 __all__ = ["TUNING", "MESSAGE_SIZE_LIMIT", "MAX_PACKET_SIZE", "MAX_INFLIGHT_BYTES",
@@ -48,54 +58,19 @@ __all__ = ["TUNING", "MESSAGE_SIZE_LIMIT", "MAX_PACKET_SIZE", "MAX_INFLIGHT_BYTE
 
 log = logging.getLogger(__name__)
 
-# The broker's bounds (issue 10): what one stalled subscriber (a SIGSTOPped worker, a
-# device that stops reading) may make the broker hold is at most MAX_INFLIGHT_BYTES +
-# MAX_QUEUED_BYTES of payloads (plus ~200 bytes of bookkeeping per queued message, at most
-# MAX_QUEUED_MESSAGES of them); past that, mosquitto drops further messages for that
-# client. A PUBLISH is at most the worker's payload limit (splitinfer.wire's
-# DEFAULT_MAX_PAYLOAD, 8 MiB): a bigger payload is refused (MQTT 5 PUBACK 0x97/0x83), a
-# packet over MAX_PACKET_SIZE closes the connection before mosquitto buffers it, and
-# MEMORY_LIMIT is the hard cap on the whole heap (an allocation past it is refused: the
-# message is dropped and its sender disconnected).
-MESSAGE_SIZE_LIMIT = 8 * 1024 * 1024  # == splitinfer.wire.DEFAULT_MAX_PAYLOAD
-MAX_PACKET_SIZE = MESSAGE_SIZE_LIMIT + 64 * 1024  # payload + topic + properties
-MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
-MAX_QUEUED_BYTES = 32 * 1024 * 1024
-MAX_QUEUED_MESSAGES = 20_000
-MEMORY_LIMIT = 1024 * 1024 * 1024
-
-TUNING = (
-    "set_tcp_nodelay true",
-    "max_inflight_messages 0",
-    f"max_inflight_bytes {MAX_INFLIGHT_BYTES}",
-    f"max_queued_messages {MAX_QUEUED_MESSAGES}",
-    f"max_queued_bytes {MAX_QUEUED_BYTES}",
-    f"message_size_limit {MESSAGE_SIZE_LIMIT}",
-    f"max_packet_size {MAX_PACKET_SIZE}",
-    f"memory_limit {MEMORY_LIMIT}",
-)
+# The bounded tuning lives with the production config generator (one source for both).
+TUNING = BOUNDED_TUNING
 
 
 def subscriber_bound_bytes() -> int:
-    """What the shipped tuning lets the broker hold for one subscriber that stops reading."""
+    """What the shipped tuning lets the broker hold for one subscriber that stops reading:
+    payloads in flight + queued, and ~256 bytes of bookkeeping per queued message."""
     return MAX_INFLIGHT_BYTES + MAX_QUEUED_BYTES + MAX_QUEUED_MESSAGES * 256
 
 
-DYNSEC_PLUGIN_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
-    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
-    "/usr/lib/mosquitto_dynamic_security.so",  # the eclipse-mosquitto image
-    "/usr/local/lib/mosquitto_dynamic_security.so",
-)
-
-
 def dynsec_plugin() -> str | None:
-    """mosquitto's dynamic-security plugin: ``$SPLITINFER_MOSQUITTO_DYNSEC`` if set ("" =
-    pretend there is none), else the first of :data:`DYNSEC_PLUGIN_PATHS` that exists."""
-    configured = os.environ.get("SPLITINFER_MOSQUITTO_DYNSEC")
-    if configured is not None:
-        return configured or None
-    return next((p for p in DYNSEC_PLUGIN_PATHS if Path(p).exists()), None)
+    """mosquitto's dynamic-security plugin on this machine, None without it."""
+    return find_dynsec_plugin()
 
 
 @dataclass(frozen=True)
