@@ -930,10 +930,11 @@ class EdgeAgent:
             reason = await transport.publish(topic, pending.payload,
                                              qos=self.config.qos, options=options)
         except TransportError as exc:
-            # The supervisor sees the same loss and re-publishes after reconnecting.
+            # A lost connection: the supervisor re-publishes after reconnecting (that
+            # supersedes the re-send scheduled below); anything else: the re-send retries.
             log.debug("%s: request %s not published: %s", self.device_id,
                       pending.request_id, exc)
-            return
+            reason = None
         if pending.future.done():
             return
         if reason == NO_MATCHING_SUBSCRIBERS:

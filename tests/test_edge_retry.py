@@ -193,6 +193,23 @@ def test_a_slow_worker_answering_every_copy_gives_one_answer(topic_prefix: str) 
     run_virtual(main)
 
 
+def test_a_hung_replica_costs_a_retry_not_the_request(topic_prefix: str) -> None:
+    """Two replicas in the share group, one hung (takes requests, never answers): what
+    went to it is re-sent to the group until the healthy one has it."""
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with fake_worker(broker, topic_prefix, mode="silent", client_id="hung") as hung, \
+                fake_worker(broker, topic_prefix, client_id="ok") as ok, \
+                make_agent(broker, topic_prefix) as agent:
+            results = await asyncio.gather(*(agent.infer(X, timeout=10) for _ in range(20)))
+            assert len(ok) == 20 and hung  # the healthy one answered each request once
+            assert sum(r.attempts for r in results) == len(ok) + len(hung)
+            assert max(r.attempts for r in results) >= 2
+            assert agent.counters.duplicates == 0
+
+    run_virtual(main)
+
+
 def test_duplicate_answer_is_dropped_and_counted(topic_prefix: str) -> None:
     async def main() -> None:
         broker = MemoryBroker()

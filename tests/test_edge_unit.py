@@ -94,10 +94,11 @@ def tail(h: Array, quant: Quantization | None) -> Array:
 
 @contextlib.asynccontextmanager
 async def fake_worker(broker: MemoryBroker, prefix: str, *, mode: str = "ok",
-                      delay: float = 0.0) -> AsyncIterator[list[Any]]:
+                      delay: float = 0.0, client_id: str = "worker",
+                      ) -> AsyncIterator[list[Any]]:
     """Answers requests like a cloud worker; ``seen`` collects the decoded requests."""
     seen: list[Any] = []
-    transport = await broker.connect(client_id="worker", will=None)
+    transport = await broker.connect(client_id=client_id, will=None)
     await transport.subscribe(Topics(prefix).shared_request_filter())
 
     async def serve() -> None:
