@@ -77,6 +77,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--client-id", default=_env("--client-id", None),
                        help="MQTT client id (default: unique per process) "
                        "[SPLITINFER_CLIENT_ID]")
+    serve.add_argument("--worker-id", default=_env("--worker-id", ""),
+                       help="stable identity: the MQTT client id, and a persistent session "
+                       "(MQTT 5 clean_start=false + session expiry; 3.1.1 clean_session="
+                       "false) so a restart within --session-expiry gets what the broker "
+                       "queued; default: a random client id, clean session "
+                       "[SPLITINFER_WORKER_ID]")
+    serve.add_argument("--session-expiry", type=float, default=_env("--session-expiry", 60.0),
+                       help="seconds the broker keeps the session of a worker that went "
+                       "away (with --worker-id; default %(default)s) [SPLITINFER_SESSION_EXPIRY]")
+    serve.add_argument("--heartbeat", type=float, default=_env("--heartbeat", 1.0),
+                       help="seconds between retained heartbeats on {prefix}/v1/workers/ID, "
+                       "0 = none (default %(default)s) [SPLITINFER_HEARTBEAT]")
+    serve.add_argument("--fence-after", type=float, default=_env("--fence-after", 3.0),
+                       help="fence a peer worker silent for this long: take over its client "
+                       "id so the broker drops its connection and share; 0 = never "
+                       "(default %(default)s) [SPLITINFER_FENCE_AFTER]")
+    serve.add_argument("--dedupe", type=int, default=_env("--dedupe", 4096),
+                       help="recent results kept to answer a retried request id again "
+                       "without running it twice, 0 = none (default %(default)s) "
+                       "[SPLITINFER_DEDUPE]")
     serve.set_defaults(func=_serve)
 
     def usage(_args: argparse.Namespace) -> int:
@@ -96,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         threads=args.threads, tail_workers=args.tail_workers,
         providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
         drain_timeout_s=args.drain_timeout, metrics_interval_s=args.metrics_interval,
+        worker_id=args.worker_id or "", session_expiry_s=args.session_expiry,
+        heartbeat_s=args.heartbeat, fence_after_s=args.fence_after, dedupe_size=args.dedupe,
     )
     if args.max_payload is not None:
         fields["max_payload"] = args.max_payload

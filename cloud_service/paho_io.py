@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import aiomqtt
 
-__all__ = ["BufferedSocket", "tune"]
+__all__ = ["BufferedSocket", "tune", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,34 @@ def tune(client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> bool:
     paho.on_socket_register_write = register_write
     paho.on_socket_unregister_write = unregister_write
     return True
+
+
+def session_options(protocol: str, *, persistent: bool, expiry_s: float,
+                    will: tuple[str, bytes] | None = None) -> dict[str, Any]:
+    """``aiomqtt.Client`` keyword arguments for a worker's session on ``protocol``.
+
+    ``persistent``: MQTT 5 ``clean_start=False`` + Session Expiry Interval ``expiry_s``
+    (rounded up to whole seconds); MQTT 3.1.1 ``clean_session=False`` (the broker keeps
+    that session until it is taken over with a clean one, or its own expiry, e.g.
+    mosquitto's ``persistent_client_expiration``). ``will``: (topic, payload) published
+    retained at QoS 1 when the connection ends without a DISCONNECT.
+    """
+    import math
+
+    import aiomqtt
+
+    options: dict[str, Any] = {}
+    if will is not None:
+        options["will"] = aiomqtt.Will(will[0], will[1], qos=1, retain=True)
+    if not persistent:
+        return options
+    if protocol == "5":
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = min(math.ceil(expiry_s), 0xFFFFFFFE)
+        options.update(clean_start=False, properties=props)
+    else:
+        options["clean_session"] = False
+    return options

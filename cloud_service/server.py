@@ -15,6 +15,14 @@ main thread) drains: unsubscribe, answer everything already accepted, wait for t
 PUBACKs, disconnect. A second signal skips the wait. If the broker goes away the server
 reconnects with capped exponential backoff and subscribes again; answers waiting for a
 connection are sent once it is back (within ``reply_timeout_s``).
+
+Sessions and heartbeats (docs/cloud.md "Faults"): with ``worker_id`` the client id is
+that id and the session persists (:func:`cloud_service.paho_io.session_options`), so a
+restart within ``session_expiry_s`` gets what the broker queued meanwhile; a graceful exit
+ends the session (taken over with a clean start, as a fence does) so a replica that left
+takes no more share. The heartbeat (:mod:`cloud_service.heartbeat`) beats ``online``,
+``draining`` from the first signal, ``offline`` on the way out (and as the last will);
+the watchdog fences a peer that went silent.
 """
 
 from __future__ import annotations
@@ -37,8 +45,9 @@ from cloud_service.broker_check import (
     subscribe_failure,
 )
 from cloud_service.config import Config
+from cloud_service.heartbeat import HeartbeatPublisher, Load, PeerWatcher, Watchdog, fence
 from cloud_service.metrics import Metrics
-from cloud_service.paho_io import tune
+from cloud_service.paho_io import session_options, tune
 from cloud_service.registry import Registry
 from cloud_service.worker import Incoming, Worker
 from splitinfer.errors import StartupError, TransportError
@@ -114,6 +123,20 @@ class Server:
         self._force: asyncio.Event | None = None
         self._conn: _Connection | None = None
         self._connected: asyncio.Event | None = None
+        topics = config.topics()
+        self._status_head = topics.worker_status_filter()[:-1]  # "{prefix}/v1/workers/"
+        self.heartbeat: HeartbeatPublisher | None = None
+        if config.heartbeat_s > 0:
+            self.heartbeat = HeartbeatPublisher(
+                config.heartbeat_id, topics.worker_status(config.heartbeat_id),
+                self._publish_status, interval_s=config.heartbeat_s,
+                persistent=config.persistent, load=Load(
+                    queue=lambda: self.metrics.queue_depth(),
+                    in_flight=lambda: self.worker.accepted if self.worker else 0,
+                    received=lambda: self.metrics.received))
+        self.watcher: PeerWatcher | None = None
+        if config.fence_after_s > 0:
+            self.watcher = PeerWatcher(config.heartbeat_id, config.fence_after_s)
 
     # --- exit requests (any thread) ------------------------------------------------------
 
@@ -258,6 +281,14 @@ class Server:
             exit_wait = asyncio.create_task(self._wait(self._exit), name="exit-wait")
             tasks += [supervisor, exit_wait,
                       asyncio.create_task(self._report(), name="metrics-log")]
+            if self.heartbeat is not None:
+                tasks.append(asyncio.create_task(self.heartbeat.run(), name="heartbeat"))
+            if self.watcher is not None:
+                watchdog = Watchdog(
+                    self.watcher, self._fence, self._publish_status,
+                    topic_of=cfg.topics().worker_status, on_fenced=self._fenced,
+                    check_s=min(0.1, cfg.fence_after_s / 10))
+                tasks.append(asyncio.create_task(watchdog.run(), name="watchdog"))
             await asyncio.wait({supervisor, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
             if supervisor.done():
                 supervisor.result()  # an unexpected failure: let it out
@@ -269,7 +300,12 @@ class Server:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await worker.aclose()
+            leaving = self._should_exit  # asked to go, not failed: leave nothing behind
+            if leaving and self.heartbeat is not None:
+                await self.heartbeat.beat("offline", session="clean")
             await self._disconnect()
+            if leaving and cfg.persistent:
+                await self._end_session()
             log.info("worker %s stopped: %s", cfg.client_id, self.metrics.snapshot())
 
     @staticmethod
@@ -279,7 +315,23 @@ class Server:
 
     async def _connect(self) -> _Connection:
         cfg = self.config
-        client, protocol = await connect(cfg.broker_config(), cfg.client_id)
+        broker = cfg.broker_config()
+        will = (self.heartbeat.topic, self.heartbeat.will()) if self.heartbeat else None
+
+        def options(protocol: str) -> dict[str, Any]:
+            return session_options(protocol, persistent=cfg.persistent,
+                                   expiry_s=cfg.session_expiry_s, will=will)
+
+        known = self.protocol or (broker.protocol if broker.protocol != "auto" else None)
+        if known is not None:
+            client, protocol = await connect(broker.with_protocol(known), cfg.client_id,
+                                             **options(known))
+        else:
+            try:
+                client, protocol = await connect(broker, cfg.client_id, **options("5"))
+            except ValueError:  # auto fell back to 3.1.1, which takes no MQTT 5 options
+                client, protocol = await connect(broker.with_protocol("3.1.1"), cfg.client_id,
+                                                 **options("3.1.1"))
         # aiomqtt warns past 10 unacknowledged publishes; a busy worker has hundreds.
         client.pending_calls_threshold = 1_000_000
         tune(client, asyncio.get_running_loop())
@@ -349,6 +401,30 @@ class Server:
                     "does the broker's ACL let this worker read it?")
             raise StartupError(f"broker refused the subscription {topic!r} ({failure}); "
                                f"{hint}")
+        if self.watcher is not None:
+            await self._watch(conn)
+        if self.heartbeat is not None and self.started.is_set():
+            # Back after a reconnect: say so now rather than at the next tick.
+            asyncio.get_running_loop().create_task(self.heartbeat.beat(), name="heartbeat-now")
+
+    async def _watch(self, conn: _Connection) -> None:
+        """Subscribe to the peers' statuses; without them this worker fences nobody."""
+        import aiomqtt
+
+        watcher = self.watcher
+        if watcher is None:
+            return
+        topic = self.config.topics().worker_status_filter()
+        try:
+            failure = subscribe_failure(await conn.client.subscribe(topic, qos=1))
+        except aiomqtt.MqttError as exc:
+            failure = str(exc)
+        if failure:
+            log.warning("cannot watch the other workers (%s on %r): this worker fences "
+                        "no silent peer; does the broker's ACL let workers read it?",
+                        failure, topic)
+            return
+        watcher.connected()
 
     async def _supervise(self, conn: _Connection) -> None:
         """Pump messages into the worker; on a lost connection reconnect and resubscribe."""
@@ -368,6 +444,8 @@ class Server:
                 self._conn = None
                 if self._connected is not None:
                     self._connected.clear()
+            if self.watcher is not None:
+                self.watcher.disconnected()
             log.warning("lost the broker (%s); reconnecting", reason)
             conn = await self._reconnect()
             self.metrics.reconnects += 1
@@ -382,8 +460,8 @@ class Server:
         # iterator stays, to take what was queued before and to raise when the
         # connection goes.
         paho = getattr(conn.client, "_client", None)
+        submit = self._route
         if paho is not None:
-            submit = worker.submit
 
             def on_message(_client: Any, _userdata: Any, message: Any) -> None:
                 try:
@@ -398,9 +476,21 @@ class Server:
         if not isinstance(queue, asyncio.Queue):
             queue = None
         async for message in conn.client.messages:
-            worker.submit(_incoming(message))
+            submit(_incoming(message))
             while queue is not None and not queue.empty():
-                worker.submit(_incoming(queue.get_nowait()))
+                submit(_incoming(queue.get_nowait()))
+
+    def _route(self, incoming: Incoming) -> None:
+        """Requests to the worker, peer statuses to the watcher."""
+        worker = self.worker
+        if incoming.topic.startswith(self._status_head):
+            watcher = self.watcher
+            worker_id = self.config.topics().parse_worker_status(incoming.topic)
+            if watcher is not None and worker_id is not None:
+                watcher.observe(worker_id, incoming.payload)
+            return
+        if worker is not None:
+            worker.submit(incoming)
 
     async def _reconnect(self) -> _Connection:
         cfg = self.config
@@ -502,6 +592,10 @@ class Server:
         import aiomqtt
 
         self._draining = True
+        if self.watcher is not None:
+            self.watcher.active = False  # leaving: fencing is for the ones that stay
+        if self.heartbeat is not None:
+            await self.heartbeat.beat("draining")
         conn = self._conn
         if conn is not None:
             try:
@@ -527,6 +621,36 @@ class Server:
             log.warning("drain stopped early: %d request(s) queued, %d answer(s) unconfirmed",
                         self.metrics.queue_depth(), self.metrics.in_flight())
         await asyncio.gather(drain, force, return_exceptions=True)
+
+    async def _publish_status(self, topic: str, payload: bytes) -> None:
+        """A retained QoS 1 status (a heartbeat, or a fenced peer's record)."""
+        conn = self._conn
+        if conn is None or conn.lost.done():
+            raise TransportError("not connected")
+        await conn.client.publish(topic, payload, qos=1, retain=True,
+                                  timeout=max(self.config.heartbeat_s, 1.0))
+
+    def _broker_for_fencing(self) -> Any:
+        broker = self.config.broker_config()
+        return broker.with_protocol(self.protocol) if self.protocol else broker
+
+    async def _fence(self, worker_id: str) -> None:
+        await fence(self._broker_for_fencing(), worker_id)
+
+    def _fenced(self, _worker_id: str) -> None:
+        self.metrics.fenced += 1
+
+    async def _end_session(self) -> None:
+        """Drop this worker's persistent session on the broker: a replica that left
+        must not go on taking (queueing) a share of the requests."""
+        try:
+            await fence(self._broker_for_fencing(), self.config.client_id)
+        except Exception as exc:
+            log.warning("could not end the session of %r (%s): the broker keeps it, and "
+                        "queues a share of the requests for it, for up to %g s",
+                        self.config.client_id, exc, self.config.session_expiry_s)
+        else:
+            log.info("session of %r ended", self.config.client_id)
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None

@@ -393,6 +393,11 @@ class Worker:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def accepted(self) -> int:
+        """Requests taken for a tail run and not answered yet (queued or running)."""
+        return self._accepted
+
     def close(self) -> None:
         """Stop accepting: later requests are answered SHUTTING_DOWN."""
         self._closing = True

@@ -126,7 +126,7 @@ def test_malformed_input_interleaved_with_good(
                     code = ErrorCode.UNKNOWN_SPLIT
                 else:
                     payload = msgpack.packb({"v": 1, "k": "req", "id": "x",
-                                             "blob": b"\0" * (10 * 1024 * 1024)})
+                                             "blob": b"\0" * (2 * 1024 * 1024)})
                     code = ErrorCode.PAYLOAD_TOO_LARGE
                 bad[corr] = code
                 await req.send("tiny", f"bad{i % 5}", payload, correlation=corr.encode())
@@ -143,7 +143,9 @@ def test_malformed_input_interleaved_with_good(
                 assert req.correlations[corr] == corr.encode()
             return len(good), len(bad)
 
-    with serving(config(mosquitto.url, root, topic_prefix, max_batch=8)) as server:
+    # Over the worker's limit but under the broker's (which is the worker's default).
+    with serving(config(mosquitto.url, root, topic_prefix, max_batch=8,
+                        max_payload=1024 * 1024)) as server:
         n_good, n_bad = asyncio.run(main())
         snap = server.metrics.snapshot()
     assert snap["answered"] == n_good and snap["errors_total"] == n_bad

@@ -176,7 +176,10 @@ class Requester:
         await self.client.__aexit__(None, None, None)
 
     async def _read(self) -> None:
+        results = f"{self.topics.prefix}/v1/res/"
         async for message in self.client.messages:
+            if not message.topic.value.startswith(results):
+                continue  # amqtt hands a new '…/res/+' subscriber retained heartbeats too
             env = decode(message.payload)
             props = message.properties
             corr = getattr(props, "CorrelationData", None) if props is not None else None
