@@ -13,6 +13,19 @@ itself (aiomqtt does not either) — the agent's supervisor does.
 ``publish`` returns the broker's reason code for a QoS 1/2 publish on MQTT 5 (its PUBACK),
 None when there is none (QoS 0, MQTT 3.1.1, a fake). :data:`NO_MATCHING_SUBSCRIBERS` (16)
 tells the agent that no worker subscribes to its request topic (mosquitto 2 sends it).
+
+Refusals. A broker that enforces its ACL at SUBSCRIBE time (mosquitto with the
+dynamic-security plugin, as ``splitinfer broker config`` sets it up; EMQX; AWS IoT Core)
+answers a forbidden SUBSCRIBE with a failure code in its SUBACK (0x87 *not authorized*):
+``subscribe`` raises :class:`~splitinfer.errors.TransportError` naming the topic, the
+client id and the username, so a device with the wrong identity fails at start-up. A
+refused PUBLISH (MQTT 5 PUBACK 0x87, or 0x97/0x83 for a payload over the broker's limit)
+is logged once per topic and code, with the same names, and its reason code returned.
+Brokers that grant every SUBSCRIBE and filter deliveries instead (mosquitto's plain
+``acl_file``, MQTT 3.1.1 brokers that give no reason codes) leave nothing to detect: no
+probe can tell "denied" from "no answer yet" (a device may not publish on its own result
+topic), so the agent gives no ACL hint there; requests then end in ``deadline_exceeded``
+(see docs/security.md).
 """
 
 from __future__ import annotations
@@ -38,11 +51,26 @@ __all__ = [
     "MqttTransport",
     "MqttConnector",
     "NO_MATCHING_SUBSCRIBERS",
+    "NOT_AUTHORIZED",
+    "reason_text",
 ]
 
 log = logging.getLogger(__name__)
 # MQTT 5 PUBACK/PUBREC reason code: accepted, but no subscription matches the topic.
 NO_MATCHING_SUBSCRIBERS = 16
+NOT_AUTHORIZED = 0x87
+_REASONS = {
+    0x80: "unspecified error", 0x83: "implementation specific error (mosquitto: payload "
+    "over its message_size_limit)", 0x87: "not authorized", 0x8F: "topic filter invalid",
+    0x90: "topic name invalid", 0x91: "packet identifier in use", 0x95: "packet too large",
+    0x97: "quota exceeded", 0x99: "payload format invalid", 0x9E: "shared subscriptions "
+    "not supported",
+}
+
+
+def reason_text(code: int) -> str:
+    """An MQTT 5 reason code as ``0x87 not authorized``."""
+    return f"0x{code:02X} {_REASONS.get(code, 'refused')}"
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,7 @@ class MqttTransport:
         client.pending_calls_threshold = 100_000
         self._reasons: dict[int, int] = {}  # mid -> non-zero PUBACK reason, until read
         self._mids: dict[asyncio.Task[Any], int] = {}  # the publishing task -> its mid
+        self._refusals_logged: set[tuple[str, int]] = set()
         self._hook_reason_codes(client)
 
     def _hook_reason_codes(self, client: aiomqtt.Client) -> None:
@@ -167,6 +196,8 @@ class MqttTransport:
             reason = self._reasons.pop(mid, None) if mid is not None else None
         if self._protocol != "5" or qos == 0:
             return None
+        if reason is not None and reason >= 0x80:
+            self._refused(topic, reason)
         return reason or 0
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
@@ -181,8 +212,39 @@ class MqttTransport:
             # MQTT 5 gives ReasonCodes, 3.1.1 gives ints; 0x80 and above is a refusal.
             value = code.value if hasattr(code, "value") else int(code)
             if value >= 0x80:
-                raise TransportError(f"broker {self._url} refused the subscription to {topic} "
-                                     f"({code}); check the broker's ACL", topic=topic)
+                hint = ("the broker's ACL does not let this identity read it: a device may "
+                        "subscribe only to its own result topic, connected with username = "
+                        "client id = its device id (docs/security.md)"
+                        if value in (NOT_AUTHORIZED, 0x80) else "see docs/brokers.md")
+                raise TransportError(f"broker {self._url} refused the subscription to "
+                                     f"{topic!r} for {self._identity()} "
+                                     f"(SUBACK {reason_text(value)}); {hint}", topic=topic)
+
+    def _identity(self) -> str:
+        paho = self._client._client
+        raw = getattr(paho, "_client_id", b"")
+        client_id = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        raw_user = getattr(paho, "_username", None)
+        user = (raw_user.decode(errors="replace") if isinstance(raw_user, bytes)
+                else raw_user)
+        return f"client id {client_id!r}, username {user!r}" if user else (
+            f"client id {client_id!r}, no username")
+
+    def _refused(self, topic: str, reason: int) -> None:
+        """A PUBACK refusal: logged once per (topic, code), naming the identity."""
+        key = (topic, reason)
+        if key in self._refusals_logged:
+            return
+        if len(self._refusals_logged) >= 256:  # bounded: a few topics per device
+            self._refusals_logged.clear()
+        self._refusals_logged.add(key)
+        hint = ("the broker's ACL does not let this identity publish there: a device may "
+                "publish only its own request topics (…/req/<model>/<its device id>) and "
+                "presence, connected with username = client id = its device id "
+                "(docs/security.md)" if reason == NOT_AUTHORIZED else
+                "the broker refused the message (docs/brokers.md: limits)")
+        log.warning("broker %s refused a publish to %r for %s (PUBACK %s); %s", self._url,
+                    topic, self._identity(), reason_text(reason), hint)
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
         import aiomqtt
