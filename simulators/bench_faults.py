@@ -165,7 +165,8 @@ def fault_figures(report: Mapping[str, Any], *, deadline_s: float) -> dict[str, 
     issue's target) and ``pass``."""
     sent, answered = report["sent"], report["answered"]
     errors, timeouts, lost = report["errors"], report["timeouts"], report["lost"]
-    retries = report.get("retries") or {}
+    # the agents' counters over the measured window (the whole run's: older reports)
+    retries = report.get("retries_window") or report.get("retries") or {}
     within = report.get("within_deadline")
     # one outcome per request reaches the application; more would be a duplicate answer
     duplicate_answers = max(0, answered + errors + timeouts - sent)

@@ -103,6 +103,7 @@ from simulators.fleet_stats import (
     accuracy,
     agent_counters,
     agent_retry,
+    counters_since,
     fault_windows,
     split_figures,
     write_outputs,
@@ -300,6 +301,7 @@ class Fleet:
         self._link_schedule: Any = None
         self._applied: list[tuple[float, LinkProfile]] = []  # link changes as applied
         self._connectivity: list[tuple[float, str, bool]] = []  # (perf_counter, device, up)
+        self._counters0: dict[str, int | None] = {}  # agents' counters as the window began
 
     def _link_changed(self, at_s: float, profile: LinkProfile) -> None:
         self._applied.append((at_s, profile))
@@ -473,6 +475,7 @@ class Fleet:
                 await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
                 self._phase = "run"
                 meter.start()
+                self._counters0 = self._retry_counters()
                 if len(plan):
                     faults_task = asyncio.create_task(
                         injector.run(plan, t0=loop.time()), name="fleet-faults")
@@ -839,6 +842,7 @@ class Fleet:
             "stage_sources": STAGE_SOURCES,
             "schedule_lag_ms": percentiles(m.lag),
             "retries": retries,
+            "retries_window": counters_since(retries, self._counters0),
             "faults": events,
             "worker_restarts": list(pool.restarts) if pool is not None else [],
             "cpu": cpu,

@@ -22,7 +22,8 @@ from simulators.fleet_support import Inputs
 
 __all__ = ["STAGE_SOURCES", "REPORT_STAGES", "RAW_STAGES", "Tally", "Outcome", "FleetResult",
            "accuracy", "jsonable", "write_outputs", "split_figures", "fault_windows",
-           "per_second", "agent_counters", "agent_retry", "COUNTER_NAMES"]
+           "per_second", "agent_counters", "agent_retry",
+           "counters_since", "COUNTER_NAMES"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -168,6 +169,16 @@ def agent_counters(counters: list[Any]) -> dict[str, int | None]:
         values = [getattr(c, name, None) for c in counters]
         out[name] = None if any(not isinstance(v, int) for v in values) else \
             sum(v for v in values if isinstance(v, int))
+    return out
+
+
+def counters_since(now: Mapping[str, int | None],
+                   before: Mapping[str, int | None]) -> dict[str, int | None]:
+    """``now - before`` per counter (the measured window's share; None where unknown)."""
+    out: dict[str, int | None] = {}
+    for name, value in now.items():
+        start = before.get(name, 0)
+        out[name] = None if value is None or start is None else value - start
     return out
 
 
