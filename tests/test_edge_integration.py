@@ -318,13 +318,17 @@ def test_cli_edge_run_json_and_output(mosquitto: MosquittoBroker, splits: Path,
         code = cli_main(["edge", "run", "--broker", mosquitto.url, "--artifacts",
                          str(splits / "splits" / "fp32"), "--input", str(inp), "--output",
                          str(out), "--device-id", "cli-1", "--prefix", topic_prefix,
-                         "--batch-size", "3", "--threads", "1", "--json"])
+                         "--batch-size", "3", "--threads", "1", "--retry-s", "2",
+                         "--retry-max-s", "5", "--json"])
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     assert "ignoring ['label']" in captured.err
     summary = json.loads(captured.out)
     assert (summary["samples"], summary["requests"], summary["ok"], summary["failed"]) == \
         (10, 4, 4, 0)
+    counters = summary["counters"]
+    assert counters["published"] == 4 + counters["retries"] + counters["republished"]
+    assert summary["attempts"] == counters["published"] and counters["duplicates"] == 0
     assert summary["protocol"] == "5" and summary["device_id"] == "cli-1"
     assert summary["outputs"] == {"logits": {"dtype": "float32", "shape": [10, 10]}}
     assert set(summary["latency_ms"]) == {"e2e", "head", "encode", "network", "queue", "tail",

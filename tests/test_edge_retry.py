@@ -21,7 +21,8 @@ from test_edge_unit import W, X, fake_worker, make_agent, tail
 
 from edge_agent import MemoryBroker
 from edge_agent.client import AgentConfig, RetryBackoff
-from splitinfer.errors import BadInputError, DeadlineExceeded, NoSubscriberError
+from splitinfer.cli import main as cli_main
+from splitinfer.errors import EXIT_BAD_INPUT, BadInputError, DeadlineExceeded, NoSubscriberError
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -107,6 +108,15 @@ def test_retry_config_is_checked(kwargs: dict[str, Any], words: str) -> None:
     with pytest.raises(BadInputError) as info:
         AgentConfig(device_id="d", **kwargs)
     assert words in str(info.value)
+
+
+def test_edge_run_refuses_bad_retry_flags(tmp_path: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["edge", "run", "--artifacts", str(tmp_path), "--input", "in.npz",
+                     "--output", "out.npz", "--retry-s", "5", "--retry-max-s", "1"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert "retry_s=5.0" in err and "retry_max_s=1.0" in err
 
 
 # ---------------------------------------------------------------------- re-sending
