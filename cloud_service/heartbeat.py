@@ -334,15 +334,20 @@ class Watchdog:
     topic_of: Callable[[str], str]
     on_fenced: Callable[[str], None] = lambda _wid: None
     check_s: float = 0.1
+    _errors: ErrorLog = field(default_factory=lambda: ErrorLog(log))
 
     async def check(self) -> list[str]:
+        """Fence every peer due now; the ones fenced. A failed fence is tried again at
+        the next check (logged once a minute)."""
         fenced = []
         for wid in self.watcher.due():
             peer = self.watcher.peers[wid]
             try:
                 await self.fence(wid)
             except Exception as exc:
-                log.warning("could not fence silent worker %r: %s", wid, exc)
+                peer.fenced = False
+                self._errors.report("fence_failed", "could not fence silent worker %r: %s",
+                                    wid, exc)
                 continue
             log.warning("fenced worker %r: silent for more than %.1f s (last state %s, "
                         "last beat #%d)", wid, self.watcher.fence_after_s,
