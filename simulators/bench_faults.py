@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -294,6 +295,8 @@ def format_scenario(name: str, fig: Mapping[str, Any]) -> str:
         lines.append(f"  fault {e['kind']}{':' + e['target'] if e.get('target') else ''} "
                      f"{e['start_s']:.3f}-{e['end_s']:.3f} s: {e['detail']}"
                      f"{'' if e.get('ok') else '  [FAILED]'}")
+    for line in fig["fault"].get("worker_log", []):
+        lines.append(f"  {line}")
     for w in fig["fault"]["during"]:
         lines.append(f"  due during {w['fault']}: {w['sent']}, answered {w['answered']} (after "
                      f"a retry {_na(w.get('answered_after_retry'))}), within the deadline "
@@ -353,6 +356,7 @@ def run_fault_scenario(name: str, cfg: FaultSuiteConfig, *, split: Path, inputs:
     result = asyncio.run(Fleet(config).run())
     report = result.report
     fig = fault_figures(report, deadline_s=cfg.deadline_s)
+    fig["fault"]["worker_log"] = worker_log_events(out / name)
     fig["run"] = {"what": sc.what, "plan": sc.plan, "workers": sc.workers,
                   "devices": cfg.devices, "rate_per_device": cfg.rate,
                   "arrivals": report["config"]["arrivals"], "window_s": round(window, 3),
@@ -361,6 +365,22 @@ def run_fault_scenario(name: str, cfg: FaultSuiteConfig, *, split: Path, inputs:
                   "worker_ids": report["config"].get("worker_ids"),
                   "retry_s": cfg.retry_s, "report": report.get("report")}
     return fig
+
+
+# what the workers logged about the fault: fencing a silent peer, sessions, reconnects
+_WORKER_EVENTS = re.compile(r"fenced worker|fencing|took over|resubscribed|reconnected|"
+                            r"lost the broker|draining", re.IGNORECASE)
+
+
+def worker_log_events(folder: Path, limit: int = 40) -> list[str]:
+    """Lines of the workers' logs under ``folder`` that tell what they did about the fault
+    (``worker-N.log: line``), ``limit`` at most."""
+    out: list[str] = []
+    for path in sorted(folder.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if _WORKER_EVENTS.search(line) and len(out) < limit:
+                out.append(f"{path.name}: {line.strip()[:300]}")
+    return out
 
 
 def _optional(module: str, function: str) -> tuple[Callable[..., Any] | None, str]:
