@@ -30,8 +30,9 @@ absolute deadline) until it is answered or its deadline passes:
 * no answer within the retry interval (:class:`RetryBackoff`: ``retry_s`` until round
   trips are measured, then srtt + 4 x rttvar as TCP does, each re-send doubling up to
   ``retry_max_s``, jittered) — a lost copy, a hung replica, a worker killed mid-request;
-* a PUBACK "no matching subscribers" (MQTT 5 reason 16; mosquitto 2 sends it): re-sent
-  after 0.25 s doubling to 2 s, while a worker is expected back (below);
+* a PUBACK "no matching subscribers" (MQTT 5 reason 16; mosquitto 2 sends it), or a
+  ``shutting_down`` answer (a draining replica): re-sent after 0.25 s doubling to 2 s,
+  while a worker is expected back (below);
 * a reconnect: everything pending goes out again at once on the new connection.
 
 One heap and one timer per agent drive every re-send (no task per pending request). The
@@ -153,6 +154,8 @@ _JITTER = 0.25
 _ANSWERED_KEEP = 1024
 # A timer may fire this much before its due time (the loop's clock resolution).
 _TIMER_SLACK_S = 1e-3
+# A worker's answer that says "not me, I am leaving": re-sent like "no matching subscribers".
+_SHUTTING_DOWN = ErrorCode.SHUTTING_DOWN.value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -950,18 +953,25 @@ class EdgeAgent:
     def _no_subscriber(self, pending: _Pending) -> None:
         """The broker took the request but no one subscribes to its topic: no worker now."""
         self._counters.no_subscriber += 1
-        now = asyncio.get_running_loop().time()
-        if not self._no_subscriber_fails(now):
+        if self._resend_later(pending):
             log.debug("%s: no subscriber for %s; a worker is expected back, trying again",
                       self.device_id, pending.request_id)
-            pending.nosub += 1
-            self._schedule(pending, now + _jittered(
-                min(_NOSUB_MIN_S * 2.0 ** min(pending.nosub - 1, 30), _NOSUB_MAX_S)))
             return
         state = pending.split or self.split_state()
         pending.future.set_exception(NoSubscriberError(
             self._no_subscriber_message(state), topic=state.request_topic,
             split_id=state.split_id, device_id=self.device_id))
+
+    def _resend_later(self, pending: _Pending) -> bool:
+        """No worker took ``pending`` (no subscriber, or one shutting down): re-send it after
+        0.25 s doubling to 2 s while a worker is expected back (True), else False."""
+        now = asyncio.get_running_loop().time()
+        if self._no_subscriber_fails(now):
+            return False
+        pending.nosub += 1
+        self._schedule(pending, now + _jittered(
+            min(_NOSUB_MIN_S * 2.0 ** min(pending.nosub - 1, 30), _NOSUB_MAX_S)))
+        return True
 
     def _no_subscriber_fails(self, now: float) -> bool:
         """Whether "no matching subscribers" ends a call now (fail fast) or is re-sent:
@@ -1043,6 +1053,9 @@ class EdgeAgent:
             log.debug("%s: late, duplicate or stray %s %s", self.device_id, envelope.kind,
                       envelope.request_id)
             return
+        if (envelope.error is not None and envelope.error.code == _SHUTTING_DOWN
+                and self._resend_later(pending)):
+            return  # a replica leaving: its successor or another replica takes the copy
         self._remember(envelope.request_id)
         state = pending.split or self.split_state()
         if envelope.error is not None:

@@ -273,6 +273,23 @@ def test_no_subscriber_fails_fast_at_first_use_and_after_the_grace(topic_prefix:
     run_virtual(main)
 
 
+def test_shutting_down_answer_is_resent_to_the_next_worker(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with make_agent(broker, topic_prefix) as agent:
+            async with fake_worker(broker, topic_prefix):
+                await agent.infer(X)
+            async with fake_worker(broker, topic_prefix, mode="leaving") as leaving:
+                call = asyncio.create_task(agent.infer(X, timeout=10))
+                await asyncio.sleep(0.1)
+                assert len(leaving) == 1 and not call.done()  # not raised: re-sent
+            async with fake_worker(broker, topic_prefix) as seen:
+                result = await call
+            assert len(seen) == 1 and result.attempts >= 2 and not agent.counters.errors
+
+    run_virtual(main)
+
+
 def test_retry_s_zero_never_resends_on_silence(topic_prefix: str) -> None:
     async def main() -> None:
         broker = MemoryBroker()

@@ -116,10 +116,12 @@ async def fake_worker(broker: MemoryBroker, prefix: str, *, mode: str = "ok",
                     {"v": 99, "id": request.request_id}))
                 continue
             t = request.tensors[0]
+            error = {"error": ErrorInfo.of(ErrorCode.BAD_TENSOR, "cut 'h' has the wrong shape"),
+                     "leaving": ErrorInfo.of(ErrorCode.SHUTTING_DOWN, "worker is shutting down"),
+                     }.get(mode)
             result = request.result(
-                [WireTensor("y", tail(t.array, t.quantization))] if mode != "error" else (),
-                ErrorInfo.of(ErrorCode.BAD_TENSOR, "cut 'h' has the wrong shape")
-                if mode == "error" else None)
+                [WireTensor("y", tail(t.array, t.quantization))] if error is None else (),
+                error)
             result.timestamps.update(stamps, tail_end=time.time(), reply=time.time())
             payload = encode(result)
             await transport.publish(request.reply_to, payload)
