@@ -226,6 +226,7 @@ class _Peer:
     status: Status
     seen: float  # watcher clock: the last new beat (or the offline record) arrived
     fenced: bool = False
+    retry_at: float = 0.0  # after a failed fence: not before this (watcher clock)
 
 
 @dataclass
@@ -274,6 +275,13 @@ class PeerWatcher:
             peer.status = status
         return status
 
+    def failed(self, worker_id: str) -> None:
+        """The fence of ``worker_id`` failed: due again ``fence_after_s`` from now."""
+        peer = self.peers.get(worker_id)
+        if peer is not None:
+            peer.fenced = False
+            peer.retry_at = self.clock() + self.fence_after_s
+
     def _limit(self, peer: _Peer) -> float:
         return max(self.fence_after_s, 2.0 * peer.status.interval_s)
 
@@ -292,7 +300,7 @@ class PeerWatcher:
         factor = 1.0 if min(live) == self.self_id else STANDBY_FACTOR
         out = []
         for wid, peer in self.peers.items():
-            if peer.fenced:
+            if peer.fenced or now < peer.retry_at:
                 continue
             if peer.status.state == "offline" and peer.status.session != "persistent":
                 continue  # nothing of it left on the broker
@@ -337,15 +345,15 @@ class Watchdog:
     _errors: ErrorLog = field(default_factory=lambda: ErrorLog(log))
 
     async def check(self) -> list[str]:
-        """Fence every peer due now; the ones fenced. A failed fence is tried again at
-        the next check (logged once a minute)."""
+        """Fence every peer due now; the ones fenced. A failed fence is tried again
+        ``fence_after_s`` later (logged once a minute)."""
         fenced = []
         for wid in self.watcher.due():
             peer = self.watcher.peers[wid]
             try:
                 await self.fence(wid)
             except Exception as exc:
-                peer.fenced = False
+                self.watcher.failed(wid)
                 self._errors.report("fence_failed", "could not fence silent worker %r: %s",
                                     wid, exc)
                 continue

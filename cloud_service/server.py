@@ -135,6 +135,7 @@ class Server:
                     in_flight=lambda: self.worker.accepted if self.worker else 0,
                     received=lambda: self.metrics.received))
         self.watcher: PeerWatcher | None = None
+        self._side_tasks: set[asyncio.Task[Any]] = set()
         if config.fence_after_s > 0:
             self.watcher = PeerWatcher(config.heartbeat_id, config.fence_after_s)
 
@@ -269,7 +270,7 @@ class Server:
         tasks: list[asyncio.Task[Any]] = []
         try:
             await self._check(conn)
-            await self._subscribe(conn)
+            conn = await self._first_subscribe(conn)
             log.info("worker %s serving %d split(s) on %s (%s, MQTT %s), max batch %d, "
                      "max delay %.1f ms", cfg.client_id, len(self.registry),
                      cfg.broker_config().url(), self.subscription, conn.protocol,
@@ -386,6 +387,21 @@ class Server:
             log.info("broker round trip %.2f ms (QoS 1, median of %d)", rtt * 1e3,
                      len(check.round_trips_s))
 
+    async def _first_subscribe(self, conn: _Connection) -> _Connection:
+        """Subscribe at start-up; a connection lost meanwhile (e.g. taken over by a peer
+        fencing this worker id's old session) is reconnected, not a failed start."""
+        import aiomqtt
+
+        try:
+            await self._subscribe(conn)
+        except StartupError as exc:
+            if not isinstance(exc.__cause__, aiomqtt.MqttError):
+                raise  # refused: a configuration problem
+            log.warning("connection lost while subscribing (%s); reconnecting", exc)
+            await self._close(conn)
+            conn = await self._reconnect()
+        return conn
+
     async def _subscribe(self, conn: _Connection) -> None:
         import aiomqtt
 
@@ -405,7 +421,10 @@ class Server:
             await self._watch(conn)
         if self.heartbeat is not None and self.started.is_set():
             # Back after a reconnect: say so now rather than at the next tick.
-            asyncio.get_running_loop().create_task(self.heartbeat.beat(), name="heartbeat-now")
+            task = asyncio.get_running_loop().create_task(self.heartbeat.beat(),
+                                                          name="heartbeat-now")
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
 
     async def _watch(self, conn: _Connection) -> None:
         """Subscribe to the peers' statuses; without them this worker fences nobody."""

@@ -22,7 +22,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from test_cloud_support import TinySplit, make_split, request_payload
 
-from simulators.broker import MosquittoBroker
+from cloud_service.config import Config
+from cloud_service.server import Server
+from simulators.broker import EmbeddedBroker, MosquittoBroker
 from splitinfer.topics import Topics
 from splitinfer.wire import decode
 
@@ -109,9 +111,9 @@ def spawn(mosquitto: MosquittoBroker, split: TinySplit, topic_prefix: str, tmp_p
     procs: list[subprocess.Popen[str]] = []
     group = f"g{topic_prefix}"
 
-    def start(worker_id: str, *extra: str) -> subprocess.Popen[str]:
+    def start(worker_id: str, *extra: str, query: str = "") -> subprocess.Popen[str]:
         env = {**os.environ, "SPLITINFER_ARTIFACTS": str(split.directory),
-               "SPLITINFER_BROKER": mosquitto.url, "SPLITINFER_PREFIX": topic_prefix,
+               "SPLITINFER_BROKER": mosquitto.url + query, "SPLITINFER_PREFIX": topic_prefix,
                "SPLITINFER_THREADS": "1", "SPLITINFER_GROUP": group}
         log = tmp_path / f"{worker_id}-{len(procs)}.log"
         with log.open("w") as out:
@@ -130,15 +132,17 @@ def spawn(mosquitto: MosquittoBroker, split: TinySplit, topic_prefix: str, tmp_p
         proc.wait(10)
 
 
-def test_persistent_session_survives_kill9_and_a_graceful_exit_ends_it(
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_persistent_session_survives_kill9(
         mosquitto: MosquittoBroker, split: TinySplit, topic_prefix: str,
-        spawn: Callable[..., subprocess.Popen[str]]) -> None:
+        spawn: Callable[..., subprocess.Popen[str]], protocol: str) -> None:
     topics = Topics(topic_prefix)
     device = Device(mosquitto, topics)
     wid = f"w-{topic_prefix}"
     flags = ("--heartbeat", "0.2", "--fence-after", "0", "--session-expiry", "60")
+    query = f"?protocol={protocol}"
     try:
-        proc = spawn(wid, *flags)
+        proc = spawn(wid, *flags, query=query)
         wait_until(lambda: (device.status(wid) or {}).get("state") == "online", 60,
                    "first heartbeat")
         first = device.status(wid)
@@ -155,11 +159,16 @@ def test_persistent_session_survives_kill9_and_a_graceful_exit_ends_it(
         codes = {device.puback(mid) for _, mid in queued}
         assert codes == {0}  # mosquitto queues for the absent persistent session: "Success"
 
-        spawn(wid, *flags)  # the same id within the session expiry
+        again = spawn(wid, *flags, query=query)  # the same id within the session expiry
         took = wait_until(lambda: device.answered([r for r, _ in queued]), 60,
                           "queued requests answered after the restart")
-        print(f"\nqueued while down, answered {took:.2f} s after the restart began")
+        print(f"\nMQTT {protocol}: queued while down, answered {took:.2f} s after the "
+              "restart began")
         assert all(len(device.results[r]) == 1 for r, _ in queued)
+        again.send_signal(signal.SIGTERM)  # and the session goes with a graceful exit
+        assert again.wait(30) == 0
+        _, mid = device.send(split)
+        assert device.puback(mid) == NO_MATCHING_SUBSCRIBERS
     finally:
         device.close()
 
@@ -233,3 +242,20 @@ def test_a_stopped_replica_is_fenced_and_comes_back(
         assert all(len(v) == 1 for v in device.results.values())  # one answer each
     finally:
         device.close()
+
+
+# amqtt leaves the socket of the MQTT 5 CONNECT it rejects for the GC to close.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_persistent_session_on_a_broker_without_mqtt5(
+        embedded_broker: EmbeddedBroker, split: TinySplit, topic_prefix: str) -> None:
+    """protocol=auto falls back to 3.1.1: the session options follow (clean_session=False)."""
+    cfg = Config(artifacts=split.directory, broker=embedded_broker.url, prefix=topic_prefix,
+                 group="", threads=1, metrics_interval_s=0, worker_id=f"w-{topic_prefix}")
+    server = Server(cfg)
+    thread = server.start_in_thread()
+    try:
+        assert server.protocol == "3.1.1"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert server.drained_cleanly
