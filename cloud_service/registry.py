@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,11 +194,15 @@ class Tail:
         if set(by_name) != set(self.input_names) or len(by_name) != len(env.tensors):
             raise TensorError(
                 f"split {self.split_id}: expected tensors {list(self.input_names)}, got "
-                f"{[t.name for t in env.tensors]}", split_id=self.split_id)
+                f"{_names(t.name for t in env.tensors)}", split_id=self.split_id)
         feeds = []
         samples: int | None = None
         for spec in self.specs:
             tensor = by_name[spec.name]
+            if tensor.array.ndim == 0:  # every cut tensor has a batch axis first
+                raise TensorError(f"tensor {spec.name!r}: expected shape "
+                                  f"{list(spec.shape)} (samples first), got a scalar",
+                                  split_id=self.split_id)
             if self.fixed_batch is not None and tensor.array.ndim == len(spec.shape) and \
                     tensor.array.shape[0] > 0:
                 # A fixed-batch tail takes any sample count: it runs in chunks of its batch.
@@ -206,6 +210,10 @@ class Tail:
             else:
                 spec.check(tensor.array)
             want, got = spec.quantization, tensor.quantization
+            if want is None and got is not None:
+                raise TensorError(
+                    f"tensor {spec.name!r}: the cut is not quantized ({spec.dtype}); expected "
+                    "no 'q', got one", split_id=self.split_id)
             if want is not None and got is not None and not (
                     math.isclose(want.scale, got.scale, rel_tol=1e-6)
                     and want.zero_point == got.zero_point):
@@ -232,6 +240,13 @@ class Tail:
         outputs = self.session.run(list(self.output_names),
                                    dict(zip(self.input_names, feeds, strict=True)))
         return [np.asarray(o) for o in outputs]
+
+
+def _names(names: Iterable[str], most: int = 8) -> str:
+    """Tensor names a device sent, for a message: a few, each cut short (hostile input)."""
+    shown = [name if len(name) <= 40 else name[:37] + "..." for name in names]
+    more = f" and {len(shown) - most} more" if len(shown) > most else ""
+    return f"{shown[:most]}{more}"
 
 
 def _edge_only(directory: Path) -> bool:
