@@ -14,6 +14,7 @@ from test_cloud_worker import PREFIX, TOPICS, FakePublish, run_worker
 
 from cloud_service.config import Config
 from cloud_service.dedupe import EXPIRY_MARGIN_S, NO_DEADLINE_TTL_S, ResultCache
+from cloud_service.metrics import render_prometheus
 from cloud_service.registry import Registry
 from cloud_service.worker import Incoming, Worker
 from splitinfer.wire import decode
@@ -122,6 +123,9 @@ def test_duplicate_of_an_answered_request_gets_the_same_payload(
     assert decode(p1).error is None
     assert worker.metrics.duplicates == 2 and worker.metrics.batches == 1
     assert worker.metrics.answered == 1  # one answer to the application
+    text = render_prometheus(worker.metrics)
+    assert "splitinfer_worker_duplicates_total 2\n" in text
+    assert "splitinfer_worker_fenced_total 0\n" in text
 
 
 def test_errors_are_not_cached_and_dedupe_can_be_off(registry: Registry, split: TinySplit
