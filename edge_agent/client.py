@@ -273,6 +273,7 @@ class _Pending:
     expires: float  # loop.time()
     epoch: int = 0  # connection it was last published on
     sent: float = 0.0  # perf_counter of the last publish
+    sent_at: float = 0.0  # loop.time() of the last publish (the retry timer's clock)
     publishes: int = 0
     split: SplitState | None = None  # None: the agent's own (first) split
     due: float = 0.0  # loop.time() of the re-send scheduled for it (0: none)
@@ -363,7 +364,11 @@ class RetryBackoff:
     rttvar = R/2), clamped to [``retry_s`` / 4, ``retry_max_s``]: a fast link re-sends a
     lost request sooner, a loaded worker is not sent copies of what it is still working on.
     The k-th re-send waits min(first x 2^k, ``retry_max_s``), less up to a quarter of jitter.
-    ``retry_s`` = 0 turns re-sending on silence off (:meth:`wait` is None).
+    A request answered only after re-sends for silence gives no sample but keeps its last
+    wait as the first one (:meth:`backed_off`, TCP's "keep the backed-off RTO") until a
+    sample comes: on a link slower than ``retry_s`` every request would otherwise be sent
+    twice and never measured. ``retry_s`` = 0 turns re-sending on silence off (:meth:`wait`
+    is None).
     """
 
     def __init__(self, retry_s: float, retry_max_s: float, *, adaptive: bool = True,
@@ -377,6 +382,7 @@ class RetryBackoff:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.samples = 0
+        self._floor = 0.0  # the backed-off first wait, until the next sample
         self._rng = rng or random.Random()  # jitter, not crypto
 
     def observe(self, rtt_s: float) -> None:
@@ -384,18 +390,27 @@ class RetryBackoff:
         if not (math.isfinite(rtt_s) and rtt_s >= 0):
             return
         self.samples += 1
+        self._floor = 0.0
         if self.srtt is None:
             self.srtt, self.rttvar = rtt_s, rtt_s / 2
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
 
+    def backed_off(self, resends: int) -> None:
+        """A request was answered only after ``resends`` re-sends for silence."""
+        if self.adaptive and resends > 0 and self.retry_s > 0:
+            self._floor = max(self._floor, min(self.rto * 2.0 ** min(resends, 30),
+                                               self.retry_max_s))
+
     @property
     def rto(self) -> float:
         """The first wait before jitter: ``retry_s``, or the clamped estimate once measured."""
-        if not self.adaptive or self.srtt is None or self.retry_s == 0:
+        if not self.adaptive or self.retry_s == 0:
             return self.retry_s
-        estimate = self.srtt + 4 * self.rttvar
+        if self.srtt is None:
+            return max(self.retry_s, self._floor)
+        estimate = max(self.srtt + 4 * self.rttvar, self._floor)
         return min(max(estimate, self.retry_s / 4), self.retry_max_s)
 
     def wait(self, resends: int) -> float | None:
@@ -803,7 +818,9 @@ class EdgeAgent:
         finally:
             self._pending.pop(request_id, None)
         if pending.publishes == 1:  # Karn: only an answer no copy could have earned
-            self.backoff.observe(reply.received - pending.sent)
+            self.backoff.observe(loop.time() - pending.sent_at)
+        elif pending.silent:
+            self.backoff.backed_off(pending.silent)
         t1 = time.perf_counter()
         outputs = self._outputs(reply.envelope, state)
         done = time.perf_counter()
@@ -926,6 +943,7 @@ class EdgeAgent:
         options = PublishOptions(response_topic=self.result_topic,
                                  correlation=pending.request_id.encode(), expiry_s=remaining)
         pending.sent = time.perf_counter()
+        pending.sent_at = started
         pending.publishes += 1
         self._counters.published += 1
         topic = pending.split.request_topic if pending.split is not None else self.request_topic

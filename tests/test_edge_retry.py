@@ -96,6 +96,36 @@ def test_adaptive_backoff_follows_the_round_trips_within_its_clamp() -> None:
     assert wait is not None and 3.0 <= wait <= 4.0
 
 
+def test_backoff_keeps_the_backed_off_wait_until_a_sample() -> None:
+    """Karn: answers after a re-send are no samples, so a link slower than retry_s would
+    be re-sent to forever; the backed-off wait stays the first one until a sample comes."""
+    backoff = RetryBackoff(1.0, 4.0)
+    backoff.backed_off(1)  # answered after one re-send at ~1 s
+    assert backoff.rto == 2.0
+    backoff.backed_off(3)
+    assert backoff.rto == 4.0  # capped
+    backoff.observe(1.5)  # the next request, answered at its first publish
+    assert backoff.rto == pytest.approx(min(1.5 + 4 * 0.75, 4.0))
+    fixed = RetryBackoff(1.0, 4.0, adaptive=False)
+    fixed.backed_off(2)
+    assert fixed.rto == 1.0
+
+
+def test_a_link_slower_than_retry_s_stops_being_resent(topic_prefix: str) -> None:
+    async def main() -> None:
+        broker = MemoryBroker()
+        async with fake_worker(broker, topic_prefix, delay=1.2, parallel=True) as seen, \
+                make_agent(broker, topic_prefix) as agent:
+            first = await agent.infer(X, timeout=10)
+            assert first.attempts == 2  # re-sent at ~1 s: no sample, but a longer wait
+            later = [await agent.infer(X, timeout=10) for _ in range(3)]
+            assert [r.attempts for r in later] == [1, 1, 1]
+            await asyncio.sleep(5)
+            assert len(seen) == 5 and agent.counters.duplicates == 1
+
+    run_virtual(main)
+
+
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"retry_s": -1.0}, "retry_s=-1.0"),
     ({"retry_s": float("nan")}, "retry_s=nan"),
@@ -204,13 +234,17 @@ def test_a_slow_worker_answering_every_copy_gives_one_answer(topic_prefix: str) 
 
 
 def test_a_hung_replica_costs_a_retry_not_the_request(topic_prefix: str) -> None:
-    """Two replicas in the share group, one hung (takes requests, never answers): what
-    went to it is re-sent to the group until the healthy one has it."""
+    """Two replicas in the share group, one hung (takes requests, never answers) until it
+    is fenced after 3 s (the worker side's job): what went to it is re-sent to the group
+    until the healthy one has it. (Before the fencing each copy has an even chance of
+    landing on the hung replica again: the broker's round robin.)"""
     async def main() -> None:
         broker = MemoryBroker()
+        loop = asyncio.get_running_loop()
         async with fake_worker(broker, topic_prefix, mode="silent", client_id="hung") as hung, \
                 fake_worker(broker, topic_prefix, client_id="ok") as ok, \
                 make_agent(broker, topic_prefix) as agent:
+            loop.call_later(3.0, broker.drop, "hung")
             results = await asyncio.gather(*(agent.infer(X, timeout=10) for _ in range(20)))
             assert len(ok) == 20 and hung  # the healthy one answered each request once
             assert sum(r.attempts for r in results) == len(ok) + len(hung)

@@ -95,46 +95,61 @@ def tail(h: Array, quant: Quantization | None) -> Array:
 @contextlib.asynccontextmanager
 async def fake_worker(broker: MemoryBroker, prefix: str, *, mode: str = "ok",
                       delay: float = 0.0, client_id: str = "worker",
-                      ) -> AsyncIterator[list[Any]]:
-    """Answers requests like a cloud worker; ``seen`` collects the decoded requests."""
+                      parallel: bool = False) -> AsyncIterator[list[Any]]:
+    """Answers requests like a cloud worker; ``seen`` collects the decoded requests.
+
+    ``delay`` is each request's time in the worker, one after the other (``parallel``:
+    all at once, as a worker with batches or several tail threads)."""
     seen: list[Any] = []
     transport = await broker.connect(client_id=client_id, will=None)
     await transport.subscribe(Topics(prefix).shared_request_filter())
+    answering: set[asyncio.Task[None]] = set()
+
+    async def answer(message: Any) -> None:
+        request = decode(message.payload)
+        seen.append((message, request))
+        stamps = {"recv": time.time()}
+        await asyncio.sleep(delay)
+        stamps["tail_start"] = time.time()
+        if mode == "silent":
+            return
+        if mode == "garbage":  # one nobody can place, then one naming the request
+            await transport.publish(request.reply_to, b"\x93not an envelope")
+            await transport.publish(request.reply_to, msgpack.packb(
+                {"v": 99, "id": request.request_id}))
+            return
+        t = request.tensors[0]
+        error = {"error": ErrorInfo.of(ErrorCode.BAD_TENSOR, "cut 'h' has the wrong shape"),
+                 "leaving": ErrorInfo.of(ErrorCode.SHUTTING_DOWN, "worker is shutting down"),
+                 }.get(mode)
+        result = request.result(
+            [WireTensor("y", tail(t.array, t.quantization))] if error is None else (),
+            error)
+        result.timestamps.update(stamps, tail_end=time.time(), reply=time.time())
+        payload = encode(result)
+        await transport.publish(request.reply_to, payload)
+        if mode == "twice":
+            await transport.publish(request.reply_to, payload)
 
     async def serve() -> None:
         async for message in transport.messages():
-            request = decode(message.payload)
-            seen.append((message, request))
-            stamps = {"recv": time.time()}
-            await asyncio.sleep(delay)
-            stamps["tail_start"] = time.time()
-            if mode == "silent":
-                continue
-            if mode == "garbage":  # one nobody can place, then one naming the request
-                await transport.publish(request.reply_to, b"\x93not an envelope")
-                await transport.publish(request.reply_to, msgpack.packb(
-                    {"v": 99, "id": request.request_id}))
-                continue
-            t = request.tensors[0]
-            error = {"error": ErrorInfo.of(ErrorCode.BAD_TENSOR, "cut 'h' has the wrong shape"),
-                     "leaving": ErrorInfo.of(ErrorCode.SHUTTING_DOWN, "worker is shutting down"),
-                     }.get(mode)
-            result = request.result(
-                [WireTensor("y", tail(t.array, t.quantization))] if error is None else (),
-                error)
-            result.timestamps.update(stamps, tail_end=time.time(), reply=time.time())
-            payload = encode(result)
-            await transport.publish(request.reply_to, payload)
-            if mode == "twice":
-                await transport.publish(request.reply_to, payload)
+            if parallel:
+                job = asyncio.create_task(answer(message))
+                answering.add(job)
+                job.add_done_callback(answering.discard)
+            else:
+                await answer(message)
 
     task = asyncio.create_task(serve())
     try:
         yield seen
     finally:
         task.cancel()
+        for job in answering:
+            job.cancel()
         with contextlib.suppress(asyncio.CancelledError, TransportError):
             await task
+        await asyncio.gather(*answering, return_exceptions=True)
         await transport.close()
 
 
