@@ -435,7 +435,9 @@ class Server:
             return
         topic = self.config.topics().worker_status_filter()
         try:
-            failure = subscribe_failure(await conn.client.subscribe(topic, qos=1))
+            # QoS 0: a persistent session must not queue beats while this worker is away
+            # (old beats delivered late would make a silent peer look alive).
+            failure = subscribe_failure(await conn.client.subscribe(topic, qos=0))
         except aiomqtt.MqttError as exc:
             failure = str(exc)
         if failure:
