@@ -297,6 +297,10 @@ def format_scenario(name: str, fig: Mapping[str, Any]) -> str:
                      f"{'' if e.get('ok') else '  [FAILED]'}")
     for line in fig["fault"].get("worker_log", []):
         lines.append(f"  {line}")
+    if fig["fault"].get("fenced"):
+        healthy = fig["fault"].get("fenced_healthy") or []
+        lines.append(f"  fenced {fig['fault']['fenced']}" + (
+            f"; never hung, fenced all the same: {healthy}" if healthy else ""))
     for w in fig["fault"]["during"]:
         lines.append(f"  due during {w['fault']}: {w['sent']}, answered {w['answered']} (after "
                      f"a retry {_na(w.get('answered_after_retry'))}), within the deadline "
@@ -357,6 +361,12 @@ def run_fault_scenario(name: str, cfg: FaultSuiteConfig, *, split: Path, inputs:
     report = result.report
     fig = fault_figures(report, deadline_s=cfg.deadline_s)
     fig["fault"]["worker_log"] = worker_log_events(out / name)
+    fenced = [m.group(1) for line in fig["fault"]["worker_log"]
+              if (m := _FENCED.search(line)) is not None]
+    stopped = f"{report['config']['prefix']}-w1" if name == "replica-stop" else None
+    # informational (the issue sets no target): a worker fenced that was never hung
+    fig["fault"]["fenced"] = fenced
+    fig["fault"]["fenced_healthy"] = [w for w in fenced if w != stopped]
     fig["run"] = {"what": sc.what, "plan": sc.plan, "workers": sc.workers,
                   "devices": cfg.devices, "rate_per_device": cfg.rate,
                   "arrivals": report["config"]["arrivals"], "window_s": round(window, 3),
@@ -370,6 +380,9 @@ def run_fault_scenario(name: str, cfg: FaultSuiteConfig, *, split: Path, inputs:
 # what the workers logged about the fault: fencing a silent peer, sessions, reconnects
 _WORKER_EVENTS = re.compile(r"fenced worker|fencing|took over|resubscribed|reconnected|"
                             r"lost the broker|draining", re.IGNORECASE)
+
+
+_FENCED = re.compile(r"fenced worker '([^']+)'")
 
 
 def worker_log_events(folder: Path, limit: int = 40) -> list[str]:

@@ -154,3 +154,17 @@ def test_quick_broker_kill_and_worker_kill(tmp_path: Path) -> None:
     assert len(kill["fault"]["worker_restarts"]) == 1
     (during,) = kill["fault"]["during"]
     assert during["sent"] > 0 and kill["answered_after_retry"] > 0
+
+
+def test_worker_log_events_pick_what_the_workers_did(tmp_path: Path) -> None:
+    from simulators.bench_faults import worker_log_events
+
+    (tmp_path / "worker-0.log").write_text(
+        "INFO cloud_service.server: worker p-w0 serving 1 split(s)\n"
+        "WARNING cloud_service.heartbeat: fenced worker 'p-w1': silent for more than 3.0 s\n"
+        "INFO cloud_service.server: reconnected to mqtt://127.0.0.1:1 and resubscribed\n")
+    (tmp_path / "worker-1.log").write_text("INFO nothing to see\n")
+    events = worker_log_events(tmp_path)
+    assert len(events) == 2 and events[0].startswith("worker-0.log: WARNING")
+    assert "fenced worker 'p-w1'" in events[0] and "resubscribed" in events[1]
+    assert len(worker_log_events(tmp_path, limit=1)) == 1
