@@ -575,3 +575,49 @@ def test_the_agent_transport_names_topic_and_identity_on_a_refusal(
     assert reason == AGENT_NOT_AUTHORIZED
     warnings = [r.getMessage() for r in caplog.records if "refused a publish" in r.getMessage()]
     assert len(warnings) == 1 and f"{REQ}/m/cam-2" in warnings[0] and "cam-1" in warnings[0]
+
+
+# ---------------------------------------------------------------- the real agent and worker
+
+@pytest.mark.parametrize("kind", PASSWORD_LISTENERS)
+def test_the_edge_agent_and_the_worker_work_with_their_own_identities_only(
+        broker: MosquittoBroker, pki: Pki, tmp_path: Path, kind: str) -> None:
+    """EdgeAgent (device cam-1) + cloud worker through dynsec: the answer is right; the same
+    credentials under another device id are refused at start-up, naming why."""
+    import asyncio
+
+    import numpy as np
+    from fixtures_edge import dynamic_model, run_full, split_at_pool
+    from test_cloud_support import running
+
+    from cloud_service.config import Config
+    from cloud_service.server import Server
+    from edge_agent import AgentConfig, EdgeAgent
+    from splitinfer.errors import StartupError
+
+    split = split_at_pool(dynamic_model(tmp_path / "dyn.onnx"), tmp_path / "splits" / "dyn",
+                          None)
+    ep = endpoint(broker, pki, kind)
+    scheme, query = ("mqtt", "") if kind == "plain" else ("mqtts", f"?ca={pki.path('ca.pem')}")
+
+    def url(user: str) -> str:
+        return f"{scheme}://{user}:{PASSWORDS[user]}@{ep.host}:{ep.port}{query}"
+
+    x = np.random.default_rng(5).random((2, 3, 8, 8)).astype(np.float32)
+
+    async def infer(device_id: str) -> Any:
+        agent = EdgeAgent.from_artifacts(split, threads=1, config=AgentConfig(
+            device_id=device_id, broker=url("cam-1"), prefix=PREFIX))
+        async with agent:
+            return (await agent.infer({"x": x})).outputs["y"]
+
+    cfg = Config(artifacts=split.parent, broker=url(WORKER), prefix=PREFIX, threads=1,
+                 metrics_interval_s=0)
+    with running(Server(cfg)):
+        got = asyncio.run(infer("cam-1"))
+        with pytest.raises(StartupError) as info:
+            asyncio.run(infer("cam-2"))
+    assert float(np.abs(got - run_full(tmp_path / "dyn.onnx", x)).max()) <= 1e-5
+    report("EdgeAgent cam-1 with cam-1's credentials", kind, "answered correctly")
+    report("EdgeAgent cam-2 with cam-1's credentials", kind, str(info.value)[:120])
+    assert "cam-2" in str(info.value) and "authori" in str(info.value).lower()
