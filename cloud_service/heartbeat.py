@@ -239,6 +239,7 @@ class PeerWatcher:
     active: bool = True  # False while this worker drains: it leaves the fencing to others
     peers: dict[str, _Peer] = field(default_factory=dict)
     _connected_at: float | None = None
+    _last_due: float | None = None
     _errors: ErrorLog = field(default_factory=lambda: ErrorLog(log))
 
     def connected(self) -> None:
@@ -290,10 +291,21 @@ class PeerWatcher:
         return now - max(peer.seen, since)
 
     def due(self) -> list[str]:
-        """Peers to fence now; each is returned once per silence."""
+        """Peers to fence now; each is returned once per silence. Meant to be called
+        often (the watchdog: every 0.1 s): a long gap since the last call means this
+        worker itself was stopped or stalled, and its view of the others is stale."""
+        now = self.clock()
+        last, self._last_due = self._last_due, now
         if self.fence_after_s <= 0 or not self.active or self._connected_at is None:
             return []
-        now = self.clock()
+        if last is not None and now - last > self.fence_after_s / 2:
+            # Woken up (SIGCONT) or the loop was blocked: what looks like everybody's
+            # silence is ours. Give the peers fence_after to be heard again, as after
+            # a reconnect.
+            log.info("worker %s was stalled for %.1f s: not judging its peers for %.1f s",
+                     self.self_id, now - last, self.fence_after_s)
+            self._connected_at = now
+            return []
         live = [self.self_id] + [
             wid for wid, peer in self.peers.items()
             if peer.status.state == "online" and self._silent_for(peer, now) <= self._limit(peer)]

@@ -141,85 +141,98 @@ def watcher(self_id: str = "w1", fence_after: float = 3.0) -> tuple[PeerWatcher,
     clock = Clock()
     w = PeerWatcher(self_id, fence_after, clock=clock)
     w.connected()
+    w.due()
     return w, clock
+
+
+def advance(w: PeerWatcher, clock: Clock, seconds: float, step: float = 0.1) -> list[str]:
+    """Let ``seconds`` pass with the watchdog checking every ``step``; whom it fenced."""
+    fenced: list[str] = []
+    end = clock.now + seconds
+    while clock.now < end - 1e-9:
+        clock.now = min(clock.now + step, end)
+        fenced += w.due()
+    return fenced
 
 
 def test_silent_online_peer_is_fenced_once_per_silence() -> None:
     w, clock = watcher()
     w.observe("w2", beat("w2", 1))
-    clock.now += 2.9
-    assert w.due() == []
+    assert advance(w, clock, 2.9) == []
     w.observe("w2", beat("w2", 2))  # a new beat: the silence starts again
-    clock.now += 3.1
-    assert w.due() == ["w2"]
-    assert w.due() == []  # once
+    assert advance(w, clock, 2.95) == []
+    assert advance(w, clock, 0.1) == ["w2"]  # once past 3 s
+    assert advance(w, clock, 1.0) == []  # once
     w.observe("w2", beat("w2", 2))  # the same retained beat again: still the same silence
     w.observe("w2", beat("w2", 3, state="offline"))  # its will after the takeover
-    clock.now += 10
-    assert w.due() == []
+    assert advance(w, clock, 10) == []
     w.observe("w2", beat("w2", 0, ts=5000.0))  # woke up (or restarted): beats again
-    clock.now += 3.1
-    assert w.due() == ["w2"]  # a new silence, fenced again
+    assert advance(w, clock, 3.1) == ["w2"]  # a new silence, fenced again
 
 
 def test_only_the_lowest_live_id_fences_first() -> None:
     w, clock = watcher("w3")
     w.observe("w1", beat("w1", 1))
     w.observe("w2", beat("w2", 1))
+    fenced = []
     for seq in range(2, 6):  # w1 (the lowest) stays alive, w2 goes silent
-        clock.now += 1.0
+        fenced += advance(w, clock, 1.0)
         w.observe("w1", beat("w1", seq))
-    assert w.due() == []  # w1 fences it, not w3
-    clock.now += 3.0 * STANDBY_FACTOR - 4.0 + 0.1
-    w.observe("w1", beat("w1", 9))
-    assert w.due() == ["w2"]  # w1 did not: w3 steps in
+    assert fenced == []  # w1 fences it, not w3
+    fenced = advance(w, clock, 1.0)
+    w.observe("w1", beat("w1", 6))
+    assert fenced == []
+    assert advance(w, clock, 1.1) == ["w2"]  # 6 s: w1 did not, w3 steps in
+    assert STANDBY_FACTOR == 2.0
 
     w, clock = watcher("w3")
     w.observe("w1", beat("w1", 1))
     w.observe("w2", beat("w2", 1))
-    clock.now += 3.1  # both silent: w3 is the lowest live one
-    assert sorted(w.due()) == ["w1", "w2"]
+    assert sorted(advance(w, clock, 3.1)) == ["w1", "w2"]  # w3 the lowest live one
 
 
 def test_offline_peers_clean_never_persistent_after_a_grace() -> None:
     w, clock = watcher()
     w.observe("w2", beat("w2", 1, state="offline", session="clean"))  # a goodbye
     w.observe("w4", beat("w4", 1))
-    clock.now += 0.5
+    advance(w, clock, 0.5)
     w.observe("w4", beat("w4", 2, state="offline"))  # kill -9: the will, session kept
-    clock.now += 2.9
-    assert w.due() == []  # time to come back and take what was queued
+    assert advance(w, clock, 2.9) == []  # time to come back and take what was queued
     w.observe("w2", beat("w2", 2, state="offline", session="clean"))
-    clock.now += 0.2
-    assert w.due() == ["w4"]
-    clock.now += 100
-    assert w.due() == []
+    assert advance(w, clock, 0.2) == ["w4"]
+    assert advance(w, clock, 20) == []
 
 
-def test_silence_counts_only_while_connected_and_active() -> None:
+def test_silence_counts_only_while_connected_active_and_awake() -> None:
     w, clock = watcher()
     w.observe("w2", beat("w2", 1))
     w.disconnected()
-    clock.now += 10
-    assert w.due() == []
+    assert advance(w, clock, 10) == []
     w.connected()  # after a broker restart every peer needs time to beat again
-    clock.now += 2.9
-    assert w.due() == []
+    assert advance(w, clock, 2.9) == []
     w.active = False  # draining: leaves it to the others
-    clock.now += 1
-    assert w.due() == []
+    assert advance(w, clock, 1) == []
     w.active = True
-    assert w.due() == ["w2"]
+    assert advance(w, clock, 0.1) == ["w2"]
     assert PeerWatcher("w1", 0.0, clock=clock).due() == []  # 0 = never
+
+    # This worker was SIGSTOPped (or its loop blocked) for 20 s: on waking it must not
+    # take its own silence for the others' and fence a healthy peer.
+    w, clock = watcher()
+    w.observe("w2", beat("w2", 1))
+    clock.now += 20
+    assert w.due() == []
+    assert advance(w, clock, 2.9) == []  # the peer's next beats arrive in time
+    w.observe("w2", beat("w2", 2))
+    assert advance(w, clock, 2.9) == []
+    assert advance(w, clock, 0.2) == ["w2"]  # really silent now
 
 
 def test_a_slow_peer_interval_and_bad_or_own_statuses() -> None:
     w, clock = watcher()
     w.observe("w2", beat("w2", 1, interval_s=5.0))
-    clock.now += 9.0
-    assert w.due() == []  # its own interval says 5 s: silent only past 2 beats
-    clock.now += 1.1
-    assert w.due() == ["w2"]
+    assert advance(w, clock, 9.9) == []  # its own interval says 5 s: silent only past 2
+    assert advance(w, clock, 0.2) == ["w2"]
     assert w.observe("w1", beat("w1", 1)) is None and "w1" not in w.peers  # itself
     assert w.observe("w5", b"garbage") is None and "w5" not in w.peers
     w.observe("w5", beat("w5", 1))
@@ -247,11 +260,12 @@ def test_watchdog_fences_records_and_retries_a_failure() -> None:
 
     async def main() -> None:
         w.observe("w2", beat("w2", 1))
-        clock.now += 3.1
+        advance(w, clock, 3.0)
+        clock.now += 0.1
         assert await dog.check() == []  # failed: tried again, fence_after later
         fail[0] = False
-        assert await dog.check() == []
-        clock.now += 3.0
+        advance(w, clock, 2.9)
+        clock.now += 0.2
         assert await dog.check() == ["w2"]
         assert await dog.check() == []
 
@@ -262,5 +276,4 @@ def test_watchdog_fences_records_and_retries_a_failure() -> None:
     assert (record["state"], record["session"], record["fenced_by"]) == (
         "offline", "clean", "w1")
     w.observe("w2", json.dumps(record).encode())  # the record keeps the others quiet
-    clock.now += 100
-    assert w.due() == []
+    assert advance(w, clock, 10) == []

@@ -221,17 +221,22 @@ def test_a_stopped_replica_is_fenced_and_comes_back(
         wait_until(lambda: device.answered(rids), 30, "both serving")
 
         procs[high].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
         took = wait_until(lambda: state(high).get("fenced_by") == low, 30,
                           "the stopped replica fenced by the other")
         print(f"\nSIGSTOPped replica fenced after {took:.2f} s (fence_after {fence_after} s, "
               f"heartbeat {heartbeat} s)")
         rids = burst(20, "after")  # none of them may go to the stopped one any more
         wait_until(lambda: device.answered(rids), 30, "answered by the live replica alone")
+        time.sleep(max(0.0, stopped_at + 4 * fence_after - time.monotonic()))  # stay stopped
 
         procs[high].send_signal(signal.SIGCONT)
         back = wait_until(lambda: state(high).get("state") == "online"
                           and "fenced_by" not in state(high), 30, "the woken replica beats")
         print(f"woken replica online again after {back:.2f} s")
+        # Waking up, it must not take its own 20 s of silence for its peer's.
+        time.sleep(2 * fence_after)
+        assert "fenced_by" not in state(low) and state(low)["state"] == "online"
         # Now the lowest id stops: the woken one (the only live one left) fences it, which
         # needs its subscriptions back.
         procs[low].send_signal(signal.SIGSTOP)
