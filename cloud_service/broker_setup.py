@@ -57,9 +57,9 @@ __all__ = [
 # MAX_INFLIGHT_BYTES + MAX_QUEUED_BYTES of payloads (plus some bookkeeping per queued
 # message, at most MAX_QUEUED_MESSAGES of them); past that mosquitto drops further
 # messages for that client (the device re-sends). A payload is at most the worker's limit
-# (splitinfer.wire.DEFAULT_MAX_PAYLOAD, 8 MiB): a bigger one is refused (MQTT 5 PUBACK
-# "implementation specific error"); a packet over MAX_PACKET_SIZE closes the connection
-# before mosquitto buffers it; MEMORY_LIMIT caps the whole heap (an allocation past it is
+# (splitinfer.wire.DEFAULT_MAX_PAYLOAD, 8 MiB): a bigger one is dropped (MQTT 5 PUBACK
+# 0x95 "packet too large", tested on 2.0.11); a packet over MAX_PACKET_SIZE closes the
+# connection before mosquitto buffers it; MEMORY_LIMIT caps the whole heap (an allocation past it is
 # refused: that message is dropped and its sender disconnected).
 MESSAGE_SIZE_LIMIT = 8 * 1024 * 1024  # == splitinfer.wire.DEFAULT_MAX_PAYLOAD (a test checks)
 MAX_PACKET_SIZE = MESSAGE_SIZE_LIMIT + 64 * 1024  # payload + topic + properties

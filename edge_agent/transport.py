@@ -19,7 +19,7 @@ dynamic-security plugin, as ``splitinfer broker config`` sets it up; EMQX; AWS I
 answers a forbidden SUBSCRIBE with a failure code in its SUBACK (0x87 *not authorized*):
 ``subscribe`` raises :class:`~splitinfer.errors.TransportError` naming the topic, the
 client id and the username, so a device with the wrong identity fails at start-up. A
-refused PUBLISH (MQTT 5 PUBACK 0x87, or 0x97/0x83 for a payload over the broker's limit)
+refused PUBLISH (MQTT 5 PUBACK 0x87, or 0x95 for a payload over the broker's limit)
 is logged once per topic and code, with the same names, and its reason code returned.
 Brokers that grant every SUBSCRIBE and filter deliveries instead (mosquitto's plain
 ``acl_file``, MQTT 3.1.1 brokers that give no reason codes) leave nothing to detect: no
@@ -60,11 +60,16 @@ log = logging.getLogger(__name__)
 NO_MATCHING_SUBSCRIBERS = 16
 NOT_AUTHORIZED = 0x87
 _REASONS = {
-    0x80: "unspecified error", 0x83: "implementation specific error (mosquitto: payload "
-    "over its message_size_limit)", 0x87: "not authorized", 0x8F: "topic filter invalid",
-    0x90: "topic name invalid", 0x91: "packet identifier in use", 0x95: "packet too large",
-    0x97: "quota exceeded", 0x99: "payload format invalid", 0x9E: "shared subscriptions "
-    "not supported",
+    0x80: "unspecified error",
+    0x83: "implementation specific error",
+    0x87: "not authorized",
+    0x8F: "topic filter invalid",
+    0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x95: "packet too large (mosquitto: a payload over its message_size_limit)",
+    0x97: "quota exceeded",
+    0x99: "payload format invalid",
+    0x9E: "shared subscriptions not supported",
 }
 
 
