@@ -62,19 +62,22 @@ TARGETS = {"internal": 0, "crashes": 0, "no_reply": 0, "max_stall_ms": 50.0,
 
 async def _lag_monitor(path: Path, tick_s: float = 0.005, window_s: float = LAG_WINDOW_S
                        ) -> None:
-    """Append ``unix_time max_lag_ms`` per window to ``path``: how late a timer on this
-    loop fired beyond its tick, the longest in each window."""
+    """Append ``unix_time max_lag_ms cpu_ms`` per window to ``path``: how late a timer on
+    this loop fired beyond its tick, the longest in each window, and the CPU time the
+    loop's thread spent during that tick (much less than the lag: the process was waiting
+    for a CPU, not working; on a busy machine that is the machine, not the worker)."""
     loop = asyncio.get_running_loop()
     with open(path, "a", buffering=1) as out:
-        worst, window_end = 0.0, loop.time() + window_s
+        worst, worst_cpu, window_end = 0.0, 0.0, loop.time() + window_s
         while True:
-            before = loop.time()
+            before, cpu = loop.time(), time.thread_time()
             await asyncio.sleep(tick_s)
             late = loop.time() - before - tick_s
-            worst = max(worst, late)
+            if late > worst:
+                worst, worst_cpu = late, time.thread_time() - cpu
             if loop.time() >= window_end:
-                out.write(f"{time.time():.3f} {worst * 1e3:.3f}\n")
-                worst, window_end = 0.0, loop.time() + window_s
+                out.write(f"{time.time():.3f} {worst * 1e3:.3f} {worst_cpu * 1e3:.3f}\n")
+                worst, worst_cpu, window_end = 0.0, 0.0, loop.time() + window_s
 
 
 def _child(argv: Sequence[str]) -> int:
@@ -117,17 +120,6 @@ def _rss_mb(pid: int) -> float | None:
 
 
 # --- the bench -----------------------------------------------------------------------------
-
-
-def _cut_of(manifest: Any) -> list[tuple[str, str, tuple[int, ...], list[float | int] | None]]:
-    cut = []
-    for spec in manifest.cut:
-        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
-        shape = (1, *shape[1:]) if shape else shape
-        q = spec.quantization
-        cut.append((spec.name, spec.dtype, shape,
-                    [float(q.scale), int(q.zero_point)] if q is not None else None))
-    return cut
 
 
 def _digits_split(root: Path) -> Path:
@@ -216,8 +208,7 @@ def _run(url: str, split_dir: Path, manifest: Any, work: Path, kinds: list[str],
 
     from cloud_service.registry import session_options
 
-    gen = FuzzGenerator(manifest.split_id, _cut_of(manifest), seed=seed,
-                        max_payload=max_payload)
+    gen = FuzzGenerator.for_manifest(manifest, seed=seed, max_payload=max_payload)
     tail = ort.InferenceSession(str(manifest.resolve(split_dir, "tail")), session_options(1),
                                 providers=["CPUExecutionProvider"])
     outputs = [spec.name for spec in manifest.outputs]
@@ -243,15 +234,19 @@ def _run(url: str, split_dir: Path, manifest: Any, work: Path, kinds: list[str],
     sent = report.pop("_sent")
     stalls = []
     for line in lag_path.read_text().splitlines():
-        when, ms = (float(x) for x in line.split())
+        when, ms, cpu_ms = (float(x) for x in line.split())
         if start <= when <= end + 0.5:
-            stalls.append((ms, when))
-    report["max_stall_ms"] = round(max(stalls, default=(0.0, 0.0))[0], 3)
+            stalls.append((ms, cpu_ms, when))
+    worst = max(stalls, default=(0.0, 0.0, 0.0))
+    report["max_stall_ms"] = round(worst[0], 3)
+    report["max_stall_cpu_ms"] = round(worst[1], 3)  # the loop thread's CPU in that stall
+    report["max_stall_cpu_bound_ms"] = round(max((min(ms, cpu) for ms, cpu, _ in stalls),
+                                                 default=0.0), 3)
     # the worst windows, with the kinds sent during them and the half second before
     report["worst_stalls"] = [
-        {"ms": round(ms, 3), "kinds": dict(Counter(
+        {"ms": round(ms, 3), "cpu_ms": round(cpu, 3), "kinds": dict(Counter(
             k for t, k in sent if when - LAG_WINDOW_S - 0.5 <= t <= when))}
-        for ms, when in sorted(stalls, reverse=True)[:5]]
+        for ms, cpu, when in sorted(stalls, reverse=True)[:5]]
     worker_log = log_path.read_text(errors="replace").splitlines()
     report["worker_log_lines"] = len(worker_log)
     report["worker_tracebacks"] = sum(line.startswith("Traceback") for line in worker_log)
@@ -326,18 +321,24 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
                                           "msg": answer.error.message if answer.error else ""})
 
     window = asyncio.Semaphore(WINDOW)
+    # Bytes in flight bounded too: a bounded broker drops what exceeds its per-client
+    # queue (max_queued_bytes), which would read as lost replies here.
+    in_flight = {"bytes": 0}
+    drained = asyncio.Condition()
+    byte_window = gen.max_payload + 1024 * 1024
     request_topic = f"{prefix}/v1/req/{MODEL_TOPIC}/fuzz"
     reply_topic = f"{prefix}/v1/res/fuzz"
 
-    async def one(index: int, kind: str) -> None:
+    def build(index: int, kind: str) -> tuple[bytes, Mapping[str, Array] | None]:
         rid = f"fz{index:07d}"
-        arrays = None
         if kind == "valid":
-            payload, arrays = gen.valid(rid)
-        elif kind == "flood_burst":
-            payload = gen.flat_flood(rid, count=gen.max_payload)
-        else:
-            payload = gen.make(kind, rid)
+            return gen.valid(rid)
+        if kind == "flood_burst":
+            return gen.flat_flood(rid, count=gen.max_payload), None
+        return gen.make(kind, rid), None
+
+    async def one(index: int, kind: str, payload: bytes,
+                  arrays: Mapping[str, Array] | None) -> None:
         sent_kinds[kind] += 1
         sent_at.append((time.time(), kind))
         item = _Sent(kind, time.perf_counter(), arrays)
@@ -368,11 +369,15 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
             burst_valid_ms.append((time.perf_counter() - item.sent) * 1e3)
         judge(index, item, answer)
 
-    async def paced(index: int, kind: str) -> None:
+    async def paced(index: int, kind: str, payload: bytes,
+                    arrays: Mapping[str, Array] | None) -> None:
         try:
-            await one(index, kind)
+            await one(index, kind, payload, arrays)
         finally:
             window.release()
+            async with drained:
+                in_flight["bytes"] -= len(payload)
+                drained.notify_all()
 
     tasks: set[asyncio.Task[None]] = set()
     background = [asyncio.create_task(reader(), name="fuzz-reader"),
@@ -391,8 +396,15 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
         rss.clear()
         t_start, wall0 = time.time(), time.perf_counter()
         for index, kind in enumerate(kinds):
+            payload, arrays = build(index, kind)
             await window.acquire()
-            task = asyncio.create_task(paced(index, kind), name=f"fuzz-{index}")
+            size = len(payload)
+            async with drained:
+                while in_flight["bytes"] and in_flight["bytes"] + size > byte_window:
+                    await drained.wait()
+                in_flight["bytes"] += size
+            task = asyncio.create_task(paced(index, kind, payload, arrays),
+                                       name=f"fuzz-{index}")
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*list(tasks))

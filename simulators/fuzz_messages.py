@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +63,18 @@ class FuzzGenerator:
         self.rng = random.Random(self.seed)
         self.np_rng = np.random.default_rng(self.seed)
 
+    @classmethod
+    def for_manifest(cls, manifest: Any, *, seed: int = 0,
+                     max_payload: int = 8 * 1024 * 1024) -> FuzzGenerator:
+        """For a :class:`~splitinfer.manifest.Manifest`'s cut (one sample; symbolic dims 1)."""
+        cut = []
+        for spec in manifest.cut:
+            shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+            q = spec.quantization
+            cut.append((spec.name, spec.dtype, (1, *shape[1:]) if shape else shape,
+                        [float(q.scale), int(q.zero_point)] if q is not None else None))
+        return cls(manifest.split_id, cut, seed=seed, max_payload=max_payload)
+
     # valid material ---------------------------------------------------------------------
 
     def arrays(self) -> dict[str, Array]:
@@ -91,7 +102,7 @@ class FuzzGenerator:
                 entry["q"] = list(q)
             tensors.append(entry)
         return {"v": 1, "k": "req", "id": rid, "dev": "fuzz", "split": self.split_id,
-                "dl": 0.0, "ts": {"sent": time.time()}, "t": tensors}
+                "dl": 0.0, "ts": {"sent": 1764590400.0}, "t": tensors}
 
     def valid(self, rid: str) -> tuple[bytes, dict[str, Array]]:
         arrays = self.arrays()
@@ -349,8 +360,12 @@ class FuzzGenerator:
     def bad_ids(self, rid: str) -> bytes:
         body = self.body(rid)
         key = self._pick(["id", "dev", "split", "rt"])
-        body[key] = self._pick(["", "x" * 300, "x" * 65_000, "\u0000", "../../#", "+/+",
-                                "no-such-split", "splitinfer/v1/res/other-device"])
+        if key == "id":  # never another message's id: the worker answers a duplicate once
+            body[key] = self._pick([rid + "\u0000", rid + "/../#", rid + "+", "x" * 300,
+                                    "x" * 65_000])
+        else:
+            body[key] = self._pick(["", "x" * 300, "x" * 65_000, "\u0000", "../../#", "+/+",
+                                    "no-such-split", "splitinfer/v1/res/other-device"])
         return _pack(body)
 
     def cut_mismatch(self, rid: str) -> bytes:
