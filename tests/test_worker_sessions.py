@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 import pytest
 from test_cloud_support import TinySplit, make_split, request_payload
 
@@ -46,7 +47,7 @@ class Device:
         self.results: dict[str, list[Any]] = {}
         self.statuses: dict[str, list[dict[str, Any]]] = {}
         self.pubacks: dict[int, int] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"dev-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
         self.client.on_message = self._message
@@ -215,8 +216,8 @@ def test_a_stopped_replica_is_fenced_and_comes_back(
 
     try:
         procs = {wid: spawn(wid, *flags) for wid in (low, high)}
-        for wid in (low, high):
-            wait_until(lambda w=wid: state(w).get("state") == "online", 60, f"{wid} online")
+        wait_until(lambda: all(state(w).get("state") == "online" for w in (low, high)), 60,
+                   "both online")
         rids = burst(20, "warm")
         wait_until(lambda: device.answered(rids), 30, "both serving")
 
