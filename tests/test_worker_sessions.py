@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from test_cloud_support import TinySplit, make_split, request_payload
 
 from cloud_service.config import Config
