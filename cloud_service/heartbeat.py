@@ -361,7 +361,7 @@ class Watchdog:
         ``fence_after_s`` later (logged once a minute)."""
         fenced = []
         for wid in self.watcher.due():
-            peer = self.watcher.peers[wid]
+            last = self.watcher.peers[wid].status  # (the takeover's will replaces it)
             try:
                 await self.fence(wid)
             except Exception as exc:
@@ -370,9 +370,8 @@ class Watchdog:
                                     wid, exc)
                 continue
             log.warning("fenced worker %r: silent for more than %.1f s (last state %s, "
-                        "last beat #%d)", wid, self.watcher.fence_after_s,
-                        peer.status.state, peer.status.seq)
-            record = replace(peer.status, state="offline", session="clean", ts=time.time(),
+                        "last beat #%d)", wid, self.watcher.fence_after_s, last.state, last.seq)
+            record = replace(last, state="offline", session="clean", ts=time.time(),
                              fenced_by=self.watcher.self_id)
             with contextlib.suppress(Exception):  # a record only: the fence is done
                 await self.publish(self.topic_of(wid), record.to_json())
