@@ -112,7 +112,12 @@ class Config:
             raise BadInputError(f"session_expiry_s = {self.session_expiry_s!r}: expected at "
                                 "most 4294967294 s (MQTT 5's largest finite expiry)")
         if self.heartbeat_s > 0 or self.fence_after_s > 0:
-            check_level(self.client_id, "client id (the heartbeat topic's worker id)")
+            try:
+                check_level(self.client_id, "client id")
+            except BadInputError as exc:
+                raise BadInputError(f"{exc}: it names this worker's heartbeat topic; pick "
+                                    "another, or turn heartbeat and fencing off "
+                                    "(heartbeat_s = fence_after_s = 0)") from None
         if 0 < self.fence_after_s <= self.heartbeat_s:
             raise BadInputError(f"fence_after_s = {self.fence_after_s!r}: expected more than "
                                 f"heartbeat_s ({self.heartbeat_s!r}), or 0 (never fence)")
