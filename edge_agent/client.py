@@ -27,8 +27,8 @@ cache): QoS 1 ends at the broker, and a broker holds nothing for a shared-subscr
 group with no member, so the agent re-sends the *same* request (same id, payload and
 absolute deadline) until it is answered or its deadline passes:
 
-* no answer within the retry interval (:class:`RetryBackoff`: ``retry_s`` until round
-  trips are measured, then srtt + 4 x rttvar as TCP does, each re-send doubling up to
+* no answer within the retry interval (:class:`RetryBackoff`: ``retry_s``, or longer when
+  the measured round trips say so (srtt + 4 x rttvar, as TCP), each re-send doubling up to
   ``retry_max_s``, jittered) — a lost copy, a hung replica, a worker killed mid-request;
 * a PUBACK "no matching subscribers" (MQTT 5 reason 16; mosquitto 2 sends it), or a
   ``shutting_down`` answer (a draining replica): re-sent after 0.25 s doubling to 2 s,
@@ -272,7 +272,8 @@ class _Pending:
     payload: bytes
     expires: float  # loop.time()
     epoch: int = 0  # connection it was last published on
-    sent: float = 0.0  # perf_counter of the last publish
+    # perf_counter of the first publish: timings count from it (a re-send's wait included)
+    sent: float = 0.0
     sent_at: float = 0.0  # loop.time() of the last publish (the retry timer's clock)
     publishes: int = 0
     split: SplitState | None = None  # None: the agent's own (first) split
@@ -361,8 +362,10 @@ class RetryBackoff:
     its first publish is a sample (Karn's rule: the answer of a re-sent request could be to
     either copy, so it is none); with ``adaptive`` the first wait then becomes
     RTO = srtt + 4 x rttvar (RFC 6298: gains 1/8 and 1/4, the first sample sets srtt = R and
-    rttvar = R/2), clamped to [``retry_s`` / 4, ``retry_max_s``]: a fast link re-sends a
-    lost request sooner, a loaded worker is not sent copies of what it is still working on.
+    rttvar = R/2), clamped to [``retry_s``, ``retry_max_s``]: never sooner than ``retry_s``
+    (a copy costs the link and the worker; a slow link that is suddenly slower must not
+    fill with copies), later on a slow link or a loaded worker, which is then not sent
+    copies of what it is still working on.
     The k-th re-send waits min(first x 2^k, ``retry_max_s``), less up to a quarter of jitter.
     A request answered only after re-sends for silence gives no sample but keeps its last
     wait as the first one (:meth:`backed_off`, TCP's "keep the backed-off RTO") until a
@@ -411,7 +414,7 @@ class RetryBackoff:
         if self.srtt is None:
             return max(self.retry_s, self._floor)
         estimate = max(self.srtt + 4 * self.rttvar, self._floor)
-        return min(max(estimate, self.retry_s / 4), self.retry_max_s)
+        return min(max(estimate, self.retry_s), self.retry_max_s)
 
     def wait(self, resends: int) -> float | None:
         """Seconds to wait for an answer after the publish that followed ``resends``
@@ -942,7 +945,8 @@ class EdgeAgent:
             return
         options = PublishOptions(response_topic=self.result_topic,
                                  correlation=pending.request_id.encode(), expiry_s=remaining)
-        pending.sent = time.perf_counter()
+        if not pending.publishes:
+            pending.sent = time.perf_counter()
         pending.sent_at = started
         pending.publishes += 1
         self._counters.published += 1

@@ -76,17 +76,17 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
 
 
 def test_adaptive_backoff_follows_the_round_trips_within_its_clamp() -> None:
-    backoff = RetryBackoff(1.0, 4.0, rng=random.Random(2))
-    backoff.observe(0.2)  # first sample: srtt = R, rttvar = R / 2
-    assert backoff.srtt == pytest.approx(0.2) and backoff.rttvar == pytest.approx(0.1)
-    assert backoff.rto == pytest.approx(0.6)
-    backoff.observe(0.4)  # rttvar = 3/4 0.1 + 1/4 |0.2 - 0.4|, srtt = 7/8 0.2 + 1/8 0.4
-    assert backoff.rttvar == pytest.approx(0.125) and backoff.srtt == pytest.approx(0.225)
-    assert backoff.rto == pytest.approx(0.725)
+    backoff = RetryBackoff(1.0, 10.0, rng=random.Random(2))
+    backoff.observe(0.5)  # first sample: srtt = R, rttvar = R / 2
+    assert backoff.srtt == pytest.approx(0.5) and backoff.rttvar == pytest.approx(0.25)
+    assert backoff.rto == pytest.approx(1.5)
+    backoff.observe(1.0)  # rttvar = 3/4 0.25 + 1/4 |0.5 - 1.0|, srtt = 7/8 0.5 + 1/8 1.0
+    assert backoff.rttvar == pytest.approx(0.3125) and backoff.srtt == pytest.approx(0.5625)
+    assert backoff.rto == pytest.approx(1.8125)
     fast = RetryBackoff(1.0, 4.0)
     for _ in range(20):
         fast.observe(0.002)
-    assert fast.rto == pytest.approx(0.25)  # clamped to retry_s / 4
+    assert fast.rto == 1.0  # never sooner than retry_s
     slow = RetryBackoff(1.0, 4.0)
     slow.observe(3.0)
     assert slow.rto == 4.0  # a loaded worker: no copies before retry_max_s
