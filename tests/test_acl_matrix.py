@@ -621,3 +621,47 @@ def test_the_edge_agent_and_the_worker_work_with_their_own_identities_only(
     report("EdgeAgent cam-1 with cam-1's credentials", kind, "answered correctly")
     report("EdgeAgent cam-2 with cam-1's credentials", kind, str(info.value)[:120])
     assert "cam-2" in str(info.value) and "authori" in str(info.value).lower()
+
+
+def test_the_worker_role_covers_everything_a_worker_does(
+        tiny: Any, peers: Callable[..., Peer]) -> None:
+    """Two workers with stable ids (persistent sessions, heartbeats, the start-up probe of
+    the group) serve through dynsec without one refusal in the broker's log."""
+    if not dynsec_plugin():
+        pytest.skip("mosquitto's dynamic-security plugin is not installed")
+    from test_cloud_support import request_payload, running
+
+    from cloud_service.config import Config
+    from cloud_service.server import Server
+
+    root, split = tiny
+    config, _ = dynsec_config(devices=DEVICES, workers=[WORKER], prefix=PREFIX,
+                              passwords=PASSWORDS)
+    b = MosquittoBroker(dynsec=config, extra_config=("log_type all",))
+    b.start()
+    try:
+        ep = Endpoint(b.host, b.port)
+        url = f"mqtt://{WORKER}:{PASSWORDS[WORKER]}@{b.host}:{b.port}"
+
+        def cfg(worker_id: str) -> Config:
+            return Config(artifacts=root, broker=url, prefix=PREFIX, threads=1,
+                          metrics_interval_s=0, worker_id=worker_id, heartbeat_s=0.2)
+
+        watcher = peers(ep, username=WORKER, password=PASSWORDS[WORKER], client_id="watch")
+        assert watcher.connect() == "Success"  # heartbeats only: not in the group
+        assert watcher.subscribe(f"{PREFIX}/v1/workers/+") < 0x80
+        dev = device(peers, ep, "cam-1")
+        assert dev.subscribe(f"{PREFIX}/v1/res/cam-1") < 0x80
+        with running(Server(cfg("w-1"))), running(Server(cfg("w-2"))):
+            for wid in ("w-1", "w-2"):  # a few heartbeats of each
+                assert watcher.wait_count(f"{PREFIX}/v1/workers/{wid}", 3), wid
+            for i in range(4):
+                _, payload = request_payload(split, split.sample(1, seed=i), device_id="cam-1")
+                assert dev.publish(f"{REQ}/tiny/cam-1", payload) == 0
+            assert dev.wait_count(f"{PREFIX}/v1/res/cam-1", 4, timeout=20)
+        log = b.log_path.read_text()
+    finally:
+        b.close()
+    denied = [line for line in log.splitlines() if "Denied" in line or "denied" in line]
+    report("denials in the broker log while two workers served", "plain", len(denied))
+    assert denied == []
