@@ -359,3 +359,26 @@ def test_broker_flood_stays_within_the_bound() -> None:
     assert r["dropped_or_refused"] == r["published"] - r["delivered"]
     assert r["rss_peak_mb"] <= r["bound_mb"], r
     assert r["within_bound"] is True
+
+
+@pytest.mark.integration
+def test_mosquitto_broker_with_a_password_file(tmp_path: Path,
+                                               peers: Callable[..., Peer]) -> None:
+    """The plain alternative MosquittoBroker offers (no ACL: every user may do anything,
+    so not for a fleet; see docs/security.md)."""
+    tool = shutil.which("mosquitto_passwd")
+    if not tool:
+        pytest.skip("mosquitto_passwd is not installed (Debian: the mosquitto package)")
+    passwd = tmp_path / "passwd"
+    subprocess.run([tool, "-b", "-c", str(passwd), "dev", "pw"], check=True, timeout=30,
+                   capture_output=True)
+    b = MosquittoBroker(password_file=passwd)
+    b.start()
+    try:
+        ep = Endpoint(b.host, b.port)
+        assert peers(ep, client_id="a").connect() == "Not authorized"
+        assert peers(ep, username="dev", password="nope", client_id="b").connect() in (
+            "Not authorized", "Bad user name or password")
+        assert peers(ep, username="dev", password="pw", client_id="c").connect() == "Success"
+    finally:
+        b.close()
