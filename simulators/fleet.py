@@ -809,7 +809,7 @@ class Fleet:
 
     def _result(self, *, target: Target, url: str, broker_kind: str,
                 connect_s: float, cpu: dict[str, Any], events: list[Any],
-                retries: dict[str, int], link_stats: list[dict[str, Any]], inputs: Inputs,
+                retries: dict[str, int | None], link_stats: list[dict[str, Any]], inputs: Inputs,
                 ref_pred: Array | None, reference: Path | None, window_start: float,
                 sizes: SplitSizes | None, head_times: list[float], prefix: str,
                 plan: FaultPlan, switches: list[dict[str, Any]],
