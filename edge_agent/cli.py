@@ -14,7 +14,7 @@ every request succeeded. ``--json`` prints counts and p50/p95/p99 (ms) of end-to
 latency and of each stage (see :mod:`edge_agent.stats`).
 
 Re-sending: a request with no answer goes out again (same id, same deadline) after
-``--retry-s`` (default 1 s; then from the measured round trips), doubling up to
+``--retry-s`` (default 1 s; longer when the measured round trips are), doubling up to
 ``--retry-max-s`` (default 4 s), never past its deadline; ``--retry-s 0`` re-sends only
 after a reconnect or a "no matching subscribers" while a worker is expected back. The
 worker answers a copy from its cache; a second answer is dropped (``counters.duplicates``).
@@ -102,8 +102,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     flag("--prefix", "splitinfer", help="topic prefix (default splitinfer)")
     flag("--timeout", "10", type=float, metavar="S", help="deadline per request, seconds")
     flag("--retry-s", "1.0", type=float, metavar="S", dest="retry_s",
-         help="re-send a request with no answer after S seconds (then from the measured "
-              "round trips), doubling; 0: only after a reconnect or 'no matching "
+         help="re-send a request with no answer after S seconds (longer when the measured "
+              "round trips are), doubling; 0: only after a reconnect or 'no matching "
               "subscribers' (default 1.0)")
     flag("--retry-max-s", "4.0", type=float, metavar="S", dest="retry_max_s",
          help="longest wait between re-sends of one request (default 4.0)")
