@@ -198,7 +198,8 @@ def generated(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     then that very mosquitto.conf started."""
     needs_dynsec()
     if not shutil.which("openssl"):
-        pytest.skip("the openssl command is not installed: no test certificates")
+        pytest.fail("the openssl command is not installed (apt-get install -y openssl): no "
+                    "test certificates")
     pki = make_pki(tmp_path / "pki").dir
     ports = {"tls": free_port(), "cert": free_port(), "plain": free_port()}
     out = tmp_path / "broker"
