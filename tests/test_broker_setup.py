@@ -63,7 +63,7 @@ def test_password_hash_is_dynsecs_format() -> None:
 def test_hash_matches_what_mosquitto_ctrl_writes(tmp_path: Path) -> None:
     """Read the other way round: a client that mosquitto's own tool created verifies."""
     if not shutil.which("mosquitto_ctrl"):
-        pytest.skip("mosquitto_ctrl is not installed (Debian: the mosquitto-clients package)")
+        pytest.skip("mosquitto_ctrl is not installed (Debian's mosquitto package ships it)")
     target = tmp_path / "init.json"
     subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(target), "admin", "pw-from-ctrl"],
                    check=True, capture_output=True, timeout=30)
@@ -269,7 +269,7 @@ def test_add_and_remove_a_device_at_run_time_with_mosquitto_ctrl(
         generated: tuple[Path, dict[str, str], dict[str, int], Path],
         peers: Callable[..., Peer], capsys: pytest.CaptureFixture[str]) -> None:
     if not shutil.which("mosquitto_ctrl"):
-        pytest.skip("mosquitto_ctrl is not installed (Debian: the mosquitto-clients package)")
+        pytest.skip("mosquitto_ctrl is not installed (Debian's mosquitto package ships it)")
     out, pw, ports, _ = generated
     plain = Endpoint("127.0.0.1", ports["plain"])
     env = {**os.environ, "MOSQUITTO_CTRL_PASSWORD": pw["admin"]}
