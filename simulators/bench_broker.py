@@ -133,7 +133,7 @@ def _flood(url: str, topic: str, payload_bytes: int, seconds: float,
     client.max_queued_messages_set(inflight)
     cond = threading.Condition()
     acks: dict[str, int] = {"accepted": 0, "refused": 0, "no_subscriber": 0}
-    state = {"outstanding": 0, "disconnects": 0}
+    state = {"outstanding": 0, "disconnects": 0, "closing": 0}
 
     def on_publish(_c: Any, _u: Any, _mid: int, reason: Any, _p: Any = None) -> None:
         value = int(getattr(reason, "value", reason) or 0)
@@ -145,7 +145,8 @@ def _flood(url: str, topic: str, payload_bytes: int, seconds: float,
 
     def on_disconnect(*_args: Any) -> None:
         with cond:
-            state["disconnects"] += 1
+            if not state["closing"]:  # the broker's doing, not our own DISCONNECT
+                state["disconnects"] += 1
             cond.notify_all()
 
     client.on_publish = on_publish
@@ -176,6 +177,8 @@ def _flood(url: str, topic: str, payload_bytes: int, seconds: float,
             while state["outstanding"] > 0 and time.monotonic() < deadline:
                 cond.wait(0.05)
     finally:
+        with cond:
+            state["closing"] = 1
         client.disconnect()
         client.loop_stop()
     return {"published": published, **acks, "device_disconnects": state["disconnects"]}
