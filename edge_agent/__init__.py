@@ -27,8 +27,10 @@ from edge_agent.client import (
     OFFLINE,
     ONLINE,
     AgentConfig,
+    AgentCounters,
     EdgeAgent,
     InferenceResult,
+    RetryBackoff,
     SplitState,
 )
 from edge_agent.memory import MemoryBroker
@@ -47,7 +49,7 @@ from edge_agent.transport import (
 __all__ = [
     # the agent
     "AgentConfig", "EdgeAgent", "InferenceResult", "SplitClient", "default_device_id",
-    "ONLINE", "OFFLINE", "SplitState",
+    "ONLINE", "OFFLINE", "SplitState", "AgentCounters", "RetryBackoff",
     # choosing the split at run time (EdgeAgent.from_bundle)
     "Policy", "PolicyConfig", "Observation", "Decision", "Switch",
     # head backends

@@ -100,6 +100,7 @@ from edge_agent.transport import (
     MqttConnector,
     PublishOptions,
     Transport,
+    reason_text,
 )
 from splitinfer.batches import padded_chunks
 from splitinfer.errors import (
@@ -145,6 +146,10 @@ _AGENTS_ON_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = \
 ONLINE = b"online"
 OFFLINE = b"offline"
 # Re-sending after a "no matching subscribers" PUBACK: first wait, and the doubling's cap.
+# PUBACK refusals that may pass on a re-send (0x97 quota exceeded: the broker's limit on
+# messages in flight); every other reason >= 0x80 fails the call at once.
+_TRANSIENT_REFUSALS = frozenset({0x97})
+_PACKET_TOO_LARGE = 0x95
 _NOSUB_MIN_S = 0.25
 _NOSUB_MAX_S = 2.0
 # Every wait is jittered down by up to this share, so agents that lost their requests at
@@ -965,12 +970,27 @@ class EdgeAgent:
         if reason == NO_MATCHING_SUBSCRIBERS:
             self._no_subscriber(pending)
             return
+        if reason is not None and reason >= 0x80 and reason not in _TRANSIENT_REFUSALS:
+            self._refused(pending, reason)
+            return
         if reason == 0:  # an MQTT 5 PUBACK that found a subscriber: a worker is there
             self._worker_seen = loop.time()
         pending.nosub = 0
         wait = self.backoff.wait(pending.silent)
         if wait is not None:  # counted from the publish, not from its PUBACK
             self._schedule(pending, started + wait)
+
+    def _refused(self, pending: _Pending, reason: int) -> None:
+        """The broker refused the PUBLISH (not authorized, too large, …): re-sending the
+        same bytes cannot succeed, so the call fails now instead of at its deadline."""
+        code = (ErrorCode.PAYLOAD_TOO_LARGE.value if reason == _PACKET_TOO_LARGE
+                else "broker_refused")
+        state = pending.split or self.split_state()
+        pending.future.set_exception(RemoteError(
+            code, f"{self._broker_name()} refused request {pending.request_id} on "
+            f"{state.request_topic}: PUBACK {reason_text(reason)}; check the device's "
+            "credentials and the broker's ACL (docs/security.md) or its message_size_limit",
+            topic=state.request_topic, split_id=state.split_id, device_id=self.device_id))
 
     def _no_subscriber(self, pending: _Pending) -> None:
         """The broker took the request but no one subscribes to its topic: no worker now."""

@@ -371,3 +371,37 @@ def test_counters_are_a_read_only_view(topic_prefix: str) -> None:
                                            "duplicates", "late_results", "reconnects"}
 
     run(main)
+
+
+@pytest.mark.parametrize("reason, code", [(0x87, "broker_refused"),
+                                          (0x95, "payload_too_large")])
+def test_a_broker_refusal_fails_the_call_at_once(topic_prefix: str, monkeypatch: Any,
+                                                 reason: int, code: str) -> None:
+    """PUBACK 0x87 (ACL) or 0x95 (over message_size_limit): the same bytes cannot pass on a
+    re-send, so the call fails with the reason instead of waiting out its deadline."""
+    from edge_agent.memory import MemoryTransport
+    from splitinfer.errors import RemoteError
+
+    original = MemoryTransport.publish
+
+    async def refusing(self: Any, topic: str, payload: bytes, **kw: Any) -> int | None:
+        if "/v1/req/" in topic:
+            await original(self, topic, payload, **kw)  # the worker must not see it: below
+            return reason
+        return await original(self, topic, payload, **kw)
+
+    async def main() -> None:
+        broker = MemoryBroker()
+        monkeypatch.setattr(MemoryTransport, "publish", refusing)
+        broker.lose(100, f"{topic_prefix}/v1/req/#")  # refused: delivered to nobody
+        async with fake_worker(broker, topic_prefix), make_agent(broker, topic_prefix,
+                                                                 retry_s=0.5) as agent:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(RemoteError) as info:
+                await agent.infer(X, timeout=10)
+            assert loop.time() - started < 0.5  # at once, not at a re-send or the deadline
+            assert info.value.code == code and f"0x{reason:02X}" in str(info.value)
+            assert agent.counters.retries == 0 and agent.counters.errors[code] == 1
+
+    run_virtual(main)
