@@ -184,6 +184,10 @@ async def connect(cfg: BrokerConfig, client_id: str, **kwargs: Any) -> tuple[aio
             log.debug("connect %s as MQTT %s failed: %s", cfg.url(), protocol, exc)
             if probing:
                 _discard(client)
+            if _auth_refused(exc):  # an MQTT 5 broker said no: 3.1.1 would say no too
+                raise TransportError(
+                    f"broker {cfg.url()} refused {client_id!r} (user "
+                    f"{cfg.username or '(none)'!r}): {exc}; {AUTH_HINT}") from exc
             continue
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"cannot reach broker {cfg.url()}: {exc}") from exc
@@ -191,7 +195,24 @@ async def connect(cfg: BrokerConfig, client_id: str, **kwargs: Any) -> tuple[aio
         if probing:
             _unhook(client)
         return client, protocol
-    raise TransportError(f"cannot connect to broker {cfg.url()} as {client_id!r}: {last}")
+    hint = f"; {AUTH_HINT}" if "authori" in str(last).lower() or "password" in str(last) \
+        else ""
+    raise TransportError(f"cannot connect to broker {cfg.url()} as {client_id!r}: {last}{hint}")
+
+
+# MQTT 5 CONNACK reasons that mean "who you are is refused": 0x85 client identifier not
+# valid, 0x86 bad user name or password, 0x87 not authorized. Only a real MQTT 5 reason
+# code counts (paho's ReasonCode); a plain int may be one of paho's own error numbers.
+_AUTH_REFUSED_V5 = frozenset({0x85, 0x86, 0x87})
+AUTH_HINT = ("check the username and password and, on a broker set up by `splitinfer broker "
+             "config`, that the client id equals the username (the device id): "
+             "docs/security.md")
+
+
+def _auth_refused(exc: Exception) -> bool:
+    rc = getattr(exc, "rc", None)
+    return (not isinstance(rc, int) and hasattr(rc, "getName")
+            and getattr(rc, "value", None) in _AUTH_REFUSED_V5)
 
 
 def _bounded_connack(client: aiomqtt.Client) -> None:

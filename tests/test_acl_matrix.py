@@ -628,6 +628,7 @@ def test_the_edge_agent_and_the_worker_work_with_their_own_identities_only(
     report("EdgeAgent cam-1 with cam-1's credentials", kind, "answered correctly")
     report("EdgeAgent cam-2 with cam-1's credentials", kind, str(info.value)[:120])
     assert "cam-2" in str(info.value) and "authori" in str(info.value).lower()
+    assert "client id equals the username" in str(info.value)  # what to check, not just "no"
 
 
 def test_the_worker_role_covers_everything_a_worker_does(
