@@ -22,7 +22,8 @@ BENCHES = {
     "planner": "simulators.bench_planner",
     "resplit": "simulators.bench_resplit",
     "faults": "simulators.bench_faults",
-    "fuzz": "simulators.bench_fuzz",  # helper H2's; skipped until it exists
+    "fuzz": "simulators.bench_fuzz",
+    "broker-flood": "simulators.bench_broker",
 }
 
 
