@@ -51,14 +51,18 @@ EXIT_STARTUP = 3
 class ErrorCode(str, enum.Enum):
     """Codes that travel back to a device inside an error result."""
 
-    BAD_MESSAGE = "bad_message"  # undecodable envelope (not msgpack, truncated, wrong version)
+    # undecodable envelope: not msgpack, truncated, beyond the decoding budget, wrong version,
+    # a field missing or of the wrong type
+    BAD_MESSAGE = "bad_message"
     UNKNOWN_SPLIT = "unknown_split"  # no worker artifact for this split id
-    BAD_TENSOR = "bad_tensor"  # dtype / shape / count does not match the manifest
+    BAD_TENSOR = "bad_tensor"  # dtype / shape / size / quantization, or not the manifest's
     PAYLOAD_TOO_LARGE = "payload_too_large"
     DEADLINE_EXPIRED = "deadline_expired"  # arrived (or waited) past its deadline
     OVERLOADED = "overloaded"  # the worker's bounded queue is full
     SHUTTING_DOWN = "shutting_down"
-    INTERNAL = "internal"  # the tail failed; the message says how
+    # a request that passed every check failed in the worker or its tail (never a malformed
+    # one); the message says so without the exception's text, the worker's log has it
+    INTERNAL = "internal"
 
 
 class SplitInferError(Exception):
@@ -96,7 +100,13 @@ class TensorError(BadInputError):
 
 
 class WireError(SplitInferError, ValueError):
-    """A message on the wire cannot be decoded, or breaks a size limit."""
+    """A message on the wire cannot be decoded, or breaks a size limit.
+
+    ``code`` is what the worker answers (``bad_message``, ``bad_tensor``,
+    ``payload_too_large``); the message names the field and what was expected in msgpack
+    terms, and it goes back to the device as it is: it never carries a Python class name
+    or a library's own error text.
+    """
 
     def __init__(
         self, message: str, *, code: ErrorCode = ErrorCode.BAD_MESSAGE, **context: str | None
