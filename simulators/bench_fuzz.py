@@ -37,6 +37,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,8 +63,12 @@ MODEL_TOPIC = "fuzzed"
 REPLY_TIMEOUT_S = 20.0
 WINDOW = 16  # messages in flight at once
 LAG_WINDOW_S = 0.25  # the worker's lag monitor writes its worst per window of this length
-TARGETS = {"internal": 0, "crashes": 0, "no_reply": 0, "max_stall_ms": 50.0,
-           "rss_growth_mb": 20.0}
+TARGETS = {"internal": 0, "crashes": 0, "no_reply": 0, "leaky_replies": 0,
+           "max_stall_ms": 50.0, "rss_growth_mb": 20.0}
+# An error message that names a Python class, shows an object or quotes a library's
+# exception: what a reply must never carry (issue 10).
+LEAK = re.compile(r"Traceback|Exception\b|Error\b|NoneType|object at 0x|<class '|"
+                  r"'(dict|list|tuple|bytes|bytearray)'|\b(dict|list|tuple)\b")
 
 
 # --- the worker side (a child process) -----------------------------------------------------
@@ -288,7 +293,8 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
     sent_kinds: Counter[str] = Counter()
     sent_at: list[tuple[float, str]] = []
     result: dict[str, Any] = {"valid_sent": 0, "valid_correct": 0, "no_reply": 0,
-                              "broker_refused": 0, "valid_wrong": []}
+                              "broker_refused": 0, "valid_wrong": [], "leaky_replies": 0,
+                              "leaks": []}
     rss: list[float] = []
     burst_valid_ms: list[float] = []
 
@@ -314,6 +320,10 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
             return
         code = answer.error.code if answer.error is not None else "ok"
         replies[code] += 1
+        if answer.error is not None and LEAK.search(answer.error.message):
+            result["leaky_replies"] += 1
+            if len(result["leaks"]) < 5:
+                result["leaks"].append(answer.error.message[:200])
         by_kind.setdefault(item.kind, Counter())[code] += 1
         if item.arrays is None:
             return
@@ -451,6 +461,7 @@ def _round(value: float | None) -> float | None:
 def _passed(r: Mapping[str, Any]) -> bool:
     return (r["internal"] == TARGETS["internal"] and r["crashes"] == TARGETS["crashes"]
             and r["no_reply"] == TARGETS["no_reply"]
+            and r["leaky_replies"] == TARGETS["leaky_replies"]
             and r["max_stall_ms"] <= TARGETS["max_stall_ms"]
             and r["rss_growth_mb"] is not None
             and r["rss_growth_mb"] <= TARGETS["rss_growth_mb"]
@@ -467,6 +478,9 @@ def _print(r: Mapping[str, Any]) -> None:
     line("internal replies", r["internal"], "0", r["internal"] == 0)
     line("crashes", r["crashes"], "0", r["crashes"] == 0)
     line("no reply", r["no_reply"], "0", r["no_reply"] == 0)
+    line("replies leaking internals", r["leaky_replies"], "0", r["leaky_replies"] == 0)
+    for text in r["leaks"][:3]:
+        print(f"    e.g. {text!r}")
     line("longest loop stall ms", r["max_stall_ms"], "<= 50", r["max_stall_ms"] <= 50)
     growth = r["rss_growth_mb"]
     line("worker RSS growth MB", growth, "<= 20", growth is not None and growth <= 20)

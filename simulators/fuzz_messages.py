@@ -41,6 +41,20 @@ def _array_header(n: int) -> bytes:
     return (b"\xdc" + n.to_bytes(2, "big")) if n < 65536 else (b"\xdd" + n.to_bytes(4, "big"))
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height over one tiny IDAT (a bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8,
+                                                                0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
 # --- the generator -------------------------------------------------------------------------
 
 
@@ -56,6 +70,9 @@ class FuzzGenerator:
     cut: Sequence[tuple[str, str, tuple[int, ...], list[float | int] | None]]
     seed: int = 0
     max_payload: int = 8 * 1024 * 1024
+    # tensor name -> the split's image codec (splitinfer.imagecodec.ImageCodec), for the
+    # image kinds; without one they fall back to bad_codec
+    codecs: Mapping[str, Any] = field(default_factory=dict)
     rng: random.Random = field(init=False)
     np_rng: np.random.Generator = field(init=False)
 
@@ -73,7 +90,9 @@ class FuzzGenerator:
             q = spec.quantization
             cut.append((spec.name, spec.dtype, (1, *shape[1:]) if shape else shape,
                         [float(q.scale), int(q.zero_point)] if q is not None else None))
-        return cls(manifest.split_id, cut, seed=seed, max_payload=max_payload)
+        codecs = {spec.name: c for spec in manifest.cut
+                  if (c := manifest.codec_for(spec.name)) is not None}
+        return cls(manifest.split_id, cut, seed=seed, max_payload=max_payload, codecs=codecs)
 
     # valid material ---------------------------------------------------------------------
 
@@ -357,6 +376,49 @@ class FuzzGenerator:
                              [b"\x89PNG\r\n\x1a\n"] * 3, t["b"], [], [1, 2], "x"])
         return _pack(body)
 
+    def bad_images(self, rid: str) -> bytes:
+        """Encoded images for a split that declares a codec: real ones (answered), and
+        truncated, resized, miscounted, mislabelled or bomb-headed ones."""
+        if not self.codecs:
+            return self.bad_codec(rid)
+        import io
+
+        from PIL import Image
+
+        name, codec = self._pick(sorted(self.codecs.items()))
+        body = self.body(rid)
+        t = next(t for t in body["t"] if t["n"] == name)
+        images: list[bytes] = codec.encode(self.arrays()[name])
+        t.update(c=codec.codec, b=images)
+        t.pop("q", None)
+        n, h, w = (t["s"][0], t["s"][2], t["s"][3]) if codec.layout == "NCHW" else \
+            tuple(t["s"][:3])
+        choice = self.rng.randrange(7)
+        if choice == 1:
+            t["b"] = [images[0][:self.rng.randrange(1, len(images[0]))]]
+        elif choice == 2:  # a real image of another size
+            out = io.BytesIO()
+            mode = "L" if codec.channels == 1 else "RGB"
+            Image.new(mode, (w + self.rng.randrange(1, 9), h)).save(
+                out, format="JPEG" if codec.codec == "jpeg" else "PNG")
+            t["b"] = [out.getvalue()]
+        elif choice == 3:
+            t["b"] = images * self._pick([0, 2, 3])
+        elif choice == 4:  # the other format
+            out = io.BytesIO()
+            Image.new("L" if codec.channels == 1 else "RGB", (w, h)).save(
+                out, format="PNG" if codec.codec == "jpeg" else "JPEG")
+            t["b"] = [out.getvalue()]
+        elif choice == 5:  # a decompression-bomb header, declared or not
+            big = self._pick([4000, 20000, 65000])
+            t["b"] = [_png_header(big, big)]
+            if self.rng.random() < 0.5:
+                t["s"] = [n, codec.channels, big, big] if codec.layout == "NCHW" else \
+                    [n, big, big, codec.channels]
+        elif choice == 6:
+            t["b"] = [images[0][:20] + self.rng.randbytes(200)]
+        return _pack(body)
+
     def bad_ids(self, rid: str) -> bytes:
         body = self.body(rid)
         key = self._pick(["id", "dev", "split", "rt"])
@@ -425,6 +487,7 @@ _KIND_TABLE: dict[str, tuple[Callable[[FuzzGenerator, str], bytes], float]] = {
     "bad_timestamps": (FuzzGenerator.bad_timestamps, 0.5),
     "bad_quantization": (FuzzGenerator.bad_quantization, 1.0),
     "bad_codec": (FuzzGenerator.bad_codec, 1.0),
+    "bad_images": (FuzzGenerator.bad_images, 1.0),
     "bad_ids": (FuzzGenerator.bad_ids, 0.5),
     "cut_mismatch": (FuzzGenerator.cut_mismatch, 1.0),
     "oversize": (FuzzGenerator.oversize, 0.02),
