@@ -249,28 +249,42 @@ def _scan(data: bytes | bytearray | memoryview, max_bin: int) -> None:
     if _type_at(first) not in ("map", "ext", "no msgpack type"):  # those two: see below
         raise WireError(f"envelope must be a msgpack map, got {_type_at(first)}")
     pos = values = containers = 0
-    # per open container: values still to read in it (a map counts keys and values), and
-    # whether it is a map (then a value read at an even count left is a key)
+    # per open container: what is still to read in it: values of an array (> 0), or
+    # key-value entries of a map (< 0, counted up to 0; each key read inline, a str)
     left = [1]
-    is_map = [False]
     classes, widths = _CLASS, _WIDTH
     while True:
         count = left[-1]
-        if not count:
+        if count > 0:
+            left[-1] = count - 1
+        elif count < 0:
+            left[-1] = count + 1
+            if pos >= size:
+                raise _malformed(f"truncated at byte {pos}")
+            first = data[pos]
+            if classes[first] != _STR:
+                raise _malformed(f"a map key at byte {pos} is {_a(_type_at(first))}; keys "
+                                 "must be str")
+            width = widths[first]
+            length = (int.from_bytes(data[pos + 1:pos + 1 + width], "big") if width
+                      else first & 0x1F)
+            if length > _MAX_STR:
+                raise _malformed(f"a str of {length} bytes at byte {pos}; at most {_MAX_STR}")
+            start, pos = pos, pos + 1 + width + length
+            if pos > size:
+                raise _malformed(f"a str at byte {start} claims {length} bytes, "
+                                 f"{max(size - start - 1 - width, 0)} left")
+            values += 1
+        else:
             left.pop()
-            is_map.pop()
             if not left:
                 break
             continue
-        left[-1] = count - 1
         if pos >= size:
             raise _malformed(f"truncated at byte {pos}")
         first = data[pos]
         cls = classes[first]
         values += 1
-        if is_map[-1] and not count & 1 and cls != _STR:
-            raise _malformed(f"a map key at byte {pos} is {_a(_type_at(first))}; keys must be "
-                             "str")
         if cls == _SCALAR:
             pos += widths[first]
             continue
@@ -311,8 +325,9 @@ def _scan(data: bytes | bytearray | memoryview, max_bin: int) -> None:
         if entries > size - pos:  # every value takes at least one byte
             raise _malformed(f"{_a(kind)} at byte {start} claims {length} entries, "
                              f"{size - pos} bytes left")
-        left.append(entries)
-        is_map.append(cls == _MAP)
+        left.append(-length if cls == _MAP else length)
+    if values > _MAX_VALUES:
+        raise _malformed(f"more than {_MAX_VALUES} values in one message")
     if pos != size:
         raise _malformed(f"{size - pos} byte(s) after the envelope's end")
 
