@@ -135,13 +135,13 @@ def test_adaptive_fleet_reports_splits_switches_and_draws(
 
 def test_link_schedule_moves_every_link_and_switches_are_well_formed(
         digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.5, speed=SLOW,
-                  link_schedule="wifi@0s,3g@1.5s").report
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=5.0, speed=SLOW,
+                  link_schedule="wifi@0s,3g@3s").report
     _accounted(report)
     assert report["lost"] == 0
     assert [e["link"] for e in report["link_schedule"]] == ["wifi", "3g"]
     applied = [e["applied_s"] for e in report["link_schedule"]]
-    assert applied[0] == pytest.approx(0.0, abs=0.2) and applied[1] == pytest.approx(1.5,
+    assert applied[0] == pytest.approx(0.0, abs=0.2) and applied[1] == pytest.approx(3.0,
                                                                                      abs=0.2)
     # the proxies started from the schedule's first entry (no --link given)
     assert [g["spec"] for g in report["links"]] == ["wifi"]
@@ -157,12 +157,12 @@ def test_link_schedule_moves_every_link_and_switches_are_well_formed(
     assert times == sorted(times)
     # on 3g the devices' own observations moved them to edge_only: the proxies did change
     edge = Bundle.load(digits_bundle).get("edge_only").split_id
-    assert any(s["t_s"] > 1.5 and s["to"] == edge for s in report["switches"])
+    assert any(s["t_s"] > 3.0 and s["to"] == edge for s in report["switches"])
 
 
 def test_link_cut_is_answered_on_the_device_and_nothing_is_lost(
         digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=3.5, speed=SLOW,
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=5.0, speed=SLOW,
                   faults="link-cut@1s+1.5s").report
     _accounted(report)
     assert report["lost"] == 0 and report["answered"] == report["sent"]
