@@ -255,9 +255,11 @@ class ImageCodec:
         for i, data in enumerate(images):
             try:
                 image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[self.codec]])
-            except Exception as exc:  # Pillow raises several types for a bad header
+            except Exception:  # Pillow raises several types for a bad header; its words
+                # (and object reprs) stay out of an answer to a device
                 raise _bad(f"{where}: image #{i} is not a readable {self.codec} file "
-                           f"({len(data)} bytes): {exc}") from None
+                           f"({len(data)} bytes); expected one {self.codec} image of the "
+                           f"declared shape {list(shape)}") from None
             if image.mode != _MODES[self.channels] or image.size != (w, h):
                 raise _bad(f"{where}: image #{i} is {image.size[0]}x{image.size[1]} "
                            f"{image.mode}; the declared shape {list(shape)} needs {w}x{h} "
@@ -268,8 +270,9 @@ class ImageCodec:
             try:
                 image.load()
                 pixels[i] = np.asarray(image)
-            except Exception as exc:  # truncated or corrupt data after a valid header
-                raise _bad(f"{where}: image #{i} cannot be decoded: {exc}") from None
+            except Exception:  # truncated or corrupt data after a valid header
+                raise _bad(f"{where}: image #{i} cannot be decoded (truncated or corrupt "
+                           f"{self.codec} data after a valid header)") from None
             finally:
                 image.close()
         return self.from_pixels(pixels)

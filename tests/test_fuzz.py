@@ -134,9 +134,6 @@ def test_image_inputs_are_never_internal(
     assert by_kind["bad_tensor"] and by_kind["ok"], by_kind  # refused ones and real images
 
 
-@pytest.mark.xfail(strict=True, reason="splitinfer/imagecodec.py quotes Pillow's exception "
-                   "text (e.g. '<_io.BytesIO object at 0x...>') in bad_tensor messages; "
-                   "not helper H2's file: see its report")
 def test_image_errors_carry_no_library_text(
         jpeg_answers: tuple[dict[bytes, Any], dict[bytes, Envelope]]) -> None:
     _sent, answered = jpeg_answers
