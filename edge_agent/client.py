@@ -145,11 +145,11 @@ _AGENTS_ON_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = \
 
 ONLINE = b"online"
 OFFLINE = b"offline"
-# Re-sending after a "no matching subscribers" PUBACK: first wait, and the doubling's cap.
 # PUBACK refusals that may pass on a re-send (0x97 quota exceeded: the broker's limit on
 # messages in flight); every other reason >= 0x80 fails the call at once.
 _TRANSIENT_REFUSALS = frozenset({0x97})
 _PACKET_TOO_LARGE = 0x95
+# Re-sending after a "no matching subscribers" PUBACK: first wait, and the doubling's cap.
 _NOSUB_MIN_S = 0.25
 _NOSUB_MAX_S = 2.0
 # Every wait is jittered down by up to this share, so agents that lost their requests at
