@@ -201,8 +201,13 @@ def _serve_and_infer(args: DemoOptions, split_dir: Path, inputs: Mapping[str, Ar
         # amqtt speaks 3.1.1 only; asking for it directly skips a refused MQTT 5 CONNECT.
         url = broker.url + ("?protocol=3.1.1" if isinstance(broker, EmbeddedBroker) else "")
     shared = not isinstance(broker, EmbeddedBroker)
+    # On amqtt no retained heartbeat (its retained-message delivery to a connecting client
+    # races with other clients' SUBSCRIBEs: docs/brokers.md); one worker has no peer to
+    # fence anyway.
     server = Server(Config(artifacts=split_dir, broker=url,
-                           group="splitinfer-demo" if shared else ""))
+                           group="splitinfer-demo" if shared else "",
+                           heartbeat_s=1.0 if shared else 0.0,
+                           fence_after_s=3.0 if shared else 0.0))
     try:
         server.start_in_thread()
         _say(args, f"serving    broker {kind} at {url.split('?')[0]}; 1 worker; "

@@ -435,7 +435,7 @@ class Fleet:
                                   artifacts=target.worker_artifacts, prefix=prefix,
                                   group="" if broker_kind.startswith("embedded") else "fleet",
                                   log_dir=out, threads=cfg.worker_threads,
-                                  extra=self._worker_flags())
+                                  extra=self._worker_flags(broker_kind))
                 stack.callback(pool.stop)
                 await asyncio.to_thread(pool.start)
             if local:
@@ -530,8 +530,14 @@ class Fleet:
             protocol = "3.1.1"
         return pick_transport(cfg.transport, protocol=protocol, qos=cfg.qos, tls=broker.tls)
 
-    def _worker_flags(self) -> list[str]:
+    def _worker_flags(self, broker_kind: str = "") -> list[str]:
         flags: list[str] = []
+        if broker_kind.startswith("embedded"):
+            # amqtt sends every connecting client the retained messages of *every*
+            # subscription, iterating its subscription table across awaits; a retained
+            # heartbeat there makes a device connecting while another subscribes fail
+            # ("dictionary changed size during iteration"). One worker: nothing to fence.
+            flags += ["--heartbeat", "0", "--fence-after", "0"]
         if self.config.max_batch is not None:
             flags += ["--max-batch", str(self.config.max_batch)]
         if self.config.max_delay_ms is not None:
