@@ -45,9 +45,15 @@ def fresh_mosquitto() -> Iterator[MosquittoBroker]:
     yield from _mosquitto()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def embedded_broker() -> Iterator[EmbeddedBroker]:
-    """amqtt in-process: MQTT 3.1.1 only, as the demo uses without mosquitto."""
+    """amqtt in-process: MQTT 3.1.1 only, as the demo uses without mosquitto.
+
+    One per test: amqtt leaves the server side of closed connections to the garbage
+    collector, and a session-wide broker let them be collected inside a later, unrelated
+    test (a ResourceWarning there, which the suite turns into an error: seen in CI in
+    test_edge_unit). Stopping it at the test's end drains and collects them with warnings
+    off (EmbeddedBroker._drain)."""
     broker = EmbeddedBroker()
     broker.start()
     yield broker
