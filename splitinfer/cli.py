@@ -21,7 +21,7 @@ from importlib import metadata
 
 from splitinfer.errors import EXIT_BAD_INPUT, EXIT_FAILED, SplitInferError
 
-__all__ = ["main", "build_parser", "env_default"]
+__all__ = ["main", "build_parser", "env_default", "extra_hint", "EXTRAS"]
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 log = logging.getLogger(__name__)
@@ -32,13 +32,44 @@ def env_default(flag: str, default: str | None = None) -> str | None:
     return os.environ.get("SPLITINFER_" + flag.lstrip("-").replace("-", "_").upper(), default)
 
 
+# The extra each command needs (the hint when its imports fail). A device needs only
+# `edge`; `[all]` would put onnx, matplotlib and amqtt on it.
+EXTRAS = {"inspect": "splitter", "split": "splitter", "quantize": "splitter",
+          "bundle": "splitter", "profile": "edge", "plan": "edge", "cloud": "cloud",
+          "edge": "edge", "broker": "cloud", "demo": "all", "fleet": "all", "bench": "all"}
+
+
+def extra_hint(command: str) -> str:
+    extra = EXTRAS.get(command, "all")
+    return f"pip install 'splitinfer[{extra}]'"
+
+
+def _unavailable(name: str, exc: ImportError) -> Register:
+    """A stand-in for a command whose module cannot be imported: listed in --help as
+    unavailable, and running it says why in one line (never hidden)."""
+    why = f"{exc}; install the extra it needs: {extra_hint(name)}"
+
+    def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        parser = sub.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def func(_args: argparse.Namespace) -> int:
+            print(f"splitinfer {name}: unavailable: {why}", file=sys.stderr)
+            return EXIT_FAILED
+
+        parser.set_defaults(func=func)
+
+    return register
+
+
 def _registrars() -> list[tuple[str, Register]]:
     found = []
     for ep in sorted(metadata.entry_points(group="splitinfer.commands"), key=lambda e: e.name):
         try:
             found.append((ep.name, ep.load()))
-        except ImportError as exc:  # a package whose extra is not installed
+        except ImportError as exc:  # a package whose extra is not installed: say so
             log.debug("command %s unavailable: %s", ep.name, exc)
+            found.append((ep.name, _unavailable(ep.name, exc)))
     return found
 
 
@@ -61,8 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ImportError as exc:
-        print(f"{prog}: error: {exc}; install the extra this command needs, e.g. "
-              "pip install 'splitinfer[all]'", file=sys.stderr)
+        print(f"{prog}: error: {exc}; install the extra this command needs: "
+              f"{extra_hint(args.command)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
