@@ -1,23 +1,42 @@
 """Worker counters: a dict for logs and tests, Prometheus text for scrapers.
 
 All updates happen on the worker's event loop thread, so plain ints suffice; a reader on
-another thread (a test, a future HTTP endpoint) gets a consistent-enough snapshot.
+another thread (a test, the HTTP endpoint of :mod:`cloud_service.http`) gets a
+consistent-enough snapshot.
+
+Each :class:`Metrics` owns a prometheus-client ``CollectorRegistry`` (``.registry``, never
+the process-wide default, so two workers in one process do not collide): histograms of the
+per-request latency (receipt to reply), queue wait, tail run time and batch size, per-split
+counters, and the counters and gauges below read at scrape time. The ``split`` label only
+takes the ids of the splits this worker serves (``Metrics.splits``); any other id a request
+names is counted as ``_unknown``: a label's values must not come from the network.
 """
+
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from splitinfer.errors import ErrorCode
 
-__all__ = ["Metrics", "ErrorLog", "render_prometheus"]
+__all__ = ["Metrics", "ErrorLog", "render_prometheus", "NAMESPACE", "UNKNOWN_SPLIT"]
 
 log = logging.getLogger(__name__)
+
+NAMESPACE = "splitinfer_worker"
+UNKNOWN_SPLIT = "_unknown"  # the split label of requests naming no split served here
+# Seconds: fixed buckets, the same on every replica, so histograms sum across them.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                   0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass
@@ -41,15 +60,65 @@ class Metrics:
                                                           repr=False)
     in_flight: Callable[[], int] = field(default=lambda: 0, repr=False)
     started_at: float = field(default_factory=time.time)
+    # The split ids the ``split`` label may take (the worker sets its registry's ids).
+    splits: frozenset[str] = frozenset()
+    # Per split (label value from split_label): requests decoded, answers acknowledged,
+    # error answers by (split, code).
+    split_requests: Counter[str] = field(default_factory=Counter)
+    split_answered: Counter[str] = field(default_factory=Counter)
+    split_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    registry: CollectorRegistry = field(init=False, repr=False, compare=False)
 
-    def error(self, code: ErrorCode) -> None:
+    def __post_init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        ns = NAMESPACE
+        self.latency = Histogram(
+            "request_latency_seconds", "receipt of a request to its answer's publish",
+            ["split"], namespace=ns, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "receipt of a request to its batch's tail run",
+            ["split"], namespace=ns, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tail_run = Histogram(
+            "tail_run_seconds", "onnxruntime run time of one batch", ["split"],
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram(
+            "batch_size_samples", "samples per tail run", ["split"], namespace=ns,
+            buckets=BATCH_BUCKETS, registry=self.registry)
+        self.registry.register(_Collector(self))
+
+    def split_label(self, split: str | None) -> str:
+        return split if split and split in self.splits else UNKNOWN_SPLIT
+
+    def request(self, split: str) -> None:
+        """A request decoded; ``received`` already counts every message."""
+        self.split_requests[self.split_label(split)] += 1
+
+    def answer(self, split: str = "") -> None:
+        """An answer with tensors acknowledged by the broker."""
+        self.answered += 1
+        self.split_answered[self.split_label(split)] += 1
+
+    def replied(self, split: str, latency_s: float) -> None:
+        """An answer with tensors published ``latency_s`` after its request arrived."""
+        self.latency.labels(self.split_label(split)).observe(max(latency_s, 0.0))
+
+    def queued(self, split: str, wait_s: float) -> None:
+        """A request waited ``wait_s`` from receipt until its batch ran."""
+        self.queue_wait_s += wait_s
+        self.queue_wait.labels(self.split_label(split)).observe(max(wait_s, 0.0))
+
+    def error(self, code: ErrorCode, split: str | None = None) -> None:
         self.errors[code.value] += 1
+        self.split_errors[(self.split_label(split), code.value)] += 1
 
-    def batch(self, requests: int, samples: int, tail_s: float) -> None:
+    def batch(self, requests: int, samples: int, tail_s: float, split: str = "") -> None:
         self.batches += 1
         self.batched_requests += requests
         self.batched_samples += samples
         self.tail_s += tail_s
+        label = self.split_label(split)
+        self.tail_run.labels(label).observe(max(tail_s, 0.0))
+        self.batch_size.labels(label).observe(samples)
 
     def snapshot(self) -> dict[str, Any]:
         batches = self.batches
@@ -126,6 +195,41 @@ def render_prometheus(metrics: Metrics, *, namespace: str = "splitinfer_worker",
               f"# TYPE {namespace}_queue_wait_seconds_total counter",
               series("queue_wait_seconds_total", metrics.queue_wait_s)]
     return "\n".join(lines) + "\n"
+
+
+class _Collector:
+    """The plain counters and gauges of a :class:`Metrics`, read at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        snap = m.snapshot()
+        for name, help_text in _COUNTERS:
+            yield CounterMetricFamily(f"{NAMESPACE}_{name}", help_text, value=snap[name])
+        errors = CounterMetricFamily(f"{NAMESPACE}_errors", "error results by code",
+                                     labels=["code"])
+        for code, count in snap["errors"].items():
+            errors.add_metric([code], count)
+        yield errors
+        per_split = (("split_requests", "requests decoded, by the split they name",
+                      m.split_requests),
+                     ("split_answered", "results with tensors acknowledged, by split",
+                      m.split_answered))
+        for name, help_text, counts in per_split:
+            family = CounterMetricFamily(f"{NAMESPACE}_{name}", help_text, labels=["split"])
+            for split in sorted(m.splits | set(counts)):
+                family.add_metric([split], counts.get(split, 0))
+            yield family
+        split_errors = CounterMetricFamily(f"{NAMESPACE}_split_errors",
+                                           "error results by split and code",
+                                           labels=["split", "code"])
+        for (split, code), count in sorted(m.split_errors.items()):
+            split_errors.add_metric([split, code], count)
+        yield split_errors
+        for name, help_text in _GAUGES:
+            yield GaugeMetricFamily(f"{NAMESPACE}_{name}", help_text, value=snap[name])
 
 
 def _escape(value: str) -> str:

@@ -159,6 +159,7 @@ class Worker:
         self.metrics.queue_depth = lambda: self._batcher.depth
         self.metrics.tail_waits = lambda: (self._batcher.starved_s, self._batcher.held_s)
         self.metrics.in_flight = lambda: len(self._replies)
+        self.metrics.splits = frozenset(registry)
 
     # --- intake --------------------------------------------------------------------------
 
@@ -187,6 +188,7 @@ class Worker:
             return
         addr = reply_address(self.topics, msg, env.reply_to)
         env.timestamps["recv"] = now
+        self.metrics.request(env.split_id)
         if env.kind != REQUEST:
             self._fail(ErrorCode.BAD_MESSAGE, f"expected a {REQUEST!r} envelope on a request "
                        f"topic, got {env.kind!r}", msg=msg, addr=addr, now=now, env=env)
@@ -254,7 +256,7 @@ class Worker:
     def _fail(self, code: ErrorCode, message: str, *, msg: Incoming | None,
               addr: ReplyAddress | None, now: float, env: Envelope | None = None,
               request_id: str = "", exc_info: BaseException | bool | None = None) -> None:
-        self.metrics.error(code)
+        self.metrics.error(code, env.split_id if env is not None else None)
         topic = msg.topic if msg is not None else "?"
         self._errors.report(code.value, "%s (request topic %s)", message, topic,
                             exc_info=exc_info)
@@ -272,43 +274,49 @@ class Worker:
 
     def _send(self, addr: ReplyAddress, answer: Envelope, *, ok: bool) -> bytes | None:
         """Encode and send ``answer``; the payload sent, or None when it cannot be encoded."""
-        answer.timestamps["reply"] = time.time()
+        answer.timestamps["reply"] = reply = time.time()
         try:
             payload = encode(answer)
         except WireError as exc:
             self._errors.report("encode_failed", "cannot encode the answer to %r: %s",
                                 answer.request_id, exc)
             return None
-        self._send_payload(addr, payload, ok=ok)
+        if ok:
+            self.metrics.replied(answer.split_id, reply - answer.timestamps.get("recv", reply))
+        self._send_payload(addr, payload, ok=ok, split=answer.split_id)
         return payload
 
-    def _send_payload(self, addr: ReplyAddress, payload: bytes, *, ok: bool) -> None:
+    def _send_payload(self, addr: ReplyAddress, payload: bytes, *, ok: bool,
+                      split: str = "") -> None:
         if self._publish_nowait is not None:
             # No task per answer: sent now, the PUBACK resolves a future.
             acked = self._publish_nowait(addr.topic, payload, addr.correlation)
             if acked is not None:
                 self._replies.add(acked)
-                acked.add_done_callback(lambda fut: self._acked(fut, addr, payload, ok))
+                acked.add_done_callback(
+                    lambda fut: self._acked(fut, addr, payload, ok, split))
                 return
-        self._deliver_later(addr, payload, ok)
+        self._deliver_later(addr, payload, ok, split)
 
-    def _deliver_later(self, addr: ReplyAddress, payload: bytes, ok: bool) -> None:
+    def _deliver_later(self, addr: ReplyAddress, payload: bytes, ok: bool,
+                       split: str = "") -> None:
         task = asyncio.get_running_loop().create_task(
-            self._deliver(addr, payload, ok), name=f"reply-{addr.topic[-24:]}")
+            self._deliver(addr, payload, ok, split), name=f"reply-{addr.topic[-24:]}")
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
     def _acked(self, fut: asyncio.Future[None], addr: ReplyAddress, payload: bytes,
-               ok: bool) -> None:
+               ok: bool, split: str = "") -> None:
         self._replies.discard(fut)
         if fut.cancelled():
             return  # aclose(): a forced exit
         if fut.exception() is not None:  # the connection went: the slow path retries
-            self._deliver_later(addr, payload, ok)
+            self._deliver_later(addr, payload, ok, split)
         elif ok:
-            self.metrics.answered += 1
+            self.metrics.answer(split)
 
-    async def _deliver(self, addr: ReplyAddress, payload: bytes, ok: bool) -> None:
+    async def _deliver(self, addr: ReplyAddress, payload: bytes, ok: bool,
+                       split: str = "") -> None:
         # No wait_for here: it would cost a task per answer; the publisher gives up by
         # itself after reply_timeout_s (the server's does).
         try:
@@ -319,7 +327,7 @@ class Worker:
                                 addr.topic, exc)
             return
         if ok:
-            self.metrics.answered += 1
+            self.metrics.answer(split)
 
     # --- tail runs (on a tail thread; answers hop back to the loop) --------------------
 
@@ -359,14 +367,15 @@ class Worker:
         for job in jobs:
             self._forget(job)
             job.request.timestamps["batched"] = batched
-            self.metrics.queue_wait_s += batched - job.received
+            self.metrics.queued(split_id, batched - job.received)
         if isinstance(per_job, Exception):
             for job in jobs:
                 self._fail(ErrorCode.INTERNAL, f"the tail of split {split_id!r} failed on "
                            "this request", msg=None, addr=job.reply, now=job.received,
                            env=job.request, exc_info=per_job)
             return
-        self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0)
+        self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0,
+                           split=split_id)
         tail = self.registry[split_id]
         specs = tail.output_specs
         for job, outputs in zip(jobs, per_job, strict=True):
