@@ -97,6 +97,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="recent results kept to answer a retried request id again "
                        "without running it twice, 0 = none (default %(default)s) "
                        "[SPLITINFER_DEDUPE]")
+    serve.add_argument("--metrics-port", type=int, default=_env("--metrics-port", 0),
+                       help="serve /metrics (Prometheus), /healthz and /readyz over HTTP on "
+                       "this port, 0 = off (default %(default)s) [SPLITINFER_METRICS_PORT]")
+    serve.add_argument("--metrics-host", default=_env("--metrics-host", "127.0.0.1"),
+                       help="address the metrics endpoint binds (default %(default)s; "
+                       "0.0.0.0 for a scraper on another host) [SPLITINFER_METRICS_HOST]")
     serve.set_defaults(func=_serve)
 
     def usage(_args: argparse.Namespace) -> int:
@@ -118,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         drain_timeout_s=args.drain_timeout, metrics_interval_s=args.metrics_interval,
         worker_id=args.worker_id or "", session_expiry_s=args.session_expiry,
         heartbeat_s=args.heartbeat, fence_after_s=args.fence_after, dedupe_size=args.dedupe,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
     )
     if args.max_payload is not None:
         fields["max_payload"] = args.max_payload
@@ -128,11 +135,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from cloud_service.server import Server
+    from splitinfer.errors import StartupError
 
     def ready(server: Server) -> None:
         # stdout, without -v: the one sign for a person or a script that it is serving
         print(server.ready_line(), flush=True)
 
-    server = Server(config_from_args(args), on_started=ready)
-    server.run()
+    config = config_from_args(args)
+    server = Server(config, on_started=ready)
+    http = None
+    if config.metrics_port:
+        from cloud_service.http import MetricsHTTP
+
+        try:
+            http = MetricsHTTP(server.metrics.registry, lambda: server.ready,
+                               host=config.metrics_host, port=config.metrics_port).start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {config.metrics_host}:"
+                               f"{config.metrics_port}: {exc}") from exc
+    try:
+        server.run()
+    finally:
+        if http is not None:
+            http.stop()
     return 0 if server.drained_cleanly is not False else 1

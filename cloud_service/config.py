@@ -73,6 +73,9 @@ class Config:
     # duplicates of queued requests are still dropped), bounded by entries and bytes.
     dedupe_size: int = 4096
     dedupe_bytes: int = DEFAULT_MAX_BYTES
+    # HTTP /metrics, /healthz, /readyz on metrics_host:metrics_port (0 = not served).
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         self.artifacts = Path(self.artifacts)
@@ -121,6 +124,13 @@ class Config:
         if 0 < self.fence_after_s <= self.heartbeat_s:
             raise BadInputError(f"fence_after_s = {self.fence_after_s!r}: expected more than "
                                 f"heartbeat_s ({self.heartbeat_s!r}), or 0 (never fence)")
+        if not isinstance(self.metrics_port, int) or isinstance(self.metrics_port, bool) \
+                or not 0 <= self.metrics_port <= 65535:
+            raise BadInputError(f"metrics_port = {self.metrics_port!r}: expected a TCP port "
+                                "0-65535 (0 = no metrics endpoint)")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise BadInputError(f"metrics_host = {self.metrics_host!r}: expected a host name "
+                                "or address to bind, e.g. 127.0.0.1 or 0.0.0.0")
         self.providers = tuple(self.providers)
         if self.providers:
             import onnxruntime as ort

@@ -115,6 +115,8 @@ class Server:
         self.error: BaseException | None = None  # why serve() ended, if it failed
         self.protocol: str | None = None  # "5" or "3.1.1" once connected
         self.drained_cleanly: bool | None = None
+        # Readiness (/readyz, cloud_service.http): True while connected and subscribed.
+        self.ready = False
         self._should_exit = False
         self._force_exit = False
         self._draining = False
@@ -419,6 +421,7 @@ class Server:
                                f"{hint}")
         if self.watcher is not None:
             await self._watch(conn)
+        self.ready = True  # readiness hook: subscribed on a live connection
         if self.heartbeat is not None and self.started.is_set():
             # Back after a reconnect: say so now rather than at the next tick.
             task = asyncio.get_running_loop().create_task(self.heartbeat.beat(),
@@ -458,6 +461,7 @@ class Server:
                 reason: object = exc
             else:
                 reason = "message stream ended"
+            self.ready = False  # readiness hook: the connection is gone
             if not conn.lost.done():
                 conn.lost.set_result(None)
             conn.fail_acks(f"connection lost before the PUBACK: {reason}")
@@ -613,6 +617,7 @@ class Server:
         import aiomqtt
 
         self._draining = True
+        self.ready = False  # readiness hook: draining takes no new requests
         if self.watcher is not None:
             self.watcher.active = False  # leaving: fencing is for the ones that stay
         if self.heartbeat is not None:

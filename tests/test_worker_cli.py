@@ -52,6 +52,9 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"dedupe_size": True}, "dedupe_size"),
     ({"dedupe_bytes": 1.5}, "dedupe_bytes"),
     ({"client_id": "has space"}, "client id"),
+    ({"metrics_port": 70000}, "metrics_port"),
+    ({"metrics_port": -1}, "metrics_port"),
+    ({"metrics_host": ""}, "metrics_host"),
 ])
 def test_bad_settings_name_the_field(bad: dict[str, Any], field: str) -> None:
     with pytest.raises(BadInputError, match=field):
@@ -59,3 +62,14 @@ def test_bad_settings_name_the_field(bad: dict[str, Any], field: str) -> None:
     # A client id that is no topic level is fine without heartbeat and fencing.
     if "client_id" in bad:
         Config(artifacts=Path("."), heartbeat_s=0, fence_after_s=0, **bad)
+
+
+def test_metrics_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse()
+    assert (cfg.metrics_port, cfg.metrics_host) == (0, "127.0.0.1")  # off by default
+    cfg = parse("--metrics-port", "9464", "--metrics-host", "0.0.0.0")
+    assert (cfg.metrics_port, cfg.metrics_host) == (9464, "0.0.0.0")
+    monkeypatch.setenv("SPLITINFER_METRICS_PORT", "9100")
+    monkeypatch.setenv("SPLITINFER_METRICS_HOST", "::1")
+    cfg = parse()
+    assert (cfg.metrics_port, cfg.metrics_host) == (9100, "::1")
