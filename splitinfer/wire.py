@@ -38,6 +38,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from splitinfer import compression
 from splitinfer.dtypes import DTYPES, canonical_dtype
 from splitinfer.errors import ErrorCode, WireError
 from splitinfer.imagecodec import MAX_DECODED_BYTES, ImageCodec
@@ -77,6 +78,9 @@ class WireTensor:
     array: np.ndarray[Any, Any]
     quantization: Quantization | None = None
     codec: ImageCodec | None = None  # None: raw bytes; else one encoded image per sample
+    # "zstd" | "lz4": send the raw bytes compressed (splitinfer.compression), only where
+    # the compressed form is smaller; None: uncompressed (or the policy encode() is given)
+    compression: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _tensor_to_wire(t: WireTensor) -> dict[str, Any]:
+def _tensor_to_wire(t: WireTensor, policy: str | None = None) -> dict[str, Any]:
     array = t.array
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN_HOST):
         array = array.astype(array.dtype.newbyteorder("<"))  # the wire is little-endian
@@ -146,17 +150,31 @@ def _tensor_to_wire(t: WireTensor) -> dict[str, Any]:
                             code=ErrorCode.BAD_TENSOR) from exc
     else:
         entry["b"] = array.reshape(-1).view(np.uint8).data if array.size else b""
+        how = t.compression or policy
+        if how is not None and array.size:
+            try:
+                packed = compression.compress(how, entry["b"])
+            except compression.CodecError as exc:
+                raise WireError(f"cannot compress tensor {t.name!r}: {exc}",
+                                code=ErrorCode.BAD_TENSOR) from exc
+            if len(packed) < array.nbytes:  # never send a compressed form that is bigger
+                entry["z"], entry["b"] = how, packed
     if t.quantization is not None:
         entry["q"] = [float(t.quantization.scale), int(t.quantization.zero_point)]
     return entry
 
 
-def encode(env: Envelope) -> bytes:
-    """Serialize an envelope; raises WireError for values the contract cannot carry."""
+def encode(env: Envelope, compression: str | None = None) -> bytes:
+    """Serialize an envelope; raises WireError for values the contract cannot carry.
+
+    ``compression`` ("zstd" | "lz4" | None): the policy for raw tensors that name none
+    themselves (a caller passes its split manifest's ``compression``); a tensor is sent
+    compressed only where that is smaller than its raw bytes.
+    """
     body: dict[str, Any] = {
         "v": VERSION, "k": env.kind, "id": env.request_id, "dev": env.device_id,
         "split": env.split_id, "dl": float(env.deadline), "ts": env.timestamps,
-        "t": [_tensor_to_wire(t) for t in env.tensors],
+        "t": [_tensor_to_wire(t, compression) for t in env.tensors],
     }
     if env.reply_to:
         body["rt"] = env.reply_to
@@ -472,7 +490,12 @@ def _tensor_from_wire(entry: Any, index: int, codecs: Mapping[str, ImageCodec] |
         raise WireError(f"{where}: unsupported dtype {_show(dtype_name)}; expected one of "
                         f"{sorted(DTYPES)}", code=ErrorCode.BAD_TENSOR)
     dtype = DTYPES[dtype_name]
+    zcodec: str | None = None
     if "c" in entry:
+        if "z" in entry:
+            raise WireError(f"{where}: fields 'c' (image codec) and 'z' (compression) "
+                            "together; an encoded image is sent as it is, without 'z'",
+                            code=ErrorCode.BAD_TENSOR)
         shape = _shape(entry, where, dtype.itemsize, MAX_DECODED_BYTES)
         array, codec = _decode_images(entry, name, where, dtype_name, shape, codecs or {},
                                       split_id)
@@ -481,6 +504,22 @@ def _tensor_from_wire(entry: Any, index: int, codecs: Mapping[str, ImageCodec] |
         shape = _shape(entry, where, dtype.itemsize, max_bytes)
         data = _field(entry, "b", bytes, "raw tensor bytes", where)
         expected = math.prod(shape) * dtype.itemsize
+        if "z" in entry:
+            zname = entry["z"]
+            if zname not in compression.supported():
+                raise WireError(f"{where} field 'z' (compression): {_show(zname)} is not "
+                                f"supported here; expected one of "
+                                f"{list(compression.supported())}",
+                                code=ErrorCode.BAD_TENSOR)
+            if len(data) >= expected:  # compressed only where smaller: anything else lies
+                raise WireError(f"{where}: {len(data)} {zname} bytes for {dtype_name} "
+                                f"{tuple(shape)}; compressed data must be smaller than the "
+                                f"{expected} bytes it holds", code=ErrorCode.BAD_TENSOR)
+            try:  # bounded by the exact size shape and dtype imply (itself <= max_bytes)
+                data = compression.decompress(zname, data, expected)
+            except compression.CodecError as exc:
+                raise WireError(f"{where}: {exc}", code=ErrorCode.BAD_TENSOR) from None
+            zcodec = zname
         if len(data) != expected:
             raise WireError(f"{where}: {len(data)} bytes for {dtype_name} {tuple(shape)}, "
                             f"expected {expected}", code=ErrorCode.BAD_TENSOR)
@@ -488,7 +527,8 @@ def _tensor_from_wire(entry: Any, index: int, codecs: Mapping[str, ImageCodec] |
         if _BIG_ENDIAN_HOST and dtype.itemsize > 1:
             array = array.astype(dtype)  # native order for the runtimes (a copy, only there)
     quant = _quantization(entry, where, dtype)
-    return WireTensor(name=name, array=array, quantization=quant, codec=codec)
+    return WireTensor(name=name, array=array, quantization=quant, codec=codec,
+                      compression=zcodec)
 
 
 def _timestamps(body: Mapping[str, Any]) -> dict[str, float]:
