@@ -53,12 +53,18 @@ class BrokerConfig:
     tls_insecure: bool = False
     protocol: str = "auto"
     keepalive: int = 30
+    # The largest packet to send (``?max_packet=128k``, e.g. AWS IoT Core); None: only
+    # what the broker's CONNACK says (MQTT 5 Maximum Packet Size) limits it.
+    max_packet: int | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise BadInputError(f"MQTT protocol {self.protocol!r}: expected one of {PROTOCOLS}")
         if not 0 < self.port < 65536:
             raise BadInputError(f"broker port {self.port}: expected 1-65535")
+        if self.max_packet is not None and not 64 <= self.max_packet <= _MAX_PACKET:
+            raise BadInputError(f"broker max_packet {self.max_packet}: expected 64 bytes to "
+                                f"{_MAX_PACKET} (256 MiB, MQTT's limit)")
 
     @classmethod
     def from_url(cls, url: str) -> BrokerConfig:
@@ -78,8 +84,8 @@ class BrokerConfig:
             raise BadInputError(f"broker URL {url!r}: {exc}") from exc
         if not parts.hostname:
             raise BadInputError(f"broker URL {url!r} has no host; expected mqtt://HOST:PORT")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        known = {"protocol", "ca", "cert", "key", "insecure", "keepalive"}
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        known = {"protocol", "ca", "cert", "key", "insecure", "keepalive", "max_packet"}
         unknown = set(query) - known
         if unknown:
             raise BadInputError(f"broker URL {url!r}: unknown option(s) {sorted(unknown)}; "
@@ -89,17 +95,21 @@ class BrokerConfig:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password
             else os.environ.get("SPLITINFER_BROKER_PASSWORD"),
-            ca_file=query.get("ca"), cert_file=query.get("cert"), key_file=query.get("key"),
+            ca_file=query.get("ca") or None, cert_file=query.get("cert") or None,
+            key_file=query.get("key") or None,
             tls_insecure=query.get("insecure", "0") in ("1", "true", "yes"),
-            protocol=query.get("protocol", "auto"),
-            keepalive=int(query.get("keepalive", "30")),
+            protocol=query.get("protocol") or "auto",
+            keepalive=_keepalive(url, query.get("keepalive", "30")),
+            max_packet=parse_size(query["max_packet"], f"broker URL {url!r}: max_packet")
+            if "max_packet" in query else None,
         )
 
     def url(self) -> str:
         """The URL without secrets, for logs and reports."""
         scheme = "mqtts" if self.tls else "mqtt"
         user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
+        limit = f"?max_packet={self.max_packet}" if self.max_packet else ""
+        return f"{scheme}://{user}{self.host}:{self.port}{limit}"
 
     def with_protocol(self, protocol: str) -> BrokerConfig:
         return replace(self, protocol=protocol)
@@ -114,6 +124,30 @@ class BrokerConfig:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+
+_MAX_PACKET = 268_435_460  # MQTT's largest packet: 256 MiB remaining length + header
+_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
+                  "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2}
+
+
+def parse_size(text: str, what: str) -> int:
+    """``131072``, ``128k``, ``128KiB``, ``1m`` … as bytes (k and m are 1024-based, as the
+    brokers' own limits: AWS IoT Core's "128 KB" is 131,072 bytes)."""
+    raw = text.strip().lower()
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    suffix = raw[len(digits):]
+    if not digits.isdigit() or suffix not in _SIZE_SUFFIXES:
+        raise BadInputError(f"{what} {text!r}: expected a byte count such as 131072, 128k "
+                            "or 1MiB")
+    return int(digits) * _SIZE_SUFFIXES[suffix]
+
+
+def _keepalive(url: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise BadInputError(f"broker URL {url!r}: keepalive {text!r}: expected whole "
+                            "seconds, 1-65535")
+    return int(text)
 
 
 def _client(cfg: BrokerConfig, client_id: str, protocol: str, **kwargs: Any) -> aiomqtt.Client:
