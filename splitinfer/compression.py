@@ -20,9 +20,10 @@ Whether compression *pays* (:func:`pays`): the bytes it saves must take longer t
 over the link than compressing on one side and decompressing on the other take:
 ``(raw - compressed) * 8 / uplink_bps > compress_s + decompress_s``, and it must save at
 least :data:`MIN_SAVING` of the raw bytes (below that the gain is noise). The reference
-link is ``4g`` (5.85 Mbit/s up, :mod:`splitinfer.link`); ``auto`` in ``splitinfer split``
-measures on the samples and keeps a codec only where it pays. The encoder also never
-sends a compressed form that is not smaller than the raw bytes.
+link is ``4g`` (5.85 Mbit/s up, :mod:`splitinfer.link`); :func:`choose` measures each
+codec on a split's sample head outputs and keeps one only where it pays (what a split's
+manifest ``compression`` should be set from). The encoder also never sends a compressed
+form that is not smaller than the raw bytes.
 """
 
 from __future__ import annotations

@@ -36,6 +36,12 @@ Optional ``input_codec`` (``cloud_only`` only; absent = raw): one image input tr
 JPEG/PNG-encoded, see :mod:`splitinfer.imagecodec` for the object. ``bytes_per_sample``
 stays the raw size; the encoded size depends on the image (``verification.input_codec``
 records what the samples took).
+
+Optional ``compression`` (``"zstd"`` or ``"lz4"``; absent = none; not on ``edge_only``,
+where nothing crosses): the codec a device and a worker use for this split's raw tensors
+on the wire (:mod:`splitinfer.compression`), set where it pays on the samples
+(:func:`splitinfer.compression.pays`: the bytes saved take longer to send than the codec
+takes). Each tensor is still sent compressed only where that is smaller.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from splitinfer.compression import CODECS
 from splitinfer.dtypes import numpy_dtype
 from splitinfer.errors import BadInputError, ManifestError, TensorError
 from splitinfer.imagecodec import ImageCodec, image_layout
@@ -216,6 +223,7 @@ class Manifest:
     extra: Mapping[str, Any] = field(default_factory=dict)
     kind: str = "split"
     input_codec: Mapping[str, Any] | None = None
+    compression: str | None = None
     _codec: ImageCodec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -231,6 +239,17 @@ class Manifest:
         self._check_kind()
         if self.input_codec is not None:
             object.__setattr__(self, "_codec", self._check_codec(self.input_codec))
+        if self.compression is not None:
+            self._check_compression()
+
+    def _check_compression(self) -> None:
+        where = f"manifest {self.split_id}"
+        if self.compression not in CODECS:
+            raise ManifestError(f"{where}: compression {self.compression!r}; expected one of "
+                                f"{list(CODECS)} or absent (none)")
+        if self.kind == "edge_only":
+            raise ManifestError(f"{where}: an edge_only split sends no tensors; expected no "
+                                "compression")
 
     def _check_codec(self, data: Mapping[str, Any]) -> ImageCodec:
         where = f"manifest {self.split_id}"
@@ -305,6 +324,7 @@ class Manifest:
             "verification": dict(self.verification),
             **({"extra": dict(self.extra)} if self.extra else {}),
             **({"input_codec": dict(self.input_codec)} if self.input_codec is not None else {}),
+            **({"compression": self.compression} if self.compression is not None else {}),
         }
 
     @classmethod
@@ -329,6 +349,7 @@ class Manifest:
                 extra=dict(data.get("extra", {})),
                 kind=str(data.get("kind", "split")),
                 input_codec=data.get("input_codec"),
+                compression=data.get("compression"),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is missing or has a bad field: {exc}") from exc

@@ -155,3 +155,32 @@ def test_compression_with_an_image_codec_is_refused() -> None:
     with pytest.raises(WireError, match="'z'") as err:
         wire.decode(msgpack.packb(body, use_bin_type=True))
     assert err.value.code.value == "bad_tensor"
+
+
+
+@pytest.fixture(scope="module")
+def digits_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from splitter import split_model
+    from splitter.zoo import digits_cnn_path
+
+    result = split_model(digits_cnn_path(), "cloud_only", tmp_path_factory.mktemp("m"),
+                         num_samples=1)
+    return result.manifest_obj.to_dict()
+
+
+def test_manifest_compression_round_trips(digits_manifest: dict) -> None:
+    from splitinfer.manifest import Manifest
+
+    assert "compression" not in digits_manifest
+    assert Manifest.from_dict(digits_manifest).compression is None
+    m = Manifest.from_dict({**digits_manifest, "compression": "zstd"})
+    assert m.compression == "zstd" and m.to_dict()["compression"] == "zstd"
+
+
+@pytest.mark.parametrize("bad", ["gzip", "", "ZSTD", 1])
+def test_manifest_compression_is_validated(digits_manifest: dict, bad: object) -> None:
+    from splitinfer.errors import ManifestError
+    from splitinfer.manifest import Manifest
+
+    with pytest.raises(ManifestError, match="compression"):
+        Manifest.from_dict({**digits_manifest, "compression": bad})
