@@ -56,7 +56,7 @@ def _zstd() -> Any:
 
 def _lz4() -> Any:
     try:
-        import lz4.block
+        import lz4.block  # type: ignore[import-untyped]
     except ImportError:
         return None
     return lz4.block
