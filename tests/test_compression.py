@@ -3,6 +3,8 @@ refused as ``bad_tensor`` before more than the declared bytes are allocated."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import numpy as np
 import pytest
@@ -14,10 +16,11 @@ from splitinfer.manifest import Quantization
 CODECS = compression.supported()
 
 
-def _activation(shape: tuple[int, ...] = (1, 16, 8, 8)) -> np.ndarray:
+def _activation(shape: tuple[int, ...] = (1, 16, 8, 8)) -> np.ndarray[Any, Any]:
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(np.float32)
-    return np.clip(np.maximum(x, 0) * 40, 0, 127).astype(np.int8)  # ReLU'd int8: zeros
+    out: np.ndarray[Any, Any] = np.clip(np.maximum(x, 0) * 40, 0, 127).astype(np.int8)
+    return out  # ReLU'd int8: many zeros
 
 
 def _request(t: wire.WireTensor) -> wire.Envelope:
@@ -25,12 +28,13 @@ def _request(t: wire.WireTensor) -> wire.Envelope:
                          tensors=(t,))
 
 
-def _raw_entry(array: np.ndarray, z: object, b: bytes, shape: list[int] | None = None
+def _raw_entry(array: np.ndarray[Any, Any], z: object, b: bytes, shape: list[int] | None = None
                ) -> bytes:
     body = {"v": 1, "k": "req", "id": "r1", "dev": "d", "split": "s", "dl": 0.0, "ts": {},
             "t": [{"n": "x", "d": str(array.dtype), "s": list(array.shape) if shape is None
                    else shape, "b": b, "z": z}]}
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 def test_both_codecs_are_installed() -> None:
@@ -40,7 +44,7 @@ def test_both_codecs_are_installed() -> None:
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.float32])
 def test_round_trip_is_bit_exact(codec: str, dtype: type) -> None:
-    array = _activation().astype(dtype)
+    array: np.ndarray[Any, Any] = _activation().astype(dtype)
     q = Quantization(scale=0.02, zero_point=0) if dtype is not np.float32 else None
     payload = wire.encode(_request(wire.WireTensor("x", array, q, compression=codec)))
     entry = msgpack.unpackb(payload)["t"][0]
@@ -159,7 +163,7 @@ def test_compression_with_an_image_codec_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def digits_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from splitter import split_model
     from splitter.zoo import digits_cnn_path
 
@@ -168,7 +172,7 @@ def digits_manifest(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return result.manifest_obj.to_dict()
 
 
-def test_manifest_compression_round_trips(digits_manifest: dict) -> None:
+def test_manifest_compression_round_trips(digits_manifest: dict[str, Any]) -> None:
     from splitinfer.manifest import Manifest
 
     assert "compression" not in digits_manifest
@@ -178,7 +182,7 @@ def test_manifest_compression_round_trips(digits_manifest: dict) -> None:
 
 
 @pytest.mark.parametrize("bad", ["gzip", "", "ZSTD", 1])
-def test_manifest_compression_is_validated(digits_manifest: dict, bad: object) -> None:
+def test_manifest_compression_is_validated(digits_manifest: dict[str, Any], bad: object) -> None:
     from splitinfer.errors import ManifestError
     from splitinfer.manifest import Manifest
 
