@@ -26,6 +26,7 @@ one traceback per interval (:class:`~cloud_service.metrics.ErrorLog`), counts fo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +40,7 @@ from cloud_service.config import Config
 from cloud_service.dedupe import Key, ResultCache
 from cloud_service.metrics import ErrorLog, Metrics
 from cloud_service.registry import Prepared, Registry, Tail
+from splitinfer import chunks
 from splitinfer.batches import padded_chunks
 from splitinfer.errors import BadInputError, ErrorCode, TensorError, WireError
 from splitinfer.topics import Topics, check_level
@@ -59,6 +61,7 @@ __all__ = ["Incoming", "ReplyAddress", "Publish", "PublishNowait", "Job", "Worke
 log = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
+_REASSEMBLY_TOTAL = 256 * 1024 * 1024  # bytes of partial chunked requests, all devices
 # publish(topic, payload, correlation): QoS 1, returns once acknowledged; raises when it
 # gives up (the server's gives up after Config.reply_timeout_s without a broker).
 Publish = Callable[[str, bytes, "bytes | None"], Awaitable[None]]
@@ -135,8 +138,17 @@ class Worker:
 
     def __init__(self, config: Config, registry: Registry, publish: Publish, *,
                  metrics: Metrics | None = None,
-                 publish_nowait: PublishNowait | None = None) -> None:
+                 publish_nowait: PublishNowait | None = None,
+                 max_packet: Callable[[], int | None] | None = None) -> None:
         self.config = config
+        # the broker's maximum packet size now (None: no limit): bigger answers go as
+        # chunks; chunked requests are reassembled per device (splitinfer.chunks)
+        self._max_packet = max_packet
+        self._reassembler = chunks.Reassembler(
+            max_per_device=2 * config.max_payload,
+            max_total=max(_REASSEMBLY_TOTAL, 2 * config.max_payload),
+            max_payload=config.max_payload)
+        self.chunks_sent = 0  # chunk envelopes of answers published
         self.registry = registry
         self.topics = config.topics()
         self.metrics = metrics or Metrics()
@@ -177,7 +189,29 @@ class Worker:
                        "report it if it persists", msg=msg,
                        addr=reply_address(self.topics, msg), now=now, exc_info=True)
 
+    @property
+    def chunk_stats(self) -> chunks.ReassemblyStats:
+        """Chunks of requests received, reassembled, duplicated, dropped and refused."""
+        return self._reassembler.stats
+
+    def _reassemble(self, msg: Incoming, now: float) -> Incoming | None:
+        """The whole request once its last chunk is in; None until then (or refused)."""
+        parsed = self.topics.parse_request(msg.topic)
+        device = parsed[1] if parsed is not None else None
+        try:
+            whole = self._reassembler.add(msg.payload, device=device)
+        except WireError as exc:
+            self._fail(exc.code, exc.message, msg=msg, addr=reply_address(self.topics, msg),
+                       now=now)
+            return None
+        return None if whole is None else dataclasses.replace(msg, payload=whole)
+
     def _submit(self, msg: Incoming, now: float) -> None:
+        if chunks.is_chunk(msg.payload):
+            whole = self._reassemble(msg, now)
+            if whole is None:
+                return
+            msg = whole
         try:
             env = decode(msg.payload, max_bytes=self.config.max_payload,
                          codecs=self.registry.codecs)  # image inputs decoded here
@@ -288,6 +322,22 @@ class Worker:
 
     def _send_payload(self, addr: ReplyAddress, payload: bytes, *, ok: bool,
                       split: str = "") -> None:
+        limit = self._max_packet() if self._max_packet is not None else None
+        if chunks.needs_chunking(len(payload), limit, addr.topic):
+            assert limit is not None
+            request_id, _ = peek_reply_address(payload, max_bytes=self.config.max_payload)
+            parts = chunks.split(payload, request_id=request_id or "?",
+                                 device=addr.topic.rsplit("/", 1)[-1],
+                                 deadline=time.time() + self.config.reply_timeout_s,
+                                 max_packet=limit, topic=addr.topic)
+            self.chunks_sent += len(parts)
+            for i, part in enumerate(parts):  # counted answered once, by its last chunk
+                self._send_one(addr, part, ok=ok and i == len(parts) - 1, split=split)
+            return
+        self._send_one(addr, payload, ok=ok, split=split)
+
+    def _send_one(self, addr: ReplyAddress, payload: bytes, *, ok: bool,
+                  split: str = "") -> None:
         if self._publish_nowait is not None:
             # No task per answer: sent now, the PUBACK resolves a future.
             acked = self._publish_nowait(addr.topic, payload, addr.correlation)

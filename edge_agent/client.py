@@ -102,6 +102,7 @@ from edge_agent.transport import (
     Transport,
     reason_text,
 )
+from splitinfer import chunks
 from splitinfer.batches import padded_chunks
 from splitinfer.errors import (
     BadInputError,
@@ -285,6 +286,7 @@ class _Pending:
     due: float = 0.0  # loop.time() of the re-send scheduled for it (0: none)
     silent: int = 0  # re-sends for want of an answer so far (the backoff's exponent)
     nosub: int = 0  # "no matching subscribers" PUBACKs in a row
+    deadline: float = 0.0  # the envelope's deadline (epoch seconds): chunks carry it
 
 
 @dataclass
@@ -296,6 +298,7 @@ class _Counters:
     duplicates: int = 0
     late_results: int = 0
     reconnects: int = 0
+    chunks_sent: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -478,6 +481,10 @@ class EdgeAgent:
         self._resend_seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # chunked results (payloads over the broker's maximum packet size), by request id
+        self._reassembler = chunks.Reassembler(max_per_device=4 * config.max_payload,
+                                               max_total=4 * config.max_payload,
+                                               max_payload=config.max_payload)
         self._answered: dict[str, None] = {}  # recently answered ids, oldest first
 
     def add_split(self, manifest: Manifest, head: HeadRuntime | None = None) -> SplitState:
@@ -554,6 +561,12 @@ class EdgeAgent:
     def counters(self) -> AgentCounters:
         """Publishes, re-sends, duplicates and late results so far (a read-only live view)."""
         return AgentCounters(self._counters)
+
+    @property
+    def chunk_stats(self) -> chunks.ReassemblyStats:
+        """Chunks of results received, reassembled, duplicated and dropped (expired,
+        over memory, bad digest, refused)."""
+        return self._reassembler.stats
 
     @property
     def switches(self) -> list[Switch]:
@@ -807,7 +820,8 @@ class EdgeAgent:
             raise WireError(f"request of {len(payload)} bytes exceeds the {self.config.max_payload}"
                             f" byte limit; send fewer samples per call",
                             code=ErrorCode.PAYLOAD_TOO_LARGE, split_id=manifest.split_id)
-        pending = _Pending(request_id, loop.create_future(), payload, expires, split=state)
+        pending = _Pending(request_id, loop.create_future(), payload, expires, split=state,
+                           deadline=deadline)
         self._pending[request_id] = pending
         try:
             self._send(pending)
@@ -957,8 +971,12 @@ class EdgeAgent:
         self._counters.published += 1
         topic = pending.split.request_topic if pending.split is not None else self.request_topic
         try:
-            reason = await transport.publish(topic, pending.payload,
-                                             qos=self.config.qos, options=options)
+            limit = getattr(transport, "max_packet_size", None)
+            if chunks.needs_chunking(len(pending.payload), limit, topic):
+                reason = await self._publish_chunks(transport, topic, pending, limit, options)
+            else:
+                reason = await transport.publish(topic, pending.payload,
+                                                 qos=self.config.qos, options=options)
         except TransportError as exc:
             # A lost connection: the supervisor re-publishes after reconnecting (that
             # supersedes the re-send scheduled below); anything else: the re-send retries.
@@ -979,6 +997,26 @@ class EdgeAgent:
         wait = self.backoff.wait(pending.silent)
         if wait is not None:  # counted from the publish, not from its PUBACK
             self._schedule(pending, started + wait)
+
+    async def _publish_chunks(self, transport: Transport, topic: str, pending: _Pending,
+                              limit: int, options: PublishOptions) -> int | None:
+        """Publish every chunk of ``pending`` (all of them again on a re-send); the PUBACK
+        reason that counts: the first refusal, else "no subscriber", else the last."""
+        parts = chunks.split(pending.payload, request_id=pending.request_id,
+                             device=self.device_id, deadline=pending.deadline or
+                             time.time() + max(0.0, pending.expires -
+                                               asyncio.get_running_loop().time()),
+                             max_packet=limit, topic=topic)
+        self._counters.chunks_sent += len(parts)
+        reasons = await asyncio.gather(*(
+            transport.publish(topic, part, qos=self.config.qos, options=options)
+            for part in parts))
+        refused = [r for r in reasons if r is not None and r >= 0x80]
+        if refused:
+            return refused[0]
+        if NO_MATCHING_SUBSCRIBERS in reasons:
+            return NO_MATCHING_SUBSCRIBERS
+        return reasons[-1]
 
     def _refused(self, pending: _Pending, reason: int) -> None:
         """The broker refused the PUBLISH (not authorized, too large, …): re-sending the
@@ -1066,6 +1104,15 @@ class EdgeAgent:
         received = time.perf_counter()
         if message.topic != self.result_topic:
             return
+        if chunks.is_chunk(message.payload):
+            try:
+                whole = self._reassembler.add(message.payload)
+            except WireError as exc:
+                log.warning("%s: dropped a chunk on %s: %s", self.device_id, message.topic, exc)
+                return
+            if whole is None:
+                return
+            message = dataclasses.replace(message, payload=whole)
         try:
             envelope = decode(message.payload, max_bytes=self.config.max_payload)
         except WireError as exc:

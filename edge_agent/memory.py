@@ -27,6 +27,7 @@ from edge_agent.transport import (
     LastWill,
     PublishOptions,
 )
+from splitinfer.costmodel import mqtt_publish_bytes
 from splitinfer.errors import TransportError
 
 __all__ = ["MemoryBroker", "MemoryTransport", "Published", "topic_matches"]
@@ -76,6 +77,10 @@ class MemoryTransport:
     def protocol(self) -> str:
         return self._broker.protocol
 
+    @property
+    def max_packet_size(self) -> int | None:
+        return self._broker.max_packet_size
+
     def _check(self, what: str) -> None:
         if not self.connected:
             raise TransportError(f"{what}: client {self.client_id!r} is not connected")
@@ -85,6 +90,13 @@ class MemoryTransport:
         self._check(f"publish to {topic}")
         await asyncio.sleep(0)  # a real publish yields to the loop too
         self._check(f"publish to {topic}")
+        limit = self._broker.max_packet_size
+        if limit is not None and mqtt_publish_bytes(topic, len(payload), qos=qos,
+                                                    protocol=self.protocol) > limit:
+            # a real broker discards it (MQTT 5 3.1.2-25) and may close the connection
+            self._broker.oversized.append(Published(self.client_id, topic, bytes(payload),
+                                                    qos, retain, options))
+            return None
         matched = self._broker._route(Published(self.client_id, topic, bytes(payload), qos,
                                                 retain, options if self.protocol == "5"
                                                 else None))
@@ -127,8 +139,11 @@ class MemoryTransport:
 class MemoryBroker:
     """A broker in memory; ``connect`` is a :class:`~edge_agent.transport.Connector`."""
 
-    def __init__(self, *, protocol: str = "5") -> None:
+    def __init__(self, *, protocol: str = "5", max_packet_size: int | None = None) -> None:
         self.protocol = protocol
+        # like a broker's Maximum Packet Size: bigger payloads are dropped (``oversized``)
+        self.max_packet_size = max_packet_size
+        self.oversized: list[Published] = []
         self.up = True
         self.clients: dict[str, MemoryTransport] = {}
         self.retained: dict[str, bytes] = {}

@@ -111,7 +111,7 @@ def parse(payload: bytes | bytearray | memoryview, *,
         raise WireError("chunk field 'id': expected a non-empty str of at most 256 chars")
     if not isinstance(dev, str) or len(dev) > 256:
         raise WireError("chunk field 'dev': expected a str of at most 256 chars")
-    total = _int(body, "sz", "total size", 1, max_payload)
+    total = _int(body, "sz", "total size", 1, 2**63)
     if total > max_payload:
         raise WireError(f"chunk field 'sz': {total} over the payload limit {max_payload}",
                         code=ErrorCode.PAYLOAD_TOO_LARGE)
