@@ -159,3 +159,37 @@ def test_memory_broker_drops_oversized(topic_prefix: str) -> None:
         return broker
 
     assert len(asyncio.run(main()).oversized) == 1
+
+
+def test_agent_resends_every_chunk_after_a_lost_one(topic_prefix: str) -> None:
+    """The first chunk is lost: the re-send timer sends all chunks again; the copies of
+    the ones already in are duplicates, the lost one completes the request."""
+    cut = np.random.default_rng(4).standard_normal((20_000, 3)).astype(np.float32)
+
+    async def main() -> None:
+        broker = MemoryBroker(max_packet_size=LIMIT)
+        worker = await broker.connect(client_id="w", will=None)
+        await worker.subscribe(Topics(topic_prefix).shared_request_filter())
+        broker.lose(1, Topics(topic_prefix).request_filter())
+        async with make_agent(broker, topic_prefix, retry_s=0.2) as agent:
+            reasm = chunks.Reassembler()
+
+            async def answer() -> None:
+                async for m in worker.messages():
+                    whole = reasm.add(m.payload)
+                    if whole is not None:
+                        req = wire.decode(whole)
+                        res = req.result([wire.WireTensor("y", req.tensors[0].array[:, :1])])
+                        await worker.publish(req.reply_to, wire.encode(res))
+                        return
+
+            task = asyncio.create_task(answer())
+            result = await agent.infer_activation({"h": cut}, timeout=20)
+            await task
+            assert result.outputs["y"].tobytes() == cut[:, :1].tobytes()
+            assert agent.counters.retries >= 1 and len(broker.lost) == 1
+            assert reasm.stats.reassembled == 1
+            sent = agent.counters._c.chunks_sent  # every chunk, on each of >= 2 publishes
+            assert sent >= 2 * 2 and sent % agent.counters.published == 0
+
+    asyncio.run(asyncio.wait_for(main(), 30))
