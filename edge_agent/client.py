@@ -972,7 +972,7 @@ class EdgeAgent:
         topic = pending.split.request_topic if pending.split is not None else self.request_topic
         try:
             limit = getattr(transport, "max_packet_size", None)
-            if chunks.needs_chunking(len(pending.payload), limit, topic):
+            if limit and chunks.needs_chunking(len(pending.payload), limit, topic):
                 reason = await self._publish_chunks(transport, topic, pending, limit, options)
             else:
                 reason = await transport.publish(topic, pending.payload,

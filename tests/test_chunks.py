@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ class Clock:
         return self.t
 
 
-def _envelope(nbytes: int) -> bytes:
+def _envelope(nbytes: int) -> tuple[bytes, np.ndarray[Any, Any]]:
     rng = np.random.default_rng(0)
     arr = rng.standard_normal(nbytes // 4).astype(np.float32)
     env = wire.Envelope(kind=wire.REQUEST, request_id="r1", split_id="s", device_id="dev-1",
@@ -29,7 +31,8 @@ def _envelope(nbytes: int) -> bytes:
     return wire.encode(env), arr
 
 
-def _split(payload: bytes, limit: int = 131072, rid: str = "r1", dl: float = 2000.0):
+def _split(payload: bytes, limit: int = 131072, rid: str = "r1", dl: float = 2000.0
+           ) -> list[bytes]:
     return chunks.split(payload, request_id=rid, device="dev-1", deadline=dl,
                         max_packet=limit, topic=TOPIC)
 
@@ -47,6 +50,7 @@ def test_round_trip_bit_exact_and_under_limit(nbytes: int) -> None:
     out = [r.add(p) for p in reversed(parts)]
     assert out[:-1] == [None] * (len(parts) - 1)
     assert out[-1] == payload
+    assert out[-1] is not None
     got = wire.decode(out[-1]).tensors[0].array
     assert got.dtype == arr.dtype and got.tobytes() == arr.tobytes()
     assert r.stats.reassembled == 1 and r.bytes_held == 0

@@ -65,6 +65,7 @@ def test_big_activation_crosses_a_strict_mosquitto_bit_exact(
 
     with worker(url, topic_prefix, registry) as server:
         result, reassembled, sent = asyncio.run(main())
+        assert server.worker is not None
         stats = server.worker.chunk_stats
     want = _tail(split, cut)
     got = next(iter(result.outputs.values()))
