@@ -145,3 +145,50 @@ def test_hostile_chunk_envelope_uses_wire_budget() -> None:
 def test_limit_too_small_is_clear() -> None:
     with pytest.raises(WireError, match="max_packet 2000"):
         chunks.chunk_size(2000, TOPIC)
+
+
+def test_chunks_cross_strict_mosquitto_bit_exact() -> None:
+    """1 MiB through a real mosquitto with max_packet_size 131072: chunks arrive and
+    reassemble bit-exact; the same payload unchunked is dropped by that broker."""
+    import queue
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from simulators.broker import MosquittoBroker
+
+    broker = MosquittoBroker(extra_config=("max_packet_size 131072",))
+    broker.start()
+    try:
+        got: queue.Queue[bytes] = queue.Queue()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="chunk-test",
+                             protocol=mqtt.MQTTv5)
+        client.on_message = lambda _c, _u, m: got.put(m.payload)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            client.subscribe("t/chunks", qos=1)
+            time.sleep(0.3)
+            payload, _ = _envelope(1 << 20)
+            parts = chunks.split(payload, request_id="r1", device="dev", deadline=time.time() + 60,
+                                 max_packet=131072, topic="t/chunks")
+            for part in parts:
+                client.publish("t/chunks", part, qos=1)
+            r = chunks.Reassembler()
+            whole = None
+            for _ in parts:
+                whole = r.add(got.get(timeout=10)) or whole
+            assert whole == payload
+            other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="chunk-big",
+                                protocol=mqtt.MQTTv5)
+            other.connect(broker.host, broker.port)
+            other.loop_start()
+            other.publish("t/chunks", payload, qos=1)  # over the broker's limit: dropped
+            time.sleep(1.0)
+            other.loop_stop()
+            assert got.empty()  # the unchunked payload never arrived
+        finally:
+            client.loop_stop()
+            client.disconnect()
+    finally:
+        broker.close()
