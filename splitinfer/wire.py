@@ -20,7 +20,11 @@ tensors carry ``q = [scale, zero_point]``. An image input of a cloud_only split 
 manifest declares an ``input_codec`` travels as ``"c": "jpeg"|"png"`` and ``"b"`` an
 array of bin, one encoded image per sample (:mod:`splitinfer.imagecodec`); the decoder
 needs the split's codecs (``codecs=``) and checks each image's header against the
-declared shape before decompressing it. Decoding checks every size before touching
+declared shape before decompressing it. A raw tensor may travel compressed:
+``"z": "zstd"|"lz4"`` and ``"b"`` the compressed bytes (:mod:`splitinfer.compression`),
+decompressed into exactly the byte count its shape and dtype imply, never more; a
+compression this install lacks is refused naming those it has. Decoding checks every
+size before touching
 data and wraps the received bytes with :func:`numpy.frombuffer` (no further copy; the
 arrays are read-only). No pickle, no ext types, no code on the wire.
 """
