@@ -12,6 +12,7 @@ together under bounded memory, checks the digest, and hands back the whole paylo
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ _ENVELOPE_OVERHEAD = 1 + (3 + 2) + (2 + 6) + (3 + 3 + 256 * 3) * 2 + (2 + 5) * 3
 _PROPERTY_HEADROOM = 512  # MQTT 5 properties: response topic, correlation, expiry
 MIN_CHUNK = 1024
 _MAX_DONE = 4096
+# A message without a deadline (dl = 0) is held at most this long after its first chunk.
+NO_DEADLINE_TTL_S = 30.0
 
 
 def _digest(payload: bytes | bytearray | memoryview) -> bytes:
@@ -125,8 +128,10 @@ def parse(payload: bytes | bytearray | memoryview, *,
     if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
         raise WireError(f"chunk field 'h': expected bin of {DIGEST_BYTES} bytes")
     deadline = body.get("dl")
-    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
-        raise WireError("chunk field 'dl': expected a number (epoch seconds)")
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) \
+            or not math.isfinite(deadline) or deadline < 0:
+        raise WireError("chunk field 'dl': expected a finite number >= 0 (epoch seconds; "
+                        "0 = no deadline)")
     data = body.get("b")
     want = csize if index < count - 1 else total - csize * (count - 1)
     if not isinstance(data, bytes) or len(data) != want:
@@ -138,6 +143,7 @@ def parse(payload: bytes | bytearray | memoryview, *,
 class _Partial:
     chunk: Chunk
     buf: bytearray
+    expires: float  # the deadline, or first arrival + NO_DEADLINE_TTL_S without one
     have: set[int] = field(default_factory=set)
 
 
@@ -187,7 +193,7 @@ class Reassembler:
     def expire(self) -> int:
         """Drop partial messages past their deadline; how many were dropped."""
         now = self.clock()
-        old = [k for k, p in self._partial.items() if p.chunk.deadline <= now]
+        old = [k for k, p in self._partial.items() if p.expires <= now]
         for k in old:
             self._drop(k)
         self.stats.dropped_expired += len(old)
@@ -210,7 +216,9 @@ class Reassembler:
         self.stats.chunks += 1
         dev = device if device is not None else c.device
         key = (dev, c.request_id)
-        if c.deadline <= self.clock():
+        now = self.clock()
+        expires = c.deadline if c.deadline > 0 else now + NO_DEADLINE_TTL_S
+        if c.deadline > 0 and c.deadline <= now:
             self.stats.dropped_expired += 1
             return None
         if key in self._done:
@@ -227,7 +235,7 @@ class Reassembler:
                 self.stats.dropped_memory += 1
                 raise WireError(f"chunked payload of {c.total} bytes: reassembly memory "
                                 f"full ({self.max_total})", code=ErrorCode.PAYLOAD_TOO_LARGE)
-            part = _Partial(c, bytearray(c.total))
+            part = _Partial(c, bytearray(c.total), expires)
             self._partial[key] = part
             self._used[dev] = self._used.get(dev, 0) + c.total
             self._total += c.total
@@ -247,7 +255,7 @@ class Reassembler:
         if len(part.have) < c.count:
             return None
         self._drop(key)
-        self._done[key] = c.deadline
+        self._done[key] = part.expires
         if len(self._done) > _MAX_DONE:  # remember finished ids, boundedly
             del self._done[next(iter(self._done))]
         if _digest(part.buf) != c.digest:

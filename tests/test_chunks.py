@@ -89,6 +89,32 @@ def test_lost_chunk_expires_with_deadline_and_is_counted() -> None:
     assert r.stats.dropped_expired == 2 and r.stats.reassembled == 0
 
 
+def test_no_deadline_means_held_for_a_while_not_dropped() -> None:
+    """dl = 0 is "no deadline" in the wire contract: reassembled, and an incomplete one
+    goes after NO_DEADLINE_TTL_S (not at once, not never)."""
+    clock = Clock()
+    payload, _ = _envelope(400_000)
+    whole = _split(payload, dl=0.0)
+    r = chunks.Reassembler(clock=clock)
+    assert [r.add(p) for p in whole][-1] == payload
+    lost = _split(payload, rid="r2", dl=0.0)
+    for p in lost[1:]:
+        assert r.add(p) is None
+    clock.t += chunks.NO_DEADLINE_TTL_S - 1
+    assert r.expire() == 0 and r.bytes_held == len(payload)
+    clock.t += 2
+    assert r.expire() == 1 and r.bytes_held == 0
+
+
+@pytest.mark.parametrize("dl", [float("nan"), float("inf"), -1.0])
+def test_a_non_finite_or_negative_deadline_is_refused(dl: float) -> None:
+    payload, _ = _envelope(400_000)
+    body = msgpack.unpackb(_split(payload)[0])
+    body["dl"] = dl
+    with pytest.raises(WireError, match="'dl'"):
+        chunks.Reassembler().add(msgpack.packb(body))
+
+
 def test_oversized_claim_refused_before_allocating() -> None:
     chunk = msgpack.packb({"v": 1, "k": "chunk", "id": "r", "dev": "d", "i": 0, "n": 2,
                            "sz": 2**40, "cs": 2**39, "h": b"\0" * 32, "dl": 2000.0,
