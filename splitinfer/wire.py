@@ -24,9 +24,8 @@ declared shape before decompressing it. A raw tensor may travel compressed:
 ``"z": "zstd"|"lz4"`` and ``"b"`` the compressed bytes (:mod:`splitinfer.compression`),
 decompressed into exactly the byte count its shape and dtype imply, never more; a
 compression this install lacks is refused naming those it has. Decoding checks every
-size before touching
-data and wraps the received bytes with :func:`numpy.frombuffer` (no further copy; the
-arrays are read-only). No pickle, no ext types, no code on the wire.
+size before touching data and wraps the received bytes with :func:`numpy.frombuffer` (no
+further copy; the arrays are read-only). No pickle, no ext types, no code on the wire.
 """
 
 from __future__ import annotations
