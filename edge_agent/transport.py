@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from splitinfer.errors import TransportError
 from splitinfer.mqtt import BrokerConfig, connect, request_properties
+from splitinfer.mqtt_client import reason_text  # the one table of MQTT 5 reasons
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -59,23 +60,6 @@ log = logging.getLogger(__name__)
 # MQTT 5 PUBACK/PUBREC reason code: accepted, but no subscription matches the topic.
 NO_MATCHING_SUBSCRIBERS = 16
 NOT_AUTHORIZED = 0x87
-_REASONS = {
-    0x80: "unspecified error",
-    0x83: "implementation specific error",
-    0x87: "not authorized",
-    0x8F: "topic filter invalid",
-    0x90: "topic name invalid",
-    0x91: "packet identifier in use",
-    0x95: "packet too large (mosquitto: a payload over its message_size_limit)",
-    0x97: "quota exceeded",
-    0x99: "payload format invalid",
-    0x9E: "shared subscriptions not supported",
-}
-
-
-def reason_text(code: int) -> str:
-    """An MQTT 5 reason code as ``0x87 not authorized``."""
-    return f"0x{code:02X} {_REASONS.get(code, 'refused')}"
 
 
 @dataclass(frozen=True)
