@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from paho.mqtt.properties import Properties
 
 __all__ = ["MqttClient", "Message", "Will", "SubscribeRefused", "PackedProperties",
-           "publish_properties", "reason_value", "reason_text", "REASONS"]
+           "open_client", "publish_properties", "reason_value", "reason_text", "REASONS"]
 
 log = logging.getLogger(__name__)
 
@@ -740,6 +740,16 @@ class MqttClient:
                 log.debug("disconnect from %s: %r", self.cfg.url(), exc)
         self._close_socket()
         self._fail(TransportError(f"connection to {self.cfg.url()} closed by the client"))
+
+
+async def open_client(cfg: BrokerConfig, client_id: str, *, timeout_s: float = 10.0,
+                      **kwargs: Any) -> MqttClient:
+    """A connected :class:`MqttClient` (``kwargs`` go to its constructor: ``will``,
+    ``clean_start``, ``session_expiry_s``, ``keepalive_s``, ``inbox_size``,
+    ``on_message``); ``client.protocol`` says what was negotiated. Raises TransportError."""
+    client = MqttClient(cfg, client_id, **kwargs)
+    await client.connect(timeout_s)
+    return client
 
 
 class _Retry(Exception):
