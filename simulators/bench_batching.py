@@ -263,7 +263,7 @@ class _RawTail:
 def _warm_up() -> None:
     import paho.mqtt.client  # noqa: F401
 
-    import simulators.fleet_transport  # noqa: F401
+    import splitinfer.mqtt_client
     import splitinfer.wire  # noqa: F401
 
 
@@ -272,9 +272,9 @@ def _devices_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     It runs niced: the devices stand for machines elsewhere, so on a small box they
     should take the CPU the worker leaves, not compete with its tail for it. For the same
-    reason they are as cheap as a real MQTT client allows: paho driven from the loop
-    (the fleet's transport, no aiomqtt task per message) speaking MQTT 3.1.1, which
-    needs no property packing or parsing (the envelope carries the reply address).
+    reason they are as cheap as a real MQTT client allows: ``splitinfer.mqtt_client`` (paho
+    driven from the loop, no task per message) speaking MQTT 3.1.1, which needs no
+    property packing or parsing (the envelope carries the reply address).
     """
     import asyncio
     import os
@@ -295,13 +295,13 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from simulators.fleet_transport import PahoConnector
     from splitinfer.manifest import Quantization
     from splitinfer.mqtt import BrokerConfig
+    from splitinfer.mqtt_client import open_client
     from splitinfer.topics import Topics
     from splitinfer.wire import REQUEST, Envelope, WireTensor, decode, encode
 
-    connector = PahoConnector(BrokerConfig.from_url(spec["broker"]).with_protocol("3.1.1"))
+    cfg = BrokerConfig.from_url(spec["broker"]).with_protocol("3.1.1")
     replay = [[WireTensor(name, np.asarray(t["array"]),
                           Quantization.from_dict(t["q"]) if t["q"] else None)
                for name, t in sample.items()] for sample in spec["replay"]]
@@ -312,7 +312,7 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def device(index: int) -> None:
         device_id = f"bench-{index}-{uuid.uuid4().hex[:6]}"
-        client = await connector(client_id=device_id, will=None)
+        client = await open_client(cfg, device_id)
         pending: dict[str, asyncio.Future[bool]] = {}
 
         async def read() -> None:
@@ -359,7 +359,7 @@ async def _devices(spec: dict[str, Any]) -> dict[str, Any]:
                             latencies.append(answered - sent)
         finally:
             reader.cancel()
-            await client.close()
+            await client.disconnect()
 
     await asyncio.gather(*(device(i) for i in range(spec["devices"])))
     return {"windows": [{"answered": counts[0], "errors": counts[1], "latencies": lat}

@@ -2,7 +2,7 @@
 
 One device publishes QoS 1 requests of ``payload_bytes`` as fast as the broker takes them
 for ``seconds`` while the only worker (a subscriber on the workers' shared filter, same
-client settings as ``splitinfer cloud serve``: MQTT 5 through ``splitinfer.mqtt.connect``)
+client as ``splitinfer cloud serve``: MQTT 5 through :class:`splitinfer.mqtt_client.MqttClient`)
 is SIGSTOPped. The broker's RSS is sampled from ``/proc/PID/status`` throughout and printed
 beside the bound its configuration implies: its RSS at the start + what one stalled
 subscriber may hold (:func:`simulators.broker.subscriber_bound_bytes`: twice
@@ -63,11 +63,18 @@ UNBOUNDED_TUNING = (
 def _subscriber(url: str, topic: str) -> int:
     """The stand-in worker (a child process): subscribe, say 'ready', count messages;
     print the count on SIGUSR1, print it and exit on SIGTERM."""
-    from splitinfer.mqtt import BrokerConfig, connect
+    from splitinfer.mqtt import BrokerConfig
+    from splitinfer.mqtt_client import Message, open_client
 
     async def run() -> int:
-        client, _ = await connect(BrokerConfig.from_url(url), f"flood-w-{uuid.uuid4().hex[:6]}")
         count = 0
+
+        def counted(_message: Message) -> None:  # the worker's fast path: a callback
+            nonlocal count
+            count += 1
+
+        client = await open_client(BrokerConfig.from_url(url),
+                                   f"flood-w-{uuid.uuid4().hex[:6]}", on_message=counted)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -75,18 +82,9 @@ def _subscriber(url: str, topic: str) -> int:
         try:
             await client.subscribe(topic, qos=1)
             print("ready", flush=True)
-
-            async def pump() -> None:
-                nonlocal count
-                async for _msg in client.messages:
-                    count += 1
-
-            task = asyncio.create_task(pump())
             await stop.wait()
-            task.cancel()
         finally:
-            with contextlib.suppress(Exception):
-                await client.__aexit__(None, None, None)
+            await client.disconnect()  # never raises
         print(f"received {count}", flush=True)
         return 0
 

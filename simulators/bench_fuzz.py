@@ -280,12 +280,14 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
                  expect: Callable[[Mapping[str, Array]], list[Array]], outputs: list[str],
                  worker: subprocess.Popen[bytes], kinds: list[str]) -> dict[str, Any]:
     from splitinfer.errors import WireError
-    from splitinfer.mqtt import BrokerConfig, connect, request_properties
+    from splitinfer.mqtt import BrokerConfig
+    from splitinfer.mqtt_client import open_client, reason_text
     from splitinfer.wire import decode
 
-    client, protocol = await connect(BrokerConfig.from_url(url), f"{prefix}-fuzzer")
-    client.pending_calls_threshold = 1_000_000  # a window of publishes is the point
+    client = await open_client(BrokerConfig.from_url(url), f"{prefix}-fuzzer")
+    protocol = client.protocol
     if protocol != "5":
+        await client.disconnect()
         raise StartupError(f"the fuzz matches answers by MQTT 5 correlation data; {url} "
                            f"speaks MQTT {protocol}")
     waiting: dict[bytes, asyncio.Future[bytes]] = {}
@@ -300,11 +302,11 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
     burst_valid_ms: list[float] = []
 
     async def reader() -> None:
-        async for message in client.messages:
-            corr = getattr(message.properties, "CorrelationData", None)
-            fut = waiting.pop(bytes(corr), None) if corr else None
+        async for message in client.messages():
+            corr = message.correlation
+            fut = waiting.pop(corr, None) if corr else None
             if fut is not None and not fut.done():
-                fut.set_result(bytes(message.payload))
+                fut.set_result(message.payload)
 
     async def sampler() -> None:
         while True:
@@ -366,10 +368,14 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         waiting[corr] = fut
         try:
-            await client.publish(request_topic, payload, qos=1, properties=request_properties(
-                reply_topic, corr, None))
-        except Exception as exc:  # e.g. the broker refused a packet over its size limit
-            log.info("message %d (%s) not accepted by the broker: %r", index, kind, exc)
+            code = await asyncio.wait_for(client.publish(
+                request_topic, payload, qos=1, response_topic=reply_topic, correlation=corr),
+                REPLY_TIMEOUT_S)
+            refusal = reason_text(code) if code is not None and code >= 0x80 else ""
+        except Exception as exc:  # e.g. the broker closed the connection: no PUBACK
+            refusal = repr(exc)
+        if refusal:  # e.g. PUBACK 0x95: a packet over the broker's message_size_limit
+            log.info("message %d (%s) not accepted by the broker: %s", index, kind, refusal)
             waiting.pop(corr, None)
             result["broker_refused"] += 1
             return
@@ -408,8 +414,8 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
             payload, _arrays = gen.valid(f"warm{i}")
             fut = asyncio.get_running_loop().create_future()
             waiting[b"warm%d" % i] = fut
-            await client.publish(request_topic, payload, qos=1, properties=request_properties(
-                reply_topic, b"warm%d" % i, None))
+            await client.publish(request_topic, payload, qos=1, response_topic=reply_topic,
+                                 correlation=b"warm%d" % i)
             await asyncio.wait_for(fut, 60)
         await asyncio.sleep(0.5)
         rss_start = _rss_mb(worker.pid)
@@ -439,7 +445,7 @@ async def _drive(url: str, prefix: str, gen: FuzzGenerator,
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await client.__aexit__(None, None, None)
+        await client.disconnect()
     kinds_count = {k: v for k, v in sorted(sent_kinds.items()) if k != "valid"}
     result.update({
         "messages": sum(sent_kinds.values()), "kinds": kinds_count,

@@ -1,8 +1,9 @@
 """A raw MQTT echo: the network floor that benchmarks measure beside the real path.
 
 It subscribes to one topic and republishes every payload, unchanged, on another, through
-the same client stack (aiomqtt on paho, TCP_NODELAY, QoS 1) as the edge agent and the
-worker. Run it in its own process, as the worker runs::
+the same client (:class:`splitinfer.mqtt_client.MqttClient`: paho driven by the loop,
+TCP_NODELAY, QoS 1) as the edge agent and the worker. Run it in its own process, as the
+worker runs::
 
     python -m simulators.echo --broker mqtt://127.0.0.1:1883 --listen bench/echo/req \\
         --answer bench/echo/res
@@ -15,7 +16,8 @@ import asyncio
 import contextlib
 import sys
 
-from splitinfer.mqtt import BrokerConfig, connect
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import open_client
 
 __all__ = ["echo"]
 
@@ -23,16 +25,14 @@ READY = "echo ready"
 
 
 async def echo(broker: str, listen: str, answer: str, qos: int = 1) -> None:
-    client, _ = await connect(BrokerConfig.from_url(broker), f"echo-{id(listen):x}")
+    client = await open_client(BrokerConfig.from_url(broker), f"echo-{id(listen):x}")
     try:
         await client.subscribe(listen, qos=qos)
         print(READY, flush=True)
-        async for message in client.messages:
-            payload = message.payload
-            if isinstance(payload, (bytes, bytearray)):
-                await client.publish(answer, bytes(payload), qos=qos)
+        async for message in client.messages():
+            await client.publish(answer, message.payload, qos=qos)
     finally:
-        await client.__aexit__(None, None, None)
+        await client.disconnect()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import collections
 import contextlib
 import math
 import random
-from typing import Any
 
 from simulators.shaper import ShapingProxy
 from splitinfer.errors import StartupError
@@ -59,19 +58,21 @@ async def _mqtt_times(profile: LinkProfile, nbytes: int, reps: int,
                       broker: tuple[str, int]) -> tuple[float, float]:
     """Median times of an ``nbytes`` QoS1 publish from behind ``profile`` to a subscriber
     on the broker's side, and to one behind the same profile."""
-    from splitinfer.mqtt import BrokerConfig, connect
+    from splitinfer.mqtt import BrokerConfig
+    from splitinfer.mqtt_client import MqttClient, open_client
 
     loop = asyncio.get_running_loop()
 
-    async def arrival(client: Any) -> float:
-        async for _ in client.messages:
-            return loop.time()
+    async def arrival(client: MqttClient) -> float:
+        async with contextlib.aclosing(client.messages()) as inbox:
+            async for _ in inbox:
+                return loop.time()
         return math.nan
 
     ups: list[float] = []
     rounds: list[float] = []
     async with ShapingProxy(profile, upstream=broker, seed=0) as link:
-        clients = [(await connect(BrokerConfig(host=h, port=p), f"selftest-{i}"))[0]
+        clients = [await open_client(BrokerConfig(host=h, port=p), f"selftest-{i}")
                    for i, (h, p) in enumerate([link.address, broker, link.address])]
         device, direct, remote = clients
         try:
@@ -88,7 +89,7 @@ async def _mqtt_times(profile: LinkProfile, nbytes: int, reps: int,
                 await asyncio.sleep(2 * profile.rtt_s + 0.01)
         finally:
             for client in clients:
-                await client.__aexit__(None, None, None)
+                await client.disconnect()
     ups.sort()
     rounds.sort()
     return ups[reps // 2], rounds[reps // 2]

@@ -8,7 +8,8 @@ import pytest
 
 from simulators.broker import TUNING, EmbeddedBroker, MosquittoBroker
 from splitinfer.errors import BadInputError, TransportError
-from splitinfer.mqtt import BrokerConfig, connect
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import open_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,22 +34,25 @@ def test_broker_url_parsing() -> None:
 
 async def _round_trip(url: str, n: int = 20) -> tuple[str, float]:
     cfg = BrokerConfig.from_url(url)
-    a, proto = await connect(cfg, "rt-a")
-    b, _ = await connect(cfg, "rt-b")
+    a = await open_client(cfg, "rt-a")
+    b = await open_client(cfg, "rt-b")
     try:
         await b.subscribe("rt/x", qos=1)
+        inbox = b.messages()
         times = []
+        payload = b"\0" * 100_000
         for _ in range(n):
             t0 = time.perf_counter()
-            await a.publish("rt/x", b"\0" * 100_000, qos=1)
-            async for _msg in b.messages:
-                break
+            await a.publish("rt/x", payload, qos=1)
+            msg = await anext(inbox)
             times.append(time.perf_counter() - t0)
+            assert msg.topic == "rt/x" and msg.payload == payload
         times.sort()
-        return proto, times[n // 2]
+        assert a.protocol is not None
+        return a.protocol, times[n // 2]
     finally:
-        await a.__aexit__(None, None, None)
-        await b.__aexit__(None, None, None)
+        await a.disconnect()
+        await b.disconnect()
 
 
 def test_mosquitto_qos1_round_trip_has_no_nagle_stall(mosquitto: MosquittoBroker) -> None:
@@ -85,18 +89,16 @@ def test_mosquitto_restart_same_port(fresh_mosquitto: MosquittoBroker) -> None:
     assert fresh_mosquitto.running and fresh_mosquitto.port == port
 
 
-@pytest.mark.parametrize("topic", ["splitinfer/v1/res/cam-1", "p/" + "x" * 300])
-def test_packed_properties_decode_as_paho_would(topic: str) -> None:
+def test_result_properties_decode_as_paho_would() -> None:
+    """A result carries only the request's correlation data (the request's three
+    properties: tests/test_mqtt_paho_api.py)."""
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from splitinfer.mqtt import request_properties, result_properties
+    from splitinfer.mqtt_client import publish_properties
 
-    got = Properties(PacketTypes.PUBLISH)
-    got.unpack(request_properties(topic, b"rid-1", 2.2).pack())
-    assert (got.ResponseTopic, got.CorrelationData, got.MessageExpiryInterval) == (
-        topic, b"rid-1", 3)
     res = Properties(PacketTypes.PUBLISH)
-    res.unpack(result_properties(b"rid-1").pack())
+    res.unpack(publish_properties(correlation=b"rid-1").pack())
     assert res.CorrelationData == b"rid-1"
-    assert result_properties(None).pack() == b"\x00"
+    assert not hasattr(res, "ResponseTopic") and not hasattr(res, "MessageExpiryInterval")
+    assert publish_properties(correlation=None).pack() == b"\x00"

@@ -19,7 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from splitinfer.manifest import FileRef, Manifest, Quantization, TensorSpec, sha256_file
-from splitinfer.mqtt import BrokerConfig, connect, request_properties
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import MqttClient, open_client
 from splitinfer.topics import Topics
 from splitinfer.wire import REQUEST, Envelope, WireTensor, decode, encode
 
@@ -150,7 +151,8 @@ def request_payload(split: TinySplit | str, array: np.ndarray[Any, Any], *,
 
 @dataclass
 class Requester:
-    """One raw aiomqtt client standing for many devices; collects every answer."""
+    """One raw MQTT client (no edge agent) standing for many devices; collects every
+    answer."""
 
     url: str
     topics: Topics
@@ -159,47 +161,55 @@ class Requester:
     by_topic: dict[str, list[Envelope]] = field(default_factory=dict)
     correlations: dict[str, bytes | None] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    client: Any = None
+    client: MqttClient | None = None
     protocol: str = ""
     _reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Requester:
-        self.client, self.protocol = await connect(BrokerConfig.from_url(self.url),
-                                                   self.client_id)
-        await self.client.subscribe(f"{self.topics.prefix}/v1/res/+", qos=1)
-        self._reader = asyncio.create_task(self._read())
+        client = self.client = await open_client(BrokerConfig.from_url(self.url),
+                                                 self.client_id)
+        assert client.protocol is not None
+        self.protocol = client.protocol
+        try:
+            await client.subscribe(f"{self.topics.prefix}/v1/res/+", qos=1)
+        except BaseException:
+            await client.disconnect()
+            raise
+        self._reader = asyncio.create_task(self._read(client))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._reader is not None:
             self._reader.cancel()
-        await self.client.__aexit__(None, None, None)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self.client is not None:
+            await self.client.disconnect()
 
-    async def _read(self) -> None:
+    async def _read(self, client: MqttClient) -> None:
         results = f"{self.topics.prefix}/v1/res/"
-        async for message in self.client.messages:
-            if not message.topic.value.startswith(results):
+        async for message in client.messages():
+            if not message.topic.startswith(results):
                 continue  # amqtt hands a new '…/res/+' subscriber retained heartbeats too
             env = decode(message.payload)
-            props = message.properties
-            corr = getattr(props, "CorrelationData", None) if props is not None else None
+            corr = message.correlation
             # Keyed by request id and by correlation data: a payload the worker could
             # not read comes back without an id.
             for key in {env.request_id, corr.decode() if corr else ""} - {""}:
                 self.answers[key] = env
                 self.correlations[key] = corr
-            self.by_topic.setdefault(message.topic.value, []).append(env)
+            self.by_topic.setdefault(message.topic, []).append(env)
             self.arrived.set()
 
     async def send(self, model: str, device_id: str, payload: bytes, *,
                    correlation: bytes | None = None, response_topic: str | None = None,
                    ) -> None:
-        props = None
-        if correlation is not None and self.protocol == "5":
-            props = request_properties(response_topic or self.topics.result(device_id),
-                                       correlation, None)
+        assert self.client is not None, "send() outside `async with Requester(...)`"
+        reply = None
+        if correlation is not None:  # MqttClient sends no properties over MQTT 3.1.1
+            reply = response_topic or self.topics.result(device_id)
         await self.client.publish(self.topics.request(model, device_id), payload, qos=1,
-                                  properties=props)
+                                  response_topic=reply, correlation=correlation)
 
     async def wait_for(self, keys: Sequence[str], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

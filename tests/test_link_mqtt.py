@@ -4,27 +4,30 @@ drops an MQTT client that then reconnects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
-import aiomqtt
 import pytest
 
 from simulators.broker import MosquittoBroker
 from simulators.shaper import ShapingProxy
+from splitinfer.errors import TransportError
 from splitinfer.link import LinkProfile
-from splitinfer.mqtt import BrokerConfig, connect
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import MqttClient, open_client
 
 N = 100_000
 
 
-async def _first(client: aiomqtt.Client) -> bytes:
-    async for message in client.messages:
-        assert isinstance(message.payload, bytes)
-        return message.payload
+async def _first(client: MqttClient) -> bytes:
+    async with contextlib.aclosing(client.messages()) as inbox:
+        async for message in inbox:
+            assert isinstance(message.payload, bytes)
+            return message.payload
     raise AssertionError("subscription ended")
 
 
-async def _arrival(client: aiomqtt.Client) -> tuple[float, bytes]:
+async def _arrival(client: MqttClient) -> tuple[float, bytes]:
     payload = await _first(client)
     return asyncio.get_running_loop().time(), payload
 
@@ -39,9 +42,9 @@ def test_100kb_publish_over_4g_pays_rate_plus_delay(mosquitto: MosquittoBroker,
         loop = asyncio.get_running_loop()
         async with ShapingProxy(profile, upstream=(mosquitto.host, mosquitto.port),
                                 seed=3) as link:
-            device, _ = await connect(BrokerConfig(port=link.port), "dev-pub")
-            direct, _ = await connect(BrokerConfig(port=mosquitto.port), "cloud-sub")
-            remote, _ = await connect(BrokerConfig(port=link.port), "dev-sub")
+            device = await open_client(BrokerConfig(port=link.port), "dev-pub")
+            direct = await open_client(BrokerConfig(port=mosquitto.port), "cloud-sub")
+            remote = await open_client(BrokerConfig(port=link.port), "dev-sub")
             ups, rounds = [], []
             try:
                 await direct.subscribe(topic, qos=1)
@@ -52,7 +55,7 @@ def test_100kb_publish_over_4g_pays_rate_plus_delay(mosquitto: MosquittoBroker,
                     at_direct = asyncio.create_task(_arrival(direct))
                     at_remote = asyncio.create_task(_arrival(remote))
                     t0 = loop.time()
-                    await device.publish(topic, payload, qos=1)  # returns on PUBACK
+                    assert await device.publish(topic, payload, qos=1) == 0  # PUBACK
                     t1, got = await at_direct
                     assert got == payload
                     ups.append(t1 - t0)
@@ -62,7 +65,7 @@ def test_100kb_publish_over_4g_pays_rate_plus_delay(mosquitto: MosquittoBroker,
                     await asyncio.sleep(0.1)  # let the PUBACKs drain; an idle link again
             finally:
                 for client in (device, direct, remote):
-                    await client.__aexit__(None, None, None)
+                    await client.disconnect()
             return ups, rounds
 
     up = profile.transfer_s(N, "up")  # 100 KB / 5.85 Mbit/s + 30 ms = 166.8 ms
@@ -83,21 +86,22 @@ def test_cut_drops_an_mqtt_client_which_reconnects_after_the_window(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         async with ShapingProxy("wifi", upstream=(mosquitto.host, mosquitto.port)) as link:
-            client, _ = await connect(BrokerConfig(port=link.port), "dev-cut")
+            client = await open_client(BrokerConfig(port=link.port), "dev-cut")
             await client.subscribe(f"{topic_prefix}/x")
             link.cut(0.3)
             t0 = loop.time()
-            with pytest.raises(aiomqtt.MqttError):
+            with pytest.raises(TransportError):
                 await asyncio.wait_for(_first(client), 2)
-            await client.__aexit__(None, None, None)
+            assert client.lost.is_set() and not client.connected
+            await client.disconnect()
             while True:
                 try:
-                    client, _ = await connect(BrokerConfig(port=link.port), "dev-cut")
+                    client = await open_client(BrokerConfig(port=link.port), "dev-cut")
                     break
-                except ConnectionError:
+                except TransportError:
                     await asyncio.sleep(0.02)
             back = loop.time() - t0
-            await client.__aexit__(None, None, None)
+            await client.disconnect()
             assert 0.3 <= back < 0.6
             assert link.stats.cut == 1
 
