@@ -117,74 +117,24 @@ def _prepare_split(args: argparse.Namespace, work: Path) -> Path:
 
         raise BadInputError("--model needs --at CUT (see 'splitinfer inspect MODEL')")
     split_dir = work / "split"
-    result = split_model(model, cut, split_dir, num_samples=2)
+    split_model(model, cut, split_dir, num_samples=2)
     if not args.float_cut:
-        _int8_cut(split_dir, result.manifest_obj)
+        _int8_cut(split_dir)
     return split_dir
 
 
-def _int8_cut(directory: Path, manifest: Any) -> None:
-    """Make the cut int8: QuantizeLinear ends the head, DequantizeLinear starts the tail.
+def _int8_cut(directory: Path, manifest: Any = None) -> None:
+    """Make the cut int8 (:func:`splitter.surgery.quantize_cut`: QuantizeLinear ends the
+    head, DequantizeLinear starts the tail, the tail's compute stays the model's own);
+    a cut that is not one float32 tensor is sent as it is. ``manifest`` is unused (kept
+    for callers that pass it: bench/bench_gpu_tail.py)."""
+    from splitinfer.errors import BadInputError
+    from splitter.surgery import quantize_cut
 
-    This is what cutting a static-int8 (QDQ) model right after a QuantizeLinear gives;
-    done here on the float split so the tail's compute stays the model's own. The scale
-    comes from the head's activations on a few random inputs.
-    """
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from splitinfer.manifest import Quantization, TensorSpec, sha256_file
-
-    if len(manifest.cut) != 1 or manifest.cut[0].dtype != "float32":
-        log.info("cut %s is not one float32 tensor: sending it as it is",
-                 [s.name for s in manifest.cut])
-        return
-    spec = manifest.cut[0]
-    head_path, tail_path = directory / "head.onnx", directory / "tail.onnx"
-    feeds = _random_inputs(manifest, 4)
-    head = ort.InferenceSession(str(head_path), ort_config.apply(ort.SessionOptions()),
-                                providers=["CPUExecutionProvider"])
-    activation = head.run([spec.name], feeds)[0]
-    scale = float(max(np.abs(activation).max(), 1e-6) / 127.0)
-    qname = f"{spec.name}.int8"
-    inits = [numpy_helper.from_array(np.array(scale, np.float32), f"{qname}.scale"),
-             numpy_helper.from_array(np.array(0, np.int8), f"{qname}.zero_point")]
-    dims: list[Any] = [d if isinstance(d, int) else (d or "N") for d in spec.shape]
-
-    head_model = onnx.load(str(head_path))
-    graph = head_model.graph
-    graph.initializer.extend(inits)
-    graph.node.append(helper.make_node("QuantizeLinear", [spec.name, f"{qname}.scale",
-                                                         f"{qname}.zero_point"], [qname],
-                                       name=f"{qname}.quantize"))
-    kept = [o for o in graph.output if o.name != spec.name]
-    del graph.output[:]
-    graph.output.extend([*kept, helper.make_tensor_value_info(qname, TensorProto.INT8, dims)])
-    onnx.save(head_model, str(head_path))
-
-    tail_model = onnx.load(str(tail_path))
-    graph = tail_model.graph
-    graph.initializer.extend(inits)
-    graph.node.insert(0, helper.make_node("DequantizeLinear", [qname, f"{qname}.scale",
-                                                              f"{qname}.zero_point"],
-                                          [spec.name], name=f"{qname}.dequantize"))
-    others = [i for i in graph.input if i.name != spec.name]
-    del graph.input[:]
-    graph.input.extend([helper.make_tensor_value_info(qname, TensorProto.INT8, dims), *others])
-    onnx.save(tail_model, str(tail_path))
-
-    cut = TensorSpec(qname, "int8", spec.shape, Quantization(scale, 0))
-    from dataclasses import replace
-
-    from splitinfer.manifest import FileRef
-
-    updated = replace(manifest, cut=(cut,),
-                      head=FileRef(manifest.head.path, sha256_file(head_path)),
-                      tail=FileRef(manifest.tail.path, sha256_file(tail_path)),
-                      extra={**manifest.extra, "bench_int8_cut": True})
-    updated.save(directory)
+    try:
+        quantize_cut(directory)
+    except BadInputError as exc:
+        log.info("sending the cut as it is: %s", exc)
 
 
 def _random_inputs(manifest: Any, n: int) -> dict[str, Any]:
