@@ -16,8 +16,8 @@
         result = client.infer({"x": batch})
 
 Imports only the contract (``splitinfer``), numpy and msgpack here; onnxruntime loads with a
-head and paho/aiomqtt with the first connection. Never ``onnx``, never ``torch``: it runs
-on a Raspberry Pi.
+head and paho (through :mod:`splitinfer.mqtt_client`) with the first connection. Never
+``onnx``, never ``torch``: it runs on a Raspberry Pi.
 """
 
 from __future__ import annotations

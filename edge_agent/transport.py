@@ -1,18 +1,24 @@
 """The agent's view of a broker connection, small enough to fake.
 
-:class:`~edge_agent.client.EdgeAgent` never touches aiomqtt directly: it asks a
+:class:`~edge_agent.client.EdgeAgent` never speaks MQTT itself: it asks a
 :class:`Connector` for a connected :class:`Transport` (again after every loss) and uses
-four calls on it. :class:`MqttConnector` is the real one (``splitinfer.mqtt.connect``:
-TCP_NODELAY, MQTT 5 with a 3.1.1 fall-back, TLS and credentials from the URL);
-:mod:`edge_agent.memory` holds an in-process fake for unit tests.
+four calls on it. :class:`MqttConnector` is the real one, over the project's one MQTT
+client, :class:`splitinfer.mqtt_client.MqttClient` (paho driven by the event loop:
+TCP_NODELAY, MQTT 5 with a 3.1.1 fall-back, TLS and credentials from the URL, a last
+will); :mod:`edge_agent.memory` holds an in-process fake for unit tests. The simulated
+fleet connects its thousand devices through the same connector.
 
 A transport reports a lost connection by raising :class:`~splitinfer.errors.TransportError`
 from ``publish``/``subscribe`` or from its ``messages()`` stream; it never reconnects by
-itself (aiomqtt does not either) — the agent's supervisor does.
+itself — the agent's supervisor does, with backoff.
 
 ``publish`` returns the broker's reason code for a QoS 1/2 publish on MQTT 5 (its PUBACK),
 None when there is none (QoS 0, MQTT 3.1.1, a fake). :data:`NO_MATCHING_SUBSCRIBERS` (16)
 tells the agent that no worker subscribes to its request topic (mosquitto 2 sends it).
+
+A transport may also expose ``max_packet_size`` (the real one does: the smaller of the
+broker's CONNACK Maximum Packet Size and the URL's ``?max_packet=``, None when neither is
+set); the agent sends payloads that would not fit as chunks (:mod:`splitinfer.chunks`).
 
 Refusals. A broker that enforces its ACL at SUBSCRIBE time (mosquitto with the
 dynamic-security plugin, as ``splitinfer broker config`` sets it up; EMQX; AWS IoT Core)
@@ -30,18 +36,20 @@ topic), so the agent gives no ACL hint there; requests then end in ``deadline_ex
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 from splitinfer.errors import TransportError
-from splitinfer.mqtt import BrokerConfig, connect, request_properties
-from splitinfer.mqtt_client import reason_text  # the one table of MQTT 5 reasons
-
-if TYPE_CHECKING:
-    import aiomqtt
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import (  # the one MQTT client, and its table of reasons
+    MqttClient,
+    SubscribeRefused,
+    Will,
+    open_client,
+    reason_text,
+)
 
 __all__ = [
     "PublishOptions",
@@ -119,105 +127,68 @@ class Connector(Protocol):
 
 
 class MqttTransport:
-    """A :class:`Transport` over one ``aiomqtt.Client``."""
+    """A :class:`Transport` over one connected :class:`~splitinfer.mqtt_client.MqttClient`.
 
-    def __init__(self, client: aiomqtt.Client, protocol: str, url: str) -> None:
-        self._client = client
-        self._protocol = protocol
-        self._url = url
-        # aiomqtt warns past 10 unacknowledged publishes; an agent with requests in flight
-        # is normal, not a concern.
-        client.pending_calls_threshold = 100_000
-        self._reasons: dict[int, int] = {}  # mid -> non-zero PUBACK reason, until read
-        self._mids: dict[asyncio.Task[Any], int] = {}  # the publishing task -> its mid
+    The client does the MQTT (PUBACK futures with their reason codes, SUBACK refusals, the
+    bounded inbox, keep-alive); this adds what the agent needs on top: refusals that name
+    the topic and the identity, and :class:`IncomingMessage` for its dispatcher.
+    """
+
+    def __init__(self, mqtt: MqttClient) -> None:
+        if mqtt.protocol is None:
+            raise TransportError(f"MqttTransport needs a connected client ({mqtt.client_id!r} "
+                                 "has not connected)")
+        self._mqtt = mqtt
+        self._protocol: str = mqtt.protocol
+        self._url = mqtt.cfg.url()
         self._refusals_logged: set[tuple[str, int]] = set()
-        self._hook_reason_codes(client)
-
-    def _hook_reason_codes(self, client: aiomqtt.Client) -> None:
-        """aiomqtt's publish returns nothing: keep paho's PUBACK reason code per message id.
-
-        aiomqtt calls paho's ``publish`` synchronously inside our task, so the mid is
-        recorded against that task; paho's ``on_publish`` (called before aiomqtt wakes the
-        task) records a non-zero reason under the mid.
-        """
-        paho = client._client
-        publish = paho.publish
-        on_publish: Any = paho.on_publish  # aiomqtt's, always set
-        reasons, mids = self._reasons, self._mids
-
-        def tracked_publish(*args: Any, **kwargs: Any) -> Any:
-            info = publish(*args, **kwargs)
-            task = asyncio.current_task()
-            if task is not None:
-                mids[task] = info.mid
-            return info
-
-        def keep_reason(mqttc: Any, userdata: Any, mid: int, reason: Any,
-                        properties: Any = None) -> None:
-            value = int(getattr(reason, "value", reason) or 0)
-            if value:
-                reasons[mid] = value
-            on_publish(mqttc, userdata, mid, reason, properties)
-
-        paho.publish = tracked_publish  # type: ignore[method-assign]
-        paho.on_publish = keep_reason
 
     @property
     def protocol(self) -> str:
         return self._protocol
 
+    @property
+    def max_packet_size(self) -> int | None:
+        """The largest packet the broker takes (see the module docstring); None: no limit
+        known, the agent sends every payload whole."""
+        return self._mqtt.max_packet_size
+
+    @property
+    def client_id(self) -> str:
+        return self._mqtt.client_id
+
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       options: PublishOptions | None = None) -> int | None:
-        import aiomqtt
-
-        props = None
-        if options is not None and self._protocol == "5":
-            props = request_properties(options.response_topic, options.correlation,
-                                       options.expiry_s)
-        task = asyncio.current_task()
         try:
-            await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        except aiomqtt.MqttError as exc:
+            if options is None:
+                reason = await self._mqtt.publish(topic, payload, qos=qos, retain=retain)
+            else:
+                reason = await self._mqtt.publish(
+                    topic, payload, qos=qos, retain=retain,
+                    response_topic=options.response_topic, correlation=options.correlation,
+                    expiry_s=options.expiry_s)
+        except TransportError as exc:
             raise TransportError(f"publish to {topic} via {self._url} failed: {exc}",
                                  topic=topic) from exc
-        finally:
-            mid = self._mids.pop(task, None) if task is not None else None
-            reason = self._reasons.pop(mid, None) if mid is not None else None
-        if self._protocol != "5" or qos == 0:
-            return None
         if reason is not None and reason >= 0x80:
             self._refused(topic, reason)
-        return reason or 0
+        return reason
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
-        import aiomqtt
-
         try:
-            granted = await self._client.subscribe(topic, qos=qos)
-        except aiomqtt.MqttError as exc:
+            await self._mqtt.subscribe(topic, qos)
+        except SubscribeRefused as exc:
+            hint = ("the broker's ACL does not let this identity read it: a device may "
+                    "subscribe only to its own result topic, connected with username = "
+                    "client id = its device id (docs/security.md)"
+                    if exc.reason in (NOT_AUTHORIZED, 0x80) else "see docs/brokers.md")
+            raise TransportError(f"broker {self._url} refused the subscription to "
+                                 f"{topic!r} for {self._mqtt.identity()} "
+                                 f"(SUBACK {reason_text(exc.reason)}); {hint}",
+                                 topic=topic) from exc
+        except TransportError as exc:
             raise TransportError(f"subscribe to {topic} via {self._url} failed: {exc}",
                                  topic=topic) from exc
-        for code in granted:
-            # MQTT 5 gives ReasonCodes, 3.1.1 gives ints; 0x80 and above is a refusal.
-            value = code.value if hasattr(code, "value") else int(code)
-            if value >= 0x80:
-                hint = ("the broker's ACL does not let this identity read it: a device may "
-                        "subscribe only to its own result topic, connected with username = "
-                        "client id = its device id (docs/security.md)"
-                        if value in (NOT_AUTHORIZED, 0x80) else "see docs/brokers.md")
-                raise TransportError(f"broker {self._url} refused the subscription to "
-                                     f"{topic!r} for {self._identity()} "
-                                     f"(SUBACK {reason_text(value)}); {hint}", topic=topic)
-
-    def _identity(self) -> str:
-        paho = self._client._client
-        raw = getattr(paho, "_client_id", b"")
-        client_id = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        raw_user = getattr(paho, "_username", None)
-        user = (raw_user.decode(errors="replace") if isinstance(raw_user, bytes)
-                else raw_user)
-        return f"client id {client_id!r}, username {user!r}" if user else (
-            f"client id {client_id!r}, no username")
 
     def _refused(self, topic: str, reason: int) -> None:
         """A PUBACK refusal: logged once per (topic, code), naming the identity."""
@@ -233,48 +204,29 @@ class MqttTransport:
                 "(docs/security.md)" if reason == NOT_AUTHORIZED else
                 "the broker refused the message (docs/brokers.md: limits)")
         log.warning("broker %s refused a publish to %r for %s (PUBACK %s); %s", self._url,
-                    topic, self._identity(), reason_text(reason), hint)
+                    topic, self._mqtt.identity(), reason_text(reason), hint)
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
-        import aiomqtt
-
-        try:
-            async for message in self._client.messages:
-                yield IncomingMessage(topic=message.topic.value,
-                                      payload=_as_bytes(message.payload),
-                                      correlation=_correlation(message.properties))
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"lost the connection to {self._url}: {exc}") from exc
+        """The client's inbox as :class:`IncomingMessage`; its TransportError on a loss
+        (after what arrived before it)."""
+        async for message in self._mqtt.messages():
+            yield IncomingMessage(message.topic, message.payload, message.correlation)
         raise TransportError(f"the message stream from {self._url} ended")
 
     async def close(self) -> None:
         try:
-            await self._client.__aexit__(None, None, None)
-        except Exception as exc:  # closing a broken connection may fail in many ways
+            await self._mqtt.disconnect()
+        except Exception as exc:  # disconnect() does not raise; a close must not either
             log.debug("closing the connection to %s: %s", self._url, exc)
 
 
-def _as_bytes(payload: object) -> bytes:
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, (bytearray, memoryview)):
-        return bytes(payload)
-    if isinstance(payload, str):
-        return payload.encode()
-    return b"" if payload is None else str(payload).encode()
-
-
-def _correlation(properties: Any) -> bytes | None:
-    value = getattr(properties, "CorrelationData", None) if properties is not None else None
-    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
-
-
 class MqttConnector:
-    """Connects through :func:`splitinfer.mqtt.connect`; remembers the protocol it got.
+    """Connects through :func:`splitinfer.mqtt_client.open_client`; remembers the protocol.
 
     Once the first connection has settled on MQTT 5 or 3.1.1, reconnects ask for that
     protocol directly, so a restart does not pay for a refused MQTT 5 attempt each time.
-    One connector may serve many agents (each passes its own client id).
+    One connector may serve many agents (each passes its own client id): the simulated
+    fleet connects all its devices through one per broker URL.
     """
 
     def __init__(self, broker: BrokerConfig | str, *, timeout_s: float = 10.0) -> None:
@@ -286,13 +238,10 @@ class MqttConnector:
         return self.config.url()
 
     async def __call__(self, *, client_id: str, will: LastWill | None) -> MqttTransport:
-        import aiomqtt
-
-        kwargs: dict[str, Any] = {"timeout": self.timeout_s}
-        if will is not None:
-            kwargs["will"] = aiomqtt.Will(will.topic, will.payload, qos=will.qos,
-                                          retain=will.retain)
-        client, protocol = await connect(self.config, client_id, **kwargs)
-        if self.config.protocol == "auto":
-            self.config = self.config.with_protocol(protocol)
-        return MqttTransport(client, protocol, self.config.url())
+        mqtt_will = (Will(will.topic, will.payload, qos=will.qos, retain=will.retain)
+                     if will is not None else None)
+        client = await open_client(self.config, client_id, timeout_s=self.timeout_s,
+                                   will=mqtt_will)
+        if self.config.protocol == "auto" and client.protocol is not None:
+            self.config = self.config.with_protocol(client.protocol)
+        return MqttTransport(client)

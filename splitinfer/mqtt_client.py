@@ -109,6 +109,8 @@ REASONS = {
     0x10: "no matching subscribers",
     0x80: "unspecified error",
     0x83: "implementation specific error",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
     0x87: "not authorized",
     0x8F: "topic filter invalid",
     0x90: "topic name invalid",
@@ -433,14 +435,14 @@ class MqttClient:
         if code in _AUTH_REFUSED:
             self._reset()
             raise TransportError(f"broker {cfg.url()} refused {self.client_id!r} (user "
-                                 f"{cfg.username or '(none)'!r}): CONNACK 0x{code:02X}; "
+                                 f"{cfg.username or '(none)'!r}): CONNACK {reason_text(code)}; "
                                  f"{AUTH_HINT}")
         if code:
             if probing:
                 raise _Retry(f"CONNACK refused MQTT 5 (0x{code:02X})")
             self._reset()
             raise TransportError(f"broker {cfg.url()} refused the connection of "
-                                 f"{self.client_id!r} (CONNACK 0x{code:02X})")
+                                 f"{self.client_id!r} (CONNACK {reason_text(code)})")
         self.protocol = protocol
         self._connected = True
         _Ticker.add(loop, self)
