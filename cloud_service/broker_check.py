@@ -24,14 +24,13 @@ import logging
 import statistics
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from splitinfer.mqtt import BrokerConfig, connack_property, connect
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import Message, MqttClient, SubscribeRefused, open_client
 from splitinfer.topics import Topics
-
-if TYPE_CHECKING:
-    import aiomqtt
 
 __all__ = ["BrokerCheck", "check_broker", "probe_topic", "subscribe_failure",
            "PROBE_TIMEOUT_S", "SLOW_ROUND_TRIP_S", "ROUND_TRIPS"]
@@ -44,6 +43,7 @@ ROUND_TRIPS = 5
 # About a small activation (the digits CNN's int8 cut is 784 bytes).
 _PROBE_PAYLOAD = b"splitinfer probe " + bytes(1000)
 _NOT_SUPPORTED = 0x9E  # MQTT 5 SUBACK: Shared Subscriptions not supported
+_ACK_TIMEOUT_S = 10.0  # a SUBACK, UNSUBACK or PUBACK of the check
 
 
 @dataclass
@@ -71,39 +71,69 @@ def probe_topic(topics: Topics) -> str:
     return f"{topics.prefix}/v1/probe/{uuid.uuid4().hex}"
 
 
-def subscribe_failure(granted: Any) -> str:
-    """Why a SUBACK refused (its first failure code as text), or "" when all granted."""
+def subscribe_failure(granted: Iterable[Any]) -> str:
+    """Why a SUBACK refused (its first failure code as text), or "" when all granted.
+
+    ``granted``: reason codes (ints, or objects with ``.value`` as paho's ReasonCode),
+    e.g. ``[exc.reason]`` of a :class:`~splitinfer.mqtt_client.SubscribeRefused`."""
     for code in granted:
         value = code if isinstance(code, int) else code.value
         if value >= 0x80:
             if value == _NOT_SUPPORTED:
                 return "SUBACK reason 0x9E: shared subscriptions not supported"
-            return f"SUBACK refused it ({code}, 0x{value:02X})"
+            return f"SUBACK refused it (0x{value:02X})"
     return ""
 
 
-async def _round_trips(worker: aiomqtt.Client, device: aiomqtt.Client, request: str,
+async def _subscribe(client: MqttClient, topic: str) -> str:
+    """Subscribe at QoS 1; "" when granted, else why not (:func:`subscribe_failure`)."""
+    try:
+        await asyncio.wait_for(client.subscribe(topic, qos=1), _ACK_TIMEOUT_S)
+    except SubscribeRefused as exc:
+        return subscribe_failure([exc.reason])
+    return ""
+
+
+async def _unsubscribe(client: MqttClient, topic: str) -> None:
+    await asyncio.wait_for(client.unsubscribe(topic), _ACK_TIMEOUT_S)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a probe answer's outcome as seen (its PUBACK matters to nobody)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _round_trips(worker: MqttClient, device: MqttClient, request: str,
                        reply: str, count: int, first_timeout_s: float) -> list[float]:
     """``device`` publishes ``count`` QoS 1 messages on ``request`` one after another; the
     worker answers each on ``reply`` at once. Each time how long until the answer is
     back: the path of a real request. Stops at the first that does not come back in time.
+
+    Both clients' ``on_message`` are taken over meanwhile: the worker's hands what is
+    not a probe on to the callback it had (a persistent session's queued requests may
+    arrive during the check), and both are put back before returning.
     """
-    wpaho, dpaho = worker._client, device._client
     arrived: asyncio.Queue[float] = asyncio.Queue()
+    worker_handler, device_handler = worker.on_message, device.on_message
 
-    def answer(_client: Any, _userdata: Any, message: Any) -> None:
-        wpaho.publish(reply, message.payload, 1)  # paho calls back on the loop's thread
+    def answer(message: Message) -> None:
+        if message.topic == request:
+            worker.publish(reply, message.payload, qos=1).add_done_callback(_retrieve)
+        elif worker_handler is not None:
+            worker_handler(message)
 
-    def on_reply(_client: Any, _userdata: Any, _message: Any) -> None:
-        arrived.put_nowait(time.perf_counter())
+    def on_reply(message: Message) -> None:
+        if message.topic == reply:
+            arrived.put_nowait(time.perf_counter())
 
-    wpaho.message_callback_add(request, answer)
-    dpaho.message_callback_add(reply, on_reply)
+    worker.on_message, device.on_message = answer, on_reply
     times: list[float] = []
     try:
         for i in range(count):
             sent = time.perf_counter()
-            await device.publish(request, _PROBE_PAYLOAD, qos=1)
+            await asyncio.wait_for(device.publish(request, _PROBE_PAYLOAD, qos=1),
+                                   _ACK_TIMEOUT_S)
             try:
                 got = await asyncio.wait_for(arrived.get(),
                                              first_timeout_s if i == 0 else 1.0)
@@ -111,52 +141,55 @@ async def _round_trips(worker: aiomqtt.Client, device: aiomqtt.Client, request: 
                 break
             times.append(got - sent)
     finally:
-        wpaho.message_callback_remove(request)
-        dpaho.message_callback_remove(reply)
+        worker.on_message, device.on_message = worker_handler, device_handler
     return times
 
 
-async def check_broker(client: aiomqtt.Client, protocol: str, topics: Topics, group: str,
+async def check_broker(client: MqttClient, topics: Topics, group: str,
                        broker: BrokerConfig, client_id: str, *,
                        timeout_s: float = PROBE_TIMEOUT_S) -> BrokerCheck:
     """Does ``$share/{group}/…`` deliver here, and how long is a round trip?
 
-    A second, short-lived connection stands for a device: its messages reach the worker
-    through the shared filter when that works, else through a plain one, and the worker
-    answers each at once. Everything made here is removed before returning.
+    ``client`` is the worker's connection. A second, short-lived connection stands for
+    a device: its messages reach the worker through the shared filter when that works,
+    else through a plain one, and the worker answers each at once. Everything made here
+    is removed before returning. Raises TransportError (or asyncio.TimeoutError when the
+    broker does not acknowledge) if the check cannot be made.
     """
+    protocol = client.protocol or broker.protocol
     request, reply = probe_topic(topics), probe_topic(topics)
-    device, _ = await connect(broker.with_protocol(protocol), f"{client_id}-probe")
+    device = await open_client(broker.with_protocol(protocol), f"{client_id}-probe")
     try:
-        await device.subscribe(reply, qos=1)
+        # Refused (an ACL on the probe topics): no answer comes back, and the check
+        # ends inconclusive, which says so.
+        await _subscribe(device, reply)
         reason = ""
         if group:
-            if protocol == "5" and connack_property(client,
-                                                    "SharedSubscriptionAvailable") == 0:
+            if protocol == "5" and client.connack_property("SharedSubscriptionAvailable") == 0:
                 reason = "its CONNACK says Shared Subscription Available = 0"
             else:
                 shared = f"$share/{group}/{request}"
-                granted = await client.subscribe(shared, qos=1)
-                reason = subscribe_failure(granted)
+                reason = await _subscribe(client, shared)
                 if not reason:
                     try:
                         times = await _round_trips(client, device, request, reply,
                                                    ROUND_TRIPS, timeout_s)
                     finally:
-                        await client.unsubscribe(shared)
+                        await _unsubscribe(client, shared)
                     if times:
                         return BrokerCheck(shared=True, round_trips_s=times)
                     reason = (f"a message published through the group did not arrive "
                               f"within {timeout_s:g} s (the broker took "
                               f"'$share/{group}/…' as a plain filter)")
-        await client.subscribe(request, qos=1)
-        try:
-            times = await _round_trips(client, device, request, reply, ROUND_TRIPS,
-                                       timeout_s)
-        finally:
-            await client.unsubscribe(request)
+        times = []
+        if not await _subscribe(client, request):
+            try:
+                times = await _round_trips(client, device, request, reply, ROUND_TRIPS,
+                                           timeout_s)
+            finally:
+                await _unsubscribe(client, request)
     finally:
-        await device.__aexit__(None, None, None)
+        await device.disconnect()
     if not times:
         # Not even a plain subscription gets it (an ACL on the probe topics?): no verdict
         # on the group, which then stays as asked.

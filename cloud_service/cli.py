@@ -1,7 +1,7 @@
 """``splitinfer cloud serve``: one flag per :class:`~cloud_service.config.Config` field.
 
 Every flag also reads an environment variable (``--max-batch`` ↔ ``SPLITINFER_MAX_BATCH``).
-Cheap to import: the server, onnxruntime and aiomqtt load only when the command runs.
+Cheap to import: the server, onnxruntime and paho load only when the command runs.
 """
 
 from __future__ import annotations

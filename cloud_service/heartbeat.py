@@ -48,7 +48,8 @@ from typing import Any
 
 from cloud_service.metrics import ErrorLog
 from splitinfer.errors import TransportError
-from splitinfer.mqtt import BrokerConfig, connect
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import open_client
 
 __all__ = ["STATES", "SESSIONS", "Status", "HeartbeatPublisher", "PeerWatcher", "Watchdog",
            "fence", "STANDBY_FACTOR", "MAX_STATUS_BYTES"]
@@ -331,14 +332,15 @@ async def fence(broker: BrokerConfig, client_id: str, *,
     client's connection and drops its session (MQTT 5: no session expiry given, so the
     session ends with this connection; MQTT 3.1.1: clean session). Raises TransportError."""
     try:
-        client, _ = await asyncio.wait_for(connect(broker, client_id), timeout_s)
+        client = await asyncio.wait_for(
+            open_client(broker, client_id, clean_start=True, timeout_s=timeout_s),
+            timeout_s)
     except asyncio.TimeoutError as exc:
         raise TransportError(f"fencing {client_id!r}: no CONNACK within {timeout_s:g} s") \
             from exc
-    try:
-        await asyncio.wait_for(client.__aexit__(None, None, None), timeout_s)
-    except Exception as exc:  # the takeover has happened: the disconnect is a courtesy
-        log.debug("fencing %r: disconnect: %r", client_id, exc)
+    # The takeover has happened with the CONNACK: the DISCONNECT is a courtesy (and
+    # MqttClient.disconnect never raises).
+    await client.disconnect(timeout_s)
 
 
 Fence = Callable[[str], Awaitable[None]]

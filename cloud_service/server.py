@@ -5,6 +5,15 @@
     server = Server(Config(artifacts="artifacts", broker="mqtt://127.0.0.1:1883"))
     asyncio.run(server.serve())          # or server.run(); or start_in_thread() in tests
 
+The connection is a :class:`splitinfer.mqtt_client.MqttClient` (paho driven by this
+loop through its public API). Requests arrive through its ``on_message`` callback, which
+hands each one to the :class:`~cloud_service.worker.Worker` on the loop (no task, no
+queue per message); answers go out through ``client.publish``, whose future the PUBACK
+resolves (no task per answer either). A PUBACK that refuses an answer (reason >= 0x80) is
+logged with its reason and the answer tried once more on the slow path, which then counts
+it in ``reply_failures``. The worker chunks answers over the broker's maximum packet size
+(``client.max_packet_size``: the CONNACK's, or ``?max_packet=`` on the broker URL).
+
 Before subscribing it checks the broker (:mod:`cloud_service.broker_check`): without
 shared subscriptions it subscribes plainly and warns once (each replica would then answer
 every request); a slow request round trip (a stock mosquitto's ~40 ms) is a warning too.
@@ -17,10 +26,11 @@ reconnects with capped exponential backoff and subscribes again; answers waiting
 connection are sent once it is back (within ``reply_timeout_s``).
 
 Sessions and heartbeats (docs/cloud.md "Faults"): with ``worker_id`` the client id is
-that id and the session persists (:func:`cloud_service.paho_io.session_options`), so a
-restart within ``session_expiry_s`` gets what the broker queued meanwhile; a graceful exit
-ends the session (taken over with a clean start, as a fence does) so a replica that left
-takes no more share. The heartbeat (:mod:`cloud_service.heartbeat`) beats ``online``,
+that id and the session persists (MQTT 5 clean start off + Session Expiry Interval
+``session_expiry_s``; MQTT 3.1.1 clean session off), so a restart within
+``session_expiry_s`` gets what the broker queued meanwhile; a graceful exit ends the
+session (taken over with a clean start, as a fence does) so a replica that left takes no
+more share. The heartbeat (:mod:`cloud_service.heartbeat`) beats ``online``,
 ``draining`` from the first signal, ``offline`` on the way out (and as the last will);
 the watchdog fences a peer that went silent.
 """
@@ -30,13 +40,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cloud_service.broker_check import (
     SLOW_ROUND_TRIP_S,
@@ -46,51 +54,38 @@ from cloud_service.broker_check import (
 )
 from cloud_service.config import Config
 from cloud_service.heartbeat import HeartbeatPublisher, Load, PeerWatcher, Watchdog, fence
-from cloud_service.metrics import Metrics
-from cloud_service.paho_io import session_options, tune
+from cloud_service.metrics import ErrorLog, Metrics
 from cloud_service.registry import Registry
 from cloud_service.worker import Incoming, Worker
 from splitinfer.errors import StartupError, TransportError
-from splitinfer.mqtt import connect, result_properties
-
-if TYPE_CHECKING:
-    import aiomqtt
+from splitinfer.mqtt_client import (
+    Message,
+    MqttClient,
+    SubscribeRefused,
+    Will,
+    open_client,
+    reason_text,
+)
 
 __all__ = ["Server"]
 
 log = logging.getLogger(__name__)
 
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SUBSCRIBE_TIMEOUT_S = 10.0
 _UNSUBSCRIBE_TIMEOUT_S = 5.0
 _DISCONNECT_TIMEOUT_S = 5.0
+_REFUSED = 0x80  # PUBACK reason codes from here on refuse the message
 
 
-@dataclass(eq=False)
-class _Connection:
-    client: aiomqtt.Client
-    protocol: str
-    lost: asyncio.Future[None] = field(default_factory=asyncio.Future)
-    acks: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # fast path, by mid
+class AnswerRefused(TransportError):
+    """The broker's PUBACK refused an answer (``reason`` >= 0x80: not authorized, quota
+    exceeded, packet too large, ...)."""
 
-    def fail_acks(self, reason: str) -> None:
-        acks, self.acks = self.acks, {}
-        for future in acks.values():
-            if not future.done():
-                future.set_exception(TransportError(reason))
-
-
-class _Ack:
-    """What aiomqtt's PUBACK handler ``set()``s: resolves a fast-path future."""
-
-    __slots__ = ("conn", "future", "mid")
-
-    def __init__(self, future: asyncio.Future[None], mid: int, conn: _Connection) -> None:
-        self.future, self.mid, self.conn = future, mid, conn
-
-    def set(self) -> None:
-        self.conn.acks.pop(self.mid, None)
-        if not self.future.done():
-            self.future.set_result(None)
+    def __init__(self, topic: str, reason: int) -> None:
+        super().__init__(f"the broker refused the answer on {topic} (PUBACK "
+                         f"{reason_text(reason)})", topic=topic)
+        self.reason = reason
 
 
 class Server:
@@ -123,8 +118,12 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exit: asyncio.Event | None = None
         self._force: asyncio.Event | None = None
-        self._conn: _Connection | None = None
+        self._mqtt: MqttClient | None = None  # the live connection, None between them
         self._connected: asyncio.Event | None = None
+        # The broker's packet limit as of the last connection (kept while reconnecting, so
+        # an answer made meanwhile is chunked for the broker it will be sent to).
+        self._max_packet: int | None = config.broker_config().max_packet
+        self._refusals = ErrorLog(log)
         topics = config.topics()
         self._status_head = topics.worker_status_filter()[:-1]  # "{prefix}/v1/workers/"
         self.heartbeat: HeartbeatPublisher | None = None
@@ -263,24 +262,27 @@ class Server:
         if self.registry is None:
             self.registry = await asyncio.to_thread(
                 Registry.load, cfg.artifacts, threads=cfg.threads, providers=cfg.providers)
+        # The worker exists before the connection: a persistent session's queued requests
+        # arrive right after the CONNACK, before anything is subscribed.
+        worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics,
+                                      publish_nowait=self._publish_nowait,
+                                      max_packet=self._packet_limit)
         try:
-            conn = await self._connect()
+            client = await self._connect()
         except TransportError as exc:
             raise StartupError(f"cloud worker cannot start: {exc}") from exc
-        worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics,
-                                      publish_nowait=self._publish_nowait)
         tasks: list[asyncio.Task[Any]] = []
         try:
-            await self._check(conn)
-            conn = await self._first_subscribe(conn)
+            await self._check(client)
+            client = await self._first_subscribe(client)
             log.info("worker %s serving %d split(s) on %s (%s, MQTT %s), max batch %d, "
                      "max delay %.1f ms", cfg.client_id, len(self.registry),
-                     cfg.broker_config().url(), self.subscription, conn.protocol,
+                     cfg.broker_config().url(), self.subscription, client.protocol,
                      cfg.max_batch, cfg.max_delay_ms)
             if self.on_started is not None:
                 self.on_started(self)
             self.started.set()
-            supervisor = asyncio.create_task(self._supervise(conn), name="mqtt-supervisor")
+            supervisor = asyncio.create_task(self._supervise(client), name="mqtt-supervisor")
             exit_wait = asyncio.create_task(self._wait(self._exit), name="exit-wait")
             tasks += [supervisor, exit_wait,
                       asyncio.create_task(self._report(), name="metrics-log")]
@@ -296,8 +298,8 @@ class Server:
             if supervisor.done():
                 supervisor.result()  # an unexpected failure: let it out
             await self._drain(worker)
-            # The pump keeps running while draining: it hands over what the broker sent
-            # before the unsubscribe took effect, and PUBACKs arrive through it.
+            # The supervisor keeps running while draining: a connection lost meanwhile is
+            # made again, so the answers still owed go out.
         finally:
             for task in tasks:
                 task.cancel()
@@ -316,34 +318,34 @@ class Server:
         if event is not None:
             await event.wait()
 
-    async def _connect(self) -> _Connection:
+    def _packet_limit(self) -> int | None:
+        """The broker's maximum packet size for the worker's chunking (None: no limit)."""
+        return self._max_packet
+
+    async def _connect(self) -> MqttClient:
         cfg = self.config
         broker = cfg.broker_config()
-        will = (self.heartbeat.topic, self.heartbeat.will()) if self.heartbeat else None
-
-        def options(protocol: str) -> dict[str, Any]:
-            return session_options(protocol, persistent=cfg.persistent,
-                                   expiry_s=cfg.session_expiry_s, will=will)
-
         known = self.protocol or (broker.protocol if broker.protocol != "auto" else None)
         if known is not None:
-            client, protocol = await connect(broker.with_protocol(known), cfg.client_id,
-                                             **options(known))
-        else:
-            try:
-                client, protocol = await connect(broker, cfg.client_id, **options("5"))
-            except ValueError:  # auto fell back to 3.1.1, which takes no MQTT 5 options
-                client, protocol = await connect(broker.with_protocol("3.1.1"), cfg.client_id,
-                                                 **options("3.1.1"))
-        # aiomqtt warns past 10 unacknowledged publishes; a busy worker has hundreds.
-        client.pending_calls_threshold = 1_000_000
-        tune(client, asyncio.get_running_loop())
-        conn = _Connection(client, protocol)
-        self._conn = conn
-        self.protocol = protocol
+            broker = broker.with_protocol(known)
+        will = (Will(self.heartbeat.topic, self.heartbeat.will(), qos=1, retain=True)
+                if self.heartbeat is not None else None)
+        # persistent: MQTT 5 clean start off + Session Expiry Interval; 3.1.1 clean
+        # session off (MqttClient picks the form the negotiated protocol takes).
+        client = await open_client(
+            broker, cfg.client_id, will=will, clean_start=not cfg.persistent,
+            session_expiry_s=cfg.session_expiry_s if cfg.persistent else None,
+            on_message=self._on_message)
+        self._mqtt = client
+        self.protocol = client.protocol
+        limit = client.max_packet_size
+        if limit != self._max_packet:
+            log.info("broker %s: maximum packet size %s; larger answers go as chunks",
+                     broker.url(), limit if limit is not None else "unlimited")
+        self._max_packet = limit
         if self._connected is not None:
             self._connected.set()
-        return conn
+        return client
 
     def ready_line(self) -> str:
         """One line for people and scripts: splits, broker (no password), group, protocol."""
@@ -354,17 +356,16 @@ class Server:
         return (f"serving {len(self.registry or ())} split(s) [{splits}] on "
                 f"{self.config.broker_config().url()}, {group}, MQTT {self.protocol}{took}")
 
-    async def _check(self, conn: _Connection) -> None:
+    async def _check(self, client: MqttClient) -> None:
         """Shared subscriptions and the round trip (cloud_service.broker_check); without
         shared subscriptions, fall back to a plain subscription with one warning."""
-        import aiomqtt
-
         cfg = self.config
         try:
-            check = await check_broker(conn.client, conn.protocol, cfg.topics(), cfg.group,
-                                       cfg.broker_config(), cfg.client_id)
-        except (aiomqtt.MqttError, TransportError) as exc:
-            log.warning("broker check failed (%s); subscribing as configured", exc)
+            check = await check_broker(client, cfg.topics(), cfg.group, cfg.broker_config(),
+                                       cfg.client_id)
+        except (TransportError, asyncio.TimeoutError) as exc:
+            log.warning("broker check failed (%s); subscribing as configured",
+                        exc or "no answer in time")
             return
         self.broker_check = check
         if cfg.group and not check.shared:
@@ -389,38 +390,38 @@ class Server:
             log.info("broker round trip %.2f ms (QoS 1, median of %d)", rtt * 1e3,
                      len(check.round_trips_s))
 
-    async def _first_subscribe(self, conn: _Connection) -> _Connection:
+    async def _first_subscribe(self, client: MqttClient) -> MqttClient:
         """Subscribe at start-up; a connection lost meanwhile (e.g. taken over by a peer
         fencing this worker id's old session) is reconnected, not a failed start."""
-        import aiomqtt
-
         try:
-            await self._subscribe(conn)
+            await self._subscribe(client)
         except StartupError as exc:
-            if not isinstance(exc.__cause__, aiomqtt.MqttError):
+            cause = exc.__cause__
+            if isinstance(cause, SubscribeRefused) or not isinstance(
+                    cause, (TransportError, asyncio.TimeoutError)):
                 raise  # refused: a configuration problem
             log.warning("connection lost while subscribing (%s); reconnecting", exc)
-            await self._close(conn)
-            conn = await self._reconnect()
-        return conn
+            await self._close(client)
+            client = await self._reconnect()
+        return client
 
-    async def _subscribe(self, conn: _Connection) -> None:
-        import aiomqtt
-
+    async def _subscribe(self, client: MqttClient) -> None:
         topic = self.subscription
         try:
-            granted = await conn.client.subscribe(topic, qos=1)
-        except aiomqtt.MqttError as exc:
-            raise StartupError(f"cannot subscribe to {topic!r}: {exc}") from exc
-        failure = subscribe_failure(granted)
-        if failure:
+            await asyncio.wait_for(client.subscribe(topic, qos=1), _SUBSCRIBE_TIMEOUT_S)
+        except SubscribeRefused as exc:
             hint = ("a broker without shared subscriptions needs --no-group"
                     if topic.startswith("$share/") else
                     "does the broker's ACL let this worker read it?")
-            raise StartupError(f"broker refused the subscription {topic!r} ({failure}); "
-                               f"{hint}")
+            raise StartupError(f"broker refused the subscription {topic!r} "
+                               f"({subscribe_failure([exc.reason])}); {hint}") from exc
+        except TransportError as exc:
+            raise StartupError(f"cannot subscribe to {topic!r}: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise StartupError(f"cannot subscribe to {topic!r}: no SUBACK within "
+                               f"{_SUBSCRIBE_TIMEOUT_S:g} s") from exc
         if self.watcher is not None:
-            await self._watch(conn)
+            await self._watch(client)
         self.ready = True  # readiness hook: subscribed on a live connection
         if self.heartbeat is not None and self.started.is_set():
             # Back after a reconnect: say so now rather than at the next tick.
@@ -429,20 +430,23 @@ class Server:
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)
 
-    async def _watch(self, conn: _Connection) -> None:
+    async def _watch(self, client: MqttClient) -> None:
         """Subscribe to the peers' statuses; without them this worker fences nobody."""
-        import aiomqtt
-
         watcher = self.watcher
         if watcher is None:
             return
         topic = self.config.topics().worker_status_filter()
+        failure = ""
         try:
             # QoS 0: a persistent session must not queue beats while this worker is away
             # (old beats delivered late would make a silent peer look alive).
-            failure = subscribe_failure(await conn.client.subscribe(topic, qos=0))
-        except aiomqtt.MqttError as exc:
+            await asyncio.wait_for(client.subscribe(topic, qos=0), _SUBSCRIBE_TIMEOUT_S)
+        except SubscribeRefused as exc:
+            failure = subscribe_failure([exc.reason])
+        except TransportError as exc:
             failure = str(exc)
+        except asyncio.TimeoutError:
+            failure = f"no SUBACK within {_SUBSCRIBE_TIMEOUT_S:g} s"
         if failure:
             log.warning("cannot watch the other workers (%s on %r): this worker fences "
                         "no silent peer; does the broker's ACL let workers read it?",
@@ -450,133 +454,108 @@ class Server:
             return
         watcher.connected()
 
-    async def _supervise(self, conn: _Connection) -> None:
-        """Pump messages into the worker; on a lost connection reconnect and resubscribe."""
-        import aiomqtt
-
+    async def _supervise(self, client: MqttClient) -> None:
+        """Wait for the connection to go; then reconnect (and resubscribe), forever."""
         while True:
-            try:
-                await self._pump(conn)
-            except aiomqtt.MqttError as exc:
-                reason: object = exc
-            else:
-                reason = "message stream ended"
+            await client.lost.wait()
+            reason = client.lost_reason or "connection closed"
             self.ready = False  # readiness hook: the connection is gone
-            if not conn.lost.done():
-                conn.lost.set_result(None)
-            conn.fail_acks(f"connection lost before the PUBACK: {reason}")
-            if self._conn is conn:
-                self._conn = None
+            if self._mqtt is client:
+                self._mqtt = None
                 if self._connected is not None:
                     self._connected.clear()
             if self.watcher is not None:
                 self.watcher.disconnected()
             log.warning("lost the broker (%s); reconnecting", reason)
-            conn = await self._reconnect()
+            client = await self._reconnect()
             self.metrics.reconnects += 1
 
-    async def _pump(self, conn: _Connection) -> None:
-        worker = self.worker
-        if worker is None:
-            return
-        # aiomqtt's iterator spends a task and an asyncio.wait on every message (and its
-        # Message and queue some more): paho's message callback, which runs on the loop in
-        # aiomqtt's reader, hands each message to the worker directly instead. The
-        # iterator stays, to take what was queued before and to raise when the
-        # connection goes.
-        paho = getattr(conn.client, "_client", None)
-        submit = self._route
-        if paho is not None:
-
-            def on_message(_client: Any, _userdata: Any, message: Any) -> None:
-                try:
-                    incoming = _incoming_paho(message)
-                except Exception as exc:  # e.g. a topic that is not UTF-8: drop that one
-                    log.warning("unreadable message dropped: %r", exc)
-                    return
-                submit(incoming)
-
-            paho.on_message = on_message
-        queue = getattr(conn.client, "_queue", None)
-        if not isinstance(queue, asyncio.Queue):
-            queue = None
-        async for message in conn.client.messages:
-            submit(_incoming(message))
-            while queue is not None and not queue.empty():
-                submit(_incoming(queue.get_nowait()))
-
-    def _route(self, incoming: Incoming) -> None:
-        """Requests to the worker, peer statuses to the watcher."""
-        worker = self.worker
-        if incoming.topic.startswith(self._status_head):
+    def _on_message(self, msg: Message) -> None:
+        """Every inbound message, on the loop (MqttClient's fast path): requests to the
+        worker, peer statuses to the watcher."""
+        topic = msg.topic
+        if topic.startswith(self._status_head):
             watcher = self.watcher
-            worker_id = self.config.topics().parse_worker_status(incoming.topic)
+            worker_id = self.config.topics().parse_worker_status(topic)
             if watcher is not None and worker_id is not None:
-                watcher.observe(worker_id, incoming.payload)
+                watcher.observe(worker_id, msg.payload)
             return
+        worker = self.worker
         if worker is not None:
-            worker.submit(incoming)
+            worker.submit(Incoming(topic, msg.payload, msg.response_topic, msg.correlation))
 
-    async def _reconnect(self) -> _Connection:
+    async def _reconnect(self) -> MqttClient:
         cfg = self.config
         delay = cfg.reconnect_min_s
         while True:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(max(delay * 2, 0.05), cfg.reconnect_max_s)
             try:
-                conn = await self._connect()
+                client = await self._connect()
             except TransportError as exc:
                 log.debug("reconnect failed: %s", exc)
                 continue
             if self._draining:
                 log.info("reconnected to %s (draining: not subscribing)",
                          cfg.broker_config().url())
-                return conn
+                return client
             try:
-                await self._subscribe(conn)
+                await self._subscribe(client)
             except StartupError as exc:
                 log.warning("reconnected but %s; retrying", exc)
-                await self._close(conn)
+                await self._close(client)
                 continue
             log.info("reconnected to %s and resubscribed", cfg.broker_config().url())
-            return conn
+            return client
 
     def _publish_nowait(self, topic: str, payload: bytes,
                         correlation: bytes | None) -> asyncio.Future[None] | None:
         """Send a QoS 1 answer now; a future the PUBACK resolves, or None (not connected).
 
-        The worker's fast path: no task and no ``asyncio.wait`` per answer. It puts its
-        own entry where aiomqtt keeps pending publishes (so aiomqtt's PUBACK handler
-        resolves it); a lost connection fails it and the worker falls back to
-        :meth:`_publish`, which waits for the next connection.
+        The worker's fast path: no task and no ``asyncio.wait`` per answer. The future
+        fails when the connection goes first (the worker then re-sends through
+        :meth:`_publish`, which waits for the next connection) or when the PUBACK refuses
+        the answer (:class:`AnswerRefused`, logged here with its reason).
         """
-        conn = self._conn
-        paho = getattr(conn.client, "_client", None) if conn is not None else None
-        pending = getattr(conn.client, "_pending_publishes", None) if conn is not None \
-            else None
-        if conn is None or conn.lost.done() or paho is None or not isinstance(pending, dict):
+        client = self._mqtt
+        if client is None or not client.connected:
             return None
-        props = result_properties(correlation) if conn.protocol == "5" and correlation \
-            else None
-        info = paho.publish(topic, payload, 1, False, props)
-        if info.rc:
-            return None  # refused now (not connected): the slow path waits and retries
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if info.is_published():
-            future.set_result(None)
-            return future
-        pending[info.mid] = _Ack(future, info.mid, conn)
-        conn.acks[info.mid] = future
-        return future
+        try:
+            sent = client.publish(topic, payload, qos=1, correlation=correlation)
+        except TransportError:
+            return None
+        acked: asyncio.Future[None] = sent.get_loop().create_future()
+        sent.add_done_callback(lambda fut: self._on_puback(fut, acked, topic))
+        return acked
+
+    def _on_puback(self, sent: asyncio.Future[int | None], acked: asyncio.Future[None],
+                   topic: str) -> None:
+        if acked.done():  # cancelled by a forced exit
+            if not sent.cancelled():
+                sent.exception()  # retrieved: nobody else will
+            return
+        if sent.cancelled():
+            acked.cancel()
+            return
+        exc = sent.exception()
+        if exc is not None:
+            acked.set_exception(exc)
+            return
+        reason = sent.result()
+        if reason is not None and reason >= _REFUSED:
+            refused = AnswerRefused(topic, reason)
+            self._refusals.report(f"puback_{reason:02x}", "%s", refused)
+            acked.set_exception(refused)
+            return
+        acked.set_result(None)
 
     async def _publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         """QoS 1 publish that survives reconnects; gives up after ``reply_timeout_s``.
 
-        One task per answer and no ``wait_for`` (each would add a task): the publish races
-        the connection's ``lost`` future, bounded by the time left.
+        A lost connection fails the PUBACK future (MqttClient), and the answer is sent
+        again on the next connection. A PUBACK that refuses it raises
+        :class:`AnswerRefused` at once: the same bytes would be refused again.
         """
-        import aiomqtt
-
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.reply_timeout_s
         while True:
@@ -584,54 +563,47 @@ class Server:
             if remaining <= 0:
                 raise TimeoutError(f"no broker connection to answer on {topic} within "
                                    f"{self.config.reply_timeout_s:g} s")
-            conn = self._conn
-            if conn is None:
+            client = self._mqtt
+            if client is None or not client.connected:
                 if self._connected is None:
                     raise RuntimeError("server not serving")
+                if client is not None:  # just lost: the supervisor is about to notice
+                    await asyncio.sleep(0.01)
+                    continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._connected.wait(), remaining)
                 continue
-            props = result_properties(correlation) if conn.protocol == "5" and correlation \
-                else None
-            # timeout=inf: aiomqtt then awaits the PUBACK without a wait_for task.
-            publish = asyncio.ensure_future(conn.client.publish(
-                topic, payload, qos=1, properties=props, timeout=math.inf))
             try:
-                await asyncio.wait((publish, conn.lost), timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                publish.cancel()
-                raise
-            if not publish.done():
-                publish.cancel()  # lost (send it again on the next connection) or timed out
-                continue
-            try:
-                publish.result()
-                return
-            except aiomqtt.MqttError as exc:
-                if not conn.lost.done():  # refused while connected: wait a little
+                reason = await asyncio.wait_for(
+                    client.publish(topic, payload, qos=1, correlation=correlation), remaining)
+            except asyncio.TimeoutError:
+                continue  # no PUBACK in time: the loop's check gives up
+            except TransportError as exc:
+                if client.connected:  # refused now while connected: wait a little
                     log.debug("publish to %s failed: %s", topic, exc)
                     await asyncio.sleep(0.05)
+                continue
+            if reason is not None and reason >= _REFUSED:
+                raise AnswerRefused(topic, reason)
+            return
 
     async def _drain(self, worker: Worker) -> None:
-        import aiomqtt
-
         self._draining = True
         self.ready = False  # readiness hook: draining takes no new requests
         if self.watcher is not None:
             self.watcher.active = False  # leaving: fencing is for the ones that stay
         if self.heartbeat is not None:
             await self.heartbeat.beat("draining")
-        conn = self._conn
-        if conn is not None:
+        client = self._mqtt
+        if client is not None and client.connected:
             try:
-                await conn.client.unsubscribe(self.subscription,
-                                              timeout=_UNSUBSCRIBE_TIMEOUT_S)
-            except aiomqtt.MqttError as exc:
-                log.warning("unsubscribe failed while draining: %s", exc)
-            # Messages delivered before the UNSUBACK are ours: let the pump take them.
-            while len(conn.client.messages) and not conn.lost.done():
-                await asyncio.sleep(0.001)
+                await asyncio.wait_for(client.unsubscribe(self.subscription),
+                                       _UNSUBSCRIBE_TIMEOUT_S)
+            except (TransportError, asyncio.TimeoutError) as exc:
+                log.warning("unsubscribe failed while draining: %s",
+                            exc or "no UNSUBACK in time")
+            # Messages the broker sent before the UNSUBACK were handed to the worker as
+            # they were read (on_message), before the UNSUBACK itself.
             await asyncio.sleep(0)
         if self._force_exit:
             self.drained_cleanly = False
@@ -650,11 +622,13 @@ class Server:
 
     async def _publish_status(self, topic: str, payload: bytes) -> None:
         """A retained QoS 1 status (a heartbeat, or a fenced peer's record)."""
-        conn = self._conn
-        if conn is None or conn.lost.done():
-            raise TransportError("not connected")
-        await conn.client.publish(topic, payload, qos=1, retain=True,
-                                  timeout=max(self.config.heartbeat_s, 1.0))
+        client = self._mqtt
+        if client is None or not client.connected:
+            raise TransportError("not connected", topic=topic)
+        reason = await asyncio.wait_for(client.publish(topic, payload, qos=1, retain=True),
+                                        max(self.config.heartbeat_s, 1.0))
+        if reason is not None and reason >= _REFUSED:
+            raise AnswerRefused(topic, reason)
 
     def _broker_for_fencing(self) -> Any:
         broker = self.config.broker_config()
@@ -679,18 +653,16 @@ class Server:
             log.info("session of %r ended", self.config.client_id)
 
     async def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._close(conn)
+        client, self._mqtt = self._mqtt, None
+        if self._connected is not None:
+            self._connected.clear()
+        if client is not None:
+            await self._close(client)
 
     @staticmethod
-    async def _close(conn: _Connection) -> None:
-        conn.fail_acks("connection closed before the PUBACK")
-        try:
-            await asyncio.wait_for(conn.client.__aexit__(None, None, None),
-                                   _DISCONNECT_TIMEOUT_S)
-        except Exception as exc:  # already gone: nothing left to close cleanly
-            log.debug("disconnect: %r", exc)
+    async def _close(client: MqttClient) -> None:
+        """DISCONNECT (no last will) and close; pending PUBACK futures fail."""
+        await client.disconnect(_DISCONNECT_TIMEOUT_S)
 
     async def _report(self) -> None:
         interval = self.config.metrics_interval_s
@@ -710,31 +682,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _incoming_paho(message: Any) -> Incoming:
-    """A paho ``MQTTMessage`` as the worker takes it (payload bytes, MQTT 5 properties)."""
-    props = getattr(message, "properties", None)
-    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-    correlation = getattr(props, "CorrelationData", None) if props is not None else None
-    return Incoming(topic=message.topic, payload=bytes(message.payload),
-                    response_topic=response_topic if isinstance(response_topic, str) else None,
-                    correlation=bytes(correlation) if correlation else None)
-
-
-def _incoming(message: aiomqtt.Message) -> Incoming:
-    payload = message.payload
-    if isinstance(payload, str):
-        data = payload.encode()
-    elif isinstance(payload, (bytes, bytearray)):
-        data = bytes(payload)
-    elif payload is None:
-        data = b""
-    else:
-        data = str(payload).encode()
-    props = message.properties
-    response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-    correlation = getattr(props, "CorrelationData", None) if props is not None else None
-    return Incoming(topic=message.topic.value, payload=data,
-                    response_topic=response_topic if isinstance(response_topic, str) else None,
-                    correlation=bytes(correlation) if correlation else None)

@@ -66,6 +66,9 @@ _AUTH_REFUSED = frozenset({0x85, 0x86, 0x87})
 _MISC_INTERVAL_S = 1.0
 _MAX_INFLIGHT = 65535
 _READS_PER_READY = 64  # loop_read() calls per readiness while they yield packets
+_PAHO_CALLBACKS = ("on_connect", "on_disconnect", "on_message", "on_publish", "on_subscribe",
+                   "on_unsubscribe", "on_socket_open", "on_socket_close",
+                   "on_socket_register_write", "on_socket_unregister_write")
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,13 @@ class MqttClient:
 
     def _reset(self) -> None:
         self._close_socket()
+        old = self._paho
+        if old is not None:
+            # A discarded attempt must not call back into this client: paho's __del__
+            # closes its socket again and would report on_socket_close, failing the
+            # connection made after it (seen with the 5 -> 3.1.1 fall-back on amqtt).
+            for name in _PAHO_CALLBACKS:
+                setattr(old, name, None)
         self._paho = None
         self._lost_exc = None
         self._lost_event = asyncio.Event()

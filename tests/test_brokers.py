@@ -38,8 +38,9 @@ from cloud_service.server import Server
 from edge_agent import AgentConfig, EdgeAgent
 from simulators.broker import MosquittoBroker
 from splitinfer import ort_config
-from splitinfer.errors import BadInputError
-from splitinfer.mqtt import BrokerConfig, connect
+from splitinfer.errors import BadInputError, TransportError
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import Will, open_client
 from splitinfer.topics import DEFAULT_GROUP, Topics, check_level, topic_name
 from splitter import split_model, zoo
 from splitter.quantize import quantize_static
@@ -162,14 +163,14 @@ def test_names_in_topics_are_what_every_broker_takes() -> None:
 def test_nats_disconnects_a_client_that_publishes_a_dot(nats_broker: Any) -> None:
     """Why names are normalised: NATS drops the connection, the agent used to reconnect."""
     async def main() -> None:
-        client, _ = await connect(BrokerConfig.from_url(nats_broker.url), "dot-check")
+        client = await open_client(BrokerConfig.from_url(nats_broker.url), "dot-check")
         try:
-            with pytest.raises(Exception):  # noqa: B017 - aiomqtt's timeout or disconnect
-                await client.publish("splitinfer/v1/req/digits_cnn.int8/dev-1", b"x",
-                                     qos=1, timeout=2)
+            with pytest.raises((TransportError, asyncio.TimeoutError)):  # closed, or no PUBACK
+                await asyncio.wait_for(client.publish(
+                    "splitinfer/v1/req/digits_cnn.int8/dev-1", b"x", qos=1), 2)
+            await asyncio.wait_for(client.lost.wait(), 5)  # NATS closed the connection
         finally:
-            with contextlib.suppress(Exception):
-                await client.__aexit__(None, None, None)
+            await client.disconnect()
 
     asyncio.run(main())
 
@@ -328,11 +329,14 @@ def test_mqtt5_fall_back_takes_under_a_second(mosquitto: MosquittoBroker,
 
     async def main() -> tuple[str, float]:
         start = time.monotonic()
-        client, protocol = await connect(BrokerConfig.from_url(proxy.url), "fallback")
+        client = await open_client(BrokerConfig.from_url(proxy.url), "fallback")
         took = time.monotonic() - start
-        await client.publish("fallback/check", b"ok", qos=1)  # a usable connection
-        await client.__aexit__(None, None, None)
-        return protocol, took
+        gc.collect()  # the dropped MQTT 5 attempt must not close this connection
+        assert client.connected, client.lost_reason
+        assert await client.publish("fallback/check", b"ok", qos=1) is None  # usable, 3.1.1
+        await client.disconnect()
+        assert client.protocol is not None
+        return client.protocol, took
 
     try:
         protocol, took = asyncio.run(main())
@@ -347,10 +351,18 @@ def test_mqtt5_fall_back_takes_under_a_second(mosquitto: MosquittoBroker,
 def test_amqtt_auto_protocol_connects_within_a_second(embedded_broker: Any) -> None:
     async def main() -> tuple[str, float]:
         start = time.monotonic()
-        client, protocol = await connect(BrokerConfig.from_url(embedded_broker.url), "am")
+        # with a will, as the worker has: amqtt then drops the MQTT 5 CONNECT unanswered
+        client = await open_client(BrokerConfig.from_url(embedded_broker.url), "am",
+                                   will=Will("am/status", b"offline", retain=True))
         took = time.monotonic() - start
-        await client.__aexit__(None, None, None)
-        return protocol, took
+        # The refused MQTT 5 attempt, once collected, must not take the 3.1.1 connection
+        # down (paho's __del__ reported a socket close: the worker's check failed).
+        gc.collect()
+        assert client.connected, client.lost_reason
+        await asyncio.wait_for(client.subscribe("am/check", 1), 5)
+        await client.disconnect()
+        assert client.protocol is not None
+        return client.protocol, took
 
     protocol, took = asyncio.run(main())
     gc.collect()

@@ -24,7 +24,7 @@ from cloud_service.server import Server
 from simulators.broker import EmbeddedBroker, MosquittoBroker, free_port
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import ErrorCode, StartupError
-from splitinfer.mqtt import connect
+from splitinfer.mqtt_client import open_client
 from splitinfer.topics import Topics
 
 pytestmark = pytest.mark.integration
@@ -294,10 +294,10 @@ def test_answers_wait_for_the_broker_to_come_back(
         connects.append(time.monotonic())
         while len(connects) > 1 and not reconnect_gate.is_set():  # the first goes through
             await asyncio.sleep(0.01)
-        return await connect(*args, **kwargs)
+        return await open_client(*args, **kwargs)
 
     monkeypatch.setattr(tail, "run", held_run)
-    monkeypatch.setattr("cloud_service.server.connect", held_connect)
+    monkeypatch.setattr("cloud_service.server.open_client", held_connect)
     cfg = config(fresh_mosquitto.url, root, topic_prefix, reconnect_min_s=0.02,
                  reconnect_max_s=0.05)
     server = Server(cfg, registry=registry)
