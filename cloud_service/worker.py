@@ -18,6 +18,10 @@ Idempotency (:mod:`cloud_service.dedupe`): a request whose (device, id) is still
 or running is not run again, one already answered is answered again from a bounded cache
 of recent results (``Metrics.duplicates`` counts both).
 
+Compression: a request's compressed tensors are decompressed by :func:`splitinfer.wire.decode`
+(bounded by the size their shape implies); the answer goes in the codec the request used
+(:func:`answer_compression`), never in one the device did not show it reads.
+
 Error answers name the field and what was expected; they never carry exception text or
 what else the worker serves. A bug costs its request an ``internal`` answer and the log
 one traceback per interval (:class:`~cloud_service.metrics.ErrorLog`), counts for the rest.
@@ -56,7 +60,7 @@ from splitinfer.wire import (
 )
 
 __all__ = ["Incoming", "ReplyAddress", "Publish", "PublishNowait", "Job", "Worker",
-           "reply_address"]
+           "reply_address", "answer_compression"]
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +310,14 @@ class Worker:
                               timestamps={"recv": now}, error=ErrorInfo.of(code, message))
         self._send(addr, answer, ok=False)
 
-    def _send(self, addr: ReplyAddress, answer: Envelope, *, ok: bool) -> bytes | None:
-        """Encode and send ``answer``; the payload sent, or None when it cannot be encoded."""
+    def _send(self, addr: ReplyAddress, answer: Envelope, *, ok: bool,
+              compression: str | None = None) -> bytes | None:
+        """Encode and send ``answer`` (its tensors compressed with ``compression`` where
+        that pays, see :func:`answer_compression`); the payload sent, or None when it
+        cannot be encoded."""
         answer.timestamps["reply"] = reply = time.time()
         try:
-            payload = encode(answer)
+            payload = encode(answer, compression=compression)
         except WireError as exc:
             self._errors.report("encode_failed", "cannot encode the answer to %r: %s",
                                 answer.request_id, exc)
@@ -438,7 +445,8 @@ class Worker:
                 continue
             tensors = [WireTensor(name, array, specs[name].quantization)
                        for name, array in zip(tail.output_names, outputs, strict=True)]
-            payload = self._send(job.reply, job.request.result(tensors), ok=True)
+            payload = self._send(job.reply, job.request.result(tensors), ok=True,
+                                 compression=answer_compression(job.request))
             if payload is not None and job.dedupe is not None:
                 self._results.put(job.dedupe, payload, job.deadline)
 
@@ -476,6 +484,20 @@ class Worker:
         for task in list(self._replies):
             task.cancel()
         await asyncio.gather(*self._replies, return_exceptions=True)
+
+
+def answer_compression(request: Envelope) -> str | None:
+    """The codec a result is sent in: the one the request's tensors used, if any.
+
+    The split's manifest sets it for the device (:meth:`EdgeAgent.compression_for`), and
+    a device may override it per request; a request that arrived compressed shows the
+    device reads that codec, so the answer may use it. One that arrived uncompressed (no
+    codec on the device, an override to ``none``, or tensors that did not shrink) is
+    answered uncompressed. The encoder then compresses only tensors where that saves at
+    least 5 % (:func:`splitinfer.compression.worth_sending`): a classifier's few logits
+    stay raw. Error answers carry no tensors.
+    """
+    return next((t.compression for t in request.tensors if t.compression), None)
 
 
 # --- on a tail thread (onnxruntime releases the GIL while it computes) -------------------

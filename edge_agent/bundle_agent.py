@@ -70,6 +70,7 @@ from edge_agent.client import (
 from edge_agent.runtime import HeadRuntime, fixed_batch, load_head
 from edge_agent.transport import Connector, Transport
 from splitinfer.bundle import Bundle
+from splitinfer.compression import supported as supported_codecs
 from splitinfer.costmodel import PROFILE_FORMAT, LinkEstimate, costs_from_profiles
 from splitinfer.errors import (
     BadInputError,
@@ -410,7 +411,9 @@ def _request_bytes(manifest: Manifest, cut: Mapping[str, Array]) -> int:
                    tensors=[WireTensor(s.name, np.asarray(cut[s.name]), s.quantization,
                                        codec=manifest.codec_for(s.name)) for s in manifest.cut],
                    timestamps={"head_start": 0.0, "head_end": 0.0, "sent": 0.0})
-    return len(encode(env))
+    # compressed as EdgeAgent.compression_for sends it: the manifest's codec, if installed
+    how = manifest.compression if manifest.compression in supported_codecs() else None
+    return len(encode(env, compression=how))
 
 
 def measure_edge_profile(bundle: Bundle, manifests: Mapping[str, Manifest],

@@ -22,6 +22,12 @@ are matched by request id through a dict of futures; an entry is removed in ``fi
 whatever happens. An error result raises :class:`RemoteError`; no result before the
 deadline raises :class:`DeadlineExceeded`.
 
+Compression: the cut tensors go compressed with the split manifest's ``compression``
+(``zstd`` | ``lz4``, set by ``splitinfer split --compression``), each one only where that
+saves at least 5 % (:func:`splitinfer.compression.worth_sending`); a call's
+``compression=`` overrides it for its requests (``"none"`` or a codec). The worker answers
+in the codec the request used. :meth:`EdgeAgent.compression_for` says which applies.
+
 Re-sending (a request is idempotent: its id is the key, the worker answers a copy from its
 cache): QoS 1 ends at the broker, and a broker holds nothing for a shared-subscription
 group with no member, so the agent re-sends the *same* request (same id, payload and
@@ -104,6 +110,7 @@ from edge_agent.transport import (
 )
 from splitinfer import chunks
 from splitinfer.batches import padded_chunks
+from splitinfer.compression import supported as supported_codecs
 from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,
@@ -486,6 +493,7 @@ class EdgeAgent:
                                                max_total=4 * config.max_payload,
                                                max_payload=config.max_payload)
         self._answered: dict[str, None] = {}  # recently answered ids, oldest first
+        self._compression_warned: set[str] = set()  # splits whose codec is missing here
 
     def add_split(self, manifest: Manifest, head: HeadRuntime | None = None) -> SplitState:
         """Serve one more split on this agent's connection (before :meth:`start`)."""
@@ -653,22 +661,56 @@ class EdgeAgent:
     # ------------------------------------------------------------------ inference
 
     async def infer(self, inputs: Inputs, *, timeout: float | None = None,
-                    split: str | None = None) -> InferenceResult:
+                    split: str | None = None,
+                    compression: str | None = None) -> InferenceResult:
         """Run the head on ``inputs`` (one array per model input, samples first, any number
         of them), send the cut, and return the tail's outputs. The deadline (``timeout`` or
         the config's) covers it all, every request of a call fed in fixed-size batches too.
-        ``split`` names one of the agent's splits (default: its first).
+        ``split`` names one of the agent's splits (default: its first). ``compression``
+        overrides the split manifest's for this call's requests (``"zstd"``, ``"lz4"``,
+        ``"none"``; None: the manifest's, see :meth:`compression_for`).
         """
         started = time.perf_counter()
         timeout = self._timeout(timeout)
         self._check_started()
         state = self.split_state(split)
+        self.compression_for(state, compression)  # a bad override fails before the head runs
         return await self._infer_split(state, self.check_inputs(inputs, state), started=started,
-                                       timeout=timeout)
+                                       timeout=timeout, compression=compression)
+
+    def compression_for(self, state: SplitState, override: str | None = None) -> str | None:
+        """The codec this agent's requests of ``state`` use (None: uncompressed).
+
+        ``override`` (a call's ``compression=``): ``"none"`` or a codec, which must be
+        installed here (BadInputError naming the installed ones otherwise). Without it, the
+        manifest's ``compression``; a manifest codec this device lacks (its binding not
+        installed) is logged once and the requests go uncompressed, which every worker
+        reads, rather than failing every call. The worker answers in the codec the request
+        used, so a device never receives a codec it did not send.
+        """
+        if override is not None:
+            if override == "none":
+                return None
+            if override not in supported_codecs():
+                raise BadInputError(f"compression {override!r}: expected 'none' or a codec "
+                                    f"installed here {list(supported_codecs())}",
+                                    split_id=state.split_id)
+            return override
+        how = state.manifest.compression
+        if how is None or how in supported_codecs():
+            return how
+        if state.split_id not in self._compression_warned:
+            self._compression_warned.add(state.split_id)
+            log.warning("%s: split %s asks for %s compression, which is not installed here "
+                        "(supported: %s); sending its requests uncompressed", self.device_id,
+                        state.split_id, how, list(supported_codecs()) or "none")
+        return None
 
     async def _infer_split(self, state: SplitState, arrays: Mapping[str, Array], *,
-                           started: float, timeout: float) -> InferenceResult:
-        """``arrays`` (checked model inputs) through ``state`` under one ``timeout``."""
+                           started: float, timeout: float,
+                           compression: str | None = None) -> InferenceResult:
+        """``arrays`` (checked model inputs) through ``state`` under one ``timeout``
+        (``compression``: the call's override, None = the manifest's)."""
         loop = asyncio.get_running_loop()
         deadline, expires = time.time() + timeout, loop.time() + timeout
         if state.head is None:
@@ -678,13 +720,15 @@ class EdgeAgent:
         samples = _samples(arrays)
         if state.batch is None or samples is None or samples == state.batch:
             return await self._infer_one(state, arrays, started=started, deadline=deadline,
-                                         expires=expires, timeout=timeout)
+                                         expires=expires, timeout=timeout,
+                                         compression=compression)
         return await self._infer_chunked(state, arrays, samples, state.batch, started=started,
-                                         deadline=deadline, expires=expires, timeout=timeout)
+                                         deadline=deadline, expires=expires, timeout=timeout,
+                                         compression=compression)
 
     async def _infer_one(self, state: SplitState, arrays: Mapping[str, Array], *,
                          started: float, deadline: float, expires: float,
-                         timeout: float) -> InferenceResult:
+                         timeout: float, compression: str | None = None) -> InferenceResult:
         loop = asyncio.get_running_loop()
         stamps = {"head_start": time.time()}
         t0 = time.perf_counter()
@@ -706,12 +750,13 @@ class EdgeAgent:
             return self._local_result(cut, head_s=head_s, started=started, state=state)
         return await self._request(cut, head_s=head_s, stamps=stamps, started=started,
                                    deadline=deadline, expires=expires, timeout=timeout,
-                                   state=state)
+                                   state=state, compression=compression)
 
     async def _infer_chunked(self, state: SplitState, arrays: Mapping[str, Array],
                              samples: int, batch: int, *,
                              started: float, deadline: float, expires: float,
-                             timeout: float) -> InferenceResult:
+                             timeout: float, compression: str | None = None
+                             ) -> InferenceResult:
         """``samples`` in requests of the split's fixed ``batch``, outputs in input order."""
         gate = asyncio.Semaphore(self.config.chunk_concurrency)
 
@@ -719,7 +764,7 @@ class EdgeAgent:
             async with gate:
                 return await self._infer_one(state, chunk, started=time.perf_counter(),
                                              deadline=deadline, expires=expires,
-                                             timeout=timeout)
+                                             timeout=timeout, compression=compression)
 
         # The files take exactly `batch`: the last chunk is padded, its extra results dropped.
         tasks = [asyncio.create_task(one(chunk), name=f"edge-chunk:{self.device_id}:{i}")
@@ -756,19 +801,23 @@ class EdgeAgent:
 
     async def infer_activation(self, cut_tensors: Mapping[str, Array], *,
                                timeout: float | None = None,
-                               split: str | None = None) -> InferenceResult:
-        """Send recorded head outputs (the manifest's cut tensors) without running the head."""
+                               split: str | None = None,
+                               compression: str | None = None) -> InferenceResult:
+        """Send recorded head outputs (the manifest's cut tensors) without running the head
+        (``compression``: as for :meth:`infer`)."""
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         timeout = self._timeout(timeout)
         self._check_started()
         state = self.split_state(split)
+        self.compression_for(state, compression)
         cut = check_tensors(cut_tensors, state.manifest.cut, "cut tensors", state.split_id)
         if state.kind == "edge_only":  # recorded outputs of the whole model: nothing to send
             return self._local_result(cut, head_s=0.0, started=started, state=state)
         return await self._request(cut, head_s=0.0, stamps={}, started=started,
                                    deadline=time.time() + timeout,
-                                   expires=loop.time() + timeout, timeout=timeout, state=state)
+                                   expires=loop.time() + timeout, timeout=timeout, state=state,
+                                   compression=compression)
 
     def check_inputs(self, inputs: Inputs, state: SplitState | None = None) -> dict[str, Array]:
         """The model inputs by name, checked against the manifest (TensorError/BadInputError);
@@ -801,10 +850,12 @@ class EdgeAgent:
     async def _request(self, cut: Mapping[str, Array], *, head_s: float,
                        stamps: dict[str, float], started: float, deadline: float,
                        expires: float, timeout: float,
-                       state: SplitState | None = None) -> InferenceResult:
+                       state: SplitState | None = None,
+                       compression: str | None = None) -> InferenceResult:
         loop = asyncio.get_running_loop()
         state = state or self.split_state()
         manifest = state.manifest
+        how = self.compression_for(state, compression)
         request_id = new_request_id()
         t0 = time.perf_counter()
         envelope = Envelope(
@@ -814,7 +865,7 @@ class EdgeAgent:
                                codec=manifest.codec_for(s.name)) for s in manifest.cut],
             timestamps=stamps)
         envelope.stamp("sent")
-        payload = encode(envelope)
+        payload = encode(envelope, compression=how)
         encode_s = time.perf_counter() - t0
         if len(payload) > self.config.max_payload:
             raise WireError(f"request of {len(payload)} bytes exceeds the {self.config.max_payload}"

@@ -33,11 +33,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CODECS", "MIN_SAVING", "CodecError", "supported", "compress", "decompress",
-           "pays", "Measurement", "measure", "choose"]
+__all__ = ["CODECS", "AUTO_CODECS", "MIN_SAVING", "MIN_BYTES", "CodecError", "supported",
+           "compress", "decompress", "worth_sending", "pays", "Measurement", "measure",
+           "choose", "report"]
 
 CODECS = ("zstd", "lz4")  # what the wire format names; supported() is what this install has
+# What ``--compression auto`` measures: only the codec every edge and cloud install has
+# (the extras install ``zstandard``; python-lz4 is optional), so a manifest chosen on the
+# splitting machine never names a codec the device or the worker lacks. lz4 is used only
+# when asked for by name.
+AUTO_CODECS = ("zstd",)
 MIN_SAVING = 0.05  # a codec must save at least 5% of the raw bytes
+# Tensors smaller than this are never compressed: a zstd frame header alone is 6-9 bytes
+# and a call costs a few µs, so a saving is noise (a classifier's logits, a box list).
+MIN_BYTES = 128
 ZSTD_LEVEL = 1
 _MAX_WINDOW = 1 << 23
 
@@ -138,6 +147,14 @@ def decompress(name: str, data: bytes, expected: int) -> bytes:
     return out  # type: ignore[no-any-return]
 
 
+def worth_sending(raw_bytes: int, compressed_bytes: int) -> bool:
+    """The encoder's per-tensor rule: send the compressed form only where it saves at
+    least :data:`MIN_SAVING` of a tensor of at least :data:`MIN_BYTES` (else the receiver
+    would pay a decompression for nothing)."""
+    return (raw_bytes >= MIN_BYTES
+            and raw_bytes - compressed_bytes >= MIN_SAVING * raw_bytes)
+
+
 REFERENCE_UPLINK_BPS = 5.85e6  # splitinfer.link PROFILES["4g"].up
 
 
@@ -184,7 +201,8 @@ def _median(values: list[float]) -> float:
 def measure(name: str, requests: Sequence[Sequence[bytes]], *, repeats: int = 3,
             timer: Callable[[], float] = time.perf_counter) -> Measurement:
     """Codec ``name`` on ``requests`` (each: the raw bytes of its tensors): mean bytes per
-    request, median compress and decompress time per request."""
+    request as the encoder sends them (:func:`worth_sending`), median compress and
+    decompress time per request."""
     raw_total = comp_total = 0
     c_times: list[float] = []
     d_times: list[float] = []
@@ -193,12 +211,16 @@ def measure(name: str, requests: Sequence[Sequence[bytes]], *, repeats: int = 3,
             c_s = d_s = 0.0
             sizes = 0
             for raw in tensors:
+                if len(raw) < MIN_BYTES:  # the encoder sends these raw, untried
+                    sizes += len(raw)
+                    continue
                 start = timer()
                 packed = compress(name, raw)
                 mid = timer()
                 decompress(name, packed, len(raw))
                 c_s, d_s = c_s + mid - start, d_s + timer() - mid
-                sizes += len(packed)
+                # what the encoder sends: the compressed form only where it is worth it
+                sizes += len(packed) if worth_sending(len(raw), len(packed)) else len(raw)
             c_times.append(c_s)
             d_times.append(d_s)
         raw_total += sum(len(r) for r in tensors)
@@ -225,3 +247,23 @@ def choose(requests: Sequence[Sequence[bytes]], candidates: Sequence[str] | None
         if gain > best_gain:
             best, best_gain = m.codec, gain
     return best, found
+
+
+def report(requests: Sequence[Sequence[bytes]], candidates: Sequence[str] | None = None, *,
+           link_bps: float = REFERENCE_UPLINK_BPS,
+           timer: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """What each codec does to ``requests`` (each: the raw bytes of one request's tensors),
+    as ``inspect --json``, ``split --json`` and the profiles print it::
+
+        {"requests": n, "raw_bytes": mean per request, "link_bps": ...,
+         "codecs": {"zstd": Measurement.to_dict(), ...}, "choice": "zstd" | None}
+
+    ``choice`` is what :func:`choose` keeps (the codec that pays and saves the most time).
+    The bytes are those the encoder sends: tensors below :data:`MIN_BYTES`, and those a
+    codec does not shrink by :data:`MIN_SAVING`, count raw.
+    """
+    best, found = choose(requests, candidates, link_bps=link_bps, timer=timer)
+    raw = round(sum(sum(len(r) for r in t) for t in requests) / max(len(requests), 1))
+    return {"requests": len(requests), "raw_bytes": raw, "link_bps": link_bps,
+            "codecs": {m.codec: {**m.to_dict(), "pays": m.pays(link_bps)} for m in found},
+            "choice": best}

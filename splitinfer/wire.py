@@ -154,13 +154,14 @@ def _tensor_to_wire(t: WireTensor, policy: str | None = None) -> dict[str, Any]:
     else:
         entry["b"] = array.reshape(-1).view(np.uint8).data if array.size else b""
         how = t.compression or policy
-        if how is not None and array.size:
+        if how is not None and array.nbytes >= compression.MIN_BYTES:
             try:
                 packed = compression.compress(how, entry["b"])
             except compression.CodecError as exc:
                 raise WireError(f"cannot compress tensor {t.name!r}: {exc}",
                                 code=ErrorCode.BAD_TENSOR) from exc
-            if len(packed) < array.nbytes:  # never send a compressed form that is bigger
+            # only where it pays its decompression: >= MIN_SAVING smaller, never bigger
+            if compression.worth_sending(array.nbytes, len(packed)):
                 entry["z"], entry["b"] = how, packed
     if t.quantization is not None:
         entry["q"] = [float(t.quantization.scale), int(t.quantization.zero_point)]
@@ -172,7 +173,8 @@ def encode(env: Envelope, compression: str | None = None) -> bytes:
 
     ``compression`` ("zstd" | "lz4" | None): the policy for raw tensors that name none
     themselves (a caller passes its split manifest's ``compression``); a tensor is sent
-    compressed only where that is smaller than its raw bytes.
+    compressed only where that saves at least ``compression.MIN_SAVING`` of its raw bytes
+    and it holds at least ``compression.MIN_BYTES`` (:func:`compression.worth_sending`).
     """
     body: dict[str, Any] = {
         "v": VERSION, "k": env.kind, "id": env.request_id, "dev": env.device_id,

@@ -29,6 +29,12 @@ samples with the uncompressed model's answer), ``match`` (``argmax`` or ``allclo
 ``raw_bytes_per_sample``. Rebuilding a bundle into the same folder removes the split
 directories of the previous bundle that the new one no longer has (a worker would serve
 them), and nothing else.
+
+Wire compression (``--compression auto|zstd|lz4|none``, default none): every split that
+sends raw tensors (the cuts and the raw ``cloud_only``) gets it in its manifest, ``auto``
+measured per split on the samples (``splitter.split``); ``bundle.json`` then lists each
+such split's ``compression`` and ``compressed_bytes_per_request`` (its ``bytes_per_sample``
+stays the raw size the planner's other figures use).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ _OURS = re.compile(r"^(cut_\w+|edge_only|cloud_only(_\w+)?)$")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from splitter.cli import _add_input_shape
+    from splitter.cli import _add_input_shape, add_compression
 
     p = subparsers.add_parser(
         "bundle", help="write every candidate split of a model (+ baselines) into one folder",
@@ -91,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "the file's stem)")
     p.add_argument("--seed", type=int, default=0, help="seed for generated samples")
     _add_input_shape(p, "for the costs and generated samples (--samples imply them)")
+    add_compression(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_bundle)
 
@@ -115,7 +122,7 @@ def run_bundle(args: argparse.Namespace) -> int:
                           num_samples=args.num_samples, codecs=args.input_codec,
                           input_shapes=_shapes(args.model, args.input_shape),
                           tolerance=args.tolerance, model_name=args.name, seed=args.seed,
-                          max_tensors=args.max_tensors)
+                          max_tensors=args.max_tensors, compression=args.compression)
     if args.json:
         print(json.dumps(result.to_dict()))
         return EXIT_OK
@@ -241,8 +248,12 @@ def build_bundle(model: str | Path, out_dir: str | Path, *, cuts: str | int = "a
                  num_samples: int = 16, codecs: str | Sequence[str] | None = None,
                  input_shapes: Mapping[str, tuple[Any, ...]] | None = None,
                  tolerance: float = 1e-5, model_name: str | None = None, seed: int = 0,
-                 max_tensors: int = 3) -> BundleResult:
-    """Write the bundle (see the module docstring); returns it with the selection counts."""
+                 max_tensors: int = 3, compression: str | None = None) -> BundleResult:
+    """Write the bundle (see the module docstring); returns it with the selection counts.
+
+    ``compression`` (``auto``, ``zstd``, ``lz4``, ``none``): each split's wire compression,
+    as ``split_model`` takes it; never on edge_only (sends nothing) nor on a cloud_only
+    split with an image codec (already compressed)."""
     from splitinfer.bundle import Bundle, BundleSplit
     from splitinfer.errors import BadInputError
     from splitinfer.imagecodec import parse_spec
@@ -305,7 +316,9 @@ def build_bundle(model: str | Path, out_dir: str | Path, *, cuts: str | int = "a
 
     def add(folder: str, cut: Sequence[str] | str, *, info: Cut | None, codec: Any = None
             ) -> None:
-        result = split_model(source, cut, out / folder, input_codec=codec, **common)
+        plain = folder != "edge_only" and codec is None
+        result = split_model(source, cut, out / folder, input_codec=codec,
+                             compression=compression if plain else None, **common)
         m = result.manifest_obj
         analysis = m.extra.get("analysis") or {}
         bps = analysis.get("bytes_per_sample", m.bytes_per_sample)
@@ -319,6 +332,12 @@ def build_bundle(model: str | Path, out_dir: str | Path, *, cuts: str | int = "a
         extra: dict[str, Any] = {"cut": [s.name for s in m.cut],
                                  "quantized": all(s.quantization is not None for s in m.cut),
                                  "max_abs_diff": result.max_abs_diff}
+        measured = m.verification.get("compression")
+        if measured:  # what the manifest's codec sends, per request, on the samples
+            extra["compression"] = m.compression
+            sent = measured["codecs"].get(m.compression or "")
+            extra["compressed_bytes_per_request"] = (sent["compressed_bytes"] if sent
+                                                     else measured["raw_bytes"])
         cost = m.verification.get("input_codec")
         if cost:
             bps = cost["bytes_per_sample"]

@@ -12,6 +12,16 @@ A cloud_only split may send its image input JPEG/PNG-encoded (``input_codec``, s
 the manifest, and what it costs measured on the samples (:func:`measure_codec`:
 ``verification.input_codec`` = bytes per sample after encoding and the share of samples
 whose answer matches the uncompressed model's).
+
+Wire compression (``compression``, :mod:`splitinfer.compression`): ``"zstd"``/``"lz4"``
+sets the manifest's ``compression`` to that codec; ``"auto"`` runs the head on the samples,
+measures the codecs of :data:`~splitinfer.compression.AUTO_CODECS` on its outputs (the
+cut tensors a device sends, batch 1 unless the files fix another) and keeps the one that
+pays on the reference link, or none; ``"none"`` / None leaves the manifest uncompressed.
+The measurement is written to ``verification.compression``
+(:func:`splitinfer.compression.report`: raw and compressed bytes per request, codec
+times, whether each pays, the choice). Give real ``samples``: generated inputs are
+noise, and so is how well their activations compress.
 """
 
 from __future__ import annotations
@@ -53,10 +63,12 @@ from splitter.verify import (
 )
 
 __all__ = ["SplitResult", "split_model", "cut_kind", "shapes_from_samples", "measure_codec",
-           "codec_input"]
+           "codec_input", "COMPRESSION_CHOICES", "cut_requests", "measure_compression"]
 
 log = logging.getLogger(__name__)
 Samples = str | Path | Mapping[str, np.ndarray[Any, Any]] | None
+COMPRESSION_CHOICES = ("auto", "zstd", "lz4", "none")
+MAX_COMPRESSION_SAMPLES = 16  # requests the codecs are measured on
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,9 @@ class SplitResult:
             **({"input_codec": self.manifest_obj.input_codec,
                 "codec_cost": self.manifest_obj.verification.get("input_codec")}
                if self.manifest_obj.input_codec else {}),
+            "compression": self.manifest_obj.compression,
+            **({"compression_measured": self.manifest_obj.verification["compression"]}
+               if "compression" in self.manifest_obj.verification else {}),
             **({"analysis": self.manifest_obj.extra["analysis"]}
                if "analysis" in self.manifest_obj.extra else {}),
         }
@@ -108,6 +123,7 @@ def split_model(
     input_shapes: InputShapes | None = None,
     fix_shapes: bool = False,
     input_codec: str | CodecSpec | None = None,
+    compression: str | None = None,
 ) -> SplitResult:
     """Cut ``model`` at the tensors ``cut`` (names, or one comma-separated string).
 
@@ -121,11 +137,13 @@ def split_model(
     output's scale. ``external_data``: None writes the halves' weights to a side file only
     past 2 GB; True always; False never. ``input_codec`` (``raw``, ``png``, ``jpeg:Q``;
     cloud_only only) sends the image input encoded; its float range and its cost come from
-    the samples (generated ones when none are given).
+    the samples (generated ones when none are given). ``compression`` (``auto``, ``zstd``,
+    ``lz4``, ``none``/None): the manifest's wire compression (module docstring).
     """
     codec_spec = parse_spec(input_codec) if isinstance(input_codec, str) else input_codec
     if codec_spec is not None and codec_spec.codec == "raw":
         codec_spec = None
+    mode = _compression_mode(compression)
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise BadInputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     source = Path(model)
@@ -143,6 +161,14 @@ def split_model(
     if codec_spec is not None and kind != "cloud_only":
         raise BadInputError(f"--input-codec {codec_spec}: only the cloud_only baseline sends "
                             f"its input encoded; this cut is a {kind} (use --at cloud_only)")
+    if mode not in (None, "auto") and kind == "edge_only":
+        raise BadInputError(f"--compression {mode}: an edge_only split sends nothing to "
+                            "compress (use auto or none)")
+    if mode not in (None, "auto") and codec_spec is not None:
+        raise BadInputError(f"--compression {mode} with --input-codec {codec_spec}: the image "
+                            "codec already compresses the input; use one or the other")
+    if kind == "edge_only" or codec_spec is not None:
+        mode = None  # auto: nothing (else) to compress
     # One onnxruntime typing run (if any is needed) for everything typed below.
     index.ensure_types([*index.inputs, *index.outputs, *index.live_tensors()])
     inputs = tuple(index.artifact_spec(n) for n in index.inputs)
@@ -155,7 +181,7 @@ def split_model(
         plan = plan_cut(index, names)
         cut_names = plan.tensors
     specs = {n: index.artifact_spec(n) for n in cut_names}
-    if (verify or codec_spec is not None) and data is None:
+    if (verify or codec_spec is not None or mode is not None) and data is None:
         data = make_samples(index.analysis_model, num_samples, seed)
     codec = None
     if codec_spec is not None and data is not None:
@@ -214,6 +240,13 @@ def split_model(
                         "tolerance": tolerance}
     if codec is not None and data is not None:
         verification["input_codec"] = measure_codec(source, codec, data, list(inputs))
+    chosen: str | None = None
+    if mode is not None and data is not None:
+        requests = cut_requests(head_path, data, list(inputs), cut_names)
+        measured = measure_compression(requests, mode)
+        chosen = measured["choice"]
+        verification["compression"] = measured
+        log.info("split %s: compression %s (%s)", split_id, chosen or "none", mode)
     extra: dict[str, Any] = dict(cut_costs(index, cut_names))
     if index.input_shapes:
         analysed = [index.spec(n).bytes_per_sample() for n in cut_names]
@@ -244,6 +277,7 @@ def split_model(
         extra=extra,
         kind=kind,
         input_codec=codec.to_dict() if codec is not None else None,
+        compression=chosen,
     )
     manifest_path = manifest.save(out)
     log.info("split %s (%s) written to %s", split_id, kind, out)
@@ -252,6 +286,60 @@ def split_model(
 
 
 CLOUD_ONLY, EDGE_ONLY = "cloud_only", "edge_only"
+
+
+def _compression_mode(compression: str | None) -> str | None:
+    """``auto`` or a codec (checked installed here), None for ``none``/None."""
+    from splitinfer.compression import supported
+
+    if compression is None or compression == "none":
+        return None
+    if compression not in COMPRESSION_CHOICES:
+        raise BadInputError(f"--compression {compression!r}: expected one of "
+                            f"{', '.join(COMPRESSION_CHOICES)}")
+    if compression != "auto" and compression not in supported():
+        raise BadInputError(f"--compression {compression}: its binding is not installed here "
+                            f"(installed: {list(supported()) or 'none'}); pip install "
+                            f"{'zstandard' if compression == 'zstd' else 'lz4'}")
+    return compression
+
+
+def cut_requests(head: Path | None, samples: Mapping[str, np.ndarray[Any, Any]],
+                 inputs: Sequence[TensorSpec], cut_names: Sequence[str], *,
+                 limit: int = MAX_COMPRESSION_SAMPLES) -> list[list[bytes]]:
+    """The raw bytes of the cut tensors of each request a device would send for
+    ``samples``: the head's outputs (``head`` None: the inputs, a cloud_only split), one
+    request per sample, or per fixed batch when the files fix one; at most ``limit``."""
+    from splitinfer.batches import padded_chunks
+
+    session = ort_session(head, what=str(head)) if head is not None else None
+    shapes = ({str(i.name): list(i.shape) for i in session.get_inputs()} if session is not None
+              else {s.name: list(s.shape) for s in inputs})
+    fixed = next((d[0] for d in shapes.values() if d and isinstance(d[0], int) and d[0] > 0),
+                 1)
+    feeds = padded_chunks({n: samples[n] for n in shapes}, fixed)[:limit]
+    out: list[list[bytes]] = []
+    for feed in feeds:
+        values = dict(zip(cut_names, session.run(list(cut_names), feed), strict=True)) \
+            if session is not None else feed
+        out.append([np.ascontiguousarray(values[n]).tobytes() for n in cut_names])
+    return out
+
+
+def measure_compression(requests: Sequence[Sequence[bytes]], mode: str) -> dict[str, Any]:
+    """The codecs on ``requests`` (:func:`splitinfer.compression.report`) and the choice:
+    ``auto`` keeps what pays among :data:`~splitinfer.compression.AUTO_CODECS`; a named
+    codec is kept as asked (a warning when it does not pay on these samples)."""
+    from splitinfer.compression import AUTO_CODECS, report, supported
+
+    candidates = [c for c in AUTO_CODECS if c in supported()] if mode == "auto" else [mode]
+    measured = report(requests, candidates)
+    if mode != "auto":
+        if not measured["codecs"][mode]["pays"]:
+            log.warning("--compression %s does not pay on these samples (%s); kept as asked",
+                        mode, measured["codecs"][mode])
+        measured["choice"] = mode
+    return {"mode": mode, **measured}
 
 
 def codec_input(inputs: Sequence[TensorSpec]) -> TensorSpec:
