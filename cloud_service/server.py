@@ -347,14 +347,23 @@ class Server:
             self._connected.set()
         return client
 
+    @property
+    def max_packet_size(self) -> int | None:
+        """The broker's packet limit the worker chunks answers for (None: none known)."""
+        return self._max_packet
+
     def ready_line(self) -> str:
-        """One line for people and scripts: splits, broker (no password), group, protocol."""
+        """One line for people and scripts: splits, broker (no password), group, protocol,
+        round trip, and the packet limit when the broker has one."""
         splits = ", ".join(sorted(self.registry or ()))
         group = f"group {self.group}" if self.group else "no group"
         rtt = self.broker_check.round_trip_s if self.broker_check else None
         took = f", round trip {rtt * 1e3:.1f} ms" if rtt is not None else ""
+        limit = self._max_packet
+        packets = f", max packet {limit} bytes (larger answers chunked)" if limit else ""
         return (f"serving {len(self.registry or ())} split(s) [{splits}] on "
-                f"{self.config.broker_config().url()}, {group}, MQTT {self.protocol}{took}")
+                f"{self.config.broker_config().url()}, {group}, MQTT {self.protocol}{took}"
+                f"{packets}")
 
     async def _check(self, client: MqttClient) -> None:
         """Shared subscriptions and the round trip (cloud_service.broker_check); without

@@ -420,6 +420,7 @@ def test_cloud_serve_prints_one_ready_line(mosquitto: MosquittoBroker,
             proc.kill()
             proc.wait()
     split_id = registry_ids(split)
+    assert line, err  # the worker printed its line (else: why it stopped)
     assert line.startswith(f"serving 1 split(s) [{split_id}] on mqtt://worker@127.0.0.1:"
                            f"{mosquitto.port}, group {DEFAULT_GROUP}, MQTT 5"), line
     assert "s3cret" not in line
