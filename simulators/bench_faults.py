@@ -481,8 +481,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="devices' first re-send, s (default: the agent's)")
     p.add_argument("--reconnect-max", type=float, default=None,
                    help="devices' longest reconnect pause, s (default: the agent's)")
-    p.add_argument("--transport", choices=("auto", "lite", "paho", "aiomqtt"), default=None,
-                   help="device MQTT client (default auto: paho)")
+    p.add_argument("--transport", choices=("auto", "paho"), default=None,
+                   help="device MQTT client (default auto: paho, splitinfer.mqtt_client)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--fuzz-messages", type=int, default=None,
                    help="fuzz scenario (default 10000; quick 1000)")

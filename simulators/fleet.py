@@ -118,7 +118,7 @@ from simulators.fleet_support import (
     record_head_outputs,
     reference_predictions,
 )
-from simulators.fleet_transport import TRANSPORTS, connector_for, pick_transport
+from simulators.fleet_transport import connector_for, pick_transport
 from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,
@@ -179,7 +179,7 @@ class FleetConfig:
     connect_rate: float = 1000.0  # connections per second while the fleet ramps up
     prefix: str | None = None
     mqtt: str = "3.1.1"
-    transport: str = "auto"  # lite (MQTT 3.1.1 QoS 0/1), paho, aiomqtt; auto picks
+    transport: str = "auto"  # auto = paho: the one client (splitinfer.mqtt_client)
     qos: int = 1
     presence: bool = True
     record: int = 16  # replay: head outputs recorded
@@ -214,9 +214,7 @@ class FleetConfig:
                                 "--broker URL too")
         if self.mqtt not in PROTOCOLS:
             raise BadInputError(f"mqtt {self.mqtt!r}: expected one of {', '.join(PROTOCOLS)}")
-        if self.transport not in TRANSPORTS:
-            raise BadInputError(f"transport {self.transport!r}: expected one of "
-                                f"{', '.join(TRANSPORTS)}")
+        pick_transport(self.transport)  # BadInputError naming the choices
         if self.qos not in (0, 1, 2):
             raise BadInputError(f"qos {self.qos}: expected 0, 1 or 2")
         if self.embedded_broker and self.workers > 1:
@@ -295,7 +293,7 @@ class Fleet:
         self._phase = "warmup"
         self._t0 = 0.0  # perf_counter at the start of the schedule (warm-up included)
         self._window_start = 0.0  # perf_counter at the start of the measured window
-        self.transport = config.transport
+        self.transport = pick_transport(config.transport)  # as the report names it
         self._sizes: dict[str, SplitSizes] = {}
         self._derived_cache: dict[tuple[int, str], tuple[float, float]] = {}
         self._link_schedule: Any = None
@@ -416,7 +414,6 @@ class Fleet:
         _raise_file_limit(3 * cfg.devices + 256)
         prefix = self._prefix()
         topics = Topics(prefix)
-        self.transport = self._transport_for(cfg.broker)
         self._sizes = {} if local else self._sizes_for(target, topics)
         if local:
             self._sizes = {manifest.split_id: SplitSizes(manifest.split_id, "edge_only",
@@ -519,16 +516,6 @@ class Fleet:
         result.report["out"] = str(out)
         write_outputs(result, out, png=cfg.png)
         return result
-
-    def _transport_for(self, url: str | None) -> str:
-        from splitinfer.mqtt import BrokerConfig
-
-        cfg = self.config
-        broker = BrokerConfig.from_url(url) if url else BrokerConfig()
-        protocol = broker.protocol if broker.protocol != "auto" else cfg.mqtt
-        if cfg.embedded_broker:
-            protocol = "3.1.1"
-        return pick_transport(cfg.transport, protocol=protocol, qos=cfg.qos, tls=broker.tls)
 
     def _worker_flags(self, broker_kind: str = "") -> list[str]:
         flags: list[str] = []

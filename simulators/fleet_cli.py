@@ -140,12 +140,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="MQTT version of devices and workers (default %(default)s: the "
                    "envelope carries everything, and paho's MQTT 5 properties cost "
                    "CPU per message)")
-    p.add_argument("--transport", choices=("auto", "lite", "paho", "aiomqtt"),
-                   default=_env("--transport", "auto"),
-                   help="device MQTT transport below the agent: paho (driven by the loop), "
-                   "the agent's own aiomqtt, or lite (a hand-written MQTT 3.1.1 QoS 0/1 "
-                   "client, cheapest, for fleets larger than paho's CPU cost allows); "
-                   "auto = paho, aiomqtt for TLS (default)")
+    p.add_argument("--transport", choices=("auto", "paho"), default=_env("--transport", "auto"),
+                   help="device MQTT client below the agent: auto = paho, the project's one "
+                   "client (splitinfer.mqtt_client, TLS included); kept for scripts that "
+                   "name it")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=_env("--qos", 1))
     p.add_argument("--no-presence", action="store_true",
                    help="no retained online/offline status per device")

@@ -1,8 +1,7 @@
-"""Fleet pieces that need no broker: config checks, the lite MQTT codec, CPU meter, CLI."""
+"""Fleet pieces that need no broker: config checks, transport names, CPU meter, CLI."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Mapping
@@ -12,12 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.transport import LastWill
+from edge_agent.transport import MqttConnector
 from simulators.fleet import FleetConfig
-from simulators.fleet_support import CpuMeter, SlowHead, cpu_seconds, mqtt_publish_bytes
-from simulators.fleet_transport import pick_transport
-from simulators.mqtt_lite import LiteTransport, encode_connect, encode_publish
-from splitinfer.errors import BadInputError, TransportError
+from simulators.fleet_support import CpuMeter, SlowHead, cpu_seconds
+from simulators.fleet_transport import connector_for, pick_transport
+from splitinfer.errors import BadInputError
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -44,95 +42,18 @@ def test_config_takes_restart_worker_and_rate_overrides_the_spec() -> None:
     assert config.drain == config.timeout_s + 1
 
 
-@pytest.mark.parametrize("transport, protocol, qos, tls, expected", [
-    ("auto", "3.1.1", 1, False, "paho"),
-    ("lite", "3.1.1", 1, False, "lite"),
-    ("auto", "5", 1, False, "paho"),
-    ("auto", "3.1.1", 2, False, "paho"),
-    ("auto", "3.1.1", 1, True, "aiomqtt"),
-    ("paho", "5", 1, False, "paho"),
-    ("aiomqtt", "3.1.1", 1, False, "aiomqtt"),
-])
-def test_pick_transport(transport: str, protocol: str, qos: int, tls: bool,
-                        expected: str) -> None:
-    assert pick_transport(transport, protocol=protocol, qos=qos, tls=tls) == expected
+@pytest.mark.parametrize("transport", ["auto", "paho"])
+def test_every_transport_name_is_the_one_client(transport: str) -> None:
+    assert pick_transport(transport) == "paho"
+    assert isinstance(connector_for("mqtts://h:8883?protocol=5", transport), MqttConnector)
 
 
-def test_lite_transport_refuses_what_it_cannot_speak() -> None:
-    with pytest.raises(BadInputError, match=r"3\.1\.1"):
-        pick_transport("lite", protocol="5", qos=1, tls=False)
-
-
-class _Wire:
-    """Stands in for an asyncio transport: records what the client writes."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-
-def test_encode_connect_and_publish_bytes() -> None:
-    packet = encode_connect("dev-1", keepalive=30, will=LastWill("s/dev-1", b"offline"),
-                            username="u", password="p")
-    assert packet[0] == 0x10 and packet[2:8] == b"\x00\x04MQTT" and packet[8] == 4
-    assert packet[9] == 0x02 | 0x04 | 0x08 | 0x20 | 0x80 | 0x40  # clean, will qos1 retained
-    big = encode_publish("a/b", b"x" * 300, qos=1, retain=False, mid=258)
-    assert big[0] == 0x32 and big[1:3] == bytes([(300 + 7) % 128 | 0x80, (300 + 7) // 128])
-    assert big[3:8] == b"\x00\x03a/b" and big[8:10] == b"\x01\x02"
-    assert len(big) == mqtt_publish_bytes("a/b", 300, qos=1)
-
-
-def test_lite_transport_parses_packets_split_anywhere() -> None:
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        wire = _Wire()
-        client = LiteTransport("mqtt://test", loop)
-        client._made(wire)  # type: ignore[arg-type]
-        stream = (b"\x20\x02\x00\x00"  # CONNACK accepted
-                  + encode_publish("res/d", b"A" * 200, qos=1, retain=False, mid=7)
-                  + encode_publish("res/d", b"B", qos=0, retain=False, mid=0)
-                  + b"\x40\x02\x00\x01")  # PUBACK for mid 1
-        publish = asyncio.ensure_future(client.publish("req/d", b"hello", qos=1))
-        await asyncio.sleep(0)
-        assert wire.out[-1] == encode_publish("req/d", b"hello", 1, False, 1)
-        for i in range(len(stream)):  # one byte at a time: every split point
-            client._feed(stream[i:i + 1])
-        await asyncio.wait_for(publish, 1)
-        messages = client.messages()
-        first = await anext(messages)
-        second = await anext(messages)
-        assert (first.topic, first.payload, second.payload) == ("res/d", b"A" * 200, b"B")
-        assert b"\x40\x02\x00\x07" in wire.out  # the QoS 1 message was acknowledged
-        await client.close()
-        assert wire.out[-1] == b"\xe0\x00"  # DISCONNECT: a clean leave, no last will
-        client._feed(encode_publish("res/d", b"C", qos=1, retain=False, mid=9))  # ignored
-        with pytest.raises(TransportError):
-            await anext(messages)
-        with pytest.raises(TransportError):
-            await client.publish("req/d", b"late", qos=1)
-
-    asyncio.run(scenario())
-
-
-def test_lite_transport_fails_pending_acks_when_the_connection_drops() -> None:
-    async def scenario() -> None:
-        client = LiteTransport("mqtt://test", asyncio.get_running_loop())
-        client._made(_Wire())  # type: ignore[arg-type]
-        publish = asyncio.ensure_future(client.publish("req/d", b"x", qos=1))
-        await asyncio.sleep(0)
-        client._fail(TransportError("gone"))
-        with pytest.raises(TransportError, match="gone"):
-            await publish
-
-    asyncio.run(scenario())
+@pytest.mark.parametrize("transport", ["lite", "aiomqtt", "PAHO"])
+def test_retired_transport_names_are_refused(transport: str) -> None:
+    with pytest.raises(BadInputError, match="expected one of auto, paho"):
+        pick_transport(transport)
+    with pytest.raises(BadInputError, match=transport):
+        FleetConfig(artifacts=Path("."), transport=transport)
 
 
 def test_cpu_meter_counts_this_process() -> None:
