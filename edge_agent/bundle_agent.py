@@ -212,9 +212,12 @@ class BundleAgent(EdgeAgent):
     # ------------------------------------------------------------------ inference
 
     async def infer(self, inputs: Inputs, *, timeout: float | None = None,
-                    split: str | None = None) -> InferenceResult:
+                    split: str | None = None,
+                    compression: str | None = None) -> InferenceResult:
         """Answer ``inputs`` through the split the policy picks (``split``: this one), in the
-        cloud or, when it cannot answer in time, locally (``served_by="edge"``)."""
+        cloud or, when it cannot answer in time, locally (``served_by="edge"``).
+        ``compression`` overrides the chosen split's manifest for a cloud request
+        (:meth:`EdgeAgent.compression_for`)."""
         started = time.perf_counter()
         timeout = self._timeout(timeout)
         self._check_started()
@@ -241,9 +244,11 @@ class BundleAgent(EdgeAgent):
         budget = timeout - self.policy.local_reserve_s() if self.policy.edge_only else timeout
         if budget <= 0:
             budget = timeout  # no room for both: the cloud keeps the whole deadline
+        self.compression_for(state, compression)  # a bad override is the caller's error
         try:
             return self._count(await self._infer_split(state, arrays, started=started,
-                                                       timeout=budget))
+                                                       timeout=budget,
+                                                       compression=compression))
         except Exception as exc:
             reason = self._reason(exc)
             if reason is None or self.policy.edge_only is None:

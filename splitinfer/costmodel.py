@@ -58,7 +58,13 @@ Each term (see :func:`predict`):
   the batcher's hold for company (``max_delay / 2`` when arrivals come closer than
   ``max_delay``; a lone device is never held). ``u > 1`` (even ``max_batch`` cannot keep
   up): ``inf``.
-* ``downlink`` = result PUBLISH bytes * 8 / down_bps + delay + loss delay.
+  The payload is the request as the device sends it: compressed when the split's
+  manifest has a ``compression`` (``splitinfer profile`` encodes it as the agent does), so
+  wire compression counts here as fewer bytes, and its codec time in ``encode`` and
+  ``cloud_decode``; the profile's ``compressed`` entry says what each codec would save at
+  every cut.
+* ``downlink`` = result PUBLISH bytes * 8 / down_bps + delay + loss delay (the result in
+  the request's codec, as the worker answers).
 * ``decode``: the device's result decode (from the split costs; 0 when not profiled).
 
 **Jitter** does not move the p50. The shaper (and, roughly, a real radio) adds

@@ -1,8 +1,13 @@
-"""Compressed tensors on the wire (``"z"``): bit-exact round trips, and every hostile form
-refused as ``bad_tensor`` before more than the declared bytes are allocated."""
+"""Compressed tensors on the wire (``"z"``): bit-exact round trips, every hostile form
+refused as ``bad_tensor`` before more than the declared bytes are allocated, the encoder's
+"worth sending" rule, the manifest field, ``split_model(compression=)`` and its measured
+choice, the profiles' compressed bytes and the cost model pricing them. End to end through
+mosquitto: tests/test_compression_e2e.py; the CLI flags and ``inspect --json``:
+tests/test_splitter_cli.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -188,3 +193,126 @@ def test_manifest_compression_is_validated(digits_manifest: dict[str, Any], bad:
 
     with pytest.raises(ManifestError, match="compression"):
         Manifest.from_dict({**digits_manifest, "compression": bad})
+
+
+# -- the encoder's rule: only where it is worth the receiver's decompression ------------------
+
+def test_small_and_barely_compressible_tensors_go_raw() -> None:
+    tiny = np.zeros((1, compression.MIN_BYTES - 1), dtype=np.int8)  # compresses 100x, too small
+    payload = wire.encode(_request(wire.WireTensor("x", tiny)), compression="zstd")
+    assert "z" not in msgpack.unpackb(payload)["t"][0]
+    # 4 % of zeros in noise: zstd shrinks it a little, less than MIN_SAVING
+    rng = np.random.default_rng(2)
+    noise = rng.integers(-128, 128, size=(1, 8192), dtype=np.int8)
+    noise[0, :320] = 0
+    frame = compression.compress("zstd", noise.tobytes())
+    assert len(frame) < noise.nbytes and not compression.worth_sending(noise.nbytes, len(frame))
+    payload = wire.encode(_request(wire.WireTensor("x", noise)), compression="zstd")
+    assert "z" not in msgpack.unpackb(payload)["t"][0]
+    assert compression.worth_sending(1000, 950) and not compression.worth_sending(1000, 951)
+    assert not compression.worth_sending(compression.MIN_BYTES - 1, 0)
+
+
+def test_report_counts_what_the_encoder_sends() -> None:
+    ticks = iter(range(100_000))
+    act = _activation().tobytes()  # 1 KiB, compressible
+    small = bytes(compression.MIN_BYTES - 1)  # counted raw, never timed
+    doc = compression.report([[act, small], [act, small]], ["zstd"],
+                             timer=lambda: next(ticks) * 1e-6)
+    z = doc["codecs"]["zstd"]
+    assert doc["requests"] == 2 and doc["raw_bytes"] == len(act) + len(small) == z["raw_bytes"]
+    assert z["compressed_bytes"] == len(compression.compress("zstd", act)) + len(small)
+    # 1 µs a tick: compress and decompress of the one big tensor each take one tick
+    assert z["compress_ms"] == pytest.approx(1e-3) and z["decompress_ms"] == pytest.approx(1e-3)
+    assert z["pays"] is True and doc["choice"] == "zstd"
+    assert doc["link_bps"] == compression.REFERENCE_UPLINK_BPS
+
+
+def test_answer_compression_follows_the_request() -> None:
+    from cloud_service.worker import answer_compression
+
+    arr = _activation()
+    raw = wire.decode(wire.encode(_request(wire.WireTensor("x", arr))))
+    packed = wire.decode(wire.encode(_request(wire.WireTensor("x", arr)), compression="lz4"))
+    assert answer_compression(raw) is None
+    assert answer_compression(packed) == "lz4"
+
+
+# -- splitting with --compression, the profiles and the cost model ---------------------------
+
+INT8_CUT = "relu2_QuantizeLinear_Output"  # the digits CNN's int8 ReLU cut, 2 KiB a sample
+
+
+@pytest.fixture(scope="module")
+def int8_splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(root with none/ and zstd/: the int8 digits CNN cut at INT8_CUT, samples.npz)."""
+    from splitter import split_model, zoo
+    from splitter.quantize import quantize_static
+
+    root = tmp_path_factory.mktemp("int8")
+    model = quantize_static(zoo.digits_cnn_path(), zoo.digits_calibration_path(),
+                            root / "digits_int8.onnx")
+    images, _ = zoo.digits_test_set()
+    np.savez(root / "samples.npz", image=images[:16])
+    for mode in ("none", "zstd", "auto"):
+        split_model(model, [INT8_CUT], root / mode, samples=root / "samples.npz",
+                    compression=mode, model_name="digits_int8")
+    return root, root / "samples.npz"
+
+
+def test_split_records_the_measured_compression(int8_splits: tuple[Path, Path]) -> None:
+    from splitinfer.manifest import Manifest
+
+    root, _ = int8_splits
+    assert Manifest.load(root / "none").compression is None
+    assert "compression" not in Manifest.load(root / "none").verification
+    for mode in ("zstd", "auto"):
+        m = Manifest.load(root / mode)
+        measured = m.verification["compression"]
+        z = measured["codecs"]["zstd"]
+        assert measured["mode"] == mode and measured["requests"] == 16
+        assert z["raw_bytes"] == 2048 and z["compressed_bytes"] < 0.85 * 2048
+        # trained ReLU activations, saving ~0.7 KB for µs of codec time: it pays on 4g
+        assert z["pays"] and m.compression == measured["choice"] == "zstd"
+
+
+def test_auto_keeps_nothing_that_does_not_pay() -> None:
+    from splitter.split import measure_compression
+
+    noise = np.random.default_rng(5).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    measured = measure_compression([[noise]] * 3, "auto")
+    assert measured["choice"] is None and not measured["codecs"]["zstd"]["pays"]
+    assert measure_compression([[noise]], "zstd")["choice"] == "zstd"  # as asked
+
+
+def test_profiles_and_cost_model_use_the_compressed_bytes(int8_splits: tuple[Path, Path]
+                                                          ) -> None:
+    from splitinfer.costmodel import LinkEstimate, costs_from_profiles, predict
+    from splitter.planner import profile as prof
+
+    root, npz = int8_splits
+    edge = {m: prof.profile(root / m, "edge", samples=npz, max_samples=8)
+            for m in ("none", "zstd")}
+    cloud = {m: prof.profile(root / m, "cloud", samples=npz, max_samples=4, batches=(1,),
+                             repeats=1) for m in ("none", "zstd")}
+    (sid,) = edge["none"]["splits"]
+    plain, packed = edge["none"]["splits"][sid], edge["zstd"]["splits"][sid]
+    assert plain["compression"] is None and packed["compression"] == "zstd"
+    # both report what zstd would do to the same head outputs; only the zstd split sends it
+    z = plain["compressed"]["codecs"]["zstd"]
+    assert z == {**packed["compressed"]["codecs"]["zstd"],
+                 "compress_ms": z["compress_ms"], "decompress_ms": z["decompress_ms"]}
+    assert plain["cut_bytes"] == z["raw_bytes"] == 2048
+    assert packed["cut_bytes"] == z["compressed_bytes"] < 0.85 * 2048
+    z_entry = len(msgpack.packb({"z": "zstd"})) - 1  # the tensor's "z" field: 7 bytes
+    assert packed["request_bytes"] == (plain["request_bytes"] - (2048 - z["compressed_bytes"])
+                                       + z_entry)
+    link = LinkEstimate(up_bps=5.85e6, down_bps=1e7, delay_s=0.02)
+    (raw_costs,) = [c for c in costs_from_profiles(edge["none"], cloud["none"])
+                    if c.split_id == sid]
+    (zstd_costs,) = [c for c in costs_from_profiles(edge["zstd"], cloud["zstd"])
+                     if c.split_id == sid]
+    assert zstd_costs.request_bytes == packed["request_bytes"]
+    saved = (raw_costs.request_bytes - zstd_costs.request_bytes) * 8 / link.up_bps
+    up_raw, up_zstd = predict(raw_costs, link).uplink_s, predict(zstd_costs, link).uplink_s
+    assert up_raw - up_zstd == pytest.approx(saved, rel=1e-6)

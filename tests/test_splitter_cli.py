@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import models_text as mt
 import numpy as np
@@ -150,3 +151,113 @@ def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as exc:  # argparse's usage error, not a traceback
         build_parser().parse_args(["split", "m.onnx", "--at", "a", "-o", "d"])
     assert exc.value.code == 2
+
+
+# -- wire compression -------------------------------------------------------------------------
+
+def _first_sample(tmp_path: Path) -> tuple[Path, np.ndarray[Any, Any]]:
+    x = np.random.default_rng(3).random((1, 3, 8, 8), dtype=np.float32)
+    path = tmp_path / "one.npz"
+    np.savez(path, x=x)
+    return path, x
+
+
+def test_inspect_json_measures_each_cut_compressed(models: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxruntime as ort
+
+    from splitinfer import compression
+    from splitter import split_model
+
+    npz, x = _first_sample(tmp_path)
+    assert main(["inspect", str(models["qdq_chain"]), "--json", "--samples", str(npz)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["compression"] == {"codecs": list(compression.supported()), "samples": 1,
+                                  "source": "file"}
+    for cut in doc["cuts"]:
+        measured = cut["compressed"]
+        if cut["kind"] == "edge_only":
+            assert measured is None
+            continue
+        assert measured["requests"] == 1 and measured["raw_bytes"] == cut["bytes_per_sample"]
+        for name, c in measured["codecs"].items():
+            assert name in compression.supported()
+            assert 0 < c["compressed_bytes"] <= c["raw_bytes"] == cut["bytes_per_sample"]
+            assert isinstance(c["pays"], bool) and c["compress_ms"] >= 0
+        assert measured["choice"] in (None, *compression.supported())
+    # the figure for q1 is the zstd frame of exactly what the split's head sends
+    q1 = next(c for c in doc["cuts"] if [t["name"] for t in c["tensors"]] == ["q1"])
+    split_model(models["qdq_chain"], "q1", tmp_path / "q1", samples=npz)
+    head = ort.InferenceSession(str(tmp_path / "q1" / "head.onnx"),
+                                providers=["CPUExecutionProvider"])
+    sent = head.run(None, {"x": x})[0].tobytes()
+    frame = len(compression.compress("zstd", sent))
+    want = frame if compression.worth_sending(len(sent), frame) else len(sent)
+    assert q1["compressed"]["codecs"]["zstd"]["compressed_bytes"] == want
+
+    assert main(["inspect", str(models["qdq_chain"]), "--json", "--no-measure"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert "compression" not in bare and all("compressed" not in c for c in bare["cuts"])
+    assert main(["inspect", str(models["chain"]), "--json", "--num-samples", "2"]) == 0
+    generated = json.loads(capsys.readouterr().out)["compression"]
+    assert generated["samples"] == 2 and generated["source"] == "generated"
+
+
+def test_split_compression_flag(models: dict[str, Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from splitinfer.manifest import Manifest
+
+    npz, _ = _first_sample(tmp_path)
+    base = ["split", str(models["qdq_chain"]), "--at", "q1", "--samples", str(npz)]
+    assert main([*base, "-o", str(tmp_path / "auto"), "--compression", "auto", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    measured = data["compression_measured"]
+    assert measured["mode"] == "auto" and list(measured["codecs"]) == ["zstd"]
+    assert data["compression"] == measured["choice"]
+    assert measured["choice"] == ("zstd" if measured["codecs"]["zstd"]["pays"] else None)
+    manifest = Manifest.load(tmp_path / "auto")
+    assert manifest.compression == data["compression"]
+    assert manifest.verification["compression"] == measured
+
+    assert main([*base, "-o", str(tmp_path / "z"), "--compression", "zstd"]) == 0
+    out = capsys.readouterr().out
+    assert "compression: zstd (zstd); zstd " in out and "per request, on 1 request(s)" in out
+    assert Manifest.load(tmp_path / "z").compression == "zstd"
+    assert json.loads((tmp_path / "z" / "manifest.json").read_text())["compression"] == "zstd"
+
+    assert main([*base, "-o", str(tmp_path / "n"), "--compression", "none"]) == 0
+    capsys.readouterr()
+    assert "compression" not in json.loads((tmp_path / "n" / "manifest.json").read_text())
+
+    # edge_only sends nothing: a codec is refused, auto quietly means none
+    edge = ["split", str(models["qdq_chain"]), "--at", "edge_only"]
+    assert main([*edge, "-o", str(tmp_path / "e"), "--compression", "zstd"]) == 2
+    assert "edge_only split sends nothing" in _one_error_line(capsys.readouterr().err, "split")
+    assert main([*edge, "-o", str(tmp_path / "e"), "--compression", "auto"]) == 0
+    capsys.readouterr()
+    assert Manifest.load(tmp_path / "e").compression is None
+    with pytest.raises(SystemExit) as usage:
+        main([*base, "-o", str(tmp_path / "g"), "--compression", "gzip"])
+    assert usage.value.code == 2
+
+
+def test_bundle_compression_flag(models: dict[str, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from splitinfer.bundle import Bundle
+
+    npz, _ = _first_sample(tmp_path)
+    assert main(["bundle", str(models["qdq_chain"]), "--cuts", "q1", "--samples", str(npz),
+                 "-o", str(tmp_path / "b"), "--compression", "zstd", "--json"]) == 0
+    capsys.readouterr()
+    bundle = Bundle.load(tmp_path / "b")
+    kinds = {s.kind for s in bundle}
+    for s in bundle:
+        manifest = bundle.manifest(s)
+        if s.kind == "edge_only" or s.input_codec != "raw":  # nothing raw to compress
+            assert manifest.compression is None and "compression" not in s.extra
+        else:
+            assert manifest.compression == "zstd" and s.extra["compression"] == "zstd"
+            measured = manifest.verification["compression"]["codecs"]["zstd"]
+            assert s.extra["compressed_bytes_per_request"] == measured["compressed_bytes"]
+    assert kinds == {"edge_only", "split", "cloud_only"}
+    assert any(s.input_codec != "raw" for s in bundle)  # the image input's jpeg baseline

@@ -14,9 +14,17 @@ device and the worker use, so a figure here is what the fleet sees:
   ``--speed F`` (``simulators.fleet_support.SlowHead``) does to emulate a slower device;
 - a request is the envelope the agent builds (``edge_agent.client``, ``_request``): the cut
   tensors with their quantization and, for a cloud_only split with an ``input_codec``, the
-  image codec; ``encode_ms`` times building and encoding it, ``request_bytes`` is its
-  size, ``cut_bytes`` the tensor bytes in it (after the codec); ``decode_ms`` (edge side)
-  times decoding the worker's result envelope on the device;
+  image codec, compressed with the manifest's ``compression`` when it has one (and the
+  codec is installed here), as the agent sends it; ``encode_ms`` times building and
+  encoding it (compression included), ``request_bytes`` is its size, ``cut_bytes`` the
+  tensor bytes in it (after the codec and the compression); ``decode_ms`` (edge side)
+  times decoding the worker's result envelope on the device, which the worker compresses
+  in the request's codec (``cloud_service.worker.answer_compression``);
+- ``compressed`` (edge side): every installed codec measured on the cut tensors the head
+  produced (:func:`splitinfer.compression.report`: raw and compressed bytes per request,
+  compress/decompress ms, whether it pays on the reference 4g uplink, the codec
+  ``--compression auto`` would keep), whatever the manifest says, so the planner sees
+  what compression would save at every cut; ``compression`` is the manifest's codec;
 - tails run with the worker's session settings (``cloud_service.registry``:
   ``--threads`` intra-op threads, default 0 = onnxruntime's own choice as the worker's
   ``--threads`` default, no spinning, sequential), on the worker's default providers
@@ -44,13 +52,18 @@ The JSON (``splitinfer.profile/1``; times in ms, each a ``{"p50", "p90", "p99", 
         "kind": "split", "dir": "cut_07", "input_codec": "raw", "samples_per_request": 1,
         # edge side
         "head_ms": {…}, "encode_ms": {…}, "decode_ms": {…},
-        "request_bytes": 487, "cut_bytes": 256,
+        "request_bytes": 487, "cut_bytes": 256, "compression": "zstd" | null,
+        "compressed": {"requests", "raw_bytes", "link_bps", "codecs": {"zstd": {…}}, "choice"},
         # cloud side instead
         "decode_ms": {…}, "tail_ms": {…}, "result_bytes": 323, "batchable": true,
         "batches": {"1": {"p50_ms": 0.04, "throughput_rps": 25000.0}, "2": {…}, …}}}}
 
 Edge side: cloud_only has a zero head, edge_only has the whole model as its head and no
-request (0 bytes, zero encode/decode). Cloud side: edge_only holds only kind/dir/codec.
+request (0 bytes, zero encode/decode, ``compressed`` null). Cloud side: edge_only holds
+only kind/dir/codec. The cost model (:func:`splitinfer.costmodel.costs_from_profiles`)
+takes ``request_bytes``/``result_bytes`` as they are, so a split whose manifest
+compresses is priced at its compressed bytes, its codec time in ``encode_ms`` and the
+worker's ``decode_ms``.
 
 No ``onnx`` here: this runs on an edge install (onnxruntime, numpy, msgpack). Timers are
 injectable (``timer=``) so tests check the arithmetic without wall-clock assertions.
@@ -365,7 +378,27 @@ def _request(entry: SplitEntry, cut: Mapping[str, Array], *, deadline_s: float =
                    reply_to=Topics().result(DEVICE_ID), tensors=tensors,
                    timestamps={"head_start": now, "head_end": now})
     env.stamp("sent")
-    return encode(env)
+    return encode(env, compression=_manifest_codec(m))
+
+
+def _manifest_codec(manifest: Manifest) -> str | None:
+    """The codec the agent compresses this split's requests with here
+    (``EdgeAgent.compression_for``): the manifest's, when installed."""
+    from splitinfer.compression import supported
+
+    how = manifest.compression
+    return how if how is not None and how in supported() else None
+
+
+def _compressed(manifest: Manifest, cuts: Sequence[Mapping[str, Array]]
+                ) -> dict[str, Any]:
+    """Every installed codec on the raw bytes of the cut tensors a device sends."""
+    import numpy as np
+
+    from splitinfer.compression import report
+
+    raw = [s.name for s in manifest.cut if manifest.codec_for(s.name) is None]
+    return report([[np.ascontiguousarray(c[n]).tobytes() for n in raw] for c in cuts])
 
 
 def _tensor_bytes(payload: bytes) -> int:
@@ -394,7 +427,9 @@ def _result(request: bytes, outputs: Mapping[str, Array], manifest: Manifest) ->
     for stage in ("recv", "batched", "tail_start", "tail_end", "reply"):
         env.timestamps[stage] = now
     tensors = [WireTensor(s.name, outputs[s.name], s.quantization) for s in manifest.outputs]
-    return encode(env.result(tensors))
+    # in the request's codec, as cloud_service.worker.answer_compression answers
+    how = next((t.compression for t in env.tensors if t.compression), None)
+    return encode(env.result(tensors), compression=how)
 
 
 # --- the two sides -----------------------------------------------------------------------
@@ -468,7 +503,7 @@ def profile_edge(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *,
                                  _zero_stats(len(cuts))}
         if m.kind == "edge_only":
             entry.update(encode_ms=_zero_stats(len(cuts)), request_bytes=0, cut_bytes=0,
-                         decode_ms=_zero_stats(len(cuts)))
+                         decode_ms=_zero_stats(len(cuts)), compression=None, compressed=None)
         else:
             _request(e, cuts[0])  # warm-up (first-call imports, codec start-up)
             encode_s, sizes, tensor_bytes = [], [], []
@@ -483,7 +518,8 @@ def profile_edge(entries: Sequence[SplitEntry], samples: Mapping[str, Array], *,
             entry.update(encode_ms=stats_ms(encode_s),
                          request_bytes=round(sum(sizes) / len(sizes)),
                          cut_bytes=round(sum(tensor_bytes) / len(tensor_bytes)),
-                         decode_ms=_result_decode(payloads, m, batch, clock))
+                         decode_ms=_result_decode(payloads, m, batch, clock),
+                         compression=_manifest_codec(m), compressed=_compressed(m, cuts))
         out[e.split_id] = entry
         log.info("edge %s (%s): head p50 %.3f ms, %s request bytes", e.split_id, e.kind,
                  entry["head_ms"]["p50"], entry["request_bytes"])
