@@ -20,7 +20,13 @@ import numpy as np
 
 from splitinfer import ort_config
 from splitinfer.dtypes import from_ort_type
-from splitinfer.errors import ManifestError, SplitInferError, StartupError, TensorError
+from splitinfer.errors import (
+    BadInputError,
+    ManifestError,
+    SplitInferError,
+    StartupError,
+    TensorError,
+)
 from splitinfer.imagecodec import ImageCodec
 from splitinfer.manifest import Manifest, TensorSpec, find_split_dirs, sha256_file
 from splitinfer.wire import Envelope
@@ -28,7 +34,8 @@ from splitinfer.wire import Envelope
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["Tail", "Prepared", "Registry", "session_options", "default_providers"]
+__all__ = ["Tail", "Prepared", "Registry", "session_options", "default_providers",
+           "SPINNING"]
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +82,37 @@ def _preload_cuda() -> None:
             log.warning("onnxruntime.preload_dlls() failed: %s", exc)
 
 
-def session_options(threads: int = 0, *, spinning: bool = False) -> ort.SessionOptions:
-    """Options for a tail session; the benchmark's raw-onnxruntime floor uses the same."""
+# onnxruntime pool threads: spin while a run lasts ("run"), also after it ("always",
+# onnxruntime's own default), or never ("off").
+SPINNING = ("run", "always", "off")
+
+
+def session_options(threads: int = 0, *, spinning: str | bool = "run") -> ort.SessionOptions:
+    """Options for a tail session; the benchmarks' own-settings floors use the same.
+
+    ``threads``: intra-op threads, 0 = onnxruntime's default (one per physical core).
+    ``spinning`` (:data:`SPINNING`; True / False mean "always" / "off"): by default the
+    pool threads spin while a run lasts — a thread that sleeps between the tail's
+    operators must be woken for each, which cost the MobileNetV2 tail at 2 threads about
+    as much as a second thread saves — and stop as soon as the run returns
+    (``session.force_spinning_stop``). onnxruntime's own default keeps them spinning for
+    tens of milliseconds after every run: a core taken from the event loop that
+    receives, decodes and answers, and from the broker beside it. ``splitinfer bench
+    overhead`` measures the three.
+    """
     import onnxruntime as ort
 
+    if isinstance(spinning, bool):
+        spinning = "always" if spinning else "off"
+    if spinning not in SPINNING:
+        raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")
     opts = ort_config.apply(ort.SessionOptions())  # int8 cuts bit-exact (see ort_config)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    # Idle pool threads spinning for work would take CPU from the event loop that
-    # receives, decodes and answers: the worker's own per-request cost.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                  "0" if spinning == "off" else "1")
+    if spinning == "run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return opts

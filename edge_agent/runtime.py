@@ -23,13 +23,18 @@ import numpy as np
 import numpy.typing as npt
 
 from splitinfer import ort_config
-from splitinfer.errors import ManifestError, StartupError, TensorError
+from splitinfer.errors import BadInputError, ManifestError, StartupError, TensorError
 from splitinfer.manifest import Manifest, sha256_file
 
-__all__ = ["HeadRuntime", "OrtHead", "PassThroughHead", "load_head", "fixed_batch"]
+__all__ = ["HeadRuntime", "OrtHead", "PassThroughHead", "load_head", "fixed_batch",
+           "SPINNING"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
+
+# onnxruntime pool threads: spin while a run lasts ("run"), also after it ("always",
+# onnxruntime's default), or never ("off").
+SPINNING = ("run", "always", "off")
 
 
 class HeadRuntime(Protocol):
@@ -49,19 +54,33 @@ class HeadRuntime(Protocol):
 class OrtHead:
     """An ONNX head on onnxruntime (CPU unless ``providers`` says otherwise).
 
-    ``threads`` caps onnxruntime's intra-op pool (a Pi 4 has four cores; an agent sharing
-    the board with other work may want fewer). One session may serve many agents.
+    ``threads`` caps onnxruntime's intra-op pool (default: onnxruntime's, one per core; a
+    Pi 4 has four, an agent sharing the board with other work may want fewer). One session
+    may serve many agents.
+
+    ``spinning`` (see :data:`SPINNING`): by default the pool threads spin while the head
+    runs (no wake-up latency between its operators) and stop the moment it returns.
+    onnxruntime's own default keeps them spinning for tens of milliseconds after every
+    run: a whole core, on a 2-core board, taken from the agent's loop that encodes and
+    sends the cut (and from everything else the device does) — measured by
+    ``splitinfer bench overhead``.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> None:
+                 providers: Sequence[str] | None = None, spinning: str = "run") -> None:
         import onnxruntime as ort
 
+        if spinning not in SPINNING:
+            raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")
         self.path = Path(path)
         options = ort_config.apply(ort.SessionOptions())  # the same arithmetic as the worker
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "0" if spinning == "off" else "1")
+        if spinning == "run":
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self._session = ort.InferenceSession(
                 str(self.path), sess_options=options,
