@@ -22,6 +22,8 @@ from splitinfer.wire import DEFAULT_MAX_PAYLOAD
 
 __all__ = ["Config"]
 
+_SPINNING = ("run", "always", "off")  # cloud_service.registry.SPINNING (no onnxruntime here)
+
 
 def _default_client_id() -> str:
     host = socket.gethostname().split(".")[0] or "host"
@@ -44,8 +46,13 @@ class Config:
     max_delay_ms: float = 2.0
     # Requests waiting for the tail, all splits together; beyond it: OVERLOADED.
     queue_size: int = 1024
-    # onnxruntime intra-op threads per tail session (0 = onnxruntime's default).
+    # onnxruntime intra-op threads per tail session (0 = onnxruntime's default: one per
+    # physical core).
     threads: int = 0
+    # When the tail's pool threads spin for work: "run" (while a run lasts, stopping when
+    # it returns), "always" (onnxruntime's default: on for tens of ms after each run, a
+    # core taken from the event loop), "off". See docs/cloud.md "Performance".
+    spinning: str = "run"
     # Tail runs at once (all splits together); each run may use `threads` threads.
     tail_workers: int = 1
     # onnxruntime execution providers in preference order; () = CUDA if present, else CPU.
@@ -90,6 +97,9 @@ class Config:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise BadInputError(f"threads = {self.threads!r}: expected an integer >= 0 "
                                 "(0 = onnxruntime's default)")
+        if self.spinning not in _SPINNING:
+            raise BadInputError(f"spinning = {self.spinning!r}: expected one of "
+                                f"{', '.join(_SPINNING)}")
         for name in ("max_delay_ms", "drain_timeout_s", "reply_timeout_s",
                      "metrics_interval_s", "reconnect_min_s", "reconnect_max_s"):
             value = float(getattr(self, name))

@@ -145,7 +145,8 @@ class Tail:
 
     @classmethod
     def open(cls, directory: str | Path, *, threads: int = 0,
-             providers: Sequence[str] = (), verify_sha256: bool = True) -> Tail:
+             providers: Sequence[str] = (), verify_sha256: bool = True,
+             spinning: str = "run") -> Tail:
         """Load ``directory``'s manifest and tail; ManifestError says what does not fit."""
         import onnxruntime as ort
 
@@ -177,9 +178,9 @@ class Tail:
             wanted = [p for p in wanted if p not in unknown] or ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in wanted:
             _preload_cuda()
+        options = session_options(threads, spinning=spinning)  # a bad value: BadInputError
         try:
-            session = ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                           providers=wanted)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ManifestError(f"{path}: onnxruntime cannot load the tail: {exc}",
                                 split_id=manifest.split_id) from exc
@@ -312,9 +313,11 @@ class Registry(Mapping[str, Tail]):
             self.codecs[tail.split_id] = codecs
 
     @classmethod
-    def load(cls, root: str | Path, *, threads: int = 0, providers: Sequence[str] = ()
-             ) -> Registry:
+    def load(cls, root: str | Path, *, threads: int = 0, providers: Sequence[str] = (),
+             spinning: str = "run") -> Registry:
         """Open every split under ``root``; StartupError when none can be served."""
+        if spinning not in SPINNING:  # not a fault of one split directory
+            raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")
         root = Path(root)
         if not root.exists():
             raise StartupError(f"artifacts directory {root} does not exist; expected split "
@@ -326,7 +329,8 @@ class Registry(Mapping[str, Tail]):
                 if _edge_only(directory):
                     edge_only += 1
                     continue
-                tail = Tail.open(directory, threads=threads, providers=providers)
+                tail = Tail.open(directory, threads=threads, providers=providers,
+                                 spinning=spinning)
             except SplitInferError as exc:
                 registry.failed[str(directory)] = str(exc)
                 log.error("skipping split directory %s: %s", directory, exc)

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="splitinfer-bench-") as tmp:
         work = Path(tmp)
         model = resolve_model(args.model, work)
-        shapes, real_samples = _real_inputs(args.model, 2)
+        shapes, real_samples = _real_inputs(args.model, 1)  # batch fixed at 1
         if args.at:
             cut = [n for n in args.at.split(",") if n]
         else:

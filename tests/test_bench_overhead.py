@@ -155,3 +155,22 @@ def test_raw_echo_usage() -> None:
     proc = subprocess.run([sys.executable, "-m", "simulators.bench_overhead"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--raw-echo" in proc.stderr
+
+
+def test_worker_spinning_setting_reaches_its_tail_sessions(tmp_path: Path) -> None:
+    from cloud_service.config import Config
+    from cloud_service.registry import Registry
+    from splitter import split_model
+
+    assert Config(artifacts=tmp_path).spinning == "run"
+    with pytest.raises(BadInputError, match="spinning = 'fast'"):
+        Config(artifacts=tmp_path, spinning="fast")
+    split_model(zoo.digits_cnn_path(), ["pool"], tmp_path / "split", num_samples=2)
+    for spinning, spin, stop in (("run", "1", "1"), ("off", "0", None)):
+        tail = next(iter(Registry.load(tmp_path, spinning=spinning).values()))
+        opts = tail.session.get_session_options()
+        assert opts.get_session_config_entry(SPIN) == spin
+        if stop is not None:
+            assert opts.get_session_config_entry(STOP) == stop
+    with pytest.raises(BadInputError, match="spinning"):
+        Registry.load(tmp_path, spinning="sometimes")
