@@ -316,3 +316,22 @@ def test_profiles_and_cost_model_use_the_compressed_bytes(int8_splits: tuple[Pat
     saved = (raw_costs.request_bytes - zstd_costs.request_bytes) * 8 / link.up_bps
     up_raw, up_zstd = predict(raw_costs, link).uplink_s, predict(zstd_costs, link).uplink_s
     assert up_raw - up_zstd == pytest.approx(saved, rel=1e-6)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_contexts_survive_bad_frames_and_threads(codec: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = _activation().tobytes()
+    good = compression.compress(codec, raw)
+    with pytest.raises(compression.CodecError):
+        compression.decompress(codec, good[:8] + bytes(len(good) - 8), len(raw))
+    assert compression.decompress(codec, good, len(raw)) == raw  # the cached context is fine
+
+    def both(i: int) -> bool:
+        data = raw[i:] + raw[:i]
+        return all(compression.decompress(codec, compression.compress(codec, data),
+                                          len(data)) == data for _ in range(50))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(both, range(16)))
