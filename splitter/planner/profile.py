@@ -27,9 +27,10 @@ device and the worker use, so a figure here is what the fleet sees:
   what compression would save at every cut; ``compression`` is the manifest's codec;
 - tails run with the worker's session settings (``cloud_service.registry``:
   ``--threads`` intra-op threads, default 0 = onnxruntime's own choice as the worker's
-  ``--threads`` default, no spinning, sequential), on the worker's default providers
-  (CUDA when present); a batch of B requests runs as the worker runs it: one concatenated
-  run when the tail is batchable, else one run per request (fixed-batch tails padded).
+  ``--threads`` default, pool threads spinning only while a run lasts, sequential), on
+  the worker's default providers (CUDA when present); a batch of B requests runs as the
+  worker runs it: one concatenated run when the tail is batchable, else one run per
+  request (fixed-batch tails padded). Heads spin the same way (``OrtHead``'s default).
 
 A split whose halves have a fixed batch F > 1 sends F samples per request, as the agent
 does; its entries say so (``samples_per_request``, 1 otherwise) and every figure is per
@@ -319,15 +320,17 @@ class _Session:
         from splitinfer.errors import ManifestError
 
         opts = ort_config.apply(ort.SessionOptions())
-        if side == "cloud":  # cloud_service.registry.session_options
+        if side == "cloud":  # cloud_service.registry.session_options (spinning "run")
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        elif threads:  # edge_agent.runtime.OrtHead
+        elif threads:  # edge_agent.runtime.OrtHead (spinning "run")
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        # both sides' default: pool threads spin while a run lasts, stop when it returns
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts,
                                                 providers=list(providers))
