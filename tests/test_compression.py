@@ -335,3 +335,24 @@ def test_contexts_survive_bad_frames_and_threads(codec: str) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(both, range(16)))
+
+
+def test_inspect_measures_what_the_split_sends(int8_splits: tuple[Path, Path]) -> None:
+    from splitinfer.manifest import Manifest
+    from splitter.cuts import inspect_model, open_index
+    from splitter.wirebytes import measure_cuts
+
+    root, npz = int8_splits
+    index = open_index(root / "digits_int8.onnx")
+    cuts = inspect_model(index, max_tensors=1).cuts
+    with np.load(npz) as data:
+        samples = {"image": data["image"]}
+    per_cut, summary = measure_cuts(index, cuts, samples, num_samples=16, codecs=["zstd"])
+    assert summary == {"codecs": ["zstd"], "samples": 16, "source": "file"}
+    (measured,) = [m for c, m in zip(cuts, per_cut, strict=True) if c.names == (INT8_CUT,)]
+    assert measured is not None
+    split = Manifest.load(root / "zstd").verification["compression"]["codecs"]["zstd"]
+    # the same 16 requests: the bytes inspect reports are the bytes the split's head sends
+    assert measured["codecs"]["zstd"]["compressed_bytes"] == split["compressed_bytes"]
+    assert measured["raw_bytes"] == split["raw_bytes"] == 2048
+    assert per_cut[-1] is None and cuts[-1].kind == "edge_only"
