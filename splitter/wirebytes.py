@@ -42,7 +42,8 @@ def measure_cuts(index: GraphIndex, cuts: Sequence[Cut],
                  ) -> tuple[list[dict[str, Any] | None], dict[str, Any]]:
     """Per cut (in ``cuts`` order): :func:`splitinfer.compression.report` of what it sends
     (None for edge_only, which sends nothing), and a summary of the measurement
-    (``samples``, ``source``, ``codecs``, or ``skipped`` with the reason). At most
+    (``samples``, ``source``, ``codecs``, or ``skipped`` with the reason: no codec, symbolic
+    input dims without samples, a model onnxruntime cannot run). At most
     ``num_samples`` requests are measured, from ``samples`` or generated."""
     names = list(codecs) if codecs is not None else list(supported())
     summary: dict[str, Any] = {"codecs": names, "samples": 0,
@@ -67,14 +68,19 @@ def measure_cuts(index: GraphIndex, cuts: Sequence[Cut],
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted
                               if n not in declared and n not in inputs)
     produced = [n for n in wanted if n not in inputs]
-    session = ort_session(probe, base_dir=index.base_dir, optimize=False,
-                          what="the model (to measure the bytes of its cuts)")
     per_feed: list[dict[str, bytes]] = []
-    for feed in feeds:
-        values = dict(zip(produced, session.run(produced, feed), strict=True)) \
-            if produced else {}
-        values.update({n: feed[n] for n in wanted if n in inputs})
-        per_feed.append({n: np.ascontiguousarray(values[n]).tobytes() for n in wanted})
+    try:  # best effort: inspect lists the cuts of models onnxruntime cannot run, too
+        session = ort_session(probe, base_dir=index.base_dir, optimize=False,
+                              what="the model (to measure the bytes of its cuts)")
+        for feed in feeds:
+            values = dict(zip(produced, session.run(produced, feed), strict=True)) \
+                if produced else {}
+            values.update({n: feed[n] for n in wanted if n in inputs})
+            per_feed.append({n: np.ascontiguousarray(values[n]).tobytes() for n in wanted})
+    except Exception as exc:  # onnxruntime's errors share no useful base class
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("could not run the model to measure its cuts' bytes: %s", first)
+        return none, {**summary, "skipped": f"onnxruntime could not run the model: {first}"}
     out: list[dict[str, Any] | None] = []
     for cut in cuts:
         if cut.kind == "edge_only":

@@ -261,3 +261,17 @@ def test_bundle_compression_flag(models: dict[str, Path], tmp_path: Path,
             assert s.extra["compressed_bytes_per_request"] == measured["compressed_bytes"]
     assert kinds == {"edge_only", "split", "cloud_only"}
     assert any(s.input_codec != "raw" for s in bundle)  # the image input's jpeg baseline
+
+
+def test_inspect_json_skips_the_measurement_it_cannot_make(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = mt.build("dynamic", tmp_path)  # H and W symbolic: no inputs to generate
+    assert main(["inspect", str(src), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "symbolic input dims" in doc["compression"]["skipped"]
+    assert all(c["compressed"] is None for c in doc["cuts"])
+    assert main(["inspect", str(src), "--json", "--input-shape", "x=1x3x16x16"]) == 0
+    fixed = json.loads(capsys.readouterr().out)
+    assert "skipped" not in fixed["compression"]
+    stem = fixed["cuts"][0]
+    assert stem["kind"] == "cloud_only" and stem["compressed"]["raw_bytes"] == 3 * 16 * 16 * 4
