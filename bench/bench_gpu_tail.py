@@ -42,18 +42,18 @@ BATCHES = (1, 8, 32, 128)
 
 def _splits(work: Path) -> list[tuple[str, Callable[[], Path]]]:
     """(label, build) per split; building is lazy so one failure costs one row."""
-    from simulators.bench_batching import _int8_cut
     from splitter import list_cuts, split_model, zoo
     from splitter.quantize import quantize_static
+    from splitter.surgery import quantize_cut
 
     def mnv2(int8: bool) -> Path:
         model = work / "mobilenet_v2.onnx"
         if not model.exists():
             zoo.mobilenet_v2(model)
         out = work / ("mnv2_i8" if int8 else "mnv2_f32")
-        result = split_model(model, "block12.add", out, num_samples=2)
+        split_model(model, "block12.add", out, num_samples=2)
         if int8:
-            _int8_cut(out, result.manifest_obj)
+            quantize_cut(out)
         return out
 
     def resnet_qdq() -> Path:
@@ -75,7 +75,7 @@ def _splits(work: Path) -> list[tuple[str, Callable[[], Path]]]:
 def _activations(directory: Path, n: int) -> list[np.ndarray[Any, Any]]:
     import onnxruntime as ort
 
-    from simulators.bench_batching import _random_inputs
+    from bench.bench_batching import _random_inputs
     from splitinfer.manifest import Manifest
 
     manifest = Manifest.load(directory)

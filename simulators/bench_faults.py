@@ -25,10 +25,10 @@ the fault's events with their times, and what happened to the requests due while
 lasted. The target (the issue's): every request answered within its deadline (0 timeouts,
 0 errors, 0 lost), 0 duplicate answers to the application.
 
-``fuzz`` runs :func:`simulators.bench_fuzz.run_fuzz` (≥ 10,000 malformed messages
+``fuzz`` runs :func:`bench.bench_fuzz.run_fuzz` (≥ 10,000 malformed messages
 interleaved with valid requests: 0 ``internal`` replies, 0 crashes, the longest event-loop
 stall ≤ 50 ms, worker RSS growth ≤ 20 MB, every valid request answered correctly) and
-``broker-flood`` :func:`simulators.bench_broker.run_broker_flood` (broker RSS under a stalled
+``broker-flood`` :func:`bench.bench_broker.run_broker_flood` (broker RSS under a stalled
 worker stays below its configured bound), when those modules are installed.
 
 The length of a fault run: ``--requests`` at ``--devices`` x ``--rate``, and at least until
@@ -426,11 +426,11 @@ def run_faults(cfg: FaultSuiteConfig, *, out: Path, artifacts: Path | None = Non
                     results[name] = run_fault_scenario(name, cfg, split=split, inputs=inputs,
                                                        out=out)
                 elif name == "fuzz":
-                    fuzz, why = _optional("simulators.bench_fuzz", "run_fuzz")
+                    fuzz, why = _optional("bench.bench_fuzz", "run_fuzz")
                     results[name] = {"skipped": why} if fuzz is None else fuzz_figures(
                         fuzz(messages=cfg.fuzz_messages, seed=cfg.seed), quick=cfg.quick)
                 else:
-                    flood, why = _optional("simulators.bench_broker", "run_broker_flood")
+                    flood, why = _optional("bench.bench_broker", "run_broker_flood")
                     results[name] = {"skipped": why} if flood is None else flood_figures(
                         flood(seconds=cfg.flood_s))
             except Exception as exc:  # one scenario failing to run must not hide the others

@@ -5,7 +5,7 @@ huge / negative / bool dimensions, dtype and size mismatches, nesting bombs, fla
 floods, huge str/bin claims, truncated msgpack, ext types, bad version / kind / deadline /
 timestamps / quantization / codec / id fields, random bytes, …); :func:`schedule` orders
 them, valid requests interleaved. Every choice comes from a seed. Used by
-``splitinfer bench fuzz`` (:mod:`simulators.bench_fuzz`) and the tests.
+``splitinfer bench fuzz`` (:mod:`bench.bench_fuzz`) and the tests.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ inside ``func``. So ``splitinfer --help`` works on an edge install that lacks ``
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -21,7 +22,8 @@ from importlib import metadata
 
 from splitinfer.errors import EXIT_BAD_INPUT, EXIT_FAILED, SplitInferError
 
-__all__ = ["main", "build_parser", "env_default", "extra_hint", "EXTRAS"]
+__all__ = ["main", "build_parser", "env_default", "extra_hint", "unavailable",
+           "add_module_command", "EXTRAS"]
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 log = logging.getLogger(__name__)
@@ -44,22 +46,57 @@ def extra_hint(command: str) -> str:
     return f"pip install 'splitinfer[{extra}]'"
 
 
-def _unavailable(name: str, exc: ImportError) -> Register:
+def unavailable(name: str, exc: ImportError, *, prog: str | None = None,
+                module: str | None = None, extra_of: str | None = None) -> Register:
     """A stand-in for a command whose module cannot be imported: listed in --help as
-    unavailable, and running it says why in one line (never hidden)."""
-    why = f"{exc}; install the extra it needs: {extra_hint(name)}"
+    unavailable, and running it says why in one line (never hidden).
+
+    ``name`` is the sub-command (``split``, or ``batching`` under ``bench``); ``prog`` what
+    the message starts with (default ``splitinfer NAME``); ``module`` the module that failed
+    to import, named in the message when given; ``extra_of`` the command whose extra the
+    hint names (default ``name``). Used by the top-level dispatcher and by the command
+    groups that load their own modules (``splitinfer bench``, ``demo``, ``fleet``)."""
+    failed = f"{module} cannot be imported: " if module else ""
+    why = f"{failed}{exc}; install the extra it needs: {extra_hint(extra_of or name)}"
+    prog = prog or f"splitinfer {name}"
 
     def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parser = sub.add_parser(name, help=f"(unavailable: {exc})", add_help=False)
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
 
         def func(_args: argparse.Namespace) -> int:
-            print(f"splitinfer {name}: unavailable: {why}", file=sys.stderr)
+            print(f"{prog}: unavailable: {why}", file=sys.stderr)
             return EXIT_FAILED
 
-        parser.set_defaults(func=func)
+        def swallow(args: Sequence[str] | None = None,
+                    namespace: argparse.Namespace | None = None,
+                    ) -> tuple[argparse.Namespace, list[str]]:
+            # whatever follows the command (options included, which nargs=REMAINDER
+            # would not take first) is the unavailable command's: run it to say why
+            namespace = argparse.Namespace() if namespace is None else namespace
+            namespace.func = func
+            return namespace, []
+
+        parser.parse_known_args = swallow  # type: ignore[method-assign,assignment]
 
     return register
+
+
+def add_module_command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                       module: str, *, prog: str | None = None,
+                       extra_of: str | None = None) -> None:
+    """Add the sub-command ``name`` that ``module.add_parser(sub)`` defines, importing
+    ``module`` now (it must be cheap to import). A module that cannot be imported (its
+    extra is missing) or has no ``add_parser`` is added as :func:`unavailable` instead:
+    listed, and explaining itself when run, never silently left out."""
+    try:
+        add_parser = getattr(importlib.import_module(module), "add_parser", None)
+        if add_parser is None:
+            raise ImportError(f"{module} defines no add_parser(subparsers)")
+        add_parser(sub)
+    except ImportError as exc:
+        log.debug("%s unavailable: %s", module, exc, exc_info=True)
+        if name not in sub.choices:  # add_parser may have failed after adding it
+            unavailable(name, exc, prog=prog, module=module, extra_of=extra_of)(sub)
 
 
 def _registrars() -> list[tuple[str, Register]]:
@@ -69,7 +106,7 @@ def _registrars() -> list[tuple[str, Register]]:
             found.append((ep.name, ep.load()))
         except ImportError as exc:  # a package whose extra is not installed: say so
             log.debug("command %s unavailable: %s", ep.name, exc)
-            found.append((ep.name, _unavailable(ep.name, exc)))
+            found.append((ep.name, unavailable(ep.name, exc)))
     return found
 
 

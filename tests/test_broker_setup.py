@@ -347,9 +347,9 @@ def test_a_payload_over_the_workers_limit_is_refused_by_the_broker(
 
 @pytest.mark.integration
 def test_broker_flood_stays_within_the_bound() -> None:
-    """The short version of the figure (simulators/bench_broker.py): what reaches the
+    """The short version of the figure (bench/bench_broker.py): what reaches the
     resumed worker is what the bounds allow; the RSS stays below the computed bound."""
-    from simulators.bench_broker import run_broker_flood
+    from bench.bench_broker import run_broker_flood
     from simulators.broker import MAX_INFLIGHT_BYTES, MAX_QUEUED_BYTES
 
     payload = 256 * 1024

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_cloud_support import make_split
 
-from simulators.bench_batching import format_report
+from bench.bench_batching import format_report
 from splitinfer.cli import main as cli_main
 
 pytestmark = pytest.mark.integration

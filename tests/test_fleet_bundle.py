@@ -197,7 +197,7 @@ def _switch(t: float, device: str, a: str, b: str) -> dict[str, Any]:
 
 
 def test_resplit_figures_per_change() -> None:
-    from simulators.bench_resplit import resplit_figures
+    from bench.bench_resplit import resplit_figures
 
     report = {"lost": 0, "bundle": None, "link_schedule": [
         {"t_s": 0.0, "link": "wifi", "applied_s": 0.0},
@@ -220,7 +220,7 @@ def test_resplit_figures_per_change() -> None:
 
 
 def test_offline_figures_resume_and_late_local_answers() -> None:
-    from simulators.bench_resplit import offline_figures
+    from bench.bench_resplit import offline_figures
     from simulators.fleet_stats import Outcome
 
     window = {"fault": "link-cut@20s+10s", "start_s": 20.0, "end_s": 30.0, "sent": 2,

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from test_cloud_support import TinySplit, make_split
 
+from bench.bench_fuzz import LEAK
 from cloud_service.config import Config
 from cloud_service.registry import Registry
 from cloud_service.worker import Incoming, Worker
-from simulators.bench_fuzz import LEAK
 from simulators.fuzz_messages import KINDS, FuzzGenerator, schedule
 from splitinfer.topics import Topics
 from splitinfer.wire import Envelope, decode
@@ -155,7 +155,7 @@ def test_the_generator_is_reproducible_and_has_the_kinds() -> None:
 
 @pytest.mark.integration
 def test_short_fuzz_through_mosquitto_to_a_worker_process() -> None:
-    from simulators.bench_fuzz import run_fuzz
+    from bench.bench_fuzz import run_fuzz
 
     r = run_fuzz(messages=500, seed=3, valid_every=10)
     assert r["messages"] == 500 and len(r["kinds"]) >= 12

@@ -188,7 +188,7 @@ def test_cheap_import() -> None:
 
 def test_bench_summary_arithmetic() -> None:
     """The planner bench's figures from synthetic rows: MAPE, recommended vs best, baselines."""
-    from simulators.bench_planner import SpacedTimer, summarize
+    from bench.bench_planner import SpacedTimer, summarize
 
     def row(link: str, d: str, kind: str, pred: float, meas: float,
             codec: str = "raw") -> dict[str, Any]:

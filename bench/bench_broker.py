@@ -16,7 +16,7 @@ for the worker was full) or refused in a PUBACK.
 ``unbounded=True`` runs the pre-issue-10 tuning (no byte bounds, 16 MB messages) for
 comparison; there RSS grows with the flood.
 
-Run: ``python -m simulators.bench_broker [--seconds S] [--payload-kb N] [--unbounded]``
+Run: ``python -m bench.bench_broker [--seconds S] [--payload-kb N] [--unbounded]``
 (``splitinfer bench broker-flood`` once registered in simulators/cli.py).
 """
 
@@ -202,7 +202,7 @@ def run_broker_flood(*, seconds: float = 5.0, payload_bytes: int = 1 * MB,
         time.sleep(0.2)
         rss_start = broker.rss_bytes() or 0
         worker = subprocess.Popen(
-            [sys.executable, "-m", "simulators.bench_broker", "--subscriber", broker.url,
+            [sys.executable, "-m", "bench.bench_broker", "--subscriber", broker.url,
              topics.shared_request_filter(DEFAULT_GROUP)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         assert worker.stdout is not None
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--subscriber"]:
         return _subscriber(argv[1], argv[2])
-    parser = argparse.ArgumentParser(prog="python -m simulators.bench_broker",
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_broker",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _arguments(parser)

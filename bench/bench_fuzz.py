@@ -27,7 +27,7 @@ CPU on a busy machine); RSS growth up to about twice the payload limit is glibc 
 the freed 8 MiB buffers in its heap (its mmap threshold rises after the first big free),
 not a leak: it does not grow with the number of messages.
 
-``python -m simulators.bench_fuzz --child …`` is the worker side (used by the bench).
+``python -m bench.bench_fuzz --child …`` is the worker side (used by the bench).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _child(argv: Sequence[str]) -> int:
     from cloud_service.config import Config
     from cloud_service.server import Server
 
-    ap = argparse.ArgumentParser(prog="python -m simulators.bench_fuzz --child")
+    ap = argparse.ArgumentParser(prog="python -m bench.bench_fuzz --child")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--broker", required=True)
     ap.add_argument("--artifacts", required=True)
@@ -200,7 +200,7 @@ def run_fuzz(*, messages: int = 10000, seed: int = 0, valid_every: int = 20,
 def _spawn_worker(url: str, split_dir: Path, prefix: str, work: Path, max_payload: int
                   ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     log_path, lag_path = work / "worker.log", work / "lag.txt"
-    cmd = [sys.executable, "-m", "simulators.bench_fuzz", "--child", "--broker", url,
+    cmd = [sys.executable, "-m", "bench.bench_fuzz", "--child", "--broker", url,
            "--artifacts", str(split_dir), "--prefix", prefix, "--lag-file", str(lag_path),
            "--max-payload", str(max_payload)]
     with open(log_path, "wb") as out:
@@ -534,7 +534,7 @@ def _main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if "--child" in sys.argv[1:]:
         sys.exit(_child(sys.argv[1:]))
-    parser = argparse.ArgumentParser(prog="python -m simulators.bench_fuzz")
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_fuzz")
     add_parser(parser.add_subparsers(dest="bench", required=True))
     parsed = parser.parse_args(["fuzz", *sys.argv[1:]])
     sys.exit(parsed.func(parsed))

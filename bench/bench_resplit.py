@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         if args.bundle:
             bundle = Path(args.bundle)
         elif args.model == "mobilenet_v2":
-            from simulators.bench_planner import build_bundle
+            from bench.bench_planner import build_bundle
 
             bundle, samples = build_bundle("mobilenet_v2", args.resolution, Path(tmp) / "mnv2", 3)
             args.input = args.input or str(samples)
