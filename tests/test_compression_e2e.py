@@ -99,8 +99,10 @@ def unsplit(model: Path, x: Array) -> Array:
 
 
 @contextlib.asynccontextmanager
-async def sniffer(url: str, prefix: str) -> AsyncIterator[list[tuple[str, bytes]]]:
-    """Every request and result payload published under ``prefix`` while inside."""
+async def sniffer(url: str, prefix: str, expect: int
+                  ) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """Every request and result payload published under ``prefix`` while inside; on exit,
+    waits (up to 10 s) for ``expect`` of each to have arrived."""
     seen: list[tuple[str, bytes]] = []
     client = await open_client(BrokerConfig.from_url(url), f"sniff-{prefix[-8:]}")
     await client.subscribe(f"{prefix}/v1/#", qos=1)
@@ -113,12 +115,20 @@ async def sniffer(url: str, prefix: str) -> AsyncIterator[list[tuple[str, bytes]
     task = asyncio.create_task(read())
     try:
         yield seen
+        for _ in range(200):  # our copy of the last answer may trail the agent's
+            if min(sum(f"/v1/{k}/" in t for t, _ in seen) for k in ("req", "res")) >= expect:
+                break
+            await asyncio.sleep(0.05)
     finally:
-        await asyncio.sleep(0.2)  # the last answer's copy
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await client.disconnect()
+
+
+def distinct(seen: list[tuple[str, bytes]], kind: str) -> list[bytes]:
+    """The ``kind`` ("req" / "res") payloads seen, a re-sent copy counted once."""
+    return list(dict.fromkeys(p for t, p in seen if f"/v1/{kind}/" in t))
 
 
 def tensors_of(payload: bytes) -> list[dict[str, Any]]:
@@ -141,7 +151,8 @@ def agent(splits: Path, url: str, prefix: str) -> EdgeAgent:
 def run_calls(splits: Path, url: str, prefix: str, x: Array, overrides: list[str | None]
               ) -> tuple[list[Array], list[tuple[str, bytes]]]:
     async def main() -> tuple[list[Array], list[tuple[str, bytes]]]:
-        async with sniffer(url, prefix) as seen, agent(splits, url, prefix) as a:
+        async with sniffer(url, prefix, len(overrides)) as seen, \
+                agent(splits, url, prefix) as a:
             outs = [(await a.infer({"x": x}, compression=o)).outputs["y"] for o in overrides]
         return outs, seen
 
@@ -157,8 +168,7 @@ def test_compressed_request_and_answer_are_bit_exact_and_smaller(
     want = unsplit(model, images)
     assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
-    requests = [p for t, p in seen if "/v1/req/" in t]
-    results = [p for t, p in seen if "/v1/res/" in t]
+    requests, results = distinct(seen, "req"), distinct(seen, "res")
     assert len(requests) == 1 and len(results) == 1
     raw = len(images) * CUT_BYTES
     (q,), (y,) = tensors_of(requests[0]), tensors_of(results[0])
@@ -186,8 +196,8 @@ def test_per_request_override_and_the_answer_follows_the_request(
     want = unsplit(model, images)
     for out in outs:
         np.testing.assert_array_equal(out, want)
-    requests = [tensors_of(p)[0] for t, p in seen if "/v1/req/" in t]
-    results = [tensors_of(p)[0] for t, p in seen if "/v1/res/" in t]
+    requests = [tensors_of(p)[0] for p in distinct(seen, "req")]
+    results = [tensors_of(p)[0] for p in distinct(seen, "res")]
     assert len(requests) == len(results) == 2
     # "none": raw both ways (the device may not read any codec); "lz4": lz4 both ways
     assert [r.get("z") for r in requests] == [None, "lz4"]
