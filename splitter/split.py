@@ -63,7 +63,8 @@ from splitter.verify import (
 )
 
 __all__ = ["SplitResult", "split_model", "cut_kind", "shapes_from_samples", "measure_codec",
-           "codec_input", "COMPRESSION_CHOICES", "cut_requests", "measure_compression"]
+           "codec_input", "COMPRESSION_CHOICES", "cut_arrays", "cut_requests",
+           "measure_compression"]
 
 log = logging.getLogger(__name__)
 Samples = str | Path | Mapping[str, np.ndarray[Any, Any]] | None
@@ -304,12 +305,12 @@ def _compression_mode(compression: str | None) -> str | None:
     return compression
 
 
-def cut_requests(head: Path | None, samples: Mapping[str, np.ndarray[Any, Any]],
-                 inputs: Sequence[TensorSpec], cut_names: Sequence[str], *,
-                 limit: int = MAX_COMPRESSION_SAMPLES) -> list[list[bytes]]:
-    """The raw bytes of the cut tensors of each request a device would send for
-    ``samples``: the head's outputs (``head`` None: the inputs, a cloud_only split), one
-    request per sample, or per fixed batch when the files fix one; at most ``limit``."""
+def cut_arrays(head: Path | None, samples: Mapping[str, np.ndarray[Any, Any]],
+               inputs: Sequence[TensorSpec], cut_names: Sequence[str], *,
+               limit: int = MAX_COMPRESSION_SAMPLES) -> list[dict[str, np.ndarray[Any, Any]]]:
+    """The cut tensors of each request a device would send for ``samples``: the head's
+    outputs (``head`` None: the inputs, a cloud_only split), one request per sample, or
+    per fixed batch when the files fix one; at most ``limit`` requests."""
     from splitinfer.batches import padded_chunks
 
     session = ort_session(head, what=str(head)) if head is not None else None
@@ -318,12 +319,20 @@ def cut_requests(head: Path | None, samples: Mapping[str, np.ndarray[Any, Any]],
     fixed = next((d[0] for d in shapes.values() if d and isinstance(d[0], int) and d[0] > 0),
                  1)
     feeds = padded_chunks({n: samples[n] for n in shapes}, fixed)[:limit]
-    out: list[list[bytes]] = []
+    out: list[dict[str, np.ndarray[Any, Any]]] = []
     for feed in feeds:
         values = dict(zip(cut_names, session.run(list(cut_names), feed), strict=True)) \
             if session is not None else feed
-        out.append([np.ascontiguousarray(values[n]).tobytes() for n in cut_names])
+        out.append({n: np.ascontiguousarray(values[n]) for n in cut_names})
     return out
+
+
+def cut_requests(head: Path | None, samples: Mapping[str, np.ndarray[Any, Any]],
+                 inputs: Sequence[TensorSpec], cut_names: Sequence[str], *,
+                 limit: int = MAX_COMPRESSION_SAMPLES) -> list[list[bytes]]:
+    """The raw bytes of :func:`cut_arrays`, per request in ``cut_names`` order."""
+    return [[r[n].tobytes() for n in cut_names]
+            for r in cut_arrays(head, samples, inputs, cut_names, limit=limit)]
 
 
 def measure_compression(requests: Sequence[Sequence[bytes]], mode: str) -> dict[str, Any]:
