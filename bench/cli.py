@@ -25,6 +25,7 @@ BENCHES = {
     "faults": "simulators.bench_faults",
     "fuzz": "bench.bench_fuzz",
     "broker-flood": "bench.bench_broker",
+    "compression": "bench.bench_compression",
 }
 
 
