@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import resource
@@ -449,6 +450,8 @@ class Fleet:
             connect_s = await self._connect_all()
             await self._warm_up_path(recorded, inputs, target, heads, url, prefix)
             schedule_t, schedule_dev = self._schedule()
+            _freeze_setup()
+            stack.callback(gc.unfreeze)
             meter = CpuMeter(self._cpu_roles(broker, broker_kind, pool))
             links = {g.name: g.proxy for g in self._groups if g.proxy}
             injector = FaultInjector(broker=broker, workers=pool.procs if pool else [],
@@ -888,6 +891,18 @@ class Fleet:
             fault_spans=spans)
 
 
+
+
+def _freeze_setup() -> None:
+    """Put what the run set up (agents, their MQTT clients, heads, inputs) out of the
+    garbage collector's sight until the run ends.
+
+    A thousand devices are a few hundred thousand long-lived objects; every full collection
+    the run's own allocations trigger would scan them all again: on this 2-core machine
+    pauses of 50-125 ms of the whole loop, several per minute, which were the fleet's p99.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _raise_file_limit(want: int) -> None:
