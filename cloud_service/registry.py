@@ -4,14 +4,14 @@
 ``splitinfer split``), checks each tail against its manifest and opens it. A broken split
 is logged and skipped; a worker with nothing to serve does not start.
 :meth:`Tail.prepare` checks a request's tensors against ``manifest.cut`` ("expected X,
-got Y") before it may join a batch.
+got Y", :func:`splitinfer.tensors.check_tensors`, the edge agent's own check) before it
+may join a batch.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from splitinfer.errors import (
 )
 from splitinfer.imagecodec import ImageCodec
 from splitinfer.manifest import Manifest, TensorSpec, find_split_dirs, sha256_file
+from splitinfer.tensors import check_tensors
 from splitinfer.wire import Envelope
 
 if TYPE_CHECKING:
@@ -218,64 +219,21 @@ class Tail:
         return fixed.pop() if fixed else None
 
     def prepare(self, env: Envelope) -> Prepared:
-        """The request's tensors in input order; TensorError names expected vs got."""
-        by_name = {t.name: t for t in env.tensors}
-        if set(by_name) != set(self.input_names) or len(by_name) != len(env.tensors):
-            raise TensorError(
-                f"split {self.split_id}: expected tensors {list(self.input_names)}, got "
-                f"{_names(t.name for t in env.tensors)}", split_id=self.split_id)
-        feeds = []
-        samples: int | None = None
-        for spec in self.specs:
-            tensor = by_name[spec.name]
-            if tensor.array.ndim == 0:  # every cut tensor has a batch axis first
-                raise TensorError(f"tensor {spec.name!r}: expected shape "
-                                  f"{list(spec.shape)} (samples first), got a scalar",
-                                  split_id=self.split_id)
-            if self.fixed_batch is not None and tensor.array.ndim == len(spec.shape) and \
-                    tensor.array.shape[0] > 0:
-                # A fixed-batch tail takes any sample count: it runs in chunks of its batch.
-                spec.check(tensor.array[0], batched=False)
-            else:
-                spec.check(tensor.array)
-            want, got = spec.quantization, tensor.quantization
-            if want is None and got is not None:
-                raise TensorError(
-                    f"tensor {spec.name!r}: the cut is not quantized ({spec.dtype}); expected "
-                    "no 'q', got one", split_id=self.split_id)
-            if want is not None and got is not None and not (
-                    math.isclose(want.scale, got.scale, rel_tol=1e-6)
-                    and want.zero_point == got.zero_point):
-                raise TensorError(
-                    f"tensor {spec.name!r}: expected quantization [{want.scale:g}, "
-                    f"{want.zero_point}], got [{got.scale:g}, {got.zero_point}]",
-                    split_id=self.split_id)
-            n = int(tensor.array.shape[0])
-            if samples is None:
-                samples = n
-            elif n != samples:
-                raise TensorError(f"tensor {spec.name!r}: {n} samples, but an earlier tensor "
-                                  f"has {samples}; expected the same batch size",
-                                  split_id=self.split_id)
-            feeds.append(tensor.array)
-        if not samples:
-            raise TensorError(f"split {self.split_id}: expected at least one sample, got an "
-                              "empty batch", split_id=self.split_id)
+        """The request's tensors in input order; TensorError names expected vs got
+        (:func:`splitinfer.tensors.check_tensors`, the edge agent's check too). A
+        fixed-batch tail takes any sample count: it runs in chunks of its batch."""
+        arrays = check_tensors(env.tensors, self.specs, "cut tensors", self.split_id,
+                               any_batch=self.fixed_batch is not None, min_samples=1,
+                               names_error=TensorError)
+        feeds = tuple(arrays.values())
         key = tuple(tuple(int(d) for d in a.shape[1:]) for a in feeds)
-        return Prepared(feeds=tuple(feeds), samples=samples, key=key)
+        return Prepared(feeds=feeds, samples=int(feeds[0].shape[0]), key=key)
 
     def run(self, feeds: Sequence[Array]) -> list[Array]:
         """Run the tail once (blocking; onnxruntime releases the GIL while it computes)."""
         outputs = self.session.run(list(self.output_names),
                                    dict(zip(self.input_names, feeds, strict=True)))
         return [np.asarray(o) for o in outputs]
-
-
-def _names(names: Iterable[str], most: int = 8) -> str:
-    """Tensor names a device sent, for a message: a few, each cut short (hostile input)."""
-    shown = [name if len(name) <= 40 else name[:37] + "..." for name in names]
-    more = f" and {len(shown) - most} more" if len(shown) > most else ""
-    return f"{shown[:most]}{more}"
 
 
 def _edge_only(directory: Path) -> bool:

@@ -122,7 +122,8 @@ from splitinfer.errors import (
     TransportError,
     WireError,
 )
-from splitinfer.manifest import Manifest, TensorSpec
+from splitinfer.manifest import Manifest
+from splitinfer.tensors import check_tensors
 from splitinfer.topics import DEFAULT_PREFIX, Topics, check_level, topic_name
 from splitinfer.wire import (
     DEFAULT_MAX_PAYLOAD,
@@ -1251,43 +1252,6 @@ class EdgeAgent:
                 f"{state.request_topic} within {timeout:.3g} s{where}; is a cloud worker "
                 f"serving model {state.manifest.model!r} under prefix "
                 f"{self.config.prefix!r}? start one with: {self.serve_hint(state)}")
-
-
-def check_tensors(arrays: Mapping[str, Any], specs: tuple[TensorSpec, ...], what: str,
-                  split_id: str, *, any_batch: bool = False) -> dict[str, Array]:
-    """``arrays`` keyed and ordered as ``specs``, each checked; names expected vs got.
-
-    ``any_batch`` leaves the first (samples) dimension unchecked: a call may hold any
-    number of samples even where the files are fixed at one batch size.
-    """
-    want = [s.name for s in specs]
-    if sorted(arrays) != sorted(want):
-        missing = [n for n in want if n not in arrays]
-        extra = [n for n in arrays if n not in want]
-        detail = "; ".join(part for part in (
-            f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "")
-            if part)
-        raise BadInputError(f"{what} of {split_id}: expected {want}, got {list(arrays)} "
-                            f"({detail})", split_id=split_id)
-    out: dict[str, Array] = {}
-    batch: int | None = None
-    for spec in specs:
-        array = arrays[spec.name]
-        if not isinstance(array, np.ndarray):
-            raise TensorError(f"{what} of {split_id}: tensor {spec.name!r} must be a numpy "
-                              f"array, got {type(array).__name__}", split_id=split_id)
-        try:
-            if any_batch and spec.shape and isinstance(spec.shape[0], int):
-                spec = dataclasses.replace(spec, shape=("N", *spec.shape[1:]))
-            spec.check(array)
-        except TensorError as exc:
-            raise TensorError(f"{what} of {split_id}: {exc}", split_id=split_id) from None
-        if batch is not None and array.shape[0] != batch:
-            raise TensorError(f"{what} of {split_id}: tensor {spec.name!r} has {array.shape[0]} "
-                              f"samples, the others {batch}", split_id=split_id)
-        batch = array.shape[0] if array.ndim else None
-        out[spec.name] = array
-    return out
 
 
 def _samples(arrays: Mapping[str, Array]) -> int | None:

@@ -149,13 +149,30 @@ class TensorSpec:
             total *= dim
         return total
 
-    def check(self, array: np.ndarray[Any, Any], *, batched: bool = True) -> None:
-        """Raise TensorError unless ``array`` matches this spec (dtype and fixed dims)."""
+    def expected_shape(self, *, any_batch: bool = False) -> tuple[Dim, ...]:
+        """The shape an array must have; with ``any_batch`` a fixed first (samples)
+        dimension reads as ``"N"``: a call may hold any number of samples."""
+        if any_batch and self.shape and isinstance(self.shape[0], int):
+            return ("N", *self.shape[1:])
+        return self.shape
+
+    def shape_text(self, *, any_batch: bool = False) -> str:
+        """:meth:`expected_shape` as messages print it: ``(N, 3, 224, 224)``."""
+        return _fmt_shape(self.expected_shape(any_batch=any_batch))
+
+    def check(self, array: np.ndarray[Any, Any], *, batched: bool = True,
+              any_batch: bool = False) -> None:
+        """Raise TensorError unless ``array`` matches this spec (dtype and fixed dims).
+
+        ``batched=False``: ``array`` is one sample (no first dimension); ``any_batch``:
+        the first dimension takes any size (:meth:`expected_shape`). A symbolic dimension
+        takes any size. :func:`splitinfer.tensors.check_tensors` checks a whole set.
+        """
         if array.dtype.name != self.dtype:
             raise TensorError(
                 f"tensor {self.name!r}: expected dtype {self.dtype}, got {array.dtype.name}"
             )
-        expected = self.shape if batched else self.sample_shape
+        expected = self.expected_shape(any_batch=any_batch) if batched else self.sample_shape
         if array.ndim != len(expected):
             raise TensorError(
                 f"tensor {self.name!r}: expected {len(expected)} dims "

@@ -147,7 +147,7 @@ def test_prepare_names_expected_and_got(registry: Registry, splits: dict[str, Ti
     for match, array in cases.items():
         with pytest.raises(TensorError, match=match.replace("(", r"\(").replace(")", r"\)")):
             tail.prepare(dec(request_payload(q, array)[1]))
-    with pytest.raises(TensorError, match=r"expected tensors \['cut'\], got \['x'\]"):
+    with pytest.raises(TensorError, match=r"expected \['cut'\], got \['x'\]"):
         tail.prepare(dec(request_payload(q, q.sample(), name="x")[1]))
     with pytest.raises(TensorError, match=r"expected quantization \[0.05, 3\], got \[0.1, 3\]"):
         tail.prepare(dec(request_payload(q, q.sample(),
