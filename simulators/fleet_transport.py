@@ -9,7 +9,7 @@ thousand of them share one event loop on a small machine: paho is driven by the 
 ``send`` per connection, and one keep-alive timer per loop serves every client.
 
 There used to be three transports here (a paho driver of our own that swapped paho's
-socket for a buffered one, the aiomqtt-based agent transport, and a hand-written MQTT
+socket for a buffered one, the agent's transport of then, and a hand-written MQTT
 3.1.1 client); they all gave way to that one. ``--transport`` stays for scripts that
 name it: ``auto`` and ``paho`` both mean the one client.
 """

@@ -48,7 +48,7 @@ def test_every_transport_name_is_the_one_client(transport: str) -> None:
     assert isinstance(connector_for("mqtts://h:8883?protocol=5", transport), MqttConnector)
 
 
-@pytest.mark.parametrize("transport", ["lite", "aiomqtt", "PAHO"])
+@pytest.mark.parametrize("transport", ["lite", "mqtt", "PAHO"])
 def test_retired_transport_names_are_refused(transport: str) -> None:
     with pytest.raises(BadInputError, match="expected one of auto, paho"):
         pick_transport(transport)
