@@ -9,51 +9,22 @@
         await agent.infer_activation({"q1": recorded})    # skip the head: fleet replay
 
 Connection: :meth:`EdgeAgent.start` connects once (:class:`StartupError` when the broker
-cannot be reached), subscribes to ``{prefix}/v1/res/{device_id}`` and publishes a retained
-``online`` on ``{prefix}/v1/status/{device_id}`` (last will: retained ``offline``). A
-supervisor task then reads results. aiomqtt does not reconnect by itself, so when the
-connection drops the supervisor reconnects with jittered exponential backoff, subscribes
-again and re-publishes every request still pending whose deadline has not passed.
-
-Requests: one per call, QoS 1 on ``{prefix}/v1/req/{model}/{device_id}``; the envelope names
-the reply topic and the absolute deadline, and on MQTT 5 the PUBLISH also carries Response
-Topic, Correlation Data (the request id) and Message Expiry Interval (time left). Results
-are matched by request id through a dict of futures; an entry is removed in ``finally``
-whatever happens. An error result raises :class:`RemoteError`; no result before the
-deadline raises :class:`DeadlineExceeded`.
+cannot be reached); :mod:`edge_agent.supervisor` keeps the connection up (presence,
+reconnect with backoff, re-publishing what is pending). Requests: one per call, QoS 1 on
+``{prefix}/v1/req/{model}/{device_id}``; the envelope names the reply topic and the
+absolute deadline. :mod:`edge_agent.pending` publishes them (in chunks past the broker's
+packet limit), matches results by request id, re-sends a request unanswered within the
+retry interval (:class:`~edge_agent.retry.RetryBackoff`), after "no matching
+subscribers" while a worker is expected back, or after a reconnect, and fails fast when no
+worker is there (:class:`NoSubscriberError`). An error result raises
+:class:`RemoteError`; no result before the deadline raises :class:`DeadlineExceeded`.
+``InferenceResult.attempts`` says how many times the request went out.
 
 Compression: the cut tensors go compressed with the split manifest's ``compression``
 (``zstd`` | ``lz4``, set by ``splitinfer split --compression``), each one only where that
 saves at least 5 % (:func:`splitinfer.compression.worth_sending`); a call's
 ``compression=`` overrides it for its requests (``"none"`` or a codec). The worker answers
 in the codec the request used. :meth:`EdgeAgent.compression_for` says which applies.
-
-Re-sending (a request is idempotent: its id is the key, the worker answers a copy from its
-cache): QoS 1 ends at the broker, and a broker holds nothing for a shared-subscription
-group with no member, so the agent re-sends the *same* request (same id, payload and
-absolute deadline) until it is answered or its deadline passes:
-
-* no answer within the retry interval (:class:`RetryBackoff`: ``retry_s``, or longer when
-  the measured round trips say so (srtt + 4 x rttvar, as TCP), each re-send doubling up to
-  ``retry_max_s``, jittered) — a lost copy, a hung replica, a worker killed mid-request;
-* a PUBACK "no matching subscribers" (MQTT 5 reason 16; mosquitto 2 sends it), or a
-  ``shutting_down`` answer (a draining replica): re-sent after 0.25 s doubling to 2 s,
-  while a worker is expected back (below);
-* a reconnect: everything pending goes out again at once on the new connection.
-
-One heap and one timer per agent drive every re-send (no task per pending request). The
-first answer for an id resolves the call; a later one is dropped and counted
-(``counters.duplicates``), so the application never sees two. ``InferenceResult.attempts``
-says how many times the request went out.
-
-No worker (fail fast): a "no matching subscribers" PUBACK raises :class:`NoSubscriberError`
-at once, naming the topic, when this agent has seen no worker (no result, no PUBACK that
-matched a subscriber) for ``worker_grace_s`` — at first use, or long after the last worker
-left — and it is not within ``reconnect_grace_s`` of a reconnect. Otherwise a worker is
-probably restarting (or re-subscribing to a restarted broker) and the request is re-sent.
-A bundle agent with an edge_only split falls back at the first such PUBACK instead
-(:mod:`edge_agent.bundle_agent`). Elsewhere (MQTT 3.1.1, other brokers) only the re-sends
-on silence and the deadline's :class:`DeadlineExceeded` apply.
 
 Samples: the first axis of every input counts samples, and a call takes any number of
 them. When the split's files are fixed at a batch size B (their first dimension, e.g. 1:
@@ -77,37 +48,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
-import heapq
-import itertools
 import logging
-import math
-import random
 import time
 import weakref
-from collections import Counter
-from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.config import AgentConfig
+from edge_agent.counters import AgentCounters, _Counters
+from edge_agent.pending import PendingRequests
+from edge_agent.pending import _Pending as _Pending  # re-exported: the bundle agent's hooks
+from edge_agent.pending import _Reply as _Reply
+from edge_agent.retry import RetryBackoff
 from edge_agent.runtime import HeadRuntime, PassThroughHead, check_head, fixed_batch, load_head
 from edge_agent.stats import STAGES, worker_stages
-from edge_agent.transport import (
-    NO_MATCHING_SUBSCRIBERS,
-    Connector,
-    IncomingMessage,
-    LastWill,
-    MqttConnector,
-    PublishOptions,
-    Transport,
-    reason_text,
-)
+from edge_agent.supervisor import OFFLINE, ONLINE, Supervisor
+from edge_agent.transport import Connector, MqttConnector, Transport
 from splitinfer import chunks
 from splitinfer.batches import padded_chunks
 from splitinfer.compression import supported as supported_codecs
@@ -115,8 +78,6 @@ from splitinfer.errors import (
     BadInputError,
     DeadlineExceeded,
     ErrorCode,
-    NoSubscriberError,
-    RemoteError,
     StartupError,
     TensorError,
     TransportError,
@@ -124,18 +85,8 @@ from splitinfer.errors import (
 )
 from splitinfer.manifest import Manifest
 from splitinfer.tensors import check_tensors
-from splitinfer.topics import DEFAULT_PREFIX, Topics, check_level, topic_name
-from splitinfer.wire import (
-    DEFAULT_MAX_PAYLOAD,
-    REQUEST,
-    RESULT,
-    Envelope,
-    WireTensor,
-    decode,
-    encode,
-    new_request_id,
-    peek_reply_address,
-)
+from splitinfer.topics import DEFAULT_PREFIX, Topics, topic_name
+from splitinfer.wire import REQUEST, Envelope, WireTensor, encode, new_request_id
 
 if TYPE_CHECKING:
     from edge_agent.adaptive import Switch
@@ -151,84 +102,6 @@ Inputs = Mapping[str, Array] | Array
 # Agents started per event loop: decides where a head runs when head_in_thread is None.
 _AGENTS_ON_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = \
     weakref.WeakKeyDictionary()
-
-ONLINE = b"online"
-OFFLINE = b"offline"
-# PUBACK refusals that may pass on a re-send (0x97 quota exceeded: the broker's limit on
-# messages in flight); every other reason >= 0x80 fails the call at once.
-_TRANSIENT_REFUSALS = frozenset({0x97})
-_PACKET_TOO_LARGE = 0x95
-# Re-sending after a "no matching subscribers" PUBACK: first wait, and the doubling's cap.
-_NOSUB_MIN_S = 0.25
-_NOSUB_MAX_S = 2.0
-# Every wait is jittered down by up to this share, so agents that lost their requests at
-# the same moment (a broker or worker restart) do not re-send in lockstep.
-_JITTER = 0.25
-# Ids of answered requests kept to tell a duplicate answer from a late one (per agent).
-_ANSWERED_KEEP = 1024
-# A timer may fire this much before its due time (the loop's clock resolution).
-_TIMER_SLACK_S = 1e-3
-# A worker's answer that says "not me, I am leaving": re-sent like "no matching subscribers".
-_SHUTTING_DOWN = ErrorCode.SHUTTING_DOWN.value
-
-
-@dataclass(frozen=True, kw_only=True)
-class AgentConfig:
-    """Everything an agent needs besides its split; maps one-to-one onto ``edge run`` flags."""
-
-    device_id: str
-    broker: str = "mqtt://127.0.0.1:1883"
-    prefix: str = DEFAULT_PREFIX
-    timeout_s: float = 10.0  # default deadline of a call, head included
-    qos: int = 1
-    presence: bool = True
-    # Run the head in a thread so the loop stays free (True), inline (False), or decide per
-    # call (None): in a thread when other agents share this loop (their heads overlap and
-    # their traffic keeps flowing), inline for a lone agent, which has nothing else for its
-    # loop to do and saves two thread hops (~0.3-0.6 ms a request on a loaded 2-core box).
-    head_in_thread: bool | None = None
-    reconnect_min_s: float = 0.05
-    reconnect_max_s: float = 2.0
-    connect_timeout_s: float = 10.0
-    max_payload: int = DEFAULT_MAX_PAYLOAD
-    # Requests of one call in flight at once when a fixed batch splits it into several.
-    chunk_concurrency: int = 8
-    # After a reconnect, "no matching subscribers" is retried this long, not raised: the
-    # workers may still be subscribing again to a restarted broker.
-    reconnect_grace_s: float = 5.0
-    # Re-send a request with no answer after retry_s (0: never re-send on silence),
-    # doubling with jitter up to retry_max_s, never past its deadline; with
-    # retry_adaptive the first wait follows the measured round trips (RetryBackoff).
-    retry_s: float = 1.0
-    retry_max_s: float = 4.0
-    retry_adaptive: bool = True
-    # "No matching subscribers" is re-sent, not raised, for this long after the last sign
-    # of a worker (a result, or a PUBACK that matched a subscriber): a worker restarting.
-    worker_grace_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        check_level(self.device_id, "device id")
-        Topics(self.prefix)  # raises BadInputError naming a bad prefix
-        if not (self.timeout_s > 0 and self.connect_timeout_s > 0):
-            raise BadInputError(f"timeouts must be > 0, got timeout_s={self.timeout_s}, "
-                                f"connect_timeout_s={self.connect_timeout_s}")
-        if self.qos not in (0, 1, 2):
-            raise BadInputError(f"qos must be 0, 1 or 2, got {self.qos}")
-        if self.chunk_concurrency < 1 or not self.reconnect_grace_s >= 0:
-            raise BadInputError(f"expected chunk_concurrency >= 1 and reconnect_grace_s >= 0, "
-                                f"got {self.chunk_concurrency}, {self.reconnect_grace_s}")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise BadInputError("expected 0 < reconnect_min_s <= reconnect_max_s, got "
-                                f"{self.reconnect_min_s}, {self.reconnect_max_s}")
-        if not (math.isfinite(self.retry_s) and math.isfinite(self.retry_max_s)
-                and 0 <= self.retry_s <= self.retry_max_s and self.retry_max_s > 0):
-            raise BadInputError("retry: expected finite 0 <= retry_s <= retry_max_s and "
-                                f"retry_max_s > 0 (seconds), got retry_s={self.retry_s}, "
-                                f"retry_max_s={self.retry_max_s}")
-        if not (math.isfinite(self.worker_grace_s) and self.worker_grace_s >= 0):
-            raise BadInputError(f"worker_grace_s: expected a finite number of seconds >= 0, "
-                                f"got {self.worker_grace_s}")
-
 
 @dataclass(frozen=True)
 class InferenceResult:
@@ -271,186 +144,15 @@ class SplitState:
         return self.manifest.kind
 
 
-@dataclass(eq=False)
-class _Reply:
-    envelope: Envelope
-    received: float  # perf_counter
-    decode_s: float
-    size: int = 0  # result payload bytes
-
-
-@dataclass(eq=False)
-class _Pending:
-    request_id: str
-    future: asyncio.Future[_Reply]
-    payload: bytes
-    expires: float  # loop.time()
-    epoch: int = 0  # connection it was last published on
-    # perf_counter of the first publish: timings count from it (a re-send's wait included)
-    sent: float = 0.0
-    sent_at: float = 0.0  # loop.time() of the last publish (the retry timer's clock)
-    publishes: int = 0
-    split: SplitState | None = None  # None: the agent's own (first) split
-    due: float = 0.0  # loop.time() of the re-send scheduled for it (0: none)
-    silent: int = 0  # re-sends for want of an answer so far (the backoff's exponent)
-    nosub: int = 0  # "no matching subscribers" PUBACKs in a row
-    deadline: float = 0.0  # the envelope's deadline (epoch seconds): chunks carry it
-
-
-@dataclass
-class _Counters:
-    published: int = 0
-    republished: int = 0
-    retries: int = 0
-    no_subscriber: int = 0
-    duplicates: int = 0
-    late_results: int = 0
-    reconnects: int = 0
-    chunks_sent: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-
-
-class AgentCounters:
-    """A read-only, live view of an agent's counters (``EdgeAgent.counters``).
-
-    ``published`` every PUBLISH of a request (first tries and re-sends), ``republished``
-    the re-publishes on a new connection after a reconnect, ``retries`` the re-sends on the
-    same connection (no answer within the retry interval, or "no matching subscribers"),
-    ``no_subscriber`` the PUBACKs with reason 16, ``duplicates`` the answers dropped
-    because their request had been answered already, ``late_results`` results for no
-    pending request (after its deadline, or stray), ``reconnects``, and ``errors`` (failed
-    calls by code).
-    """
-
-    __slots__ = ("_c",)
-
-    def __init__(self, counters: _Counters) -> None:
-        self._c = counters
-
-    @property
-    def published(self) -> int:
-        return self._c.published
-
-    @property
-    def republished(self) -> int:
-        return self._c.republished
-
-    @property
-    def retries(self) -> int:
-        return self._c.retries
-
-    @property
-    def no_subscriber(self) -> int:
-        return self._c.no_subscriber
-
-    @property
-    def duplicates(self) -> int:
-        return self._c.duplicates
-
-    @property
-    def late_results(self) -> int:
-        return self._c.late_results
-
-    @property
-    def reconnects(self) -> int:
-        return self._c.reconnects
-
-    @property
-    def errors(self) -> Mapping[str, int]:
-        return MappingProxyType(self._c.errors)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The counters as plain JSON-ready values (``errors`` sorted by code)."""
-        c = self._c
-        return {"published": c.published, "republished": c.republished,
-                "retries": c.retries, "no_subscriber": c.no_subscriber,
-                "duplicates": c.duplicates, "late_results": c.late_results,
-                "reconnects": c.reconnects, "errors": dict(sorted(c.errors.items()))}
-
-    def __repr__(self) -> str:
-        return f"AgentCounters({self.as_dict()})"
-
-
-class RetryBackoff:
-    """How long to wait for an answer before re-sending: TCP's retransmission timer, simply.
-
-    Until a round trip is measured the first wait is ``retry_s``. Each request answered at
-    its first publish is a sample (Karn's rule: the answer of a re-sent request could be to
-    either copy, so it is none); with ``adaptive`` the first wait then becomes
-    RTO = srtt + 4 x rttvar (RFC 6298: gains 1/8 and 1/4, the first sample sets srtt = R and
-    rttvar = R/2), clamped to [``retry_s``, ``retry_max_s``]: never sooner than ``retry_s``
-    (a copy costs the link and the worker; a slow link that is suddenly slower must not
-    fill with copies), later on a slow link or a loaded worker, which is then not sent
-    copies of what it is still working on.
-    The k-th re-send waits min(first x 2^k, ``retry_max_s``), less up to a quarter of jitter.
-    A request answered only after re-sends for silence gives no sample but keeps its last
-    wait as the first one (:meth:`backed_off`, TCP's "keep the backed-off RTO") until a
-    sample comes: on a link slower than ``retry_s`` every request would otherwise be sent
-    twice and never measured. ``retry_s`` = 0 turns re-sending on silence off (:meth:`wait`
-    is None).
-    """
-
-    def __init__(self, retry_s: float, retry_max_s: float, *, adaptive: bool = True,
-                 rng: random.Random | None = None) -> None:
-        if not 0 <= retry_s <= retry_max_s:
-            raise BadInputError(f"expected 0 <= retry_s <= retry_max_s, got {retry_s}, "
-                                f"{retry_max_s}")
-        self.retry_s = retry_s
-        self.retry_max_s = retry_max_s
-        self.adaptive = adaptive
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.samples = 0
-        self._floor = 0.0  # the backed-off first wait, until the next sample
-        self._rng = rng or random.Random()  # jitter, not crypto
-
-    def observe(self, rtt_s: float) -> None:
-        """A round trip (publish to answer) of a request published once."""
-        if not (math.isfinite(rtt_s) and rtt_s >= 0):
-            return
-        self.samples += 1
-        self._floor = 0.0
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt_s, rtt_s / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt_s)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt_s
-
-    def backed_off(self, resends: int) -> None:
-        """A request was answered only after ``resends`` re-sends for silence."""
-        if self.adaptive and resends > 0 and self.retry_s > 0:
-            self._floor = max(self._floor, min(self.rto * 2.0 ** min(resends, 30),
-                                               self.retry_max_s))
-
-    @property
-    def rto(self) -> float:
-        """The first wait before jitter: ``retry_s``, or the clamped estimate once measured."""
-        if not self.adaptive or self.retry_s == 0:
-            return self.retry_s
-        if self.srtt is None:
-            return max(self.retry_s, self._floor)
-        estimate = max(self.srtt + 4 * self.rttvar, self._floor)
-        return min(max(estimate, self.retry_s), self.retry_max_s)
-
-    def wait(self, resends: int) -> float | None:
-        """Seconds to wait for an answer after the publish that followed ``resends``
-        re-sends for silence (0: the first publish); None: never re-send."""
-        if self.retry_s == 0:
-            return None
-        base = min(self.rto * 2.0 ** min(resends, 30), self.retry_max_s)
-        return base * (1.0 - _JITTER * self._rng.random())
-
-
-def _jittered(seconds: float) -> float:
-    return seconds * (1.0 - _JITTER * random.random())  # jitter, not crypto
-
-
-class EdgeAgent:
+class EdgeAgent(Supervisor, PendingRequests):
     """The device side of one split (or several: :meth:`add_split`), on one broker connection.
 
     Every split of an agent shares its connection, result topic and presence; a request
     names its split in the envelope and goes to the request topic of its split's model,
-    and results are matched by request id whatever split they answer.
+    and results are matched by request id whatever split they answer. The connection
+    (:class:`~edge_agent.supervisor.Supervisor`) and the requests in flight
+    (:class:`~edge_agent.pending.PendingRequests`) live in their own modules; this class
+    runs heads, encodes requests and turns answers into results.
     """
 
     def __init__(self, *, manifest: Manifest, config: AgentConfig,
@@ -463,37 +165,17 @@ class EdgeAgent:
         self.head = first.head
         self.kind = manifest.kind
         self.batch = first.batch
-        self._connector: Connector = connector or MqttConnector(
-            config.broker, timeout_s=config.connect_timeout_s)
+        self._init_connection(connector or MqttConnector(
+            config.broker, timeout_s=config.connect_timeout_s))
+        self._init_pending(config)
         topics = self._topics
         self.request_topic = first.request_topic
         self.result_topic = topics.result(config.device_id)
         self.status_topic = topics.status(config.device_id)
         self._counters = _Counters()
-        self._pending: dict[str, _Pending] = {}
-        self._transport: Transport | None = None
-        self._protocol = ""
-        self._epoch = 0
-        self._connected = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
         self._loop_counted: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._local = False  # an edge_only agent, started without a broker
-        self._grace_until = 0.0  # loop.time() until which no-subscriber PUBACKs are retried
-        self._worker_seen = -math.inf  # loop.time() of the last sign of a worker
-        self.backoff = RetryBackoff(config.retry_s, config.retry_max_s,
-                                    adaptive=config.retry_adaptive)
-        # Re-sends due: (loop.time(), seq, request id), one timer for the earliest of them.
-        self._resends: list[tuple[float, int, str]] = []
-        self._resend_seq = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
-        # chunked results (payloads over the broker's maximum packet size), by request id
-        self._reassembler = chunks.Reassembler(max_per_device=4 * config.max_payload,
-                                               max_total=4 * config.max_payload,
-                                               max_payload=config.max_payload)
-        self._answered: dict[str, None] = {}  # recently answered ids, oldest first
         self._compression_warned: set[str] = set()  # splits whose codec is missing here
 
     def add_split(self, manifest: Manifest, head: HeadRuntime | None = None) -> SplitState:
@@ -552,15 +234,6 @@ class EdgeAgent:
     @property
     def device_id(self) -> str:
         return self.config.device_id
-
-    @property
-    def connected(self) -> bool:
-        return self._transport is not None
-
-    @property
-    def protocol(self) -> str:
-        """MQTT version of the current (or last) connection: ``"5"`` or ``"3.1.1"``."""
-        return self._protocol
 
     @property
     def pending(self) -> int:
@@ -649,15 +322,6 @@ class EdgeAgent:
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.close()
-
-    async def wait_connected(self, timeout: float | None = None) -> None:
-        """Return once connected (a test or a daemon waiting out a broker restart)."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise TransportError(f"edge agent {self.device_id}: not connected to "
-                                 f"{self._broker_name()} after {timeout} s",
-                                 device_id=self.device_id) from None
 
     # ------------------------------------------------------------------ inference
 
@@ -932,288 +596,6 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ connection
 
-    async def _connect(self) -> Transport:
-        will = LastWill(self.status_topic, OFFLINE) if self.config.presence else None
-        return await self._connector(client_id=self.device_id, will=will)
-
-    async def _establish(self, transport: Transport) -> None:
-        await transport.subscribe(self.result_topic, qos=self.config.qos)
-        if self.config.presence:
-            await transport.publish(self.status_topic, ONLINE, qos=1, retain=True)
-        self._epoch += 1
-        if self._epoch > 1:
-            self._grace_until = asyncio.get_running_loop().time() + self.config.reconnect_grace_s
-        self._transport = transport
-        self._protocol = transport.protocol
-        self._connected.set()
-        now = asyncio.get_running_loop().time()
-        again = [p for p in self._pending.values()
-                 if p.epoch < self._epoch and not p.future.done() and p.expires > now]
-        for pending in again:
-            if pending.publishes:
-                self._counters.republished += 1
-            self._send(pending)
-        if again:
-            log.info("%s: (re)published %d pending request(s)", self.device_id, len(again))
-
-    def _detach(self, transport: Transport) -> None:
-        if self._transport is transport:
-            self._transport = None
-            self._connected.clear()
-
-    async def _supervise(self, transport: Transport | None) -> None:
-        delay = self.config.reconnect_min_s
-        while True:
-            if transport is not None:
-                try:
-                    await self._pump(transport)
-                except TransportError as exc:
-                    log.warning("%s: %s; reconnecting", self.device_id, exc)
-                self._detach(transport)
-                await transport.close()
-                transport = None
-            try:
-                transport = await self._connect()
-                await self._establish(transport)
-            except TransportError as exc:
-                if transport is not None:
-                    self._detach(transport)
-                    await transport.close()
-                    transport = None
-                pause = delay * random.uniform(0.5, 1.0)  # jitter, not crypto
-                log.info("%s: reconnect to %s failed (%s); next try in %.2f s", self.device_id,
-                         self._broker_name(), exc, pause)
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, self.config.reconnect_max_s)
-            else:
-                self._counters.reconnects += 1
-                delay = self.config.reconnect_min_s
-                log.info("%s: reconnected to %s", self.device_id, self._broker_name())
-
-    async def _pump(self, transport: Transport) -> None:
-        async for message in transport.messages():
-            self._dispatch(message)
-        raise TransportError(f"the message stream from {self._broker_name()} ended")
-
-    def _send(self, pending: _Pending) -> None:
-        transport = self._transport
-        if transport is None:
-            return  # published by _establish() after the reconnect
-        pending.epoch = self._epoch
-        pending.due = 0.0  # this publish supersedes a re-send scheduled before it
-        self._spawn(self._publish(transport, pending), f"edge-publish:{pending.request_id[:8]}")
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _publish(self, transport: Transport, pending: _Pending) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        remaining = pending.expires - started
-        if remaining <= 0 or pending.future.done():
-            return
-        options = PublishOptions(response_topic=self.result_topic,
-                                 correlation=pending.request_id.encode(), expiry_s=remaining)
-        if not pending.publishes:
-            pending.sent = time.perf_counter()
-        pending.sent_at = started
-        pending.publishes += 1
-        self._counters.published += 1
-        topic = pending.split.request_topic if pending.split is not None else self.request_topic
-        try:
-            limit = getattr(transport, "max_packet_size", None)
-            if limit and chunks.needs_chunking(len(pending.payload), limit, topic):
-                reason = await self._publish_chunks(transport, topic, pending, limit, options)
-            else:
-                reason = await transport.publish(topic, pending.payload,
-                                                 qos=self.config.qos, options=options)
-        except TransportError as exc:
-            # A lost connection: the supervisor re-publishes after reconnecting (that
-            # supersedes the re-send scheduled below); anything else: the re-send retries.
-            log.debug("%s: request %s not published: %s", self.device_id,
-                      pending.request_id, exc)
-            reason = None
-        if pending.future.done():
-            return
-        if reason == NO_MATCHING_SUBSCRIBERS:
-            self._no_subscriber(pending)
-            return
-        if reason is not None and reason >= 0x80 and reason not in _TRANSIENT_REFUSALS:
-            self._refused(pending, reason)
-            return
-        if reason == 0:  # an MQTT 5 PUBACK that found a subscriber: a worker is there
-            self._worker_seen = loop.time()
-        pending.nosub = 0
-        wait = self.backoff.wait(pending.silent)
-        if wait is not None:  # counted from the publish, not from its PUBACK
-            self._schedule(pending, started + wait)
-
-    async def _publish_chunks(self, transport: Transport, topic: str, pending: _Pending,
-                              limit: int, options: PublishOptions) -> int | None:
-        """Publish every chunk of ``pending`` (all of them again on a re-send); the PUBACK
-        reason that counts: the first refusal, else "no subscriber", else the last."""
-        parts = chunks.split(pending.payload, request_id=pending.request_id,
-                             device=self.device_id, deadline=pending.deadline or
-                             time.time() + max(0.0, pending.expires -
-                                               asyncio.get_running_loop().time()),
-                             max_packet=limit, topic=topic)
-        self._counters.chunks_sent += len(parts)
-        reasons = await asyncio.gather(*(
-            transport.publish(topic, part, qos=self.config.qos, options=options)
-            for part in parts))
-        refused = [r for r in reasons if r is not None and r >= 0x80]
-        if refused:
-            return refused[0]
-        if NO_MATCHING_SUBSCRIBERS in reasons:
-            return NO_MATCHING_SUBSCRIBERS
-        return reasons[-1]
-
-    def _refused(self, pending: _Pending, reason: int) -> None:
-        """The broker refused the PUBLISH (not authorized, too large, …): re-sending the
-        same bytes cannot succeed, so the call fails now instead of at its deadline."""
-        code = (ErrorCode.PAYLOAD_TOO_LARGE.value if reason == _PACKET_TOO_LARGE
-                else "broker_refused")
-        state = pending.split or self.split_state()
-        pending.future.set_exception(RemoteError(
-            code, f"{self._broker_name()} refused request {pending.request_id} on "
-            f"{state.request_topic}: PUBACK {reason_text(reason)}; check the device's "
-            "credentials and the broker's ACL (docs/security.md) or its message_size_limit",
-            topic=state.request_topic, split_id=state.split_id, device_id=self.device_id))
-
-    def _no_subscriber(self, pending: _Pending) -> None:
-        """The broker took the request but no one subscribes to its topic: no worker now."""
-        self._counters.no_subscriber += 1
-        if self._resend_later(pending):
-            log.debug("%s: no subscriber for %s; a worker is expected back, trying again",
-                      self.device_id, pending.request_id)
-            return
-        state = pending.split or self.split_state()
-        pending.future.set_exception(NoSubscriberError(
-            self._no_subscriber_message(state), topic=state.request_topic,
-            split_id=state.split_id, device_id=self.device_id))
-
-    def _resend_later(self, pending: _Pending) -> bool:
-        """No worker took ``pending`` (no subscriber, or one shutting down): re-send it after
-        0.25 s doubling to 2 s while a worker is expected back (True), else False."""
-        now = asyncio.get_running_loop().time()
-        if self._no_subscriber_fails(now):
-            return False
-        pending.nosub += 1
-        self._schedule(pending, now + _jittered(
-            min(_NOSUB_MIN_S * 2.0 ** min(pending.nosub - 1, 30), _NOSUB_MAX_S)))
-        return True
-
-    def _no_subscriber_fails(self, now: float) -> bool:
-        """Whether "no matching subscribers" ends a call now (fail fast) or is re-sent:
-        re-sent within ``reconnect_grace_s`` of a reconnect or ``worker_grace_s`` of the
-        last sign of a worker (a bundle agent with a local answer overrides this)."""
-        return now >= self._grace_until and now - self._worker_seen > self.config.worker_grace_s
-
-    # ------------------------------------------------------------------ re-sends
-
-    def _schedule(self, pending: _Pending, due: float) -> None:
-        """Re-send ``pending`` at loop time ``due`` unless answered first; not past its
-        deadline. One heap and one timer serve every pending request of the agent."""
-        if due >= pending.expires:
-            pending.due = 0.0
-            return
-        pending.due = due
-        heapq.heappush(self._resends, (due, next(self._resend_seq), pending.request_id))
-        if due < self._timer_at:
-            self._arm(due)
-
-    def _arm(self, due: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_at(due, self._resend_due)
-        self._timer_at = due
-
-    def _resend_due(self) -> None:
-        """The timer: re-send every request whose time has come, then wait for the next."""
-        self._timer, self._timer_at = None, math.inf
-        if self._closed:
-            return
-        now = asyncio.get_running_loop().time()
-        heap = self._resends
-        while heap and heap[0][0] <= now + _TIMER_SLACK_S:
-            due, _, request_id = heapq.heappop(heap)
-            pending = self._pending.get(request_id)
-            if pending is None or pending.due != due or pending.future.done():
-                continue  # answered, failed, or re-scheduled since
-            pending.due = 0.0
-            if pending.expires <= now or self._transport is None:
-                continue  # too late; or a reconnect re-publishes it
-            if not pending.nosub:
-                pending.silent += 1
-            self._counters.retries += 1
-            self._send(pending)
-        if heap:
-            self._arm(heap[0][0])
-
-    def _dispatch(self, message: IncomingMessage) -> None:
-        received = time.perf_counter()
-        if message.topic != self.result_topic:
-            return
-        if chunks.is_chunk(message.payload):
-            try:
-                whole = self._reassembler.add(message.payload)
-            except WireError as exc:
-                log.warning("%s: dropped a chunk on %s: %s", self.device_id, message.topic, exc)
-                return
-            if whole is None:
-                return
-            message = dataclasses.replace(message, payload=whole)
-        try:
-            envelope = decode(message.payload, max_bytes=self.config.max_payload)
-        except WireError as exc:
-            request_id, _ = peek_reply_address(message.payload)
-            if not request_id and message.correlation:
-                request_id = message.correlation.decode("utf-8", "replace")
-            pending = self._pending.get(request_id)
-            if pending is None or pending.future.done():
-                log.warning("%s: dropped an undecodable message on %s: %s", self.device_id,
-                            message.topic, exc)
-            else:
-                self._remember(request_id)
-                pending.future.set_exception(WireError(
-                    f"result for request {request_id} cannot be decoded: {exc}", code=exc.code,
-                    split_id=(pending.split or self.split_state()).split_id,
-                    device_id=self.device_id))
-            return
-        decode_s = time.perf_counter() - received
-        if envelope.kind == RESULT:
-            self._worker_seen = asyncio.get_running_loop().time()
-        pending = self._pending.get(envelope.request_id)
-        if envelope.kind != RESULT or pending is None or pending.future.done():
-            if envelope.kind == RESULT and envelope.request_id in self._answered:
-                self._counters.duplicates += 1
-            else:
-                self._counters.late_results += 1
-            log.debug("%s: late, duplicate or stray %s %s", self.device_id, envelope.kind,
-                      envelope.request_id)
-            return
-        if (envelope.error is not None and envelope.error.code == _SHUTTING_DOWN
-                and self._resend_later(pending)):
-            return  # a replica leaving: its successor or another replica takes the copy
-        self._remember(envelope.request_id)
-        state = pending.split or self.split_state()
-        if envelope.error is not None:
-            pending.future.set_exception(RemoteError(
-                envelope.error.code, envelope.error.message, split_id=envelope.split_id,
-                device_id=self.device_id, topic=state.request_topic))
-        else:
-            pending.future.set_result(_Reply(envelope, received, decode_s,
-                                             len(message.payload)))
-
-    def _remember(self, request_id: str) -> None:
-        """``request_id`` is answered: a later answer for it is a duplicate, not late."""
-        answered = self._answered
-        answered[request_id] = None
-        if len(answered) > _ANSWERED_KEEP:
-            del answered[next(iter(answered))]
-
     # ------------------------------------------------------------------ helpers
 
     def _timeout(self, timeout: float | None) -> float:
@@ -1227,10 +609,6 @@ class EdgeAgent:
             raise TransportError(f"edge agent {self.device_id} is not running; use "
                                  "'async with agent' or await agent.start()",
                                  device_id=self.device_id)
-
-    def _broker_name(self) -> str:
-        url = getattr(self._connector, "url", None)
-        return url if isinstance(url, str) else "the broker"
 
     def serve_hint(self, state: SplitState | None = None) -> str:
         """The command that starts a worker for this agent's requests."""
