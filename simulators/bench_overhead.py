@@ -1,18 +1,20 @@
 """``splitinfer bench overhead``: what splitinfer adds on top of physics.
 
 End-to-end p50 through the real path (edge agent → broker → worker process → back, the
-agent and the worker at their default settings) beside two floors measured in the same run:
+agent and the worker at their default settings) beside three floors measured in the same
+run:
 
     floor      = best head + best tail + raw round trip     (the independent floor)
     own floor  = head + tail with the agent's and the worker's own session settings
+                 + raw round trip                          (what the ratio used to be)
+    hot floor  = best head + best tail, each spinning session alone in a loop
                  + raw round trip
 
 *best head*, *best tail*: plain onnxruntime sessions (``ORT_ENABLE_ALL``, the shared
 :mod:`splitinfer.ort_config` arithmetic) at each of :func:`floor_settings` — all cores
-(``os.cpu_count()``) with spinning, all cores without, one thread, and all cores with
-onnxruntime's own default of spinning on after a run — each side taking the fastest. A
-user compares splitinfer with what onnxruntime can do on their machine, not with our
-defaults.
+(``os.cpu_count()``) with their pool threads spinning, all cores without spinning, one
+thread — each side taking its fastest. A user compares splitinfer with what onnxruntime
+can do on their machine, not with our defaults.
 
 *raw round trip*: plain paho-mqtt, nothing of ours on the path: this process publishes the
 request's bytes at QoS 1 (paho's own ``loop()``, TCP_NODELAY) to a paho echo process
@@ -21,10 +23,15 @@ the worker's result envelope holds; the trip ends when the answer arrives.
 
 One request at a time, its floors measured right beside it — head and tail at every
 setting, the raw round trip, then the real request — so drift in the machine's speed and
-the state of its caches hit all of them alike. The exception is the spin-after-run
-setting: onnxruntime's pool threads then spin for tens of milliseconds after every run
-(on a 2-core machine, a whole core), which would slow whatever is measured next; its runs
-are measured after the loop, on their own, spaced by the e2e p50.
+the state of its caches hit all of them alike, as they hit the real request.
+
+Spinning: in the floor, the pool threads spin while a run lasts and stop when it returns
+(``session.force_spinning_stop``, the worker's and the agent's default). onnxruntime's own
+default keeps them spinning for tens of milliseconds after every run — on a 2-core machine
+a whole core, which would slow whatever is measured next. That setting, and the spinning
+one beside it, are measured for the *hot floor*: after the loop, each session alone, one
+run per e2e p50 and nothing in between, so the caches keep the model and the pool stays
+awake from run to run — the most a tail could get from a machine that does nothing else.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ __all__ = ["add_parser", "run", "resolve_model", "floor_settings", "FloorSetting
 Array = np.ndarray[Any, Any]
 ZOO = ("mobilenet_v2", "resnet18", "digits_cnn")
 TARGET_BYTES = 100_000
+HOT_RUNS = 50  # runs per session and side in the hot floor
 ECHO_READY = "raw echo ready"
 
 
@@ -208,17 +216,18 @@ class FloorSetting:
 
 
 def floor_settings(cores: int | None = None) -> list[FloorSetting]:
-    """The settings the floor tries: all cores (``os.cpu_count()``) with spinning while a
-    run lasts, without spinning, with onnxruntime's default spinning (on after runs too),
-    and one thread, which beats a pool on small models."""
+    """The settings the floors try: all cores (``os.cpu_count()``) spinning while a run
+    lasts, without spinning, one thread (which beats a pool on small models), and — for
+    the hot floor only (``spins_after_run``) — onnxruntime's default spinning, on after
+    runs too."""
     n = max(1, cores if cores is not None else (os.cpu_count() or 1))
     one = FloorSetting("1 thread", 1, "off")
     if n == 1:
         return [one]
     return [FloorSetting(f"{n} threads, spinning", n, "run"),
             FloorSetting(f"{n} threads, no spinning", n, "off"),
-            FloorSetting(f"{n} threads, spinning after runs too", n, "always"),
-            one]
+            one,
+            FloorSetting(f"{n} threads, spinning after runs too", n, "always")]
 
 
 class _Timed:
@@ -388,7 +397,7 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
 
     settings = floor_settings()
     interleaved = [s for s in settings if not s.spins_after_run]
-    apart = [s for s in settings if s.spins_after_run]
+    hot_settings = [s for s in settings if s.threads > 1 and s.spinning != "off"]
     heads: dict[str, _Timed] = {}
     tails: dict[str, _Timed] = {}
     for s in interleaved:
@@ -468,23 +477,43 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
                 proc.kill()
         if broker is not None:
             broker.close()
-    # Sessions that spin on after each run, alone, one run per e2e p50 (the cadence a
-    # request sees), so that their spinning slows nothing else measured.
+    # The hot floor: each spinning session alone, one run per e2e p50 (the cadence a
+    # request sees), nothing in between: the caches keep the model, and onnxruntime's
+    # default spinning keeps its pool awake from one run to the next. Measured after
+    # everything else, so that the spinning slows nothing else measured.
     gap = _p50(times) / 1e3
-    for s in apart:
+    hot_heads: dict[str, _Timed] = {}
+    hot_tails: dict[str, _Timed] = {}
+    for s in hot_settings:
         for side, path, feed in (("head", head_path, dict(sample)), ("tail", tail_path, cut)):
             session = s.session(path)
             timed = _Timed(partial(session.run, None, feed))
             for _ in range(5):
                 timed.run()
-            for _ in range(min(args.requests, 100)):
+            for _ in range(min(args.requests, HOT_RUNS)):
                 time.sleep(gap)
                 timed.measure()
-            (heads if side == "head" else tails)[s.name] = timed
+            (hot_heads if side == "head" else hot_tails)[s.name] = timed
             del session, timed
-    return _report(args, times, raw, own, heads, tails, stages, payload_bytes=len(payload),
-                   reply_bytes=reply_bytes, protocol=rtt.protocol if rtt else "?",
-                   external=broker is None)
+    report = _report(args, times, raw, own, heads, tails, stages, payload_bytes=len(payload),
+                     reply_bytes=reply_bytes, protocol=rtt.protocol if rtt else "?",
+                     external=broker is None)
+    report.update(_hot_report(report, hot_heads, hot_tails))
+    return report
+
+
+def _hot_report(report: Mapping[str, Any], heads: Mapping[str, _Timed],
+                tails: Mapping[str, _Timed]) -> dict[str, Any]:
+    """The hot floor's figures beside the report's (None where nothing spins: 1 core)."""
+    if not heads:
+        return {"hot_floor_p50_ms": None, "hot_ratio": None, "hot_settings_ms": {}}
+    head = {name: _p50(t.times) for name, t in heads.items()}
+    tail = {name: _p50(t.times) for name, t in tails.items()}
+    floor = min(head.values()) + min(tail.values()) + report["rtt_p50_ms"]
+    return {"hot_floor_p50_ms": round(floor, 4),
+            "hot_ratio": round(report["e2e_p50_ms"] / floor, 4),
+            "hot_settings_ms": {name: {"head": round(head[name], 4),
+                                       "tail": round(tail[name], 4)} for name in head}}
 
 
 def _report(args: argparse.Namespace, times: list[float], raw: list[float],
@@ -543,6 +572,11 @@ def _print(r: Mapping[str, Any]) -> None:
     print(f"  own ratio      {r['own_ratio']:9.3f}  (e2e / own floor)")
     for name, t in r["settings_ms"].items():
         print(f"    {name:36s} head {t['head']:8.3f}  tail {t['tail']:8.3f}")
+    if r.get("hot_floor_p50_ms") is not None:
+        print(f"  hot floor p50  {r['hot_floor_p50_ms']:9.3f} ms, hot ratio {r['hot_ratio']:.3f} "
+              "(each spinning session alone, runs spaced by the e2e p50):")
+        for name, t in r["hot_settings_ms"].items():
+            print(f"    {name:36s} head {t['head']:8.3f}  tail {t['tail']:8.3f}")
     print("  stages p50 " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items() if v))
 
 

@@ -36,8 +36,16 @@ def test_bench_overhead_json_shape() -> None:
                 "payload_bytes", "reply_bytes", "rtt_p50_ms"):
         assert r[key] > 0, key
     # The independent floor: the best head and the best tail of every setting tried.
-    names = [s.name for s in floor_settings()]
+    names = [s.name for s in floor_settings() if not s.spins_after_run]
     assert sorted(r["settings_ms"]) == sorted(names)
+    # The hot floor: the spinning settings alone, onnxruntime's default among them.
+    hot = [s.name for s in floor_settings() if s.threads > 1 and s.spinning != "off"]
+    assert sorted(r["hot_settings_ms"]) == sorted(hot)
+    if hot:
+        best = min(t["head"] for t in r["hot_settings_ms"].values()) + min(
+            t["tail"] for t in r["hot_settings_ms"].values()) + r["rtt_p50_ms"]
+        assert abs(r["hot_floor_p50_ms"] - best) < 1e-3
+        assert abs(r["hot_ratio"] - r["e2e_p50_ms"] / r["hot_floor_p50_ms"]) < 1e-3
     assert r["head_p50_ms"] == min(t["head"] for t in r["settings_ms"].values())
     assert r["tail_p50_ms"] == min(t["tail"] for t in r["settings_ms"].values())
     assert r["settings_ms"][r["best_head"]]["head"] == r["head_p50_ms"]
@@ -59,8 +67,8 @@ def test_bench_overhead_json_shape() -> None:
 def test_floor_settings_cover_all_cores_spinning_and_one_thread() -> None:
     settings = floor_settings(4)
     assert [(s.threads, s.spinning) for s in settings] == [
-        (4, "run"), (4, "off"), (4, "always"), (1, "off")]
-    assert [s.spins_after_run for s in settings] == [False, False, True, False]
+        (4, "run"), (4, "off"), (1, "off"), (4, "always")]
+    assert [s.spins_after_run for s in settings] == [False, False, False, True]
     assert [(s.threads, s.spinning) for s in floor_settings(1)] == [(1, "off")]
     assert floor_settings()[0].threads == (os.cpu_count() or 1)
 
