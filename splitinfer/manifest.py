@@ -168,7 +168,9 @@ class TensorSpec:
         the first dimension takes any size (:meth:`expected_shape`). A symbolic dimension
         takes any size. :func:`splitinfer.tensors.check_tensors` checks a whole set.
         """
-        if array.dtype.name != self.dtype:
+        # dtype == first: check() runs on every request, and dtype.name costs ~2.5 us
+        # where == costs ~0.1 (the name still decides: a byte-swapped array has it too)
+        if array.dtype != numpy_dtype(self.dtype) and array.dtype.name != self.dtype:
             raise TensorError(
                 f"tensor {self.name!r}: expected dtype {self.dtype}, got {array.dtype.name}"
             )

@@ -84,21 +84,22 @@ def check_tensors(tensors: Mapping[str, Any] | Sequence[Carried],
     accepted (a worker's 1: an empty batch has nothing to run).
     """
     where = f"{what} of {split_id}" if split_id else what
+    arrays: Mapping[str, Any] = {}
+    carried: dict[str, Carried] = {}
     if isinstance(tensors, Mapping):
         got = list(tensors)
-        arrays: Mapping[str, Any] = tensors
-        carried: dict[str, Carried] = {}
+        arrays = tensors
     else:
         got = [t.name for t in tensors]
         carried = {t.name: t for t in tensors}
-        arrays = {name: t.array for name, t in carried.items()}
     want = [s.name for s in specs]
     if len(got) != len(want) or set(got) != set(want):
         _names_fault(where, want, got, names_error, split_id)
     out: dict[str, Array] = {}
     samples: int | None = None
     for spec in specs:
-        array = arrays[spec.name]
+        item = carried.get(spec.name)  # None: a bare array, which carries no quantization
+        array = item.array if item is not None else arrays[spec.name]
         if not isinstance(array, np.ndarray):
             raise TensorError(f"{where}: tensor {spec.name!r} must be a numpy array, got "
                               f"{type(array).__name__}", split_id=split_id)
@@ -110,8 +111,8 @@ def check_tensors(tensors: Mapping[str, Any] | Sequence[Carried],
             spec.check(array, any_batch=any_batch)
         except TensorError as exc:
             raise TensorError(f"{where}: {exc}", split_id=split_id) from None
-        if carried:
-            _check_quantization(where, spec, carried[spec.name].quantization, split_id)
+        if item is not None and item.quantization is not None:
+            _check_quantization(where, spec, item.quantization, split_id)
         if array.ndim:
             n = int(array.shape[0])
             if samples is None:
@@ -143,13 +144,11 @@ def _names_fault(where: str, want: list[str], got: list[str],
                 split_id=split_id)
 
 
-def _check_quantization(where: str, spec: TensorSpec, got: Quantization | None,
+def _check_quantization(where: str, spec: TensorSpec, got: Quantization,
                         split_id: str | None) -> None:
     """A wire tensor's ``q`` against the spec's: none where the cut is not quantized, the
-    same scale (to 1e-6) and zero point where it is; absent means the spec's."""
+    same scale (to 1e-6) and zero point where it is (an absent ``q`` means the spec's)."""
     want = spec.quantization
-    if got is None:
-        return
     if want is None:
         raise TensorError(f"{where}: tensor {spec.name!r}: the cut is not quantized "
                           f"({spec.dtype}); expected no 'q', got one", split_id=split_id)
