@@ -49,10 +49,11 @@ class Config:
     # onnxruntime intra-op threads per tail session (0 = onnxruntime's default: one per
     # physical core).
     threads: int = 0
-    # When the tail's pool threads spin for work: "run" (while a run lasts, stopping when
-    # it returns), "always" (onnxruntime's default: on for tens of ms after each run, a
-    # core taken from the event loop), "off". See docs/cloud.md "Performance".
-    spinning: str = "run"
+    # When the tail's pool threads spin for work: "off" (never), "run" (while a run
+    # lasts; slow to restart after an idle gap), "always" (onnxruntime's default: ~50 ms
+    # after each run, a core taken from the event loop). Measured in docs/cloud.md
+    # "Performance" and cloud_service.registry.session_options.
+    spinning: str = "off"
     # Tail runs at once (all splits together); each run may use `threads` threads.
     tail_workers: int = 1
     # onnxruntime execution providers in preference order; () = CUDA if present, else CPU.

@@ -88,18 +88,24 @@ def _preload_cuda() -> None:
 SPINNING = ("run", "always", "off")
 
 
-def session_options(threads: int = 0, *, spinning: str | bool = "run") -> ort.SessionOptions:
+def session_options(threads: int = 0, *, spinning: str | bool = "off") -> ort.SessionOptions:
     """Options for a tail session; the benchmarks' own-settings floors use the same.
 
     ``threads``: intra-op threads, 0 = onnxruntime's default (one per physical core).
-    ``spinning`` (:data:`SPINNING`; True / False mean "always" / "off"): by default the
-    pool threads spin while a run lasts — a thread that sleeps between the tail's
-    operators must be woken for each, which cost the MobileNetV2 tail at 2 threads about
-    as much as a second thread saves — and stop as soon as the run returns
-    (``session.force_spinning_stop``). onnxruntime's own default keeps them spinning for
-    tens of milliseconds after every run: a core taken from the event loop that
-    receives, decodes and answers, and from the broker beside it. ``splitinfer bench
-    overhead`` measures the three.
+    ``spinning`` (:data:`SPINNING`; True / False mean "always" / "off"), measured on the
+    2-vCPU development VM (MobileNetV2 tail at 2 threads, p50; ``splitinfer bench
+    overhead`` and docs/cloud.md "Performance"):
+
+    * "off" (default): pool threads sleep when out of work. Never the worst case: 3.8-5.2
+      ms back to back, 5-9 ms after 20-50 ms idle, no CPU burned between requests.
+    * "run": they spin while a run lasts and stop when it returns
+      (``session.force_spinning_stop``): best back to back (3.5-4.3 ms) but the worst
+      after an idle gap (8.5-12.5 ms after 20-50 ms idle: the restart is slow), which
+      is how a worker serving a few devices sees its requests.
+    * "always": onnxruntime's own default, they keep spinning ~50 ms after each run: the
+      fastest after short gaps (3.8-5.7 ms) because the pool never sleeps, at the cost of
+      a core for 50 ms after every request — taken from the event loop that receives,
+      decodes and answers, and from the broker beside it on a small machine.
     """
     import onnxruntime as ort
 
@@ -147,7 +153,7 @@ class Tail:
     @classmethod
     def open(cls, directory: str | Path, *, threads: int = 0,
              providers: Sequence[str] = (), verify_sha256: bool = True,
-             spinning: str = "run") -> Tail:
+             spinning: str = "off") -> Tail:
         """Load ``directory``'s manifest and tail; ManifestError says what does not fit."""
         import onnxruntime as ort
 
@@ -272,7 +278,7 @@ class Registry(Mapping[str, Tail]):
 
     @classmethod
     def load(cls, root: str | Path, *, threads: int = 0, providers: Sequence[str] = (),
-             spinning: str = "run") -> Registry:
+             spinning: str = "off") -> Registry:
         """Open every split under ``root``; StartupError when none can be served."""
         if spinning not in SPINNING:  # not a fault of one split directory
             raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")

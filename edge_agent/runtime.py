@@ -58,16 +58,17 @@ class OrtHead:
     Pi 4 has four, an agent sharing the board with other work may want fewer). One session
     may serve many agents.
 
-    ``spinning`` (see :data:`SPINNING`): by default the pool threads spin while the head
-    runs (no wake-up latency between its operators) and stop the moment it returns.
-    onnxruntime's own default keeps them spinning for tens of milliseconds after every
+    ``spinning`` (see :data:`SPINNING`): by default the pool threads sleep when out of
+    work. onnxruntime's own default ("always") keeps them spinning ~50 ms after every
     run: a whole core, on a 2-core board, taken from the agent's loop that encodes and
-    sends the cut (and from everything else the device does) — measured by
-    ``splitinfer bench overhead``.
+    sends the cut and from everything else the device does; "run" spins while a run lasts
+    only, which is fastest back to back but slowest after an idle gap — a device running
+    its head once per frame or per event sees mostly gaps (measured in
+    ``cloud_service.registry.session_options`` and by ``splitinfer bench overhead``).
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, spinning: str = "run") -> None:
+                 providers: Sequence[str] | None = None, spinning: str = "off") -> None:
         import onnxruntime as ort
 
         if spinning not in SPINNING:

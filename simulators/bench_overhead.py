@@ -25,10 +25,11 @@ One request at a time, its floors measured right beside it — head and tail at 
 setting, the raw round trip, then the real request — so drift in the machine's speed and
 the state of its caches hit all of them alike, as they hit the real request.
 
-Spinning: in the floor, the pool threads spin while a run lasts and stop when it returns
-(``session.force_spinning_stop``, the worker's and the agent's default). onnxruntime's own
-default keeps them spinning for tens of milliseconds after every run — on a 2-core machine
-a whole core, which would slow whatever is measured next. That setting, and the spinning
+Spinning: in the floor's spinning setting the pool threads spin while a run lasts and stop
+when it returns (``session.force_spinning_stop``; the worker and the agent default to no
+spinning, see :func:`cloud_service.registry.session_options`). onnxruntime's own default
+keeps them spinning for tens of milliseconds after every run — on a 2-core machine a whole
+core, which would slow whatever is measured next. That setting, and the spinning
 one beside it, are measured for the *hot floor*: after the loop, each session alone, one
 run per e2e p50 and nothing in between, so the caches keep the model and the pool stays
 awake from run to run — the most a tail could get from a machine that does nothing else.

@@ -86,11 +86,12 @@ def test_floor_setting_session_options() -> None:
         always.get_session_config_entry(STOP)
 
 
-def test_worker_and_agent_spin_only_while_running_by_default() -> None:
+def test_worker_and_agent_pools_sleep_when_idle_by_default() -> None:
     opts = session_options()
-    assert (opts.get_session_config_entry(SPIN), opts.get_session_config_entry(STOP)) == (
+    assert opts.get_session_config_entry(SPIN) == "0"
+    run = session_options(spinning="run")
+    assert (run.get_session_config_entry(SPIN), run.get_session_config_entry(STOP)) == (
         "1", "1")
-    assert session_options(spinning="off").get_session_config_entry(SPIN) == "0"
     assert session_options(spinning=False).get_session_config_entry(SPIN) == "0"
     always = session_options(spinning=True)
     assert always.get_session_config_entry(SPIN) == "1"
@@ -100,7 +101,9 @@ def test_worker_and_agent_spin_only_while_running_by_default() -> None:
         session_options(spinning="sometimes")
     head = OrtHead(zoo.digits_cnn_path())
     got = head._session.get_session_options()  # our own attribute, not onnxruntime's
-    assert (got.get_session_config_entry(SPIN), got.get_session_config_entry(STOP)) == (
+    assert got.get_session_config_entry(SPIN) == "0"
+    spun = OrtHead(zoo.digits_cnn_path(), spinning="run")._session.get_session_options()
+    assert (spun.get_session_config_entry(SPIN), spun.get_session_config_entry(STOP)) == (
         "1", "1")
     with pytest.raises(BadInputError, match="spinning"):
         OrtHead(zoo.digits_cnn_path(), spinning="yes")
@@ -124,9 +127,10 @@ def _cpu_after_run(spinning: str, model: Path) -> float:
 
 def test_spinning_stops_when_the_run_returns(tmp_path: Path) -> None:
     """onnxruntime's default keeps pool threads spinning after a run (a core, on this
-    machine); the worker's default ("run") stops them when the run returns."""
+    machine); "run" stops them when the run returns, "off" never spins."""
     model = zoo.mobilenet_v2(tmp_path / "m.onnx", width=0.35, resolution=96)
     assert _cpu_after_run("run", model) < 0.03
+    assert _cpu_after_run("off", model) < 0.03
     if (os.cpu_count() or 1) > 1:
         assert _cpu_after_run("always", model) > 0.01
 
@@ -170,7 +174,7 @@ def test_worker_spinning_setting_reaches_its_tail_sessions(tmp_path: Path) -> No
     from cloud_service.registry import Registry
     from splitter import split_model
 
-    assert Config(artifacts=tmp_path).spinning == "run"
+    assert Config(artifacts=tmp_path).spinning == "off"
     with pytest.raises(BadInputError, match="spinning = 'fast'"):
         Config(artifacts=tmp_path, spinning="fast")
     split_model(zoo.digits_cnn_path(), ["pool"], tmp_path / "split", num_samples=2)
