@@ -555,6 +555,10 @@ def _report(args: argparse.Namespace, times: list[float], raw: list[float],
         "mqtt_protocol": protocol,
         "broker": "external" if external else "mosquitto (latency-tuned, loopback)",
         "stages_ms": {k: v.get("p50") for k, v in summarize(stages).items()},
+        # What no stage accounts for (the worker's answer encode and publish, the agent's
+        # own steps): e2e minus its stages, per request.
+        "unaccounted_p50_ms": round(_p50([t.get("e2e", 0.0) - sum(
+            v for k, v in t.items() if k != "e2e") for t in stages]), 4) if stages else None,
     }
 
 
@@ -578,7 +582,9 @@ def _print(r: Mapping[str, Any]) -> None:
               "(each spinning session alone, runs spaced by the e2e p50):")
         for name, t in r["hot_settings_ms"].items():
             print(f"    {name:36s} head {t['head']:8.3f}  tail {t['tail']:8.3f}")
-    print("  stages p50 " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items() if v))
+    print("  stages p50 " + ", ".join(f"{k} {v:.3f}" for k, v in r["stages_ms"].items() if v)
+          + (f"; unaccounted {r['unaccounted_p50_ms']:.3f}"
+             if r.get("unaccounted_p50_ms") is not None else ""))
 
 
 def _main(argv: Sequence[str]) -> int:
