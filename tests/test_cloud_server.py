@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -407,3 +408,38 @@ def test_cli_sigterm_drains_and_exits_zero(
             proc.wait()
     assert proc.returncode == 0, out
     assert "draining" in out and "stopped" in out
+
+
+def test_a_refused_answer_is_logged_with_its_reason_and_counted(
+        artifacts: tuple[Path, dict[str, TinySplit]], topic_prefix: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The broker's ACL lets the worker read requests but not write results: MQTT 5
+    PUBACK 0x87. The worker says so (with the reason) and counts the answer as failed."""
+    root, splits = artifacts
+    topics = Topics(topic_prefix)
+    a = splits["a"]
+    acl = tmp_path / "acl"
+    acl.write_text("".join(f"topic {access} {topic_prefix}/v1/{tree}/#\n" for access, tree in (
+        ("readwrite", "req"), ("read", "res"), ("readwrite", "probe"),
+        ("readwrite", "workers"))))
+    # as root mosquitto would switch to the 'mosquitto' user, which cannot read tmp_path
+    broker = MosquittoBroker(extra_config=(f"acl_file {acl}",
+                                           *(["user root"] if os.geteuid() == 0 else [])))
+    broker.start()
+
+    async def main() -> None:
+        async with Requester(broker.url, topics) as req:
+            _, payload = request_payload(a, a.sample())
+            await req.send("tiny", "dev-1", payload, correlation=b"c")
+
+    try:
+        with caplog.at_level(logging.WARNING), \
+                serving(config(broker.url, root, topic_prefix, group="")) as server:
+            assert server.protocol == "5"
+            asyncio.run(main())
+            eventually(lambda: server.metrics.reply_failures == 1)
+            assert server.metrics.answered == 0
+    finally:
+        broker.close()
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "0x87 not authorized" in logged and topics.result("dev-1") in logged, logged
