@@ -53,7 +53,7 @@ class Config:
     # lasts; slow to restart after an idle gap), "always" (onnxruntime's default: ~50 ms
     # after each run, a core taken from the event loop). Measured in docs/cloud.md
     # "Performance" and cloud_service.registry.session_options.
-    spinning: str = "off"
+    spinning: str = "always"
     # Tail runs at once (all splits together); each run may use `threads` threads.
     tail_workers: int = 1
     # onnxruntime execution providers in preference order; () = CUDA if present, else CPU.

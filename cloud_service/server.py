@@ -261,7 +261,8 @@ class Server:
         cfg = self.config
         if self.registry is None:
             self.registry = await asyncio.to_thread(
-                Registry.load, cfg.artifacts, threads=cfg.threads, providers=cfg.providers)
+                Registry.load, cfg.artifacts, threads=cfg.threads, providers=cfg.providers,
+                spinning=cfg.spinning)
         # The worker exists before the connection: a persistent session's queued requests
         # arrive right after the CONNACK, before anything is subscribed.
         worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics,

@@ -70,6 +70,9 @@ Array = np.ndarray[Any, Any]
 ZOO = ("mobilenet_v2", "resnet18", "digits_cnn")
 TARGET_BYTES = 100_000
 HOT_RUNS = 50  # runs per session and side in the hot floor
+# Requests per block and the pause before each block's floors (see the measuring loop).
+BLOCK = 10
+SETTLE_S = 0.1
 ECHO_READY = "raw echo ready"
 
 
@@ -94,6 +97,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--head-in-thread", choices=("auto", "yes", "no"), default="auto",
                    help="run the head in a worker thread (frees the agent's event loop) or "
                    "inline; default: as the edge agent decides")
+    p.add_argument("--pace-ms", type=float, default=0.0,
+                   help="pause between measured requests in ms (default 0: back to back, as a "
+                        "device streaming frames; a pause lets the worker's pool go idle)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -143,6 +149,8 @@ def _p50(values: Sequence[float]) -> float:
 def run(args: argparse.Namespace) -> int:
     from splitter import list_cuts, make_samples, split_model
 
+    if args.pace_ms < 0:
+        raise BadInputError(f"--pace-ms {args.pace_ms}: expected >= 0")
     if args.requests < 1:
         raise BadInputError(f"--requests {args.requests}: expected at least 1")
     if args.threads is not None and args.threads < 0:
@@ -447,24 +455,33 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
         for timed in (*own.values(), *heads.values(), *tails.values()):
             for _ in range(5):
                 timed.run()
-        # One request at a time, its floors measured right beside it. Head and tail thus
-        # run with the caches the other half and the broker left, as they do in split
-        # inference (a floor from tight loops of one model with hot caches is a floor no
-        # pipeline of two models could reach).
-        for _ in range(args.requests):
-            own["head"].measure()
-            own["tail"].measure()
-            for name in heads:
-                heads[name].measure()
-                tails[name].measure()
-            t0 = time.perf_counter()
-            rtt.round_trip(payload)
-            t1 = time.perf_counter()
-            result = await agent.infer(dict(sample))
-            t2 = time.perf_counter()
-            raw.append(t1 - t0)
-            times.append(t2 - t1)
-            stages.append(dict(result.timings))
+        # Blocks of BLOCK requests, their floors measured right before them, so drift in
+        # the machine's speed hits both alike. The floors are measured on a machine doing
+        # nothing else: first a pause, since a worker whose pool keeps spinning after its
+        # runs (onnxruntime's default, tens of ms) would slow them on a small machine and
+        # flatter the ratio. Then the block's requests, one at a time: back to back (a
+        # camera sending its next frame when the answer comes), or --pace-ms apart.
+        done = 0
+        while done < args.requests:
+            n = min(BLOCK, args.requests - done)
+            time.sleep(SETTLE_S)
+            for _ in range(n):
+                own["head"].measure()
+                own["tail"].measure()
+                for name in heads:
+                    heads[name].measure()
+                    tails[name].measure()
+                t0 = time.perf_counter()
+                rtt.round_trip(payload)
+                raw.append(time.perf_counter() - t0)
+            for _ in range(n):
+                if args.pace_ms:
+                    await asyncio.sleep(args.pace_ms / 1000)
+                t1 = time.perf_counter()
+                result = await agent.infer(dict(sample))
+                times.append(time.perf_counter() - t1)
+                stages.append(dict(result.timings))
+            done += n
     finally:
         if agent is not None:
             await agent.close()
