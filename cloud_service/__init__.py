@@ -13,7 +13,7 @@
     cli.py       ``splitinfer cloud serve``
 
 Imports only the contract (``splitinfer``). Importing this package is cheap; onnxruntime
-and aiomqtt load when a tail is opened or a server starts.
+and paho load when a tail is opened or a server starts.
 """
 
 from __future__ import annotations

@@ -478,7 +478,6 @@ class Server:
                 self.watcher.disconnected()
             log.warning("lost the broker (%s); reconnecting", reason)
             client = await self._reconnect()
-            self.metrics.reconnects += 1
 
     def _on_message(self, msg: Message) -> None:
         """Every inbound message, on the loop (MqttClient's fast path): requests to the
@@ -505,6 +504,9 @@ class Server:
             except TransportError as exc:
                 log.debug("reconnect failed: %s", exc)
                 continue
+            # Counted before anything waits: answers held for the connection go out as
+            # soon as it is up, possibly before the subscription is confirmed.
+            self.metrics.reconnects += 1
             if self._draining:
                 log.info("reconnected to %s (draining: not subscribing)",
                          cfg.broker_config().url())

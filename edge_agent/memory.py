@@ -69,7 +69,7 @@ class MemoryTransport:
         self.client_id = client_id
         self.will = will
         self.subscriptions: list[str] = []
-        self._queue: asyncio.Queue[IncomingMessage | None] = asyncio.Queue()
+        self._arrivals: asyncio.Queue[IncomingMessage | None] = asyncio.Queue()
         self.connected = True
         self._lost = False
 
@@ -114,7 +114,7 @@ class MemoryTransport:
 
     async def messages(self) -> AsyncIterator[IncomingMessage]:
         while True:
-            item = await self._queue.get()
+            item = await self._arrivals.get()
             if item is None:
                 if self._lost:
                     raise TransportError(f"client {self.client_id!r}: connection lost")
@@ -125,15 +125,15 @@ class MemoryTransport:
         if self.connected:
             self.connected = False
             self._broker._forget(self)
-            self._queue.put_nowait(None)
+            self._arrivals.put_nowait(None)
 
     def _deliver(self, message: IncomingMessage) -> None:
-        self._queue.put_nowait(message)
+        self._arrivals.put_nowait(message)
 
     def _drop(self) -> None:
         self.connected = False
         self._lost = True
-        self._queue.put_nowait(None)
+        self._arrivals.put_nowait(None)
 
 
 class MemoryBroker:

@@ -1,12 +1,12 @@
 """The MQTT binding of the contract: broker URLs, TLS, credentials, protocol choice.
 
-Both the edge agent and the cloud workers connect through :func:`connect`, so they agree
-on TCP_NODELAY (a QoS1 round trip otherwise stalls ~40 ms on Nagle + delayed ACK), on
-MQTT 5 with a fall-back to 3.1.1, and on TLS. It wraps aiomqtt, which drives paho's socket
-from the asyncio loop: thousands of connections in one process, no thread each.
-
-Needs ``paho-mqtt`` and ``aiomqtt`` (the ``edge`` and ``cloud`` extras); imported lazily
-so that the rest of the contract stays numpy + msgpack.
+:class:`BrokerConfig` is what every side agrees on: host and port, MQTT 5 or 3.1.1 (or
+"auto": 5 first, then 3.1.1 within :data:`V5_CONNACK_TIMEOUT_S`), TLS and its files,
+credentials, keep-alive and a configured packet limit. The one client that connects with
+it is :class:`splitinfer.mqtt_client.MqttClient` (paho driven from the asyncio loop
+through paho's public external-loop API), used by the edge agent, the cloud worker and the
+fleet's devices alike. Nothing here imports paho: the rest of the contract stays numpy +
+msgpack.
 
 URL forms::
 
@@ -18,26 +18,16 @@ URL forms::
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 import ssl
-import struct
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from splitinfer.errors import BadInputError, TransportError
+from splitinfer.errors import BadInputError
 
-if TYPE_CHECKING:
-    import aiomqtt
+__all__ = ["BrokerConfig", "parse_size", "PROTOCOLS", "V5_CONNACK_TIMEOUT_S", "AUTH_HINT"]
 
-__all__ = ["BrokerConfig", "connect", "connack_property", "request_properties",
-           "result_properties", "PROTOCOLS", "V5_CONNACK_TIMEOUT_S"]
-
-log = logging.getLogger(__name__)
 PROTOCOLS = ("auto", "5", "3.1.1")
-_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 @dataclass(frozen=True)
@@ -150,211 +140,13 @@ def _keepalive(url: str, text: str) -> int:
     return int(text)
 
 
-def _client(cfg: BrokerConfig, client_id: str, protocol: str, **kwargs: Any) -> aiomqtt.Client:
-    import aiomqtt
-
-    version = aiomqtt.ProtocolVersion.V5 if protocol == "5" else aiomqtt.ProtocolVersion.V311
-    client = aiomqtt.Client(
-        cfg.host, cfg.port, identifier=client_id, username=cfg.username,
-        password=cfg.password, protocol=version, keepalive=cfg.keepalive,
-        socket_options=_NODELAY, tls_context=cfg.tls_context(),
-        # paho defaults to 20 in flight; a worker answering a burst needs more.
-        max_inflight_messages=1000,
-        **kwargs,
-    )
-    # Keep the CONNACK's properties (aiomqtt drops them): "Shared Subscription Available",
-    # "Maximum Packet Size", "Retain Available" … tell what the broker offers.
-    paho = client._client
-    on_connect: Any = paho.on_connect
-
-    def keep_connack(mqttc: Any, userdata: Any, flags: Any, reason: Any,
-                     properties: Any = None) -> None:
-        client._splitinfer_connack = properties  # type: ignore[attr-defined]
-        on_connect(mqttc, userdata, flags, reason, properties)
-
-    paho.on_connect = keep_connack
-    return client
-
-
-def connack_property(client: aiomqtt.Client, name: str) -> Any:
-    """A property of the broker's CONNACK (MQTT 5), e.g. ``"SharedSubscriptionAvailable"``;
-    None when absent (the broker's default applies) or on MQTT 3.1.1."""
-    props = getattr(client, "_splitinfer_connack", None)
-    return getattr(props, name, None) if props is not None else None
-
-
 # How long the MQTT 5 try of protocol "auto" waits for its CONNACK once the socket is up
-# (and TLS done): a broker that ignores an MQTT 5 CONNECT (RabbitMQ before 3.13, amqtt
-# at times) would otherwise hold the start-up for aiomqtt's 10 s timeout. Scaled up on a
-# slow link (see _bounded_connack) so a far MQTT 5 broker is not taken for an old one.
+# (and TLS done): a broker that ignores an MQTT 5 CONNECT (RabbitMQ before 3.13, amqtt at
+# times) would otherwise hold the start-up for the whole connect timeout. The client scales
+# it up on a slow link, so a far MQTT 5 broker is not taken for an old one.
 V5_CONNACK_TIMEOUT_S = 0.5
 
 
-async def connect(cfg: BrokerConfig, client_id: str, **kwargs: Any) -> tuple[aiomqtt.Client, str]:
-    """Connect and return ``(client, protocol)``, protocol being ``"5"`` or ``"3.1.1"``.
-
-    With ``protocol="auto"`` MQTT 5 is tried first, then 3.1.1 (brokers such as amqtt and
-    RabbitMQ before 3.13 refuse, drop or ignore an MQTT 5 CONNECT). The MQTT 5 try gives
-    up when the broker closes the socket or sends no CONNACK within
-    :data:`V5_CONNACK_TIMEOUT_S` (more on a slow link), so the fall-back costs well under
-    a second. Extra keyword arguments go to ``aiomqtt.Client`` (``will``,
-    ``clean_session`` …). The caller leaves with ``await client.__aexit__(...)`` or uses
-    the client in ``async with``. Failures raise :class:`TransportError`.
-    """
-    import aiomqtt
-
-    attempts = ["5", "3.1.1"] if cfg.protocol == "auto" else [cfg.protocol]
-    last: Exception | None = None
-    for protocol in attempts:
-        client = _client(cfg, client_id, protocol, **kwargs)
-        probing = protocol == "5" and len(attempts) > 1
-        timeout = client.timeout
-        if probing:
-            _bounded_connack(client)
-        try:
-            await client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            last = exc
-            log.debug("connect %s as MQTT %s failed: %s", cfg.url(), protocol, exc)
-            if probing:
-                _discard(client)
-            if _auth_refused(exc):  # an MQTT 5 broker said no: 3.1.1 would say no too
-                raise TransportError(
-                    f"broker {cfg.url()} refused {client_id!r} (user "
-                    f"{cfg.username or '(none)'!r}): {exc}; {AUTH_HINT}") from exc
-            continue
-        except (OSError, ssl.SSLError) as exc:
-            raise TransportError(f"cannot reach broker {cfg.url()}: {exc}") from exc
-        client.timeout = timeout  # the default for subscribe/publish waits from here on
-        if probing:
-            _unhook(client)
-        return client, protocol
-    hint = f"; {AUTH_HINT}" if "authori" in str(last).lower() or "password" in str(last) \
-        else ""
-    raise TransportError(f"cannot connect to broker {cfg.url()} as {client_id!r}: {last}{hint}")
-
-
-# MQTT 5 CONNACK reasons that mean "who you are is refused": 0x85 client identifier not
-# valid, 0x86 bad user name or password, 0x87 not authorized. Only a real MQTT 5 reason
-# code counts (paho's ReasonCode); a plain int may be one of paho's own error numbers.
-_AUTH_REFUSED_V5 = frozenset({0x85, 0x86, 0x87})
 AUTH_HINT = ("check the username and password and, on a broker set up by `splitinfer broker "
              "config`, that the client id equals the username (the device id): "
              "docs/security.md")
-
-
-def _auth_refused(exc: Exception) -> bool:
-    rc = getattr(exc, "rc", None)
-    return (not isinstance(rc, int) and hasattr(rc, "getName")
-            and getattr(rc, "value", None) in _AUTH_REFUSED_V5)
-
-
-def _bounded_connack(client: aiomqtt.Client) -> None:
-    """Make an MQTT 5 try fail fast: on a closed socket at once, on silence after a bound.
-
-    aiomqtt waits ``client.timeout`` for the CONNACK and ignores a socket closed before
-    it. The socket connect (TCP, TLS) runs first in an executor; its duration is a
-    measure of the link's round trip, so the CONNACK bound is the larger of
-    :data:`V5_CONNACK_TIMEOUT_S` and 3 times that duration (one more round trip is all a
-    CONNACK needs). ``client.timeout`` is read only when the wait starts.
-    """
-    import time
-
-    paho = client._client
-    connect_socket = client._client_connect
-
-    def timed_connect() -> None:
-        start = time.monotonic()
-        connect_socket()
-        client.timeout = min(client.timeout,
-                             max(V5_CONNACK_TIMEOUT_S, 3 * (time.monotonic() - start)))
-
-    client._client_connect = timed_connect  # type: ignore[method-assign]
-    on_disconnect = paho.on_disconnect
-
-    def closed_before_connack(*args: Any, **kw: Any) -> None:
-        pending = client._connected
-        if not pending.done():
-            import aiomqtt
-
-            pending.set_exception(aiomqtt.MqttError("the broker closed the connection "
-                                                    "before its CONNACK"))
-            return
-        if on_disconnect is not None:
-            on_disconnect(*args, **kw)
-
-    paho.on_disconnect = closed_before_connack
-    client._splitinfer_on_disconnect = on_disconnect  # type: ignore[attr-defined]
-
-
-def _unhook(client: aiomqtt.Client) -> None:
-    client._client.on_disconnect = client._splitinfer_on_disconnect  # type: ignore[attr-defined]
-
-
-def _discard(client: aiomqtt.Client) -> None:
-    """Close the socket of a failed try now rather than leave it to the GC."""
-    try:
-        # paho's own close: aiomqtt's socket callbacks drop the loop's reader and writer.
-        client._client._sock_close()
-    except Exception as exc:  # best effort: the try has failed anyway
-        log.debug("closing a failed MQTT 5 try: %r", exc)
-
-
-def _prop_bytes(ident: int, value: bytes) -> bytes:
-    return bytes((ident,)) + struct.pack("!H", len(value)) + value
-
-
-_PACKED_CLASS: Any = None
-
-
-def _packed(payload: bytes, **values: Any) -> Any:
-    """A paho ``Properties`` whose ``pack()`` returns bytes we encoded ourselves.
-
-    paho builds and packs properties in generic Python (~60 µs for three on this machine,
-    on every request); these few are trivial to encode (MQTT 5 §2.2.2: identifier byte +
-    value; the section starts with its length as a variable byte integer). The values are
-    also set as attributes, so code that reads them (tests, in-memory brokers) still works.
-    """
-    global _PACKED_CLASS
-    from paho.mqtt.packettypes import PacketTypes
-
-    if _PACKED_CLASS is None:
-        from paho.mqtt.properties import Properties
-
-        class _Packed(Properties):
-            def pack(self) -> bytes:
-                return self._splitinfer_packed  # type: ignore[attr-defined,no-any-return]
-
-        _PACKED_CLASS = _Packed
-    props = object.__new__(_PACKED_CLASS)
-    object.__setattr__(props, "packetType", PacketTypes.PUBLISH)
-    # The section is < 128 bytes for our few properties only when topics are short; encode
-    # the length as MQTT's variable byte integer in general.
-    size, prefix = len(payload), bytearray()
-    while True:
-        byte, size = size % 128, size // 128
-        prefix.append(byte | (0x80 if size else 0))
-        if not size:
-            break
-    object.__setattr__(props, "_splitinfer_packed", bytes(prefix) + payload)
-    for name, value in values.items():
-        object.__setattr__(props, name, value)
-    return props
-
-
-def request_properties(reply_topic: str, correlation: bytes, expiry_s: float | None) -> Any:
-    """MQTT 5 PUBLISH properties for a request: response topic, correlation data, expiry."""
-    values: dict[str, Any] = {"ResponseTopic": reply_topic, "CorrelationData": correlation}
-    payload = _prop_bytes(0x08, reply_topic.encode()) + _prop_bytes(0x09, correlation)
-    if expiry_s is not None and expiry_s > 0:
-        expiry = max(1, int(expiry_s + 0.999))
-        values["MessageExpiryInterval"] = expiry
-        payload += b"\x02" + struct.pack("!L", expiry)
-    return _packed(payload, **values)
-
-
-def result_properties(correlation: bytes | None) -> Any:
-    """MQTT 5 PUBLISH properties for a result: the request's correlation data, if any."""
-    if not correlation:
-        return _packed(b"")
-    return _packed(_prop_bytes(0x09, correlation), CorrelationData=correlation)

@@ -176,7 +176,7 @@ def _packed_class() -> Any:
                 setattr(self, name, value)
 
         def pack(self) -> bytes:
-            return self.wire  # type: ignore[no-any-return]
+            return self.wire
 
         def __str__(self) -> str:
             return f"PackedProperties({len(self.wire)} bytes)"
@@ -405,7 +405,7 @@ class MqttClient:
 
             kwargs["clean_start"] = self.clean_start
             if self.session_expiry_s is not None:
-                props = _properties_class()(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props = _properties_class()(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = min(int(self.session_expiry_s + 0.999),
                                                   0xFFFFFFFE)
                 kwargs["properties"] = props

@@ -222,16 +222,17 @@ def test_deadline_still_applies_with_a_worker_that_never_answers(
         mosquitto: MosquittoBroker, models: dict[str, Path], x: Array,
         topic_prefix: str) -> None:
     """A subscriber that does not answer (not a worker): the deadline, not 'no subscriber'."""
-    from splitinfer.mqtt import BrokerConfig, connect
+    from splitinfer.mqtt import BrokerConfig
+    from splitinfer.mqtt_client import open_client
 
     async def main() -> None:
-        silent, _ = await connect(BrokerConfig.from_url(mosquitto.url), "silent-sub")
+        silent = await open_client(BrokerConfig.from_url(mosquitto.url), "silent-sub")
         try:
             await silent.subscribe(f"{topic_prefix}/v1/req/+/+", qos=1)
             async with agent_for(models["b1"], mosquitto.url, topic_prefix) as agent:
                 with pytest.raises(DeadlineExceeded, match="start one with"):
                     await agent.infer({"x": x[:1]}, timeout=0.3)
         finally:
-            await silent.__aexit__(None, None, None)
+            await silent.disconnect()
 
     asyncio.run(main())

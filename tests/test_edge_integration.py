@@ -43,7 +43,8 @@ from splitinfer.errors import (
     StartupError,
 )
 from splitinfer.manifest import Manifest
-from splitinfer.mqtt import BrokerConfig, connect
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import open_client
 from splitter import list_cuts, split_model, zoo
 from splitter.quantize import quantize_static
 
@@ -277,13 +278,13 @@ def test_presence_is_retained_online_then_offline(mosquitto: MosquittoBroker, sp
     status = f"{topic_prefix}/v1/status/dev-1"
 
     async def retained() -> bytes:
-        client, _ = await connect(BrokerConfig.from_url(mosquitto.url), "presence-reader")
+        client = await open_client(BrokerConfig.from_url(mosquitto.url), "presence-reader")
         try:
             await client.subscribe(status, qos=1)
-            message = await asyncio.wait_for(anext(aiter(client.messages)), 5)
+            message = await asyncio.wait_for(anext(aiter(client.messages())), 5)
             return bytes(message.payload)
         finally:
-            await client.__aexit__(None, None, None)
+            await client.disconnect()
 
     async def main() -> tuple[bytes, bytes]:
         async with agent_for(splits / "splits" / "fp32", mosquitto.url, topic_prefix):
