@@ -18,11 +18,11 @@ __all__ = ["register", "BENCHES"]
 # bench name -> module with add_parser(subparsers). overhead and faults still live in
 # simulators/ while they are being reworked; they join bench/ next.
 BENCHES = {
-    "overhead": "simulators.bench_overhead",
+    "overhead": "bench.bench_overhead",
     "batching": "bench.bench_batching",
     "planner": "bench.bench_planner",
     "resplit": "bench.bench_resplit",
-    "faults": "simulators.bench_faults",
+    "faults": "bench.bench_faults",
     "fuzz": "bench.bench_fuzz",
     "broker-flood": "bench.bench_broker",
     "compression": "bench.bench_compression",

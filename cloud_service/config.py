@@ -50,9 +50,11 @@ class Config:
     # physical core).
     threads: int = 0
     # When the tail's pool threads spin for work: "off" (never), "run" (while a run
-    # lasts; slow to restart after an idle gap), "always" (onnxruntime's default: ~50 ms
-    # after each run, a core taken from the event loop). Measured in docs/cloud.md
-    # "Performance" and cloud_service.registry.session_options.
+    # lasts; slow to restart after an idle gap), "always" (onnxruntime's default: tens of
+    # ms after each run, so while requests keep coming the pool never sleeps; a core is
+    # busy meanwhile). Default "always": `splitinfer bench overhead`, MobileNetV2 tail in
+    # the worker with requests back to back, 5.3 ms p50 against 7.7-8.1 ms with "off" (its
+    # best plain-onnxruntime floor 5.2-5.7 ms). See cloud_service.registry.session_options.
     spinning: str = "always"
     # Tail runs at once (all splits together); each run may use `threads` threads.
     tail_workers: int = 1
@@ -84,6 +86,12 @@ class Config:
     # HTTP /metrics, /healthz, /readyz on metrics_host:metrics_port (0 = not served).
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Hot reload (cloud_service.reload): poll --artifacts every reload_interval_s; a split
+    # directory that appeared, changed or went is acted on once it stayed unchanged for
+    # reload_settle_s. Off: the splits loaded at start are served until the process ends.
+    reload: bool = True
+    reload_interval_s: float = 1.0
+    reload_settle_s: float = 1.0
 
     def __post_init__(self) -> None:
         self.artifacts = Path(self.artifacts)
@@ -139,6 +147,15 @@ class Config:
                 or not 0 <= self.metrics_port <= 65535:
             raise BadInputError(f"metrics_port = {self.metrics_port!r}: expected a TCP port "
                                 "0-65535 (0 = no metrics endpoint)")
+        if not isinstance(self.reload, bool):
+            raise BadInputError(f"reload = {self.reload!r}: expected true or false")
+        for name in ("reload_interval_s", "reload_settle_s"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise BadInputError(f"{name} = {value!r}: expected a finite number >= 0")
+        if not self.reload_interval_s > 0:
+            raise BadInputError(f"reload_interval_s = {self.reload_interval_s!r}: expected "
+                                "seconds > 0 between scans of the artifacts directory")
         if not isinstance(self.metrics_host, str) or not self.metrics_host:
             raise BadInputError(f"metrics_host = {self.metrics_host!r}: expected a host name "
                                 "or address to bind, e.g. 127.0.0.1 or 0.0.0.0")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from simulators.bench_faults import (
+from bench.bench_faults import (
     FLEET_SCENARIOS,
     FaultSuiteConfig,
     add_parser,
@@ -157,7 +157,7 @@ def test_quick_broker_kill_and_worker_kill(tmp_path: Path) -> None:
 
 
 def test_worker_log_events_pick_what_the_workers_did(tmp_path: Path) -> None:
-    from simulators.bench_faults import worker_log_events
+    from bench.bench_faults import worker_log_events
 
     (tmp_path / "worker-0.log").write_text(
         "INFO cloud_service.server: worker p-w0 serving 1 split(s)\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.bench_overhead import ECHO_READY, FloorSetting, RawRoundTrip, floor_settings
 from cloud_service.registry import session_options
 from edge_agent.runtime import OrtHead
-from simulators.bench_overhead import ECHO_READY, FloorSetting, RawRoundTrip, floor_settings
 from simulators.broker import MosquittoBroker
 from splitinfer.errors import BadInputError
 from splitter import zoo
@@ -143,7 +143,7 @@ def test_raw_round_trip_through_a_plain_paho_echo(mosquitto: MosquittoBroker,
     log = tmp_path / "echo.log"
     with open(log, "wb") as out:
         echo = subprocess.Popen(
-            [sys.executable, "-m", "simulators.bench_overhead", "--raw-echo", mosquitto.url,
+            [sys.executable, "-m", "bench.bench_overhead", "--raw-echo", mosquitto.url,
              f"{topic_prefix}/req", f"{topic_prefix}/res", "1234"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -166,7 +166,7 @@ def test_raw_round_trip_through_a_plain_paho_echo(mosquitto: MosquittoBroker,
 
 
 def test_raw_echo_usage() -> None:
-    proc = subprocess.run([sys.executable, "-m", "simulators.bench_overhead"],
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_overhead"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--raw-echo" in proc.stderr
 
@@ -176,7 +176,7 @@ def test_worker_spinning_setting_reaches_its_tail_sessions(tmp_path: Path) -> No
     from cloud_service.registry import Registry
     from splitter import split_model
 
-    assert Config(artifacts=tmp_path).spinning == "off"
+    assert Config(artifacts=tmp_path).spinning == "always"
     with pytest.raises(BadInputError, match="spinning = 'fast'"):
         Config(artifacts=tmp_path, spinning="fast")
     split_model(zoo.digits_cnn_path(), ["pool"], tmp_path / "split", num_samples=2)
@@ -188,3 +188,28 @@ def test_worker_spinning_setting_reaches_its_tail_sessions(tmp_path: Path) -> No
             assert opts.get_session_config_entry(STOP) == stop
     with pytest.raises(BadInputError, match="spinning"):
         Registry.load(tmp_path, spinning="sometimes")
+
+
+def test_serve_opens_its_tails_with_the_configured_spinning(
+        tmp_path: Path, mosquitto: MosquittoBroker, topic_prefix: str) -> None:
+    """The setting reaches the sessions through ``cloud serve``'s own path (Server once
+    passed only the threads, and every tail ran with the default)."""
+    from cloud_service.config import Config
+    from cloud_service.server import Server
+    from splitter import split_model
+
+    split_model(zoo.digits_cnn_path(), ["pool"], tmp_path / "split", num_samples=2)
+    for spinning, spin in (("off", "0"), ("run", "1")):
+        server = Server(Config(artifacts=tmp_path, broker=mosquitto.url, prefix=topic_prefix,
+                               spinning=spinning))
+        thread = server.start_in_thread(30)
+        try:
+            assert server.registry is not None
+            tails = list(server.registry.values())
+            assert tails
+            for tail in tails:
+                opts = tail.session.get_session_options()
+                assert opts.get_session_config_entry(SPIN) == spin
+        finally:
+            server.should_exit = True
+            thread.join(30)

@@ -437,7 +437,7 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
     try:
         # -v: the worker logs "serving" at INFO once it has subscribed.
         procs.append(_spawn(worker_cmd, split_dir / "worker.log", "serving"))
-        procs.append(_spawn([sys.executable, "-m", "simulators.bench_overhead", "--raw-echo",
+        procs.append(_spawn([sys.executable, "-m", "bench.bench_overhead", "--raw-echo",
                              url, f"{prefix}/raw/req", f"{prefix}/raw/res", str(reply_bytes)],
                             split_dir / "echo.log", ECHO_READY))
         rtt = RawRoundTrip(url, f"{prefix}/raw/req", f"{prefix}/raw/res")
@@ -605,10 +605,10 @@ def _print(r: Mapping[str, Any]) -> None:
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python -m simulators.bench_overhead --raw-echo URL LISTEN ANSWER REPLY_BYTES``:
+    """``python -m bench.bench_overhead --raw-echo URL LISTEN ANSWER REPLY_BYTES``:
     the echo process of the raw round trip."""
     if len(argv) != 5 or argv[0] != "--raw-echo":
-        print("usage: python -m simulators.bench_overhead --raw-echo URL LISTEN ANSWER "
+        print("usage: python -m bench.bench_overhead --raw-echo URL LISTEN ANSWER "
               "REPLY_BYTES (the bench itself: splitinfer bench overhead)", file=sys.stderr)
         return 2
     raw_echo(argv[1], argv[2], argv[3], int(argv[4]))
