@@ -1,4 +1,5 @@
 """``splitinfer edge run``: push a file of samples through a split, head here, tail remote.
+(``splitinfer edge serve``, the long-running service, is :mod:`edge_agent.serve`.)
 
 ::
 
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from edge_agent.client import EdgeAgent, InferenceResult
     from splitinfer.manifest import Manifest
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "serve"]
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
@@ -82,6 +83,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "such request unless --keep-going), 2 bad input, 3 broker unreachable.")
     add_run_arguments(run_parser)
     run_parser.set_defaults(func=run)
+    serve_parser = commands.add_parser(
+        "serve", help="the long-running device service: a local HTTP API (POST /v1/infer, "
+        "/healthz, /metrics) in front of the split",
+        description="Serve a split (or a bundle) to the apps on this device through a local "
+        "HTTP API, keeping the broker connection up; settings from a TOML file, the "
+        "environment and flags (see docs/deploy-pi.md).",
+        epilog="Every key is also SPLITINFER_<KEY> and --<key>; precedence flag > "
+        "environment > file > default. Exit codes: 0 stopped by SIGTERM/SIGINT after "
+        "draining, 2 bad settings or artifacts, 3 cannot start (address in use, state dir "
+        "not writable). A broker that is down is retried, never an exit.")
+    from edge_agent.serve_config import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(func=serve)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,6 +150,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    default=env_default("--json", "") not in ("", "0", "false"),
                    help="print a JSON summary (counts, latency percentiles per stage)")
+
+
+def serve(args: argparse.Namespace) -> int:
+    from edge_agent.serve import main
+
+    return main(args)
 
 
 def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

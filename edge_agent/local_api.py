@@ -1,0 +1,407 @@
+"""The device service's local HTTP API: how apps on the device send inputs and get outputs.
+
+::
+
+    POST /v1/infer     body: an .npz, one array per model input (first axis = samples)
+                       200: an .npz of the outputs (Content-Type: application/x-npz)
+                            X-Splitinfer-Timings: {"e2e": 4.1, "head": 0.3, …} (ms)
+                            X-Splitinfer-Split-Id, -Request-Id, -Served-By, -Attempts
+                            X-Splitinfer-Ignored: keys of the body that are not inputs
+    GET  /v1/split     the split served: id, model, inputs and outputs (name, dtype, shape)
+    GET  /healthz      200 {"status": "ready", …} when requests can be answered, else 503
+                       {"status": "connecting" | "disconnected" | "stopping", "reason": …}
+    GET  /metrics      Prometheus text (:mod:`edge_agent.metrics`)
+
+    curl -s --data-binary @in.npz -H 'Content-Type: application/x-npz' \\
+         -o out.npz http://127.0.0.1:8470/v1/infer
+
+Errors are JSON ``{"error": CODE, "message": …}`` naming what was wrong and what was
+expected: 400 a body that is no readable .npz (``np.load(allow_pickle=False)``: object
+arrays and pickles are refused), lacks an input, or has the wrong dtype or shape; 411 no
+``Content-Length``; 413 a body (or its arrays unpacked) over ``max_body``; 429 more than
+``max_in_flight`` requests at once (``Retry-After: 1``); 503 not connected to the broker
+(at boot until the first connection, or while reconnecting: ``Retry-After``), no worker
+subscribed, or shutting down; 504 no answer before the deadline; 502 the worker answered
+with an error.
+
+The standard library's :class:`~http.server.ThreadingHTTPServer` serves it in threads (one
+per connection; bodies are read and parsed there), and each inference hops onto the
+service's event loop (:meth:`Backend.infer`). :meth:`LocalAPI.stop_accepting` closes the
+listening socket; requests already read are answered, later ones on kept-alive
+connections get 503 ``shutting_down``; :meth:`LocalAPI.wait_idle` waits for the ones in
+flight.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from splitinfer.errors import (
+    BadInputError,
+    DeadlineExceeded,
+    ErrorCode,
+    NoSubscriberError,
+    RemoteError,
+    SplitInferError,
+    TransportError,
+    WireError,
+)
+
+if TYPE_CHECKING:
+    from edge_agent.client import InferenceResult
+    from edge_agent.metrics import ServiceMetrics
+    from splitinfer.manifest import Manifest
+
+__all__ = ["LocalAPI", "Backend", "Unavailable", "TooLarge", "read_npz", "write_npz", "NPZ_TYPE"]
+
+log = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+NPZ_TYPE = "application/x-npz"
+
+
+class Unavailable(TransportError):
+    """The service cannot answer now (connecting, reconnecting, stopping): 503."""
+
+    def __init__(self, message: str, *, status: str, retry_after: float | None = 1.0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TooLarge(BadInputError):
+    """A request body, or its arrays once unpacked, over ``max_body``: 413."""
+
+
+class Backend(Protocol):
+    """What the HTTP API asks of the service (:class:`edge_agent.serve.EdgeService`)."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def metrics(self) -> ServiceMetrics: ...
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, the JSON body of /healthz)."""
+        ...
+
+    def infer(self, arrays: dict[str, Array]) -> InferenceResult:
+        """Blocking (called from an HTTP thread); raises our errors, :class:`Unavailable`."""
+        ...
+
+
+def read_npz(body: bytes, names: list[str], max_bytes: int) -> tuple[dict[str, Array],
+                                                                     list[str]]:
+    """The model inputs ``names`` from an .npz body, and the other keys (ignored).
+
+    BadInputError naming what is wrong: not an .npz (a bare .npy, a pickle, garbage), an
+    object array, a missing input, inputs whose sample counts differ; :class:`TooLarge`
+    for arrays that unpack past ``max_bytes`` (a zip bomb)."""
+    expected = f"expected an .npz (numpy.savez) with one array per model input {names}"
+    if body[:6] == b"\x93NUMPY":
+        raise BadInputError(f"the body is a single .npy array; {expected}")
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except zipfile.BadZipFile:
+        raise BadInputError(f"the body is not an .npz (no zip archive); {expected}") from None
+    if unpacked > max_bytes:
+        raise TooLarge(f"the .npz unpacks to {unpacked} bytes, over the {max_bytes} byte "
+                       "limit (max_body); send fewer samples per request")
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as data:
+            found = {key: data[key] for key in data.files}
+    except ValueError as exc:  # object arrays / pickles refused by allow_pickle=False
+        raise BadInputError(f"the .npz holds something other than plain arrays ({exc}); "
+                            f"{expected}, no object arrays") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise BadInputError(f"the .npz cannot be read ({exc}); {expected}") from None
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise BadInputError(f"the .npz lacks input(s) {missing}: {expected}, got keys "
+                            f"{sorted(found)}")
+    arrays = {n: found[n] for n in names}
+    counts = {n: (a.shape[0] if a.ndim else 0) for n, a in arrays.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise BadInputError(f"every input needs the same, non-zero number of samples along "
+                            f"the first axis, got {counts}")
+    return arrays, sorted(set(found) - set(names))
+
+
+def write_npz(arrays: dict[str, Array]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs match **kw to allow_pickle
+    return buffer.getvalue()
+
+
+def _status_of(exc: BaseException) -> tuple[int, str, str]:
+    """HTTP status, error code, metrics outcome for an exception from the service."""
+    if isinstance(exc, Unavailable):
+        return 503, exc.status, "unavailable"
+    if isinstance(exc, NoSubscriberError):
+        return 503, "no_worker", "unavailable"
+    if isinstance(exc, DeadlineExceeded):
+        return 504, ErrorCode.DEADLINE_EXPIRED.value, "deadline"
+    if isinstance(exc, RemoteError):
+        return 502, str(getattr(exc, "code", "remote_error")), "remote_error"
+    if isinstance(exc, WireError) and getattr(exc, "code", None) == ErrorCode.PAYLOAD_TOO_LARGE:
+        return 413, ErrorCode.PAYLOAD_TOO_LARGE.value, "bad_input"
+    if isinstance(exc, TooLarge):
+        return 413, ErrorCode.PAYLOAD_TOO_LARGE.value, "bad_input"
+    if isinstance(exc, BadInputError):
+        return 400, "bad_input", "bad_input"
+    if isinstance(exc, TransportError):
+        return 503, "disconnected", "unavailable"
+    return 500, ErrorCode.INTERNAL.value, "error"
+
+
+class LocalAPI:
+    """Serve :class:`Backend` on ``host:port`` (0: a free port) until :meth:`close`."""
+
+    def __init__(self, backend: Backend, *, host: str = "127.0.0.1", port: int = 8470,
+                 max_body: int = 16 * 1024 ** 2, max_in_flight: int = 16) -> None:
+        self.backend = backend
+        self.max_body = max_body
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self.draining = False
+        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def start(self) -> LocalAPI:
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, name="local-api",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket: new connections are refused from now on; requests
+        still arriving on open connections are answered 503 ``shutting_down``."""
+        self.draining = True
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._httpd.shutdown()  # returns once serve_forever has stopped
+        self._httpd.server_close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no inference request is in flight; False when ``timeout`` ran out."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def close(self) -> None:
+        self.stop_accepting()
+
+    # ------------------------------------------------------------ request accounting
+
+    def _begin(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+        self.backend.metrics.in_flight.inc()
+
+    def _end(self) -> None:
+        self.backend.metrics.in_flight.dec()
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
+
+
+def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: a camera loop reuses its connection
+        server_version = "splitinfer-edge"
+        timeout = 30  # a client stalled mid-request (or idle on keep-alive) is dropped
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                ready, body = api.backend.health()
+                self._json(200 if ready else 503, body)
+            elif path == "/metrics":
+                text, content_type = api.backend.metrics.render()
+                self._send(200, text, content_type)
+            elif path == "/v1/split":
+                self._json(200, _split_info(api.backend.manifest))
+            elif path == "/v1/infer":
+                self._error(405, "method_not_allowed", "POST an .npz to /v1/infer",
+                            allow="POST")
+            else:
+                self._not_found()
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path != "/v1/infer":
+                self._drain_body()
+                if path in ("/healthz", "/metrics", "/v1/split"):
+                    self._error(405, "method_not_allowed", f"{path} answers GET", allow="GET")
+                else:
+                    self._not_found()
+                return
+            api._begin()
+            try:
+                self._infer()
+            finally:
+                api._end()
+
+        def _infer(self) -> None:
+            metrics = api.backend.metrics
+            names = [s.name for s in api.backend.manifest.inputs]
+            if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
+                self.close_connection = True
+                metrics.observe("bad_input")
+                self._error(411, "length_required", "send the .npz with a Content-Length "
+                            "(chunked transfer encoding is not read)")
+                return
+            length_text = self.headers.get("Content-Length")
+            if length_text is None or not length_text.strip().isdigit():
+                self.close_connection = True
+                metrics.observe("bad_input")
+                self._error(411, "length_required", f"Content-Length {length_text!r}: "
+                            f"expected the byte length of an .npz with arrays {names}")
+                return
+            length = int(length_text)
+            if length > api.max_body:
+                self.close_connection = True  # the body stays unread
+                metrics.observe("bad_input")
+                self._error(413, ErrorCode.PAYLOAD_TOO_LARGE.value, f"body of {length} bytes"
+                            f" is over the {api.max_body} byte limit (max_body); send fewer "
+                            "samples per request")
+                return
+            body = self.rfile.read(length)
+            if len(body) != length:
+                self.close_connection = True
+                metrics.observe("bad_input")
+                self._error(400, "bad_input", f"body ended after {len(body)} of {length} "
+                            "bytes")
+                return
+            if api.draining:
+                self.close_connection = True
+                metrics.observe("unavailable")
+                self._error(503, "shutting_down", "the service is stopping", retry_after=1)
+                return
+            if not api._slots.acquire(blocking=False):
+                metrics.observe("overloaded")
+                self._error(429, ErrorCode.OVERLOADED.value, f"{api.max_in_flight} requests "
+                            "in flight already (max_in_flight); retry shortly",
+                            retry_after=1)
+                return
+            try:
+                arrays, ignored = read_npz(body, names, api.max_body)
+                result = api.backend.infer(arrays)
+            except Exception as exc:  # every failure is one answer, never a dropped socket
+                status, code, outcome = _status_of(exc)
+                metrics.observe(outcome)
+                if status >= 500 and not isinstance(exc, SplitInferError):
+                    log.exception("inference failed")
+                    message = f"internal error ({type(exc).__name__}); see the service's log"
+                else:
+                    message = str(exc)
+                log.info("POST /v1/infer: %d %s: %s", status, code, message)
+                retry = getattr(exc, "retry_after", 1.0 if status == 503 else None)
+                self._error(status, code, message, retry_after=retry)
+                return
+            finally:
+                api._slots.release()
+            metrics.observe("ok", result.timings)
+            payload = write_npz(result.outputs)
+            timings = {k: round(v * 1000.0, 3) for k, v in result.timings.items()}
+            headers = {"X-Splitinfer-Timings": json.dumps(timings, separators=(",", ":")),
+                       "X-Splitinfer-Split-Id": result.split_id,
+                       "X-Splitinfer-Request-Id": result.request_id,
+                       "X-Splitinfer-Served-By": result.served_by,
+                       "X-Splitinfer-Attempts": str(result.attempts)}
+            if result.fallback:
+                headers["X-Splitinfer-Fallback"] = result.fallback
+            if ignored:
+                headers["X-Splitinfer-Ignored"] = ",".join(ignored)
+            self._send(200, payload, NPZ_TYPE, headers)
+
+        # -------------------------------------------------------------- replies
+
+        def _drain_body(self) -> None:
+            length = self.headers.get("Content-Length", "0")
+            if length.isdigit() and int(length) <= api.max_body:
+                self.rfile.read(int(length))
+            else:
+                self.close_connection = True
+
+        def _not_found(self) -> None:
+            self._error(404, "not_found", f"no {self.path}; expected POST /v1/infer, "
+                        "GET /v1/split, GET /healthz, GET /metrics")
+
+        def _json(self, status: int, body: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> None:
+            self._send(status, (json.dumps(body) + "\n").encode(), "application/json",
+                       headers)
+
+        def _error(self, status: int, code: str, message: str, *,
+                   retry_after: float | None = None, allow: str | None = None) -> None:
+            headers = {}
+            if retry_after is not None:
+                headers["Retry-After"] = str(max(1, round(retry_after)))
+            if allow is not None:
+                headers["Allow"] = allow
+            self._json(status, {"error": code, "message": message}, headers)
+
+        def _send(self, status: int, body: bytes, content_type: str,
+                  headers: dict[str, str] | None = None) -> None:
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                if api.draining or self.close_connection:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                log.info("%s %s: the client left before the answer (%s)", self.command,
+                         self.path, exc)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.address_string(), *args)
+
+    return Handler
+
+
+def _split_info(manifest: Manifest) -> dict[str, Any]:
+    def specs(items: Any) -> list[dict[str, Any]]:
+        return [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in items]
+
+    return {"split_id": manifest.split_id, "model": manifest.model, "kind": manifest.kind,
+            "inputs": specs(manifest.inputs), "outputs": specs(manifest.outputs)}
