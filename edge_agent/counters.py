@@ -37,8 +37,9 @@ class AgentCounters:
     same connection (no answer within the retry interval, or "no matching subscribers"),
     ``no_subscriber`` the PUBACKs with reason 16, ``duplicates`` the answers dropped
     because their request had been answered already, ``late_results`` results for no
-    pending request (after its deadline, or stray), ``reconnects``, and ``errors`` (failed
-    calls by code).
+    pending request (after its deadline, or stray), ``reconnects``, ``chunks_sent`` (the
+    PUBLISHes of requests sent in chunks, past the broker's packet limit) and ``errors``
+    (failed calls by code).
     """
 
     __slots__ = ("_c",)
@@ -75,6 +76,10 @@ class AgentCounters:
         return self._c.reconnects
 
     @property
+    def chunks_sent(self) -> int:
+        return self._c.chunks_sent
+
+    @property
     def errors(self) -> Mapping[str, int]:
         return MappingProxyType(self._c.errors)
 
@@ -84,7 +89,8 @@ class AgentCounters:
         return {"published": c.published, "republished": c.republished,
                 "retries": c.retries, "no_subscriber": c.no_subscriber,
                 "duplicates": c.duplicates, "late_results": c.late_results,
-                "reconnects": c.reconnects, "errors": dict(sorted(c.errors.items()))}
+                "reconnects": c.reconnects, "chunks_sent": c.chunks_sent,
+                "errors": dict(sorted(c.errors.items()))}
 
     def __repr__(self) -> str:
         return f"AgentCounters({self.as_dict()})"

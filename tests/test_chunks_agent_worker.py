@@ -145,7 +145,7 @@ def test_agent_chunks_requests_over_the_memory_brokers_limit(topic_prefix: str) 
             await task
             assert result.outputs["y"].tobytes() == cut[:, :1].tobytes()
             assert broker.oversized == []
-            assert agent.counters._c.chunks_sent > 1
+            assert agent.counters.chunks_sent > 1
             assert agent.chunk_stats.reassembled == 1
 
     asyncio.run(asyncio.wait_for(main(), 30))
@@ -189,7 +189,7 @@ def test_agent_resends_every_chunk_after_a_lost_one(topic_prefix: str) -> None:
             assert result.outputs["y"].tobytes() == cut[:, :1].tobytes()
             assert agent.counters.retries >= 1 and len(broker.lost) == 1
             assert reasm.stats.reassembled == 1
-            sent = agent.counters._c.chunks_sent  # every chunk, on each of >= 2 publishes
+            sent = agent.counters.chunks_sent  # every chunk, on each of >= 2 publishes
             assert sent >= 2 * 2 and sent % agent.counters.published == 0
 
     asyncio.run(asyncio.wait_for(main(), 30))
