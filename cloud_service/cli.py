@@ -22,6 +22,26 @@ def _env(flag: str, default: object) -> str | None:
     return env_default(flag, None if default is None else str(default))
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _flag_bool(value: bool | str | None, flag: str, default: bool) -> bool:
+    """A --flag/--no-flag value: the flag's bool, or its environment variable's text."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    from splitinfer.errors import BadInputError
+
+    name = "SPLITINFER_" + flag.lstrip("-").replace("-", "_").upper()
+    raise BadInputError(f"{name}={value!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cloud = sub.add_parser("cloud", help="cloud workers that run split tails")
     commands = cloud.add_subparsers(dest="cloud_command", metavar="COMMAND")
@@ -103,6 +123,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--metrics-host", default=_env("--metrics-host", "127.0.0.1"),
                        help="address the metrics endpoint binds (default %(default)s; "
                        "0.0.0.0 for a scraper on another host) [SPLITINFER_METRICS_HOST]")
+    serve.add_argument("--reload", action=argparse.BooleanOptionalAction,
+                       default=env_default("--reload"),
+                       help="follow --artifacts while serving: a split directory that "
+                       "appears, changes or goes is loaded, swapped in or removed without "
+                       "dropping a request (default on) [SPLITINFER_RELOAD=1|0]")
+    serve.add_argument("--reload-interval", type=float,
+                       default=_env("--reload-interval", 1.0),
+                       help="seconds between scans of --artifacts (default %(default)s) "
+                       "[SPLITINFER_RELOAD_INTERVAL]")
+    serve.add_argument("--reload-settle", type=float, default=_env("--reload-settle", 1.0),
+                       help="seconds a changed split directory must stay unchanged before it "
+                       "is loaded: a copy still being written is never loaded (default "
+                       "%(default)s) [SPLITINFER_RELOAD_SETTLE]")
     serve.set_defaults(func=_serve)
 
     def usage(_args: argparse.Namespace) -> int:
@@ -125,6 +158,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         worker_id=args.worker_id or "", session_expiry_s=args.session_expiry,
         heartbeat_s=args.heartbeat, fence_after_s=args.fence_after, dedupe_size=args.dedupe,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        reload=_flag_bool(args.reload, "--reload", True), reload_interval_s=args.reload_interval,
+        reload_settle_s=args.reload_settle,
     )
     if args.max_payload is not None:
         fields["max_payload"] = args.max_payload
@@ -148,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
         from cloud_service.http import MetricsHTTP
 
         try:
-            http = MetricsHTTP(server.metrics.registry, lambda: server.ready,
+            http = MetricsHTTP(server.metrics.registry, server.readiness,
                                host=config.metrics_host, port=config.metrics_port).start()
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {config.metrics_host}:"

@@ -2,8 +2,11 @@
 
 ``/metrics`` is prometheus-client's text exposition of one worker's own registry
 (:attr:`cloud_service.metrics.Metrics.registry`), ``/healthz`` answers 200 while the
-process is alive, ``/readyz`` 200 only while ``ready()`` says so (the server: connected
-to the broker and subscribed), else 503. Everything else is 404. Served by the standard
+process is alive, ``/readyz`` 200 only while ``ready()`` says so (the server,
+:meth:`cloud_service.server.Server.readiness`: subscribed on a live connection and every
+split directory served, a hot reload in progress included), else 503; ``ready()`` may
+return a bool or ``(bool, text)``, the text (the reasons, the stale splits) being the
+body. Everything else is 404. Served by the standard
 library's threading HTTP server in a daemon thread, bound to 127.0.0.1 unless told.
 """
 
@@ -22,7 +25,8 @@ __all__ = ["MetricsHTTP"]
 class MetricsHTTP:
     """Serve ``registry`` and the health probes on ``host:port`` (0 = a free port)."""
 
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool], *,
+    def __init__(self, registry: CollectorRegistry,
+                 ready: Callable[[], bool | tuple[bool, str]], *,
                  host: str = "127.0.0.1", port: int = 0) -> None:
         outer = self
 
@@ -36,8 +40,8 @@ class MetricsHTTP:
                 elif path == "/healthz":
                     self._reply(200, b"ok\n")
                 elif path == "/readyz":
-                    ok = outer.is_ready()
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    ok, text = outer.readiness()
+                    self._reply(200 if ok else 503, text.encode())
                 else:
                     self._reply(404, b"not found: /metrics, /healthz, /readyz\n")
 
@@ -59,10 +63,18 @@ class MetricsHTTP:
         self._thread: threading.Thread | None = None
 
     def is_ready(self) -> bool:
+        return self.readiness()[0]
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, body of /readyz)."""
         try:
-            return bool(self._ready())
-        except Exception:
-            return False
+            got = self._ready()
+        except Exception as exc:
+            return False, f"not ready\nreadiness check failed: {exc!r}\n"
+        if isinstance(got, tuple):
+            ok, text = bool(got[0]), str(got[1])
+            return ok, text if text.endswith("\n") else text + "\n"
+        return bool(got), "ready\n" if got else "not ready\n"
 
     @property
     def address(self) -> tuple[str, int]:

@@ -54,14 +54,26 @@ class Metrics:
     reconnects: int = 0
     duplicates: int = 0  # requests seen again by (device, id): dropped or answered from cache
     fenced: int = 0  # silent peers this worker fenced (cloud_service.heartbeat)
+    # Hot reload (cloud_service.reload): splits added, replaced or removed while serving;
+    # new versions that failed to load (the previous one, if any, kept serving).
+    reloads: int = 0
+    reload_failures: int = 0
+    # split directories without a loaded tail of their newest version (failed; loading)
+    reload_pending: Callable[[], int] = field(default=lambda: 0, repr=False)
+    # replaced tails still answering requests they accepted before the swap
+    tails_retiring: Callable[[], int] = field(default=lambda: 0, repr=False)
     queue_depth: Callable[[], int] = field(default=lambda: 0, repr=False)
     # (starved, held) seconds of the tail threads: no job at all / waiting for company
     tail_waits: Callable[[], tuple[float, float]] = field(default=lambda: (0.0, 0.0),
                                                           repr=False)
     in_flight: Callable[[], int] = field(default=lambda: 0, repr=False)
     started_at: float = field(default_factory=time.time)
-    # The split ids the ``split`` label may take (the worker sets its registry's ids).
+    # The split ids the ``split`` label may take (the worker sets its registry's ids; a
+    # reload adds the new ones and keeps the removed ones' series).
     splits: frozenset[str] = frozenset()
+    # The split ids served now (the registry's keys; the hot reload changes them).
+    splits_now: Callable[[], frozenset[str]] = field(default=lambda: frozenset(),
+                                                     repr=False)
     # Per split (label value from split_label): requests decoded, answers acknowledged,
     # error answers by (split, code).
     split_requests: Counter[str] = field(default_factory=Counter)
@@ -143,6 +155,11 @@ class Metrics:
             "reconnects": self.reconnects,
             "duplicates": self.duplicates,
             "fenced": self.fenced,
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "splits_served": len(self.splits_now()),
+            "reload_pending": self.reload_pending(),
+            "tails_retiring": self.tails_retiring(),
             "uptime_s": time.time() - self.started_at,
         }
 
@@ -157,11 +174,17 @@ _COUNTERS = (
     ("reconnects", "broker reconnections"),
     ("duplicates", "requests received again (same device and id), not run twice"),
     ("fenced", "silent peer workers fenced off the broker"),
+    ("reloads", "splits added, replaced or removed by the hot reload"),
+    ("reload_failures", "new split versions that failed to load (the old one kept serving)"),
 )
 _GAUGES = (
     ("queue_depth", "requests waiting for a tail run"),
     ("replies_in_flight", "answers waiting for a PUBACK"),
     ("mean_batch_size", "samples per tail run since start"),
+    ("splits_served", "splits with a loaded tail"),
+    ("reload_pending", "split directories whose newest version is not served (failed or "
+     "loading)"),
+    ("tails_retiring", "replaced tails still answering the requests they accepted"),
 )
 
 

@@ -3,6 +3,9 @@
 :meth:`Registry.load` reads every split directory under ``--artifacts`` (as written by
 ``splitinfer split``), checks each tail against its manifest and opens it. A broken split
 is logged and skipped; a worker with nothing to serve does not start.
+:func:`split_directories` is what counts as a split directory there (symbolic links
+followed, hidden directories skipped: a staging copy ``.digits.new`` is not served); the
+hot reload (:mod:`cloud_service.reload`) swaps tails in and out with :meth:`Registry.swap`.
 :meth:`Tail.prepare` checks a request's tensors against ``manifest.cut`` ("expected X,
 got Y", :func:`splitinfer.tensors.check_tensors`, the edge agent's own check) before it
 may join a batch.
@@ -10,7 +13,9 @@ may join a batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,7 @@ from splitinfer.errors import (
     TensorError,
 )
 from splitinfer.imagecodec import ImageCodec
-from splitinfer.manifest import Manifest, TensorSpec, find_split_dirs, sha256_file
+from splitinfer.manifest import MANIFEST_NAME, Manifest, TensorSpec, sha256_file
 from splitinfer.tensors import check_tensors
 from splitinfer.wire import Envelope
 
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = ["Tail", "Prepared", "Registry", "session_options", "default_providers",
-           "SPINNING"]
+           "SPINNING", "split_directories", "open_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +130,25 @@ def session_options(threads: int = 0, *, spinning: str | bool = "off") -> ort.Se
     return opts
 
 
+_versions = itertools.count(1)
+
+
 class Tail:
-    """One split's tail: its manifest, its session and the request checks."""
+    """One split's tail: its manifest, its session and the request checks.
+
+    ``version`` is unique per opened tail (a reloaded split gets a new one: requests of
+    two versions never share a batch); ``in_flight`` counts the requests the worker
+    accepted for this tail and has not answered yet (on the event loop), so a replaced
+    version is retired only once it is 0.
+    """
 
     def __init__(self, manifest: Manifest, directory: Path, session: ort.InferenceSession
                  ) -> None:
         self.manifest = manifest
         self.directory = directory
         self.session = session
+        self.version = next(_versions)
+        self.in_flight = 0
         self.specs: tuple[TensorSpec, ...] = manifest.cut
         self.input_names = tuple(spec.name for spec in manifest.cut)
         self.output_names = tuple(spec.name for spec in manifest.outputs)
@@ -252,12 +268,47 @@ def _edge_only(directory: Path) -> bool:
     return True
 
 
+def split_directories(root: str | Path) -> list[Path]:
+    """``root`` itself if it holds a manifest, else every directory below it that does.
+
+    Symbolic links are followed (``artifacts/digits -> .versions/v7``, the atomic way to
+    replace a directory), each real directory once; directories whose name starts with
+    ``.`` are skipped (staging copies, Kubernetes' ``..data``), so a copy being written
+    beside the live one is never served.
+    """
+    root = Path(root)
+    if (root / MANIFEST_NAME).is_file():
+        return [root]
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or two links to one directory
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if MANIFEST_NAME in filenames and Path(dirpath) != root:
+            found.append(Path(dirpath))
+    return sorted(found)
+
+
+def open_directory(directory: Path, *, threads: int = 0, providers: Sequence[str] = (),
+                   spinning: str = "off") -> Tail | None:
+    """The tail of one split directory, None for an edge-only split (nothing to serve);
+    a SplitInferError says what is wrong with it."""
+    if _edge_only(directory):
+        return None
+    return Tail.open(directory, threads=threads, providers=providers, spinning=spinning)
+
+
 class Registry(Mapping[str, Tail]):
     """Every tail a worker serves, by split id."""
 
     def __init__(self, tails: Sequence[Tail] = ()) -> None:
         self._tails: dict[str, Tail] = {}
         self.failed: dict[str, str] = {}  # directory -> why it was skipped
+        self.edge_only: set[str] = set()  # directories of edge-only splits (not served)
         # split id -> tensor name -> image codec (cloud_only splits with an input_codec):
         # what splitinfer.wire.decode lets in encoded, decoding it before the full model.
         self.codecs: dict[str, dict[str, ImageCodec]] = {}
@@ -269,12 +320,33 @@ class Registry(Mapping[str, Tail]):
             other = self._tails[tail.split_id].directory
             log.warning("split %s in %s is already served from %s; keeping the first",
                         tail.split_id, tail.directory, other)
+            self.failed[str(tail.directory)] = (f"split {tail.split_id} is already served "
+                                                f"from {other}")
             return
+        self._put(tail)
+
+    def _put(self, tail: Tail) -> None:
         self._tails[tail.split_id] = tail
         codecs = {s.name: c for s in tail.specs
                   if (c := tail.manifest.codec_for(s.name)) is not None}
         if codecs:
             self.codecs[tail.split_id] = codecs
+        else:
+            self.codecs.pop(tail.split_id, None)
+
+    def swap(self, *, put: Sequence[Tail] = (), remove: Sequence[str] = ()) -> None:
+        """Remove the split ids ``remove``, then serve ``put`` (replacing a tail of the
+        same split id). Call on the event loop that submits requests: nothing runs in
+        between, so a request sees the old set or the new one, never a mix."""
+        for split_id in remove:
+            self._tails.pop(split_id, None)
+            self.codecs.pop(split_id, None)
+        for tail in put:
+            self._put(tail)
+
+    def by_directory(self) -> dict[str, Tail]:
+        """The tails served, by the directory (as a string) each was opened from."""
+        return {str(tail.directory): tail for tail in self._tails.values()}
 
     @classmethod
     def load(cls, root: str | Path, *, threads: int = 0, providers: Sequence[str] = (),
@@ -288,13 +360,15 @@ class Registry(Mapping[str, Tail]):
                                "directories written by 'splitinfer split'")
         registry = cls()
         edge_only = 0
-        for directory in find_split_dirs(root):
+        for directory in split_directories(root):
             try:
-                if _edge_only(directory):
+                opened = open_directory(directory, threads=threads, providers=providers,
+                                        spinning=spinning)
+                if opened is None:
                     edge_only += 1
+                    registry.edge_only.add(str(directory))
                     continue
-                tail = Tail.open(directory, threads=threads, providers=providers,
-                                 spinning=spinning)
+                tail = opened
             except SplitInferError as exc:
                 registry.failed[str(directory)] = str(exc)
                 log.error("skipping split directory %s: %s", directory, exc)

@@ -55,7 +55,8 @@ from cloud_service.broker_check import (
 from cloud_service.config import Config
 from cloud_service.heartbeat import HeartbeatPublisher, Load, PeerWatcher, Watchdog, fence
 from cloud_service.metrics import ErrorLog, Metrics
-from cloud_service.registry import Registry
+from cloud_service.registry import Registry, open_directory
+from cloud_service.reload import Reloader, readiness_problems, scan
 from cloud_service.worker import Incoming, Worker
 from splitinfer.errors import StartupError, TransportError
 from splitinfer.mqtt_client import (
@@ -110,8 +111,12 @@ class Server:
         self.error: BaseException | None = None  # why serve() ended, if it failed
         self.protocol: str | None = None  # "5" or "3.1.1" once connected
         self.drained_cleanly: bool | None = None
-        # Readiness (/readyz, cloud_service.http): True while connected and subscribed.
-        self.ready = False
+        # Readiness (/readyz, cloud_service.http): connected and subscribed (assigned
+        # below as ``self.ready``), and every split directory served (see ``ready``).
+        self._subscribed = False
+        # Hot reload of config.artifacts (cloud_service.reload); None when off, or when
+        # the registry was handed in rather than loaded from there.
+        self.reloader: Reloader | None = None
         self._should_exit = False
         self._force_exit = False
         self._draining = False
@@ -139,6 +144,35 @@ class Server:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         if config.fence_after_s > 0:
             self.watcher = PeerWatcher(config.heartbeat_id, config.fence_after_s)
+
+    # --- readiness (any thread) ---------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Subscribed on a live connection, and every split directory has a tail serving
+        it (a reload in progress keeps the old one serving: ready throughout)."""
+        return self._subscribed and not self.unready_reasons()
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._subscribed = value
+
+    def unready_reasons(self) -> list[str]:
+        """What keeps the worker from being ready; [] when it is (or not started yet and
+        nothing is known)."""
+        reasons = [] if self._subscribed else ["not subscribed to the broker"]
+        if self.reloader is not None:
+            return reasons + self.reloader.problems()
+        if self.registry is not None:
+            return reasons + readiness_problems(self.registry)
+        return reasons
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, text) for ``/readyz``: one line per reason, or per stale split."""
+        reasons = self.unready_reasons()
+        stale = self.reloader.stale() if self.reloader is not None else []
+        head = "not ready" if reasons else "ready"
+        return not reasons, "\n".join([head, *reasons, *stale]) + "\n"
 
     # --- exit requests (any thread) ------------------------------------------------------
 
@@ -259,6 +293,9 @@ class Server:
 
     async def _serve(self) -> None:
         cfg = self.config
+        # Fingerprints taken before loading: a directory changed while it loads is seen.
+        watch = self.registry is None and cfg.reload
+        known = (await asyncio.to_thread(scan, cfg.artifacts) if watch else None) or {}
         if self.registry is None:
             self.registry = await asyncio.to_thread(
                 Registry.load, cfg.artifacts, threads=cfg.threads, providers=cfg.providers,
@@ -268,6 +305,13 @@ class Server:
         worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics,
                                       publish_nowait=self._publish_nowait,
                                       max_packet=self._packet_limit)
+        if watch:
+            self.reloader = Reloader(
+                cfg.artifacts, self.registry, self.metrics, known=known,
+                load=lambda d: open_directory(d, threads=cfg.threads,
+                                              providers=cfg.providers,
+                                              spinning=cfg.spinning),
+                interval_s=cfg.reload_interval_s, settle_s=cfg.reload_settle_s)
         try:
             client = await self._connect()
         except TransportError as exc:
@@ -289,6 +333,8 @@ class Server:
                       asyncio.create_task(self._report(), name="metrics-log")]
             if self.heartbeat is not None:
                 tasks.append(asyncio.create_task(self.heartbeat.run(), name="heartbeat"))
+            if self.reloader is not None:
+                tasks.append(asyncio.create_task(self.reloader.run(), name="hot-reload"))
             if self.watcher is not None:
                 watchdog = Watchdog(
                     self.watcher, self._fence, self._publish_status,

@@ -125,15 +125,19 @@ class Job:
     reply: ReplyAddress
     received: float  # unix seconds
     dedupe: Key | None = None  # (device, request id) while pending
+    # The tail that checked it and runs it: a split reloaded meanwhile (hot reload) still
+    # answers this request with the version that accepted it.
+    tail: Tail | None = None
     lane: str = field(init=False)
     samples: int = field(init=False)
-    key: tuple[tuple[int, ...], ...] = field(init=False)
+    key: tuple[int, tuple[tuple[int, ...], ...]] = field(init=False)
     deadline: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.lane = self.request.split_id
         self.samples = self.prepared.samples
-        self.key = self.prepared.key
+        # two versions of one split never share a batch
+        self.key = (self.tail.version if self.tail is not None else 0, self.prepared.key)
         self.deadline = self.request.deadline
 
 
@@ -176,6 +180,7 @@ class Worker:
         self.metrics.tail_waits = lambda: (self._batcher.starved_s, self._batcher.held_s)
         self.metrics.in_flight = lambda: len(self._replies)
         self.metrics.splits = frozenset(registry)
+        self.metrics.splits_now = lambda: frozenset(self.registry)
 
     # --- intake --------------------------------------------------------------------------
 
@@ -257,12 +262,13 @@ class Worker:
             self._fail(ErrorCode.BAD_MESSAGE, "no reply address (no response topic, no 'rt', "
                        "not a request topic)", msg=msg, addr=None, now=now, env=env)
             return
-        if not self._batcher.offer(Job(env, prepared, addr, now, key)):
+        if not self._batcher.offer(Job(env, prepared, addr, now, key, tail)):
             self._fail(ErrorCode.OVERLOADED, f"queue full ({self.config.queue_size} requests "
                        "waiting); retry later", msg=msg, addr=addr, now=now, env=env)
             return
         if key is not None:
             self._pending.add(key)
+        tail.in_flight += 1
         self._accepted += 1
         self._settled.clear()
 
@@ -284,8 +290,11 @@ class Worker:
         self._send_payload(addr, cached, ok=False)  # counted once, as the first answer
         return True
 
-    def _settle(self, jobs: int) -> None:
-        self._accepted -= jobs
+    def _settle(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            if job.tail is not None:
+                job.tail.in_flight -= 1
+        self._accepted -= len(jobs)
         if self._accepted <= 0:
             self._settled.set()
 
@@ -393,7 +402,7 @@ class Worker:
         self._post(self._answer_expired, job, late)
 
     def _answer_expired(self, job: Job, late: float) -> None:
-        self._settle(1)
+        self._settle((job,))
         self._forget(job)
         self._fail(ErrorCode.DEADLINE_EXPIRED, f"deadline passed while queued ({late:.3f} s "
                    "late)", msg=None, addr=job.reply, now=job.received, env=job.request)
@@ -401,7 +410,7 @@ class Worker:
     def _run_batch(self, split_id: str, jobs: list[Job]) -> None:
         batched = time.time()
         try:
-            per_job, t0, t1 = _run(self.registry[split_id], jobs)
+            per_job, t0, t1 = _run(self._tail_of(split_id, jobs), jobs)
         except Exception as exc:
             self._post(self._answer_batch, split_id, jobs, exc, batched, batched, batched)
             return
@@ -420,7 +429,7 @@ class Worker:
     def _answer_batch(self, split_id: str, jobs: list[Job],
                       per_job: list[Outputs | Exception] | Exception, batched: float,
                       t0: float, t1: float) -> None:
-        self._settle(len(jobs))
+        self._settle(jobs)
         for job in jobs:
             self._forget(job)
             job.request.timestamps["batched"] = batched
@@ -433,7 +442,7 @@ class Worker:
             return
         self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0,
                            split=split_id)
-        tail = self.registry[split_id]
+        tail = self._tail_of(split_id, jobs)
         specs = tail.output_specs
         for job, outputs in zip(jobs, per_job, strict=True):
             job.request.timestamps["tail_start"] = t0
@@ -449,6 +458,12 @@ class Worker:
                                  compression=answer_compression(job.request))
             if payload is not None and job.dedupe is not None:
                 self._results.put(job.dedupe, payload, job.deadline)
+
+    def _tail_of(self, split_id: str, jobs: Sequence[Job]) -> Tail:
+        """The tail a batch runs on: the one its jobs were accepted by (one version per
+        batch: the version is in the batching key)."""
+        tail = jobs[0].tail
+        return tail if tail is not None else self.registry[split_id]
 
     def _forget(self, job: Job) -> None:
         if job.dedupe is not None:
