@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -296,6 +297,23 @@ def test_appearing_going_moving_and_conflicting_directories(tmp_path: Path) -> N
     shutil.rmtree(root / "c")
     rig.settle()
     assert rig.reloader.problems() == []
+
+
+def test_a_symbolic_link_swap_is_a_replacement(tmp_path: Path) -> None:
+    """``digits -> .versions/v1`` re-pointed at ``.versions/v2`` in one rename."""
+    root = tmp_path / "artifacts"
+    v1 = make_split(root / ".versions" / "v1", "live", seed=1)
+    v2 = make_split(root / ".versions" / "v2", "live", seed=2)
+    (root / "live").symlink_to(Path(".versions") / "v1" / "live")
+    rig = Rig(root, settle_s=0.0)
+    assert list(rig.registry.by_directory()) == [str(root / "live")]  # not the hidden ones
+    x = v1.sample(1)
+    np.testing.assert_allclose(rig.answer("live", x), v1.expected(x), rtol=1e-5, atol=1e-5)
+    (root / ".live.tmp").symlink_to(Path(".versions") / "v2" / "live")
+    os.replace(root / ".live.tmp", root / "live")
+    rig.settle()
+    np.testing.assert_allclose(rig.answer("live", x), v2.expected(x), rtol=1e-5, atol=1e-5)
+    assert rig.metrics.reloads == 1 and list(rig.registry) == ["live"]
 
 
 def test_an_unreadable_artifacts_directory_removes_nothing(tmp_path: Path,
@@ -628,6 +646,7 @@ def test_replacing_a_split_under_50_requests_a_second_loses_nothing(
         "worker_reloads": metrics.get("splitinfer_worker_reloads_total"),
         "worker_reload_failures": metrics.get("splitinfer_worker_reload_failures_total"),
         **{k: round(v, 3) for k, v in timings.items()},
+        "tail_load_ms": [int(m) for m in re.findall(r"replaced from \S+ \(load (\d+) ms", out)],
     }
     print("hot reload under load:", json.dumps(summary))
     assert len(log) == int(rate * 11.5)
