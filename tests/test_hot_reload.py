@@ -116,6 +116,37 @@ def test_zero_settle_acts_on_the_second_identical_scan() -> None:
         ChangeDetector({}, settle_s=-1)
 
 
+# --- flags ---------------------------------------------------------------------------------
+
+def parse(*argv: str) -> Config:
+    from cloud_service.cli import config_from_args
+    from splitinfer.cli import build_parser
+
+    args = build_parser().parse_args(["cloud", "serve", "--artifacts", ".", *argv])
+    return config_from_args(args)
+
+
+def test_reload_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitinfer.errors import BadInputError
+
+    cfg = parse()
+    assert (cfg.reload, cfg.reload_interval_s, cfg.reload_settle_s) == (True, 1.0, 1.0)
+    cfg = parse("--no-reload", "--reload-interval", "0.5", "--reload-settle", "0")
+    assert (cfg.reload, cfg.reload_interval_s, cfg.reload_settle_s) == (False, 0.5, 0.0)
+    monkeypatch.setenv("SPLITINFER_RELOAD", "off")
+    monkeypatch.setenv("SPLITINFER_RELOAD_INTERVAL", "2")
+    assert (parse().reload, parse().reload_interval_s) == (False, 2.0)
+    assert parse("--reload").reload is True  # the flag beats the environment
+    monkeypatch.setenv("SPLITINFER_RELOAD", "sometimes")
+    with pytest.raises(BadInputError, match="SPLITINFER_RELOAD='sometimes': expected one of"):
+        parse()
+    monkeypatch.delenv("SPLITINFER_RELOAD")
+    with pytest.raises(BadInputError, match="reload_interval_s"):
+        parse("--reload-interval", "0")
+    with pytest.raises(BadInputError, match="reload_settle_s"):
+        parse("--reload-settle", "-1")
+
+
 # --- the file system side -----------------------------------------------------------------
 
 def test_fingerprint_sees_in_place_and_rename_replacements(tmp_path: Path) -> None:
@@ -609,6 +640,23 @@ def test_replacing_a_split_under_50_requests_a_second_loses_nothing(
                     assert time.monotonic() - removed < 5, "removed split still served"
                     await asyncio.sleep(0.05)
                 timings["removed_s"] = time.monotonic() - removed
+                # a new directory that cannot be served: /readyz 503 naming it, then 200
+                (root / "broken").mkdir()
+                (root / "broken" / "manifest.json").write_text("{not json")
+                until = time.monotonic() + 5
+                seen = set()
+                while "not served" not in (got := await asyncio.to_thread(
+                        http_get, http + "/readyz"))[1]:
+                    seen.add(got[0])
+                    assert time.monotonic() < until, f"/readyz said {got}"
+                    await asyncio.sleep(0.05)
+                assert seen <= {200, 503}  # 503 "loading" first, at most
+                broken_readyz.append(f"{got[0]} {got[1]}")
+                shutil.rmtree(root / "broken")
+                until = time.monotonic() + 5
+                while (await asyncio.to_thread(http_get, http + "/readyz"))[0] != 200:
+                    assert time.monotonic() < until, "/readyz not back to 200"
+                    await asyncio.sleep(0.05)
             finally:
                 await fresh.close()
         finally:
@@ -616,6 +664,7 @@ def test_replacing_a_split_under_50_requests_a_second_loses_nothing(
                 await agent.close()
 
     timings: dict[str, float] = {}
+    broken_readyz: list[str] = []
     asyncio.run(main())
     metrics = scrape(http)
     ready_after = http_get(http + "/readyz")
@@ -655,10 +704,13 @@ def test_replacing_a_split_under_50_requests_a_second_loses_nothing(
     assert summary["versions_answered"] == [1, 2, 3, 4]
     assert set(ready_during) == {200}, "not ready at some point during the reloads"
     assert ready_after[0] == 200, ready_after
-    assert metrics["splitinfer_worker_reload_failures_total"] == 0
-    # 3 replacements + fresh added + fresh removed (in-place may count twice if the
+    (body,) = broken_readyz
+    assert body.startswith("503 not ready\n") and f"{root / 'broken'}: not served:" in body
+    assert metrics["splitinfer_worker_reload_failures_total"] == 1  # the broken one alone
+    # 3 replacements + fresh added + fresh removed (in place may count twice if the
     # writer was seen mid-way; never fewer)
     assert metrics["splitinfer_worker_reloads_total"] >= 5
+    assert metrics["splitinfer_worker_splits_served"] == 2
     assert metrics["splitinfer_worker_answered_total"] >= answered
     assert proc.returncode == 0, out
     assert "hot reload: split live replaced" in out
