@@ -609,7 +609,8 @@ def test_replacing_a_split_under_50_requests_a_second_loses_nothing(
             await side[0]
             stop.set()
             await side[1]
-            assert sent_for < 11.5 * 1.2, f"the load fell behind: {sent_for:.1f} s"
+            # paced from one loop: on a busy machine it may lag a little, never by much
+            assert sent_for < 11.5 * 1.5, f"the load fell behind: {sent_for:.1f} s"
 
             # a split directory that appears is served, one that goes is not
             make_split(root, "fresh", seed=12)
