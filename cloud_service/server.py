@@ -33,6 +33,11 @@ session (taken over with a clean start, as a fence does) so a replica that left 
 more share. The heartbeat (:mod:`cloud_service.heartbeat`) beats ``online``,
 ``draining`` from the first signal, ``offline`` on the way out (and as the last will);
 the watchdog fences a peer that went silent.
+
+Hot reload (:mod:`cloud_service.reload`, ``Config.reload``): when the server loaded its
+registry from ``config.artifacts`` itself, a task follows that directory and swaps tails
+in and out on this loop. ``ready`` (``/readyz``) is subscribed on a live connection and
+every split directory served (:meth:`Server.readiness` says why not).
 """
 
 from __future__ import annotations

@@ -347,6 +347,30 @@ def test_a_symbolic_link_swap_is_a_replacement(tmp_path: Path) -> None:
     assert rig.metrics.reloads == 1 and list(rig.registry) == ["live"]
 
 
+def test_a_kubernetes_volume_update_is_a_replacement(tmp_path: Path) -> None:
+    """The layout of a mounted ConfigMap/Secret: the files are links through ``..data``,
+    itself a link to a hidden timestamped directory that an update replaces atomically."""
+    root = tmp_path / "mount"
+    v1 = make_split(tmp_path / "src1", "live", seed=1)
+    v2 = make_split(tmp_path / "src2", "live", seed=2)
+    root.mkdir()
+    shutil.copytree(v1.directory, root / "..2026_12_03_07_00_00.1")
+    (root / "..data").symlink_to("..2026_12_03_07_00_00.1")
+    for name in ("manifest.json", "tail.onnx", "head.onnx"):
+        (root / name).symlink_to(Path("..data") / name)
+    rig = Rig(root, settle_s=0.0)
+    assert list(rig.registry.by_directory()) == [str(root)]
+    x = v1.sample(1)
+    np.testing.assert_allclose(rig.answer("live", x), v1.expected(x), rtol=1e-5, atol=1e-5)
+    shutil.copytree(v2.directory, root / "..2026_12_03_08_00_00.2")  # what kubelet does
+    (root / "..data_tmp").symlink_to("..2026_12_03_08_00_00.2")
+    os.replace(root / "..data_tmp", root / "..data")
+    shutil.rmtree(root / "..2026_12_03_07_00_00.1")
+    rig.settle()
+    np.testing.assert_allclose(rig.answer("live", x), v2.expected(x), rtol=1e-5, atol=1e-5)
+    assert rig.metrics.reloads == 1 and rig.reloader.problems() == []
+
+
 def test_an_unreadable_artifacts_directory_removes_nothing(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture
                                                              ) -> None:
