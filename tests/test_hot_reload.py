@@ -528,6 +528,7 @@ def cloud_serve(mosquitto: MosquittoBroker, tmp_path: Path, topic_prefix: str) -
             proc.communicate()
 
 
+@pytest.mark.integration
 def test_replacing_a_split_under_50_requests_a_second_loses_nothing(
         mosquitto: MosquittoBroker, cloud_serve: Any, topic_prefix: str,
         tmp_path: Path) -> None:
