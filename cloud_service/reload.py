@@ -247,7 +247,7 @@ class Reloader:
     async def apply(self, changes: Sequence[Change]) -> None:
         """Load the new versions (one at a time, in a thread, the old ones serving), then
         swap them all in at once on the loop."""
-        loaded: dict[str, Tail | SplitInferError | None] = {}
+        loaded: dict[str, Tail | Exception | None] = {}
         for change in changes:
             if change.gone:
                 continue
@@ -257,12 +257,15 @@ class Reloader:
                     self._load, Path(change.directory))
             except SplitInferError as exc:
                 loaded[change.directory] = exc
+            except Exception as exc:  # e.g. a file removed while being read: tried again
+                loaded[change.directory] = exc  # when the directory changes again
+                log.debug("hot reload: loading %s failed", change.directory, exc_info=True)
             self.last_load_s = self._clock() - started
         self._swap(changes, loaded)  # no await from here on: atomic for the requests
         self._retire()
 
     def _swap(self, changes: Sequence[Change],
-              loaded: Mapping[str, Tail | SplitInferError | None]) -> None:
+              loaded: Mapping[str, Tail | Exception | None]) -> None:
         registry = self.registry
         served = registry.by_directory()
         remove: list[str] = []
@@ -295,6 +298,8 @@ class Reloader:
             new = loaded[directory]
             if isinstance(new, SplitInferError):
                 self._failed(directory, str(new), old)
+            elif isinstance(new, Exception):
+                self._failed(directory, f"{type(new).__name__}: {new}", old)
             elif new is None:  # edge-only now: nothing to serve
                 registry.failed.pop(directory, None)
                 registry.edge_only.add(directory)

@@ -284,6 +284,32 @@ def test_a_broken_new_version_keeps_the_old_one_serving(tmp_path: Path,
     assert rig.reloader.stale() == [] and rig.metrics.snapshot()["reload_pending"] == 0
 
 
+def test_an_unexpected_load_failure_is_a_failed_version_not_a_stuck_reloader(
+        tmp_path: Path) -> None:
+    """A file vanishing while it is read (OSError, not a SplitInferError) fails that
+    version like any other: logged, counted, the old one serving, tried again on change."""
+    root = tmp_path / "artifacts"
+    v1 = make_split(root, "live", seed=1)
+    rig = Rig(root, settle_s=0.0)
+    old = rig.registry["live"]
+
+    def vanishing(directory: Path) -> Tail | None:
+        raise FileNotFoundError(2, "No such file or directory", str(directory / "tail.onnx"))
+
+    rig.reloader._load = vanishing
+    (v1.directory / "head.onnx").touch()
+    rig.settle()
+    assert rig.registry["live"] is old and rig.metrics.reload_failures == 1
+    (stale,) = rig.reloader.stale()
+    assert "FileNotFoundError" in stale
+    rig.settle()
+    assert rig.metrics.reload_failures == 1  # not retried until it changes
+    rig.reloader._load = load
+    (v1.directory / "head.onnx").write_bytes((v1.directory / "head.onnx").read_bytes())
+    rig.settle()
+    assert rig.registry["live"] is not old and rig.reloader.stale() == []
+
+
 def test_appearing_going_moving_and_conflicting_directories(tmp_path: Path) -> None:
     root = tmp_path / "artifacts"
     make_split(root, "a", seed=1)
