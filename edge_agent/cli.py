@@ -127,7 +127,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     flag("--concurrency", "1", type=int, metavar="N",
          help="requests in flight at once (default 1: latency without self-queueing)")
     flag("--threads", "0", type=int, metavar="N",
-         help="onnxruntime intra-op threads for the head (default 0: onnxruntime decides)")
+         help="intra-op threads for the head (default 0: onnxruntime decides; LiteRT: one "
+              "per core)")
+    flag("--head-backend", "auto", choices=("auto", "onnx", "tflite"), dest="head_backend",
+         help="run head.onnx on onnxruntime or head.tflite on LiteRT (splitinfer split "
+              "--head-format tflite); auto: onnxruntime where installed, else LiteRT")
     p.add_argument("--keep-going", action="store_true", dest="keep_going",
                    default=env_default("--keep-going", "") not in ("", "0", "false"),
                    help="send every request even after one got no worker's answer "
@@ -188,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
                                       split=args.split, threads=args.threads or None)
     else:
         agent = EdgeAgent.from_artifacts(args.artifacts, config=config,
-                                         threads=args.threads or None)
+                                         threads=args.threads or None,
+                                         head_backend=args.head_backend)
     arrays, ignored = read_inputs(args.input, agent.manifest)
     if ignored:
         print(f"splitinfer edge run: note: ignoring {ignored} in {args.input} (not inputs of "

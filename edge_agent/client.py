@@ -223,10 +223,13 @@ class EdgeAgent(Supervisor, PendingRequests):
     @classmethod
     def from_artifacts(cls, directory: str | Path, *, config: AgentConfig,
                        connector: Connector | None = None, threads: int | None = None,
-                       verify: bool = True) -> EdgeAgent:
-        """Load ``manifest.json`` + the head from a split directory (``splitinfer split``)."""
+                       verify: bool = True, head_backend: str | None = None) -> EdgeAgent:
+        """Load ``manifest.json`` + the head from a split directory (``splitinfer split``);
+        ``head_backend``: ``onnx``, ``tflite`` or ``auto`` (:func:`~edge_agent.runtime.
+        choose_backend`)."""
         manifest = Manifest.load(directory)
-        head = load_head(manifest, directory, threads=threads, verify=verify)
+        head = load_head(manifest, directory, threads=threads, verify=verify,
+                         backend=head_backend)
         return cls(manifest=manifest, config=config, head=head, connector=connector)
 
     # ------------------------------------------------------------------ lifecycle

@@ -1,20 +1,26 @@
-"""Head backends: run ``head.onnx`` on the device, behind one small interface.
+"""Head backends: run the head on the device, behind one small interface.
 
 :class:`HeadRuntime` is what the agent calls; :class:`OrtHead` runs an ONNX head with
-onnxruntime (imported when a head is loaded, so ``import edge_agent`` stays light).
-:func:`load_head` reads a split directory, checks the head file against the manifest
-(sha256, input and output names) and picks the backend by file suffix. A TFLite backend
-(ai-edge-litert) would slot in here for ``.tflite`` heads; it is not written yet.
+onnxruntime, :class:`TfliteHead` a ``head.tflite`` (``splitinfer split --head-format
+tflite``) with LiteRT (ai-edge-litert, the ``edge-tflite`` extra: no onnxruntime on the
+device). Each runtime is imported when a head is loaded, so ``import edge_agent`` stays
+light and imports neither. :func:`load_head` reads a split directory, picks the backend
+(:data:`BACKENDS`: ``auto`` takes onnxruntime where it is installed, else LiteRT where the
+split has a TFLite head; ``SPLITINFER_HEAD_BACKEND`` sets the default) and checks the file
+against the manifest (sha256, input and output names).
 The baselines: a ``cloud_only`` split has no head file, and :func:`load_head` gives a
 :class:`PassThroughHead` (the model inputs *are* the cut); an ``edge_only`` split's head
 is the whole model (its "cut" lists the model outputs).
 
-Never imports ``onnx``: a Raspberry Pi install has onnxruntime only.
+Never imports ``onnx``: a Raspberry Pi install has onnxruntime or LiteRT only.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,10 +30,10 @@ import numpy.typing as npt
 
 from splitinfer import ort_config
 from splitinfer.errors import BadInputError, ManifestError, StartupError, TensorError
-from splitinfer.manifest import Manifest, sha256_file
+from splitinfer.manifest import Manifest, TfliteRef, sha256_file
 
-__all__ = ["HeadRuntime", "OrtHead", "PassThroughHead", "load_head", "fixed_batch",
-           "SPINNING"]
+__all__ = ["HeadRuntime", "OrtHead", "TfliteHead", "PassThroughHead", "load_head",
+           "fixed_batch", "choose_backend", "SPINNING", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -35,6 +41,9 @@ Array = npt.NDArray[Any]
 # onnxruntime pool threads: spin while a run lasts ("run"), also after it ("always",
 # onnxruntime's default), or never ("off").
 SPINNING = ("run", "always", "off")
+# head backends: "onnx" (onnxruntime, head.onnx), "tflite" (LiteRT, head.tflite), "auto"
+BACKENDS = ("auto", "onnx", "tflite")
+BACKEND_ENV = "SPLITINFER_HEAD_BACKEND"
 
 
 class HeadRuntime(Protocol):
@@ -110,6 +119,70 @@ class OrtHead:
                                                                  strict=True)}
 
 
+class TfliteHead:
+    """A TFLite head (``head.tflite``) on LiteRT's interpreter (``ai_edge_litert``).
+
+    The file's signature takes the manifest's inputs and gives its cut under the keys
+    ``ref`` maps them to (the manifest's ``head_tflite``); the converter already put the
+    cut in the layout, dtype and quantization the tail expects, so nothing is transposed
+    or cast here. ``threads``: LiteRT's CPU threads (XNNPACK; default one per core). A
+    LiteRT interpreter is not thread-safe, so calls are serialised; a batch size other than
+    the last call's makes LiteRT resize the input and re-plan (once per size change).
+    """
+
+    def __init__(self, path: str | Path, ref: TfliteRef, *, threads: int | None = None) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as exc:
+            raise StartupError(f"{path}: a TFLite head needs LiteRT: pip install "
+                               f"'splitinfer[edge-tflite]' ({exc})") from exc
+        self.path = Path(path)
+        self.threads = threads or os.cpu_count() or 1
+        try:
+            self._interpreter = Interpreter(model_path=str(self.path),
+                                            num_threads=self.threads)
+            self._runner = self._interpreter.get_signature_runner(ref.signature)
+        except (ValueError, RuntimeError) as exc:
+            raise ManifestError(f"{self.path}: LiteRT cannot load the head (signature "
+                                f"{ref.signature!r}): {exc}") from exc
+        have_in = set(self._runner.get_input_details())
+        have_out = set(self._runner.get_output_details())
+        if set(ref.inputs.values()) != have_in or set(ref.outputs.values()) != have_out:
+            raise ManifestError(f"{self.path}: its signature takes {sorted(have_in)} and "
+                                f"gives {sorted(have_out)}; the manifest's head_tflite maps "
+                                f"{dict(ref.inputs)} and {dict(ref.outputs)}")
+        self._keys = dict(ref.inputs)
+        self._names = {key: name for name, key in ref.outputs.items()}
+        self._inputs = tuple(ref.inputs)
+        self._outputs = tuple(ref.outputs)
+        self._lock = threading.Lock()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self._outputs
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        feeds = {self._keys[name]: value for name, value in inputs.items()
+                 if name in self._keys}
+        missing = [n for n in self._inputs if n not in inputs]
+        if missing:
+            raise TensorError(f"head {self.path.name} needs inputs {list(self._inputs)}, "
+                              f"got {sorted(inputs)} (missing {missing})")
+        try:
+            with self._lock:
+                results = self._runner(**feeds)
+                # the runner's arrays are views of the interpreter's buffers: copy before
+                # the next call overwrites them
+                return {self._names[key]: np.array(value) for key, value in results.items()}
+        except (ValueError, RuntimeError) as exc:  # LiteRT's dtype/shape complaints
+            got = {k: f"{v.dtype.name}{tuple(v.shape)}" for k, v in inputs.items()}
+            raise TensorError(f"head {self.path.name} rejected the inputs {got}: {exc}") from exc
+
+
 class PassThroughHead:
     """The head of a ``cloud_only`` split: runs nothing, the model inputs go out as the cut."""
 
@@ -141,13 +214,42 @@ def fixed_batch(manifest: Manifest) -> int | None:
     return None
 
 
+def choose_backend(manifest: Manifest, backend: str | None = None) -> str:
+    """``onnx`` or ``tflite`` for this split: ``backend`` (default ``$SPLITINFER_HEAD_BACKEND``
+    or ``auto``) where it names one; ``auto``: onnxruntime where it is installed, else
+    LiteRT where the split has a TFLite head and LiteRT is installed."""
+    wanted = backend or os.environ.get(BACKEND_ENV) or "auto"
+    where = f"split {manifest.split_id}"
+    if wanted not in BACKENDS:
+        raise BadInputError(f"head backend {wanted!r}: expected one of {', '.join(BACKENDS)}"
+                            + ("" if backend else f" (from ${BACKEND_ENV})"),
+                            split_id=manifest.split_id)
+    if wanted == "tflite" and manifest.head_tflite is None:
+        raise ManifestError(f"{where} has no TFLite head (no head_tflite in its manifest); "
+                            "convert one with 'splitinfer split ... --head-format tflite' or "
+                            "run the ONNX head", split_id=manifest.split_id)
+    if wanted != "auto":
+        return wanted
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return "onnx"
+    if manifest.head_tflite is not None and importlib.util.find_spec("ai_edge_litert"):
+        return "tflite"
+    hint = ("pip install 'splitinfer[edge-tflite]' (its head.tflite runs on LiteRT) or "
+            "'splitinfer[edge]'" if manifest.head_tflite is not None else
+            "pip install 'splitinfer[edge]' (this split has no head.tflite for "
+            "splitinfer[edge-tflite])")
+    raise StartupError(f"{where}: no runtime for its head is installed: {hint}",
+                       split_id=manifest.split_id)
+
+
 def load_head(manifest: Manifest, directory: str | Path, *, threads: int | None = None,
-              verify: bool = True) -> HeadRuntime:
+              verify: bool = True, backend: str | None = None) -> HeadRuntime:
     """The head of the split in ``directory``, checked against its manifest.
 
     ``verify`` compares the file's sha256 with the manifest's (a stale or partly copied
     head otherwise fails much later, as a wrong answer from the tail). A ``cloud_only``
-    split (no head file) gets a :class:`PassThroughHead`.
+    split (no head file) gets a :class:`PassThroughHead`. ``backend``: see
+    :func:`choose_backend`.
     """
     if manifest.head is None:
         if manifest.kind != "cloud_only":
@@ -155,21 +257,29 @@ def load_head(manifest: Manifest, directory: str | Path, *, threads: int | None 
                                 f"of kind {manifest.kind!r}; only a cloud_only split has none",
                                 split_id=manifest.split_id)
         return PassThroughHead(manifest)
-    path = manifest.resolve(directory, "head")
+    chosen = choose_backend(manifest, backend)
+    which = "head_tflite" if chosen == "tflite" else "head"
+    ref = manifest.head_tflite if chosen == "tflite" else manifest.head
+    path = manifest.resolve(directory, which)
     if not path.is_file():
         raise ManifestError(f"{path}: head file named by the manifest of {manifest.split_id} "
                             "is missing; copy the whole split directory to the device",
                             split_id=manifest.split_id)
-    if verify:
+    if verify and ref is not None:
         actual = sha256_file(path)
-        if actual != manifest.head.sha256:
+        if actual != ref.sha256:
             raise ManifestError(f"{path}: sha256 {actual[:12]}… does not match the manifest's "
-                                f"{manifest.head.sha256[:12]}…; the head and manifest.json come "
+                                f"{ref.sha256[:12]}…; the head and manifest.json come "
                                 "from different splits", split_id=manifest.split_id)
-    if path.suffix == ".tflite":
-        raise StartupError(f"{path}: TFLite heads are not supported yet; export the head as "
-                           "ONNX", split_id=manifest.split_id)
-    head = OrtHead(path, threads=threads)
+    head: HeadRuntime
+    if manifest.head_tflite is not None and chosen == "tflite":
+        head = TfliteHead(path, manifest.head_tflite, threads=threads)
+    elif path.suffix == ".tflite":
+        raise ManifestError(f"{path}: a .tflite file as the manifest's ONNX head; a TFLite "
+                            "head goes in head_tflite ('splitinfer split --head-format "
+                            "tflite')", split_id=manifest.split_id)
+    else:
+        head = OrtHead(path, threads=threads)
     check_head(head, manifest)
     return head
 

@@ -42,6 +42,17 @@ where nothing crosses): the codec a device and a worker use for this split's raw
 on the wire (:mod:`splitinfer.compression`), set where it pays on the samples
 (:func:`splitinfer.compression.pays`: the bytes saved take longer to send than the codec
 takes). Each tensor is still sent compressed only where that is smaller.
+
+Optional ``head_tflite`` (absent = none; ``splitinfer split --head-format tflite``): the
+same head converted to TFLite, beside ``head.onnx``, for devices that run LiteRT instead
+of onnxruntime. It takes the manifest's ``inputs`` and gives its ``cut`` (same layout,
+dtype and quantization); ``inputs``/``outputs`` map those names to the keys of the
+file's signature (TFLite names cannot hold every ONNX name)::
+
+    "head_tflite": {"path": "head.tflite", "sha256": "…", "signature": "serving_default",
+                    "inputs": {"image": "in_0"}, "outputs": {"pool": "out_0"}}
+
+``verification.tflite`` records how the TFLite head compared with the ONNX one.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ __all__ = [
     "Quantization",
     "TensorSpec",
     "FileRef",
+    "TfliteRef",
     "Manifest",
     "make_split_id",
     "sha256_file",
@@ -227,6 +239,32 @@ class FileRef:
 
 
 @dataclass(frozen=True)
+class TfliteRef:
+    """``head_tflite``: the file, and the manifest's tensor names → its signature keys."""
+
+    path: str
+    sha256: str
+    signature: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "signature": self.signature,
+                "inputs": dict(self.inputs), "outputs": dict(self.outputs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TfliteRef:
+        try:
+            return cls(path=str(data["path"]), sha256=str(data["sha256"]),
+                       signature=str(data["signature"]),
+                       inputs={str(k): str(v) for k, v in data["inputs"].items()},
+                       outputs={str(k): str(v) for k, v in data["outputs"].items()})
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(f"bad head_tflite entry {dict(data)!r}: expected path, "
+                                f"sha256, signature, inputs and outputs ({exc})") from exc
+
+
+@dataclass(frozen=True)
 class Manifest:
     split_id: str
     model: str
@@ -243,6 +281,7 @@ class Manifest:
     kind: str = "split"
     input_codec: Mapping[str, Any] | None = None
     compression: str | None = None
+    head_tflite: TfliteRef | None = None
     _codec: ImageCodec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -260,6 +299,19 @@ class Manifest:
             object.__setattr__(self, "_codec", self._check_codec(self.input_codec))
         if self.compression is not None:
             self._check_compression()
+        if self.head_tflite is not None:
+            self._check_tflite(self.head_tflite)
+
+    def _check_tflite(self, ref: TfliteRef) -> None:
+        where = f"manifest {self.split_id}: head_tflite"
+        if self.head is None:
+            raise ManifestError(f"{where}: a {self.kind} split has no head to convert")
+        for label, specs, given in (("inputs", self.inputs, ref.inputs),
+                                    ("outputs", self.cut, ref.outputs)):
+            want = sorted(s.name for s in specs)
+            if sorted(given) != want:
+                raise ManifestError(f"{where}: {label} maps {sorted(given)}; expected the "
+                                    f"{'inputs' if label == 'inputs' else 'cut'} {want}")
 
     def _check_compression(self) -> None:
         where = f"manifest {self.split_id}"
@@ -344,6 +396,8 @@ class Manifest:
             **({"extra": dict(self.extra)} if self.extra else {}),
             **({"input_codec": dict(self.input_codec)} if self.input_codec is not None else {}),
             **({"compression": self.compression} if self.compression is not None else {}),
+            **({"head_tflite": self.head_tflite.to_dict()}
+               if self.head_tflite is not None else {}),
         }
 
     @classmethod
@@ -369,6 +423,8 @@ class Manifest:
                 kind=str(data.get("kind", "split")),
                 input_codec=data.get("input_codec"),
                 compression=data.get("compression"),
+                head_tflite=TfliteRef.from_dict(data["head_tflite"])
+                if data.get("head_tflite") is not None else None,
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is missing or has a bad field: {exc}") from exc
@@ -401,12 +457,14 @@ class Manifest:
         return codec if codec is not None and codec.input == name else None
 
     def resolve(self, directory: str | Path, which: str) -> Path:
-        """Absolute path of ``head`` or ``tail`` for a manifest loaded from ``directory``.
+        """Absolute path of ``head``, ``tail`` or ``head_tflite`` for a manifest loaded from
+        ``directory``.
 
         Raises ManifestError when this kind of split has no such file (cloud_only: no head;
-        edge_only: no tail).
+        edge_only: no tail; a split converted without ``--head-format tflite``: no
+        head_tflite).
         """
-        ref = {"head": self.head, "tail": self.tail}[which]
+        ref = {"head": self.head, "tail": self.tail, "head_tflite": self.head_tflite}[which]
         if ref is None:
             raise ManifestError(f"split {self.split_id} ({self.kind}) has no {which} file")
         return (Path(directory) / ref.path).resolve()

@@ -265,6 +265,17 @@ def register_split(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
                    "(jpeg = jpeg:90); the split gets its own id and the manifest records "
                    "the bytes and the agreement with the uncompressed answers on the samples")
     add_compression(p)
+    p.add_argument("--head-format", choices=("onnx", "tflite"),
+                   default=env_default("--head-format", "onnx"),
+                   help="tflite: also convert the head to DIR/head.tflite (LiteRT; needs "
+                   "the splitter-tflite extra), keeping the cut's layout, dtype and "
+                   "quantization, verified against the ONNX head on the samples (top-1 "
+                   "agreement and max|diff| at the cut in the manifest's "
+                   "verification.tflite); default onnx")
+    p.add_argument("--tflite-min-agreement", type=_float,
+                   default=env_default("--tflite-min-agreement", "0.99"), metavar="SHARE",
+                   help="fail the split when the TFLite head's answers agree with the ONNX "
+                   "split's on fewer than SHARE of the samples (default 0.99)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_split)
 
@@ -277,7 +288,8 @@ def run_split(args: argparse.Namespace) -> int:
         tolerance=args.tolerance, verify=args.verify, model_name=args.name, seed=args.seed,
         external_data=args.external_data, input_shapes=_shapes(args.model, args.input_shape),
         fix_shapes=args.fix_shapes, input_codec=args.input_codec,
-        compression=args.compression)
+        compression=args.compression, head_format=args.head_format,
+        tflite_min_agreement=args.tflite_min_agreement)
     if args.json:
         print(json.dumps(result.to_dict()))
         return EXIT_OK
@@ -302,6 +314,13 @@ def run_split(args: argparse.Namespace) -> int:
     if measured:
         print(f"  compression: {m.compression or 'none'} ({measured['mode']}); "
               + _codecs_line(measured))
+    lite = m.verification.get("tflite")
+    if m.head_tflite is not None and lite:
+        print(f"  head.tflite: {_bytes(lite['tflite_bytes'])} (head.onnx "
+              f"{_bytes(lite['onnx_bytes'])}), converted in {lite['convert_s']:.1f} s; "
+              f"TFLite head -> ONNX tail agrees with the ONNX split on "
+              f"{100 * lite['agreement']:.1f}% of {lite['samples']} sample(s) "
+              f"({lite['match']}), max|diff| at the cut {lite['max_abs_diff_cut']:.3g}")
     return EXIT_OK
 
 

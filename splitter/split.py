@@ -18,6 +18,12 @@ sets the manifest's ``compression`` to that codec; ``"auto"`` runs the head on t
 measures the codecs of :data:`~splitinfer.compression.AUTO_CODECS` on its outputs (the
 cut tensors a device sends, batch 1 unless the files fix another) and keeps the one that
 pays on the reference link, or none; ``"none"`` / None leaves the manifest uncompressed.
+
+Head format (``head_format``): ``"tflite"`` also converts the head to ``head.tflite``
+(:mod:`splitter.tflite`, the ``splitter-tflite`` extra), records it as the manifest's
+``head_tflite`` and its comparison with the ONNX head on the samples as
+``verification.tflite``; a conversion that fails, or agrees on fewer than
+``tflite_min_agreement`` of the samples, fails the split (no manifest written).
 The measurement is written to ``verification.compression``
 (:func:`splitinfer.compression.report`: raw and compressed bytes per request, codec
 times, whether each pays, the choice). Give real ``samples``: generated inputs are
@@ -63,12 +69,13 @@ from splitter.verify import (
 )
 
 __all__ = ["SplitResult", "split_model", "cut_kind", "shapes_from_samples", "measure_codec",
-           "codec_input", "COMPRESSION_CHOICES", "cut_arrays", "cut_requests",
+           "codec_input", "COMPRESSION_CHOICES", "HEAD_FORMATS", "cut_arrays", "cut_requests",
            "measure_compression"]
 
 log = logging.getLogger(__name__)
 Samples = str | Path | Mapping[str, np.ndarray[Any, Any]] | None
 COMPRESSION_CHOICES = ("auto", "zstd", "lz4", "none")
+HEAD_FORMATS = ("onnx", "tflite")
 MAX_COMPRESSION_SAMPLES = 16  # requests the codecs are measured on
 
 
@@ -106,6 +113,9 @@ class SplitResult:
                if "compression" in self.manifest_obj.verification else {}),
             **({"analysis": self.manifest_obj.extra["analysis"]}
                if "analysis" in self.manifest_obj.extra else {}),
+            **({"head_tflite": self.manifest_obj.head_tflite.path,
+                "tflite": self.manifest_obj.verification.get("tflite")}
+               if self.manifest_obj.head_tflite is not None else {}),
         }
 
 
@@ -125,6 +135,8 @@ def split_model(
     fix_shapes: bool = False,
     input_codec: str | CodecSpec | None = None,
     compression: str | None = None,
+    head_format: str = "onnx",
+    tflite_min_agreement: float = 0.99,
 ) -> SplitResult:
     """Cut ``model`` at the tensors ``cut`` (names, or one comma-separated string).
 
@@ -140,11 +152,18 @@ def split_model(
     cloud_only only) sends the image input encoded; its float range and its cost come from
     the samples (generated ones when none are given). ``compression`` (``auto``, ``zstd``,
     ``lz4``, ``none``/None): the manifest's wire compression (module docstring).
+    ``head_format`` ``"tflite"``: also ``head.tflite``, verified (module docstring).
     """
     codec_spec = parse_spec(input_codec) if isinstance(input_codec, str) else input_codec
     if codec_spec is not None and codec_spec.codec == "raw":
         codec_spec = None
     mode = _compression_mode(compression)
+    if head_format not in HEAD_FORMATS:
+        raise BadInputError(f"--head-format {head_format!r}: expected one of "
+                            f"{', '.join(HEAD_FORMATS)}")
+    if not 0.0 <= tflite_min_agreement <= 1.0:
+        raise BadInputError(f"--tflite-min-agreement must be in [0, 1], got "
+                            f"{tflite_min_agreement!r}")
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise BadInputError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     source = Path(model)
@@ -170,6 +189,9 @@ def split_model(
                             "codec already compresses the input; use one or the other")
     if kind == "edge_only" or codec_spec is not None:
         mode = None  # auto: nothing (else) to compress
+    if head_format == "tflite" and kind == "cloud_only":
+        raise BadInputError("--head-format tflite: a cloud_only split has no head to convert "
+                            "(the device sends its inputs)")
     # One onnxruntime typing run (if any is needed) for everything typed below.
     index.ensure_types([*index.inputs, *index.outputs, *index.live_tensors()])
     inputs = tuple(index.artifact_spec(n) for n in index.inputs)
@@ -182,7 +204,8 @@ def split_model(
         plan = plan_cut(index, names)
         cut_names = plan.tensors
     specs = {n: index.artifact_spec(n) for n in cut_names}
-    if (verify or codec_spec is not None or mode is not None) and data is None:
+    if (verify or codec_spec is not None or mode is not None or head_format == "tflite") \
+            and data is None:
         data = make_samples(index.analysis_model, num_samples, seed)
     codec = None
     if codec_spec is not None and data is not None:
@@ -210,6 +233,7 @@ def split_model(
     except OSError as exc:
         raise BadInputError(f"cannot create output directory {out}: {exc}") from exc
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # never leave a stale, verified-looking one
+    (out / TFLITE_NAME).unlink(missing_ok=True)  # nor a head.tflite of another cut
     paths = {"head": out / "head.onnx", "tail": out / "tail.onnx"}
     for part, path in paths.items():
         if part not in halves:  # a baseline has one file; a stale other half would mislead
@@ -248,6 +272,16 @@ def split_model(
         chosen = measured["choice"]
         verification["compression"] = measured
         log.info("split %s: compression %s (%s)", split_id, chosen or "none", mode)
+    tflite_ref = None
+    versions = {"splitinfer": splitinfer.__version__, "onnx": onnx.__version__,
+                "onnxruntime": ort.__version__}
+    if head_format == "tflite" and head_path is not None and data is not None:
+        tflite_ref, verification["tflite"] = _tflite_head(
+            head_path, tail_path, out, inputs, [specs[n] for n in cut_names], data,
+            tflite_min_agreement, split_id)
+        from splitter.tflite import converter_versions
+
+        versions.update(converter_versions())
     extra: dict[str, Any] = dict(cut_costs(index, cut_names))
     if index.input_shapes:
         analysed = [index.spec(n).bytes_per_sample() for n in cut_names]
@@ -272,13 +306,13 @@ def split_model(
         cut=tuple(specs[n] for n in cut_names),
         outputs=outputs,
         opsets={o.domain or "": int(o.version) for o in index.model.opset_import},
-        versions={"splitinfer": splitinfer.__version__, "onnx": onnx.__version__,
-                  "onnxruntime": ort.__version__},
+        versions=versions,
         verification=verification,
         extra=extra,
         kind=kind,
         input_codec=codec.to_dict() if codec is not None else None,
         compression=chosen,
+        head_tflite=tflite_ref,
     )
     manifest_path = manifest.save(out)
     log.info("split %s (%s) written to %s", split_id, kind, out)
@@ -287,6 +321,28 @@ def split_model(
 
 
 CLOUD_ONLY, EDGE_ONLY = "cloud_only", "edge_only"
+TFLITE_NAME = "head.tflite"
+
+
+def _tflite_head(head: Path, tail: Path | None, out: Path, inputs: Sequence[TensorSpec],
+                 cut: Sequence[TensorSpec], data: Mapping[str, np.ndarray[Any, Any]],
+                 min_agreement: float, split_id: str) -> tuple[Any, dict[str, Any]]:
+    """``head.tflite`` converted and verified (:mod:`splitter.tflite`): its manifest entry
+    and ``verification.tflite``. A failure leaves the files for inspection, no manifest."""
+    from splitter.tflite import TfliteConversionError, convert_head, verify_tflite
+
+    try:
+        converted = convert_head(head, out / TFLITE_NAME, inputs=inputs, cut=cut,
+                                 samples=data)
+        report = verify_tflite(converted, head, tail, inputs=inputs, cut=cut, samples=data,
+                               min_agreement=min_agreement, split_id=split_id)
+    except (TfliteConversionError, VerificationError) as exc:
+        raise type(exc)(f"{exc.message}; the ONNX split is left in {out}, no manifest "
+                        "written", split_id=split_id) from exc
+    log.info("split %s: head.tflite %d bytes, agreement %.4f (%s), max|diff| at the cut %.3g",
+             split_id, report["tflite_bytes"], report["agreement"], report["match"],
+             report["max_abs_diff_cut"])
+    return converted.ref, report
 
 
 def _compression_mode(compression: str | None) -> str | None:
