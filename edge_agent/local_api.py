@@ -294,7 +294,10 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                 return
             length = int(length_text)
             if length > api.max_body:
-                self.close_connection = True  # the body stays unread
+                # read what a client may still be sending (so it sees the 413, not a reset),
+                # up to a bound; past it the connection is dropped after the answer
+                self._discard(length)
+                self.close_connection = True
                 metrics.observe("bad_input")
                 self._error(413, ErrorCode.PAYLOAD_TOO_LARGE.value, f"body of {length} bytes"
                             f" is over the {api.max_body} byte limit (max_body); send fewer "
@@ -318,10 +321,11 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                             "in flight already (max_in_flight); retry shortly",
                             retry_after=1)
                 return
-            try:
+            try:  # the slot is free again before the answer goes out
                 arrays, ignored = read_npz(body, names, api.max_body)
                 result = api.backend.infer(arrays)
             except Exception as exc:  # every failure is one answer, never a dropped socket
+                api._slots.release()
                 status, code, outcome = _status_of(exc)
                 metrics.observe(outcome)
                 if status >= 500 and not isinstance(exc, SplitInferError):
@@ -333,8 +337,7 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                 retry = getattr(exc, "retry_after", 1.0 if status == 503 else None)
                 self._error(status, code, message, retry_after=retry)
                 return
-            finally:
-                api._slots.release()
+            api._slots.release()
             metrics.observe("ok", result.timings)
             payload = write_npz(result.outputs)
             timings = {k: round(v * 1000.0, 3) for k, v in result.timings.items()}
@@ -350,6 +353,14 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
             self._send(200, payload, NPZ_TYPE, headers)
 
         # -------------------------------------------------------------- replies
+
+        def _discard(self, length: int) -> None:
+            left = length if length <= max(4 * api.max_body, 1 << 20) else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
         def _drain_body(self) -> None:
             length = self.headers.get("Content-Length", "0")

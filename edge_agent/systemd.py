@@ -4,7 +4,9 @@
 datagram to ``$NOTIFY_SOCKET`` (a path, or ``@name`` in the abstract namespace); it does
 nothing when the variable is unset (not under systemd). The protocol is one ``sendto`` of
 newline-separated ``KEY=VALUE`` lines (sd_notify(3)); the standard library's ``socket``
-speaks it, so no package is added to the edge install for it. :func:`watchdog_interval` is
+speaks it, so no package is added to the edge install for it. The send never blocks: a
+receiver whose queue is full loses that message (a watchdog ping) instead of stalling the
+event loop that sends it. :func:`watchdog_interval` is
 ``WatchdogSec=`` as systemd passes it (``$WATCHDOG_USEC``, for this process when
 ``$WATCHDOG_PID`` says so).
 
@@ -43,6 +45,7 @@ def notify(*states: str, environ: dict[str, str] | None = None) -> bool:
     payload = "\n".join(s.replace("\n", " ") for s in states).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.setblocking(False)  # a full receiver queue drops a ping, never blocks the loop
             sock.sendto(payload, address)
     except OSError as exc:
         log.debug("sd_notify to %s failed: %s", env.get("NOTIFY_SOCKET"), exc)

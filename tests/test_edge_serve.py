@@ -1,0 +1,737 @@
+"""``splitinfer edge serve``: the device service, as a user runs it (issue 12).
+
+The service runs as its own process (``python -m splitinfer.cli edge serve``) against a
+real mosquitto and a real worker (``cloud_service.Server`` in a thread, or ``cloud serve``
+as a process where the test must freeze it), on the digits CNN cut at ``pool``:
+
+- POST /v1/infer answers bit-exact with ``edge run`` on the same input;
+- a broker that starts 10 s after the service: 503 meanwhile, answered once it is up;
+- the derived device id is the same across restarts (one retained presence topic);
+- SIGTERM with requests in flight: every one answered, exit 0 within 5 s;
+- settings: precedence and every kind of bad value (exit 2);
+- the local API's refusals (no broker needed) and the systemd unit (``systemd-analyze``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import io
+import json
+import os
+import pickle
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_edge_integration import worker
+
+from cloud_service.registry import Registry
+from edge_agent.client import InferenceResult
+from edge_agent.local_api import LocalAPI, Unavailable, read_npz
+from edge_agent.metrics import ServiceMetrics
+from edge_agent.serve_config import KEYS, resolve
+from edge_agent.systemd import _OneLine, under_journald
+from simulators.broker import MosquittoBroker, free_port
+from splitinfer.cli import main as cli_main
+from splitinfer.errors import EXIT_BAD_INPUT, EXIT_OK, BadInputError
+from splitinfer.manifest import Manifest
+from splitinfer.mqtt import BrokerConfig
+from splitinfer.mqtt_client import open_client
+from splitter import split_model, zoo
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT = REPO / "deploy" / "systemd" / "splitinfer-edge.service"
+EXAMPLE = REPO / "deploy" / "edge.toml"
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``root/fp32``: the digits CNN cut at 'pool' (what every test here serves)."""
+    root = tmp_path_factory.mktemp("serve-splits")
+    split_model(zoo.digits_cnn_path(), ["pool"], root / "fp32")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits(splits: Path) -> Path:
+    return splits / "fp32"
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray[Any, Any]:
+    x, _ = zoo.digits_test_set()
+    return x[:16]
+
+
+def _npz(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any SPLITINFER_* (the service reads them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITINFER_")}
+    env.update(extra)
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitinfer.cli", *args]
+
+
+class Service:
+    """``splitinfer edge serve`` in a process of its own, its output in a log file."""
+
+    def __init__(self, args: list[str], log: Path, *, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port("127.0.0.1")
+        self.log_path = log
+        self._log = log.open("w")
+        self.proc = subprocess.Popen(
+            _cli("edge", "serve", "--http", f"127.0.0.1:{self.port}", "--threads", "1",
+                 *args), env=env or _clean_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body,
+                         headers={"Content-Type": "application/x-npz"} if body else {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        status, _, body = self.request("GET", "/healthz", timeout=5)
+        return status, json.loads(body)
+
+    def post(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return self.request("POST", "/v1/infer", body)
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            assert self.proc.poll() is None, f"edge serve exited: {self.log()}"
+            with contextlib.suppress(OSError):
+                self.health()
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"edge serve did not listen within {timeout} s: {self.log()}")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        self.wait_listening(timeout)
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            status, body = self.health()
+            if status == 200:
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"edge serve not ready within {timeout} s: {body}; {self.log()}")
+
+    def metric(self, name: str) -> float:
+        _, _, text = self.request("GET", "/metrics", timeout=5)
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text.decode(), re.M)
+        assert match, f"no {name} in /metrics"
+        return float(match.group(1))
+
+    def terminate(self, timeout: float = 10.0) -> tuple[int, float]:
+        """SIGTERM; (exit code, seconds from the signal to the exit)."""
+        sent = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"edge serve ignored SIGTERM for {timeout} s: "
+                                 f"{self.log()}") from None
+        return code, time.monotonic() - sent
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def service(args: list[str], log: Path, **kwargs: Any) -> Iterator[Service]:
+    svc = Service(args, log, **kwargs)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+@contextlib.contextmanager
+def worker_process(url: str, prefix: str, artifacts: Path, log: Path) -> Iterator[
+        subprocess.Popen[str]]:
+    """``cloud serve`` as a process (so a test can SIGSTOP it), once it printed ready."""
+    with log.open("w") as err:
+        proc = subprocess.Popen(_cli("cloud", "serve", "--artifacts", str(artifacts),
+                                     "--broker", url, "--prefix", prefix, "--threads", "1"),
+                                env=_clean_env(), stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready, f"cloud serve printed no ready line: {log.read_text()}"
+            proc.stdout.readline()
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def _outputs(body: bytes) -> Arrays:
+    with np.load(io.BytesIO(body), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+# ---------------------------------------------------------------- (a) bit-exact with edge run
+
+@pytest.mark.integration
+def test_post_infer_is_bit_exact_with_edge_run(mosquitto: MosquittoBroker, splits: Path,
+                                               digits: Path, images: np.ndarray[Any, Any],
+                                               topic_prefix: str, tmp_path: Path) -> None:
+    x = images[:8]
+    inp, out = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(inp, image=x, label=np.arange(8))
+    common = ["--broker", mosquitto.url, "--prefix", topic_prefix, "--artifacts", str(digits)]
+    with worker(mosquitto.url, topic_prefix, Registry.load(splits, threads=1)):
+        code = cli_main(["edge", "run", *common, "--input", str(inp), "--output", str(out),
+                         "--batch-size", "8", "--threads", "1", "--device-id", "run-1"])
+        assert code == EXIT_OK
+        with service([*common, "--device-id", "serve-1"], tmp_path / "serve.log") as svc:
+            ready = svc.wait_ready()
+            status, headers, body = svc.post(inp.read_bytes())
+            _, _, info = svc.request("GET", "/v1/split")
+            requests_ok = svc.metric('splitinfer_edge_requests_total{outcome="ok"}')
+            code, _ = svc.terminate()
+    assert code == 0, svc.log()
+    assert ready["device_id"] == "serve-1" and ready["connected"] is True
+    assert status == 200, body
+    assert headers["Content-Type"] == "application/x-npz"
+    got = _outputs(body)
+    with np.load(out) as data:
+        want = data["logits"]
+    assert list(got) == ["logits"]
+    assert got["logits"].dtype == want.dtype and got["logits"].shape == (8, 10)
+    assert got["logits"].tobytes() == want.tobytes()  # bit-exact
+    timings = json.loads(headers["X-Splitinfer-Timings"])
+    assert {"e2e", "head", "encode", "network", "tail", "decode"} <= set(timings)
+    assert timings["e2e"] >= timings["head"] > 0
+    assert headers["X-Splitinfer-Served-By"] == "cloud"
+    assert headers["X-Splitinfer-Ignored"] == "label"
+    assert headers["X-Splitinfer-Split-Id"] == Manifest.load(digits).split_id
+    assert json.loads(info)["inputs"] == [{"name": "image", "dtype": "float32",
+                                           "shape": ["N", 1, 8, 8]}]
+    assert requests_ok == 1.0
+
+
+# ---------------------------------------------------------------- (b) broker 10 s late
+
+@pytest.mark.integration
+def test_broker_that_starts_10_s_later(splits: Path, digits: Path,
+                                       images: np.ndarray[Any, Any], topic_prefix: str,
+                                       tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")
+    url = f"mqtt://127.0.0.1:{port}"
+    body = _npz(image=images[:4])
+    with service(["--broker", url, "--prefix", topic_prefix, "--artifacts", str(digits),
+                  "--device-id", "late-1", "--reconnect-max", "1"],
+                 tmp_path / "serve.log") as svc:
+        svc.wait_listening()
+        status, health = svc.health()
+        assert status == 503 and health["status"] == "connecting", health
+        assert f"127.0.0.1:{port}" in health["reason"], health
+        status, headers, answer = svc.post(body)
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert json.loads(answer)["error"] == "connecting"
+        time.sleep(max(0.0, svc.started + 10.0 - time.monotonic()))
+        assert svc.proc.poll() is None, "edge serve exited while the broker was down"
+        broker = MosquittoBroker(port=port)
+        broker.start()
+        try:
+            up = time.monotonic()
+            svc.wait_ready(30)
+            after = time.monotonic() - up
+            with worker(url, topic_prefix, Registry.load(splits, threads=1)):
+                status, _, answer = svc.post(body)
+            code, _ = svc.terminate()
+        finally:
+            broker.close()
+    assert status == 200, answer
+    assert _outputs(answer)["logits"].shape == (4, 10)
+    # backoff capped at --reconnect-max 1 s: reached within about 1 s of the broker's start
+    assert after < 3.0, f"ready {after:.2f} s after the broker started"
+    assert code == 0
+    warnings = [line for line in svc.log().splitlines() if "unreachable" in line]
+    assert len(warnings) == 1, warnings  # one line, not one per attempt
+
+
+# ---------------------------------------------------------------- (c) the same device id
+
+@pytest.mark.integration
+def test_device_id_is_kept_across_restarts(mosquitto: MosquittoBroker, digits: Path,
+                                           topic_prefix: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def systemd() -> None:  # what the manager reads from $NOTIFY_SOCKET
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                messages.append(notify.recv(4096).decode())
+
+    reader = threading.Thread(target=systemd)
+    reader.start()
+    args = ["--broker", mosquitto.url, "--prefix", topic_prefix, "--artifacts", str(digits),
+            "--state-dir", str(state)]
+    ids = []
+    try:
+        for run in range(2):
+            env = _clean_env(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="300000")
+            with service(args, tmp_path / f"serve-{run}.log", env=env) as svc:
+                ids.append(svc.wait_ready()["device_id"])
+                time.sleep(0.3)  # a watchdog ping or three
+                code, _ = svc.terminate()
+                assert code == 0, svc.log()
+    finally:
+        done.set()
+        reader.join(5)
+        notify.close()
+    assert ids[0] == ids[1] and ids[0].startswith("edge-"), ids
+    assert (state / "device_id").read_text().strip() == ids[0]
+    assert "(new)" in (tmp_path / "serve-0.log").read_text()
+    assert "(persisted)" in (tmp_path / "serve-1.log").read_text()
+    joined = "\n".join(messages)
+    assert joined.count("READY=1") == 2 and joined.count("STOPPING=1") == 2, messages
+    assert "WATCHDOG=1" in joined
+
+    async def retained() -> dict[str, bytes]:
+        client = await open_client(BrokerConfig.from_url(mosquitto.url), f"r-{uuid.uuid4()}")
+        found: dict[str, bytes] = {}
+        try:
+            await client.subscribe(f"{topic_prefix}/v1/status/+", qos=1)
+            stream = aiter(client.messages())
+            with contextlib.suppress(asyncio.TimeoutError):
+                while True:  # retained messages come at once; 1 s of silence ends it
+                    message = await asyncio.wait_for(anext(stream), 1.0)
+                    found[str(message.topic)] = bytes(message.payload)
+        finally:
+            await client.disconnect()
+        return found
+
+    # one presence topic for the device, not one per start
+    assert asyncio.run(retained()) == {f"{topic_prefix}/v1/status/{ids[0]}": b"offline"}
+
+
+# ---------------------------------------------------------------- (d) SIGTERM, requests in flight
+
+@pytest.fixture(scope="module")
+def frozen_worker(mosquitto: MosquittoBroker, digits: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with worker_process(mosquitto.url, prefix, digits, log) as proc:
+        yield prefix, proc
+
+
+def _post_all(svc: Service, body: bytes, n: int) -> tuple[list[threading.Thread],
+                                                          list[Any]]:
+    results: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        try:
+            results[i] = svc.post(body)
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _wait_in_flight(svc: Service, n: int) -> None:
+    until = time.monotonic() + 15
+    while svc.metric("splitinfer_edge_in_flight") < n:
+        assert time.monotonic() < until, "the requests never were in flight together"
+        time.sleep(0.02)
+
+
+@pytest.mark.integration
+def test_sigterm_answers_every_request_in_flight(mosquitto: MosquittoBroker, digits: Path,
+                                                 images: np.ndarray[Any, Any],
+                                                 frozen_worker: tuple[str, Any],
+                                                 tmp_path: Path) -> None:
+    prefix, worker_proc = frozen_worker
+    body = _npz(image=images[:2])
+    n = 6
+    with service(["--broker", mosquitto.url, "--prefix", prefix, "--artifacts", str(digits),
+                  "--device-id", "drain-1"], tmp_path / "serve.log") as svc:
+        svc.wait_ready()
+        status, _, reference = svc.post(body)
+        assert status == 200
+        worker_proc.send_signal(signal.SIGSTOP)  # the worker holds every answer back
+        try:
+            threads, results = _post_all(svc, body, n)
+            _wait_in_flight(svc, n)
+            resume = threading.Timer(0.5, worker_proc.send_signal, (signal.SIGCONT,))
+            resume.start()
+            code, took = svc.terminate()
+        finally:
+            worker_proc.send_signal(signal.SIGCONT)
+        for t in threads:
+            t.join(10)
+        with pytest.raises(ConnectionRefusedError):
+            svc.health()
+    assert code == 0 and took < 5.0, (code, took, svc.log())
+    for result in results:
+        assert not isinstance(result, Exception), result
+        status, _, answer = result
+        assert status == 200, answer
+        assert answer == reference
+    assert f"stopping: {n} request(s) in flight" in svc.log()
+
+
+@pytest.mark.integration
+def test_sigterm_past_the_drain_timeout_answers_503(mosquitto: MosquittoBroker, digits: Path,
+                                                    images: np.ndarray[Any, Any],
+                                                    frozen_worker: tuple[str, Any],
+                                                    tmp_path: Path) -> None:
+    """A worker that never answers: the drain runs out, the requests still get an answer."""
+    prefix, worker_proc = frozen_worker
+    n = 3
+    with service(["--broker", mosquitto.url, "--prefix", prefix, "--artifacts", str(digits),
+                  "--device-id", "drain-2", "--drain-timeout", "1"],
+                 tmp_path / "serve.log") as svc:
+        svc.wait_ready()
+        worker_proc.send_signal(signal.SIGSTOP)
+        try:
+            threads, results = _post_all(svc, _npz(image=images[:1]), n)
+            _wait_in_flight(svc, n)
+            code, took = svc.terminate()
+            for t in threads:
+                t.join(10)
+        finally:
+            worker_proc.send_signal(signal.SIGCONT)
+    assert code == 0 and 1.0 <= took < 5.0, (code, took)
+    for result in results:
+        assert not isinstance(result, Exception), result
+        status, _, answer = result
+        assert status == 503 and json.loads(answer)["error"] == "shutting_down", answer
+
+
+# ---------------------------------------------------------------- (e) settings
+
+def _resolve(tmp_path: Path, text: str | None = None, env: dict[str, str] | None = None,
+             **flags: Any) -> Any:
+    path = None
+    if text is not None:
+        path = tmp_path / "edge.toml"
+        path.write_text(text)
+    return resolve(flags, env or {}, path)
+
+
+def test_settings_precedence_flag_env_file_default(tmp_path: Path, digits: Path) -> None:
+    file = f'artifacts = "{digits}"\nbroker = "mqtt://file:1883"\nthreads = 2\n'
+    env = {"SPLITINFER_BROKER": "mqtt://env:1883", "SPLITINFER_TIMEOUT": "3.5"}
+    cfg = _resolve(tmp_path, file, env, broker="mqtt://flag:1883")
+    assert cfg.broker == "mqtt://flag:1883" and cfg.sources["broker"] == "--broker"
+    cfg = _resolve(tmp_path, file, env)
+    assert cfg.broker == "mqtt://env:1883" and cfg.timeout == 3.5 and cfg.threads == 2
+    cfg = _resolve(tmp_path, file)
+    assert cfg.broker == "mqtt://file:1883" and cfg.timeout == 10.0
+    cfg = _resolve(tmp_path, None, {"SPLITINFER_ARTIFACTS": str(digits),
+                                    "STATE_DIRECTORY": "/var/lib/splitinfer"},
+                   max_body="512k", http="[::1]:0")
+    assert cfg.broker == "mqtt://127.0.0.1:1883" and cfg.max_body == 512 * 1024
+    assert cfg.state_dir == "/var/lib/splitinfer" and cfg.http_address == ("::1", 0)
+    # the file named by SPLITINFER_CONFIG
+    (tmp_path / "other.toml").write_text(f'artifacts = "{digits}"\ndevice_id = "cam-7"\n')
+    cfg = resolve({}, {"SPLITINFER_CONFIG": str(tmp_path / "other.toml")})
+    assert cfg.device_id == "cam-7" and cfg.config_file == str(tmp_path / "other.toml")
+
+
+def test_example_config_and_every_key_has_a_flag(tmp_path: Path, digits: Path) -> None:
+    cfg = resolve({"artifacts": str(digits)}, {}, EXAMPLE)
+    assert cfg.http_address == ("127.0.0.1", 8470) and cfg.max_body == 16 * 1024 ** 2
+    assert cfg.sources["broker"] == str(EXAMPLE)
+    text = EXAMPLE.read_text()
+    for key in KEYS:  # the example documents every key
+        assert re.search(rf"^#? ?{key.name} = ", text, re.M), key.name
+
+
+@pytest.mark.parametrize(("text", "env", "flags", "message"), [
+    ('brokr = "mqtt://x"', {}, {}, r"unknown key\(s\) 'brokr' \(did you mean 'broker'\?\)"),
+    ('threads = "four"', {}, {}, r"edge.toml: threads: expected an integer, got 'four' \(str\)"),
+    ("timeout = true", {}, {}, r"timeout: expected a number of seconds, got True \(bool\)"),
+    ("", {"SPLITINFER_THREADS": "4.5"}, {}, r"SPLITINFER_THREADS: expected an integer"),
+    ("", {}, {"timeout": "soon"}, r"--timeout: expected a number of seconds, got 'soon'"),
+    ("", {}, {"max_body": "lots"}, r"--max-body: expected a size in bytes"),
+    ("", {}, {"http": "localhost"}, r"http \(from --http\) 'localhost': expected HOST:PORT"),
+    ("", {}, {"device_id": "cam.7"}, r"device_id \(from --device-id\) 'cam.7' is not usable"),
+    ("", {}, {"broker": "http://x"}, r"broker \(from --broker\).*scheme 'http' unsupported"),
+    ("", {}, {"timeout": "0"}, r"timeout \(from --timeout\): expected seconds > 0"),
+    ("", {}, {"tls_ca": "/nonexistent/ca.pem"}, r"tls_ca.*'/nonexistent/ca.pem': no such file"),
+    ("", {}, {"split": "x"}, r"split \(from --split\): .* is not a bundle"),
+    ("threads = ", {}, {}, r"edge.toml: not valid TOML"),
+])
+def test_bad_settings_name_the_key(tmp_path: Path, digits: Path, text: str,
+                                   env: dict[str, str], flags: dict[str, Any],
+                                   message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        _resolve(tmp_path, text, env, **{"artifacts": str(digits), **flags})
+
+
+def test_missing_or_unusable_artifacts(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="no artifacts: set 'artifacts'"):
+        _resolve(tmp_path, 'broker = "mqtt://x:1883"')
+    with pytest.raises(BadInputError, match="no such directory"):
+        _resolve(tmp_path, None, artifacts=str(tmp_path / "nope"))
+    with pytest.raises(BadInputError, match=r"holds no manifest\.json or bundle\.json"):
+        _resolve(tmp_path, None, artifacts=str(tmp_path))
+
+
+def test_cli_exits_2_on_bad_settings(tmp_path: Path, digits: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "edge.toml"
+    bad.write_text(f'artifacts = "{digits}"\nthreads = "four"\n')
+    assert cli_main(["edge", "serve", "--config", str(bad)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "threads: expected an integer, got 'four'" in err and str(bad) in err
+    assert cli_main(["edge", "serve", "--config", str(tmp_path / "none.toml")]) == \
+        EXIT_BAD_INPUT
+    assert "none.toml: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the local API, no broker
+
+class FakeBackend:
+    """Answers with the inputs' sample count; blocks while ``hold`` is clear."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.metrics = ServiceMetrics(connected=lambda: True, counters=lambda: None)
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+        self.unavailable: str | None = None
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        return True, {"status": "ready"}
+
+    def infer(self, arrays: Arrays) -> InferenceResult:
+        if self.unavailable:
+            raise Unavailable(self.unavailable, status="connecting")
+        self.entered.set()
+        self.hold.wait(10)
+        n = len(arrays["image"])
+        return InferenceResult("r1", {"logits": np.zeros((n, 10), np.float32)}, {"e2e": 0.001})
+
+
+@pytest.fixture()
+def api(digits: Path) -> Iterator[tuple[LocalAPI, FakeBackend]]:
+    backend = FakeBackend(Manifest.load(digits))
+    local = LocalAPI(backend, host="127.0.0.1", port=0, max_body=64 * 1024,
+                     max_in_flight=1).start()
+    try:
+        yield local, backend
+    finally:
+        local.close()
+
+
+def _call(local: LocalAPI, method: str, path: str, body: bytes | None = None
+          ) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(*local.address, timeout=10)
+    try:
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def test_local_api_refuses_bad_bodies(api: tuple[LocalAPI, FakeBackend],
+                                      images: np.ndarray[Any, Any]) -> None:
+    local, _ = api
+    ok = _npz(image=images[:3])
+    status, headers, body = _call(local, "POST", "/v1/infer", ok)
+    assert status == 200 and _outputs(body)["logits"].shape == (3, 10)
+    npy = io.BytesIO()
+    np.save(npy, images[:1])
+    bomb = io.BytesIO()
+    np.savez_compressed(bomb, image=np.zeros((4096, 1, 8, 8), np.float32))  # 1 MiB unpacked
+    cases = [
+        (npy.getvalue(), 400, "a single .npy array"),
+        (pickle.dumps({"image": images[:1]}), 400, "not an .npz"),
+        (_npz(image=np.array([{"a": 1}], dtype=object)), 400, "no object arrays"),
+        (_npz(pixels=images[:1]), 400, r"lacks input\(s\) \['image'\].*got keys \['pixels'\]"),
+        (_npz(image=images[:1].astype(np.float64)), 200, ""),  # the fake does not check dtypes
+        (bomb.getvalue(), 413, r"unpacks to 10487\d\d bytes, over the 65536 byte limit"),
+        (b"x" * (64 * 1024 + 1), 413, "body of 65537 bytes is over the 65536 byte limit"),
+    ]
+    for payload, want, message in cases:
+        status, headers, body = _call(local, "POST", "/v1/infer", payload)
+        assert status == want, (status, body)
+        if want != 200:
+            assert headers["Content-Type"] == "application/json"
+            assert re.search(message, json.loads(body)["message"]), body
+    assert len(bomb.getvalue()) < 64 * 1024  # the bomb fits the body limit: caught unpacked
+    # no Content-Length (chunked) -> 411
+    conn = http.client.HTTPConnection(*local.address, timeout=10)
+    conn.putrequest("POST", "/v1/infer")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"0\r\n\r\n")
+    assert conn.getresponse().status == 411
+    conn.close()
+    assert _call(local, "GET", "/v1/infer")[0] == 405
+    assert _call(local, "POST", "/healthz", b"")[0] == 405
+    assert _call(local, "GET", "/nope")[0] == 404
+
+
+def test_read_npz_names_what_is_wrong(images: np.ndarray[Any, Any]) -> None:
+    arrays, ignored = read_npz(_npz(image=images[:2], label=np.arange(2)), ["image"], 1 << 20)
+    assert list(arrays) == ["image"] and ignored == ["label"]
+    with pytest.raises(BadInputError, match="same, non-zero number of samples"):
+        read_npz(_npz(image=images[:0]), ["image"], 1 << 20)
+
+
+def test_local_api_429_when_full_and_503_when_unavailable(
+        api: tuple[LocalAPI, FakeBackend], images: np.ndarray[Any, Any]) -> None:
+    local, backend = api
+    body = _npz(image=images[:1])
+    backend.hold.clear()
+    first: list[Any] = []
+    t = threading.Thread(target=lambda: first.append(_call(local, "POST", "/v1/infer", body)))
+    t.start()
+    assert backend.entered.wait(10)
+    status, headers, answer = _call(local, "POST", "/v1/infer", body)
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert json.loads(answer)["error"] == "overloaded"
+    until = time.monotonic() + 5  # the refused one leaves the count after its answer is out
+    while local.in_flight != 1 and time.monotonic() < until:
+        time.sleep(0.01)
+    assert local.in_flight == 1
+    backend.hold.set()
+    t.join(10)
+    assert first[0][0] == 200 and local.wait_idle(5)
+    backend.unavailable = "not connected to the broker mqtt://x:1883 yet"
+    status, headers, answer = _call(local, "POST", "/v1/infer", body)
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert json.loads(answer) == {"error": "connecting",
+                                  "message": "not connected to the broker mqtt://x:1883 yet"}
+    _, _, metrics = _call(local, "GET", "/metrics")
+    text = metrics.decode()
+    assert 'splitinfer_edge_requests_total{outcome="ok"} 1.0' in text
+    assert 'splitinfer_edge_requests_total{outcome="overloaded"} 1.0' in text
+    assert 'splitinfer_edge_requests_total{outcome="unavailable"} 1.0' in text
+
+
+# ---------------------------------------------------------------- logs and the systemd unit
+
+def test_journald_lines_carry_priority_and_no_time(tmp_path: Path) -> None:
+    import logging
+
+    with (tmp_path / "stream").open("w") as stream:
+        st = os.fstat(stream.fileno())
+        assert under_journald(stream, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+        assert not under_journald(stream, {"JOURNAL_STREAM": f"{st.st_dev}:1"})
+        assert not under_journald(stream, {})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("edge_agent.serve", logging.WARNING, __file__, 1,
+                                   "broker %s unreachable", ("x",), sys.exc_info())
+    line = _OneLine(journal=True).format(record)
+    assert line.startswith("<4>edge_agent.serve: broker x unreachable | Traceback")
+    assert "\n" not in line and "ValueError: boom" in line
+    plain = _OneLine(journal=False).format(record)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING edge_agent.serve: ", plain)
+
+
+def test_systemd_unit_has_what_the_service_needs() -> None:
+    text = UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "User=splitinfer",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=splitinfer",
+                 "RestartPreventExitStatus=2",
+                 "ExecStart=/opt/splitinfer/venv/bin/splitinfer edge serve --config "
+                 "/etc/splitinfer/edge.toml"):
+        assert line in text, line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed here (apt-get install systemd)")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` checks that ExecStart exists: the unit is verified with
+    the venv's own ``splitinfer`` in place of /opt/splitinfer/venv/bin/splitinfer."""
+    binary = Path(sys.executable).parent / "splitinfer"
+    assert binary.is_file()
+    text = UNIT.read_text().replace("/opt/splitinfer/venv/bin/splitinfer", str(binary))
+    unit = tmp_path / UNIT.name
+    unit.write_text(text)
+    run = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0 and not run.stderr.strip(), run.stderr
+    broken = tmp_path / "broken" / UNIT.name  # the check bites: a typo fails it
+    broken.parent.mkdir()
+    broken.write_text(text.replace("Type=notify", "Type=notifyy"))
+    run = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode != 0 or "notifyy" in run.stderr, run.stderr
+
+
+def test_sd_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
+    from edge_agent.systemd import notify, watchdog_interval
+
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(path))
+        env = {"NOTIFY_SOCKET": str(path)}
+        started = time.monotonic()
+        sent = [notify("WATCHDOG=1", environ=env) for _ in range(500)]  # nobody reads
+        assert time.monotonic() - started < 2.0
+        assert sent[0] and not all(sent)  # the queue filled; later pings were dropped
+        assert receiver.recv(100) == b"WATCHDOG=1"
+    assert not notify("READY=1", environ={})  # not under systemd: nothing, no error
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 30.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({}) is None
