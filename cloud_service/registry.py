@@ -101,8 +101,9 @@ def session_options(threads: int = 0, *, spinning: str | bool = "off") -> ort.Se
     2-vCPU development VM (MobileNetV2 tail at 2 threads, p50; ``splitinfer bench
     overhead`` and docs/cloud.md "Performance"):
 
-    * "off" (this function's default; the agent's): pool threads sleep when out of work. Never the worst case: 3.8-5.2
-      ms back to back, 5-9 ms after 20-50 ms idle, no CPU burned between requests.
+    * "off" (this function's default; the agent's): pool threads sleep when out of
+      work. Never the worst case: 3.8-5.2 ms back to back, 5-9 ms after 20-50 ms idle,
+      no CPU burned between requests.
     * "run": they spin while a run lasts and stop when it returns
       (``session.force_spinning_stop``): best back to back (3.5-4.3 ms) but the worst
       after an idle gap (8.5-12.5 ms after 20-50 ms idle: the restart is slow), which
