@@ -1,7 +1,8 @@
 #!/bin/sh
 # The compose demo end to end: broker, prepare (quantize + split), two workers, a fleet of
-# 8 virtual devices over the labelled digits test set; prints the fleet's report (accuracy,
-# latency, lost) and removes the containers and the volume. From the repository root:
+# 8 virtual devices over the labelled digits test set, then one device in the edge image;
+# prints the fleet's report (accuracy, latency, lost), each worker's share and the edge
+# image's accuracy, and removes the containers and the volume. From the repository root:
 #   docker/compose-demo.sh
 # Needs docker, docker-compose (v1.29) or the compose v2 plugin, and the images
 # (built here when missing, on splitinfer-base:bookworm from docker/make-base.sh).
@@ -29,7 +30,7 @@ docker image inspect splitinfer-base:bookworm > /dev/null 2>&1 || {
     echo "compose-demo: no splitinfer-base:bookworm image; run docker/make-base.sh first" >&2; exit 3; }
 secret=""
 [ -z "${PIP_CERT:-}" ] || secret="--secret id=pip_cert,src=$PIP_CERT"
-for img in broker cloud tools; do
+for img in broker cloud edge tools; do
     docker image inspect splitinfer-$img > /dev/null 2>&1 && continue
     echo "compose-demo: building splitinfer-$img" >&2
     # shellcheck disable=SC2086
@@ -41,6 +42,8 @@ trap '$COMPOSE -p $project -f docker/compose.yaml down -v --remove-orphans > /de
 echo "compose-demo: broker on 127.0.0.1:$SPLITINFER_DEMO_PORT" >&2
 status=0
 $COMPOSE -p $project -f docker/compose.yaml run --rm fleet || status=$?
+# The edge image on the same split and workers: one device, the 360 test images.
+[ "$status" != 0 ] || $COMPOSE -p $project -f docker/compose.yaml run --rm --no-deps edge || status=$?
 # Each worker's share of the answers, from its own /metrics (the $share group at work).
 for port in 19101 19102; do
     python3 - "$port" <<'PY' || true

@@ -8,6 +8,7 @@ own rule, simulators.demo.choose_cut), split and verify it. Layout under OUT:
     OUT/split/                 manifest.json head.onnx tail.onnx (the workers serve it)
     OUT/digits_cnn.int8.onnx   the unsplit int8 model (the fleet's reference)
     OUT/digits_test.npz        the labelled test set (the fleet's --input)
+    OUT/digits_images.npz      the same images alone ('splitinfer edge run --input')
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(out: Path) -> int:
     names = [t.name for t in choose_cut(list_cuts(int8)).tensors]
     split = split_model(int8, names, out / "split", samples={"image": images[:16]})
     np.savez(out / "digits_test.npz", image=images, label=labels)
+    np.savez(out / "digits_images.npz", image=images)
     print(f"prepared {split.manifest_obj.split_id}: cut at {names}, verified max |diff| "
           f"{split.max_abs_diff}; {len(labels)} labelled test samples in "
           f"{out / 'digits_test.npz'}", flush=True)

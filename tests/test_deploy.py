@@ -21,6 +21,7 @@ import copy
 import functools
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -464,7 +465,7 @@ def compose() -> Doc:
 
 def test_compose_runs_broker_two_workers_and_a_fleet() -> None:
     services = compose()["services"]
-    assert set(services) == {"broker", "prepare", "worker-1", "worker-2", "fleet"}
+    assert set(services) == {"broker", "prepare", "worker-1", "worker-2", "fleet", "edge"}
     for name, service in services.items():
         assert service["network_mode"] == "host", f"{name} is not on the host network"
         assert "ports" not in service  # host networking publishes nothing
@@ -517,6 +518,19 @@ def test_compose_fleet_flags_are_fleet_flags() -> None:
     assert args.artifacts == worker_env["SPLITINFER_ARTIFACTS"]
 
 
+def test_compose_edge_device_runs_the_edge_image_on_the_same_split() -> None:
+    services = compose()["services"]
+    edge = services["edge"]
+    assert edge["image"] == "splitinfer-edge"
+    script = edge["entrypoint"][-1].replace("${SPLITINFER_DEMO_PORT:-18830}", "18830")
+    argv = shlex.split(script.split("&&")[0])
+    assert argv[:3] == ["splitinfer", "edge", "run"]
+    args = subparser("edge", "run").parse_args(argv[3:])
+    assert args.broker == "mqtt://127.0.0.1:18830"
+    assert args.artifacts == services["worker-1"]["environment"]["SPLITINFER_ARTIFACTS"]
+    assert "digits_test.npz" in script  # the answers are scored against the labels
+
+
 def test_compose_prepare_writes_what_workers_and_fleet_read(tmp_path: Path) -> None:
     """docker/compose_prepare.py, run here: the split the workers serve, the reference
     model the fleet finds one level up, and the labelled test set."""
@@ -525,8 +539,9 @@ def test_compose_prepare_writes_what_workers_and_fleet_read(tmp_path: Path) -> N
     subprocess.run([sys.executable, str(DOCKER / "compose_prepare.py"), str(out)],
                    check=True, timeout=240, capture_output=True)
     args = subparser("fleet").parse_args(services["fleet"]["command"][1:])
+    edge = shlex.split(services["edge"]["entrypoint"][-1].split("&&")[0])
     root = Path("/artifacts/digits")
-    for path in (args.artifacts, args.input):
+    for path in (args.artifacts, args.input, edge[edge.index("--input") + 1]):
         assert Path(path).is_relative_to(root)
         assert (out / Path(path).relative_to(root)).exists(), path
     manifest = json.loads((out / "split" / "manifest.json").read_text())
@@ -534,3 +549,5 @@ def test_compose_prepare_writes_what_workers_and_fleet_read(tmp_path: Path) -> N
     import numpy as np
     with np.load(out / "digits_test.npz") as npz:
         assert set(npz.files) == {"image", "label"} and len(npz["label"]) == 360
+    with np.load(out / "digits_images.npz") as npz:
+        assert npz.files == ["image"]  # edge run takes the model's inputs only
