@@ -244,6 +244,9 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"  # keep-alive: a camera loop reuses its connection
         server_version = "splitinfer-edge"
         timeout = 30  # a client stalled mid-request (or idle on keep-alive) is dropped
+        # TCP_NODELAY: headers and body are two writes; with Nagle the body waits for the
+        # client's delayed ACK (measured: 48 ms a request on keep-alive, against 4 ms e2e)
+        disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
