@@ -214,6 +214,14 @@ def fixed_batch(manifest: Manifest) -> int | None:
     return None
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it (onnxruntime takes ~0.2 s)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, a broken install
+        return False
+
+
 def choose_backend(manifest: Manifest, backend: str | None = None) -> str:
     """``onnx`` or ``tflite`` for this split: ``backend`` (default ``$SPLITINFER_HEAD_BACKEND``
     or ``auto``) where it names one; ``auto``: onnxruntime where it is installed, else
@@ -230,9 +238,9 @@ def choose_backend(manifest: Manifest, backend: str | None = None) -> str:
                             "run the ONNX head", split_id=manifest.split_id)
     if wanted != "auto":
         return wanted
-    if importlib.util.find_spec("onnxruntime") is not None:
+    if _installed("onnxruntime"):
         return "onnx"
-    if manifest.head_tflite is not None and importlib.util.find_spec("ai_edge_litert"):
+    if manifest.head_tflite is not None and _installed("ai_edge_litert"):
         return "tflite"
     hint = ("pip install 'splitinfer[edge-tflite]' (its head.tflite runs on LiteRT) or "
             "'splitinfer[edge]'" if manifest.head_tflite is not None else

@@ -58,6 +58,7 @@ from splitinfer.manifest import (
 from splitter.cuts import cut_costs, plan_cut
 from splitter.extract import build_halves, build_whole, save_half
 from splitter.graph import GraphIndex, InputShapes, load_model
+from splitter.tflite import TFLITE_NAME
 from splitter.verify import (
     batches,
     check_samples,
@@ -321,7 +322,6 @@ def split_model(
 
 
 CLOUD_ONLY, EDGE_ONLY = "cloud_only", "edge_only"
-TFLITE_NAME = "head.tflite"
 
 
 def _tflite_head(head: Path, tail: Path | None, out: Path, inputs: Sequence[TensorSpec],

@@ -116,8 +116,14 @@ def quantize_cut(directory: str | Path, *, calibration: Mapping[str, Any] | None
 
     save_half(head_model, head_path, base_dir=None)
     save_half(tail_model, tail_path, base_dir=None)
+    if manifest.head_tflite is not None:  # converted from the float head: stale now
+        (directory / manifest.head_tflite.path).unlink(missing_ok=True)
+        log.warning("%s: %s removed (it gives the float cut); convert the int8 head with "
+                    "splitter.tflite.convert_split", where, manifest.head_tflite.path)
     updated = replace(
         manifest,
+        head_tflite=None,
+        verification={k: v for k, v in manifest.verification.items() if k != "tflite"},
         cut=(TensorSpec(qname, "int8", spec.shape, Quantization(scale, 0)),),
         head=FileRef(manifest.head.path, sha256_file(head_path)),
         tail=FileRef(manifest.tail.path, sha256_file(tail_path)),

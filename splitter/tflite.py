@@ -51,15 +51,16 @@ import onnx
 from onnx import numpy_helper
 
 from splitinfer.errors import BadInputError, SplitInferError, VerificationError
-from splitinfer.manifest import TensorSpec, TfliteRef, sha256_file
+from splitinfer.manifest import Manifest, TensorSpec, TfliteRef, sha256_file
 
 __all__ = ["TfliteConversionError", "TfliteHead", "convert_head", "verify_tflite",
-           "converter_versions", "SIGNATURE", "EXTRA"]
+           "convert_split", "converter_versions", "SIGNATURE", "EXTRA", "TFLITE_NAME"]
 
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 
 SIGNATURE = "serving_default"
+TFLITE_NAME = "head.tflite"
 EXTRA = "splitinfer[splitter-tflite]"
 _INT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767),
               "uint16": (0, 65535)}
@@ -348,6 +349,41 @@ def _wrapper(tf: Any, keras_model: Any, inputs: Sequence[TensorSpec],
         return named
 
     return tf.function(body, input_signature=specs)
+
+
+def convert_split(directory: str | Path, *, samples: Mapping[str, Array] | None = None,
+                  num_samples: int = 8, seed: int = 0, min_agreement: float = 0.99,
+                  threads: int | None = None) -> Manifest:
+    """Add ``head.tflite`` to the split already written in ``directory`` (e.g. after
+    :func:`splitter.surgery.quantize_cut`): converted, verified on ``samples`` (default
+    ``num_samples`` generated ones), the manifest rewritten with ``head_tflite``,
+    ``verification.tflite`` and the converter's versions. Raises as :func:`convert_head`
+    and :func:`verify_tflite`; the manifest is left as it was then."""
+    from dataclasses import replace
+
+    from splitter.verify import check_samples, make_samples
+
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    if manifest.head is None:
+        raise BadInputError(f"split {manifest.split_id} in {directory}: a {manifest.kind} "
+                            "split has no head to convert")
+    head = manifest.resolve(directory, "head")
+    tail = manifest.resolve(directory, "tail") if manifest.tail is not None else None
+    if samples is None:
+        data = make_samples(onnx.load(str(head)), num_samples, seed)
+    else:
+        data = check_samples(samples, list(manifest.inputs))
+    converted = convert_head(head, directory / TFLITE_NAME, inputs=manifest.inputs,
+                             cut=manifest.cut, samples=data)
+    report = verify_tflite(converted, head, tail, inputs=manifest.inputs, cut=manifest.cut,
+                           samples=data, min_agreement=min_agreement, threads=threads,
+                           split_id=manifest.split_id)
+    updated = replace(manifest, head_tflite=converted.ref,
+                      verification={**manifest.verification, "tflite": report},
+                      versions={**manifest.versions, **converter_versions()})
+    updated.save(directory)
+    return updated
 
 
 # -- verification ---------------------------------------------------------------------------
