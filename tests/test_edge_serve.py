@@ -735,3 +735,24 @@ def test_sd_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 30.0
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({}) is None
+
+
+def test_missing_onnxruntime_names_the_edge_extra(tmp_path: Path, digits: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A device without onnxruntime is told to install splitinfer[edge], never [all] (which
+    would put onnx, matplotlib and amqtt on it)."""
+    import logging
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = cli_main(["edge", "serve", "--artifacts", str(digits), "--device-id", "cam-7",
+                         "--state-dir", str(tmp_path), "--http", "127.0.0.1:0"])
+    finally:  # the service set up root logging for itself
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert code in (1, 3), err  # an ImportError (1), or a start-up error naming it (3)
+    assert "pip install 'splitinfer[edge]'" in err and "[all]" not in err, err
