@@ -170,6 +170,9 @@ class EdgeService:
             future.cancel()
             raise DeadlineExceeded(f"no answer within {timeout + _GRACE_S:g} s",
                                    device_id=self.agent.device_id) from None
+        except concurrent.futures.CancelledError:  # the loop ended under it
+            raise Unavailable("the service stopped before the answer came",
+                              status="shutting_down") from None
         except TransportError as exc:
             if self._stopping:
                 raise Unavailable("the service stopped before the answer came",

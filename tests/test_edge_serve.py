@@ -756,3 +756,33 @@ def test_missing_onnxruntime_names_the_edge_extra(tmp_path: Path, digits: Path,
     err = capsys.readouterr().err
     assert code in (1, 3), err  # an ImportError (1), or a start-up error naming it (3)
     assert "pip install 'splitinfer[edge]'" in err and "[all]" not in err, err
+
+
+@pytest.mark.integration
+def test_broker_lost_after_boot_503_then_back(fresh_mosquitto: MosquittoBroker, splits: Path,
+                                              digits: Path, images: np.ndarray[Any, Any],
+                                              topic_prefix: str, tmp_path: Path) -> None:
+    """The connection lost later: /healthz and new requests say 'disconnected' (503) until
+    the agent's supervisor is back, then requests are answered again."""
+    url = fresh_mosquitto.url
+    body = _npz(image=images[:1])
+    with service(["--broker", url, "--prefix", topic_prefix, "--artifacts", str(digits),
+                  "--device-id", "lost-1", "--reconnect-max", "0.5"],
+                 tmp_path / "serve.log") as svc:
+        svc.wait_ready()
+        fresh_mosquitto.stop()
+        until = time.monotonic() + 10
+        while (health := svc.health())[0] == 200 and time.monotonic() < until:
+            time.sleep(0.05)
+        status, headers, answer = svc.post(body)
+        retry_after = headers.get("Retry-After")
+        fresh_mosquitto.start()
+        svc.wait_ready(15)
+        with worker(url, topic_prefix, Registry.load(splits, threads=1)):
+            after = svc.post(body)
+        code, _ = svc.terminate()
+    assert health[0] == 503 and health[1]["status"] == "disconnected", health
+    assert "lost the connection" in health[1]["reason"]
+    assert status == 503 and json.loads(answer)["error"] == "disconnected", answer
+    assert retry_after == "1"
+    assert after[0] == 200 and code == 0
