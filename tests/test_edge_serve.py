@@ -296,6 +296,7 @@ def test_broker_that_starts_10_s_later(splits: Path, digits: Path,
     assert _outputs(answer)["logits"].shape == (4, 10)
     # backoff capped at --reconnect-max 1 s: reached within about 1 s of the broker's start
     assert after < 3.0, f"ready {after:.2f} s after the broker started"
+    print(f"ready {after:.2f} s after the broker started (10 s after the service)")
     assert code == 0
     warnings = [line for line in svc.log().splitlines() if "unreachable" in line]
     assert len(warnings) == 1, warnings  # one line, not one per attempt
@@ -423,6 +424,7 @@ def test_sigterm_answers_every_request_in_flight(mosquitto: MosquittoBroker, dig
         with pytest.raises(ConnectionRefusedError):
             svc.health()
     assert code == 0 and took < 5.0, (code, took, svc.log())
+    print(f"SIGTERM with {n} requests in flight: exit {code} after {took:.2f} s")
     for result in results:
         assert not isinstance(result, Exception), result
         status, _, answer = result
@@ -453,6 +455,7 @@ def test_sigterm_past_the_drain_timeout_answers_503(mosquitto: MosquittoBroker, 
         finally:
             worker_proc.send_signal(signal.SIGCONT)
     assert code == 0 and 1.0 <= took < 5.0, (code, took)
+    print(f"SIGTERM past a 1 s drain: exit {code} after {took:.2f} s")
     for result in results:
         assert not isinstance(result, Exception), result
         status, _, answer = result
