@@ -26,6 +26,7 @@ BENCHES = {
     "fuzz": "bench.bench_fuzz",
     "broker-flood": "bench.bench_broker",
     "compression": "bench.bench_compression",
+    "tflite": "bench.bench_tflite",
 }
 
 

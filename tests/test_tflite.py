@@ -281,3 +281,17 @@ def test_qdq_heads_are_refused_not_silently_wrong(tmp_path: Path) -> None:
         split_model(qdq, "relu1_QuantizeLinear_Output", tmp_path / "q", num_samples=8,
                     head_format="tflite")
     assert not (tmp_path / "q" / "manifest.json").exists()
+
+
+def test_bench_tflite_rows() -> None:
+    """``splitinfer bench tflite`` on the digits CNN: both heads timed, the figures sane."""
+    from bench.bench_tflite import format_table, run
+
+    doc = run(["digits_cnn"], runs=20, threads=1)
+    (row,) = doc["rows"]
+    assert row["model"] == "digits_cnn" and row["threads"] == 1
+    assert row["ort_p50_ms"] > 0 and row["lite_p50_ms"] > 0
+    assert row["ort_mode"] in ("run", "off") and row["top1_agreement"] >= 0.99
+    assert row["samples"] == 360 and row["max_abs_diff_cut"] < 1e-4
+    assert row["tflite_bytes"] > 0 and row["onnx_bytes"] > 0
+    assert "digits_cnn" in format_table(doc) and "tensorflow" in doc["versions"]
