@@ -2,7 +2,7 @@
 # Benchmark of the images (heavy; not part of the test run): build each image from
 # scratch on the Debian base, print its size and build time, then run the compose demo
 # and print its accuracy and latency lines. From the repository root:
-#   docker/bench-images.sh            # NO_CACHE=0 reuses the layer cache
+#   docker/bench-images.sh            # NO_CACHE=0 reuses the layer cache; GPU=1 adds cloud-gpu
 # Needs docker with BuildKit, docker-compose or compose v2, splitinfer-base:bookworm
 # (docker/make-base.sh) and the package registry; PIP_CERT=/path/ca.pem passes a proxy's
 # CA to pip as a build secret. Figures measured here: docs/deploy.md.
@@ -19,7 +19,9 @@ log=$(mktemp /tmp/splitinfer-bench-images.XXXXXX)
 printf '%-22s %10s %10s\n' image "size MB" "build s"
 mb() { docker image inspect --format '{{.Size}}' "$1" | awk '{printf "%.1f", $1 / 1e6}'; }
 printf '%-22s %10s %10s\n' splitinfer-base:bookworm "$(mb splitinfer-base:bookworm)" "-"
-for img in broker cloud edge tools; do
+images="broker cloud edge tools"
+[ "${GPU:-0}" = "0" ] || images="$images cloud-gpu"  # GPU=1: ~2.8 GB of CUDA wheels
+for img in $images; do
     start=$(date +%s.%N)
     # shellcheck disable=SC2086
     DOCKER_BUILDKIT=1 docker build $nocache --network host $secret \

@@ -1,7 +1,8 @@
 # Cloud worker image with onnxruntime-gpu: the contract (splitinfer/) and the worker
 # (cloud_service/) only, as docker/cloud.Dockerfile, with onnxruntime swapped for
-# onnxruntime-gpu. Written, NOT built here (no GPU runtime on the build machine). Build
-# from the repository root and run through the NVIDIA container toolkit:
+# onnxruntime-gpu. Built here (2.77 GB, 185 s; docs/deploy.md) but not run on a GPU: on
+# a machine without one it serves on the CPU after a warning. Build from the repository
+# root and run through the NVIDIA container toolkit:
 #   docker build --network host -f docker/cloud-gpu.Dockerfile -t splitinfer-cloud-gpu .
 #   docker run --gpus all --network host -v $PWD/artifacts:/artifacts:ro splitinfer-cloud-gpu
 # BASE: onnxruntime-gpu 1.31+ on PyPI is built for CUDA 13 and cuDNN 9, and its
