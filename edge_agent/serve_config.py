@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from splitinfer.errors import BadInputError
 
@@ -170,7 +171,8 @@ class ServeConfig:
                 changes[attr] = getattr(self, key)
         if any(getattr(self, k) for k in ("tls_ca", "tls_cert", "tls_key")) and not cfg.tls:
             changes["tls"] = True
-            if cfg.port == 1883:
+            url = self.broker if "://" in self.broker else f"mqtt://{self.broker}"
+            if urlsplit(url).port is None:  # mqtt://host: TLS's port, not 1883
                 changes["port"] = 8883
         return replace(cfg, **changes) if changes else cfg
 

@@ -789,3 +789,22 @@ def test_broker_lost_after_boot_503_then_back(fresh_mosquitto: MosquittoBroker, 
     assert status == 503 and json.loads(answer)["error"] == "disconnected", answer
     assert retry_after == "1"
     assert after[0] == 200 and code == 0
+
+
+def test_credentials_and_tls_keys_lay_over_the_url(tmp_path: Path, digits: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = _resolve(tmp_path, None, artifacts=str(digits), broker="mqtt://b.example",
+                   username="cam-7", password_file=str(secret), tls_ca=str(ca))
+    broker = cfg.broker_config()
+    assert (broker.host, broker.port, broker.tls) == ("b.example", 8883, True)
+    assert (broker.username, broker.password, broker.ca_file) == ("cam-7", "s3cret", str(ca))
+    assert "s3cret" not in json.dumps(cfg.public())
+    explicit = _resolve(tmp_path, None, artifacts=str(digits), broker="mqtt://b.example:1884",
+                        tls_ca=str(ca)).broker_config()
+    assert (explicit.port, explicit.tls) == (1884, True)
+    with pytest.raises(BadInputError, match="password and password_file are both set"):
+        _resolve(tmp_path, None, artifacts=str(digits), password="x",
+                 password_file=str(secret))
