@@ -240,7 +240,12 @@ def test_fast_path_answers_and_falls_back_when_the_connection_goes(
                 rid, m = msg(q, q.sample(seed=i), device=f"d{i}")
                 rids.append(rid)
                 worker.submit(m)
-            while len(fast) < 3 or not pub.sent:
+            # The slow answer's task leaves the in-flight set by a done callback, one loop
+            # turn after it counted the answer: wait for both.
+            for _ in range(2000):
+                if (len(fast) == 3 and pub.sent and worker.metrics.answered == 1
+                        and worker.metrics.in_flight() == 3):
+                    break
                 await asyncio.sleep(0.005)
             assert worker.metrics.answered == 1 and worker.metrics.in_flight() == 3  # PUBACKs due
             fast[0][3].set_result(None)  # acknowledged
