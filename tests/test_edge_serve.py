@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_adaptive_agent import bundle_dir  # noqa: F401  (the bundle fixture)
+from test_adaptive_agent import full_model as digits_full_model
 from test_edge_integration import worker
 
 from cloud_service.registry import Registry
@@ -46,6 +48,7 @@ from edge_agent.metrics import ServiceMetrics
 from edge_agent.serve_config import KEYS, resolve
 from edge_agent.systemd import _OneLine, under_journald
 from simulators.broker import MosquittoBroker, free_port
+from splitinfer.bundle import Bundle
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import EXIT_BAD_INPUT, EXIT_OK, BadInputError
 from splitinfer.manifest import Manifest
@@ -808,3 +811,26 @@ def test_credentials_and_tls_keys_lay_over_the_url(tmp_path: Path, digits: Path)
     with pytest.raises(BadInputError, match="password and password_file are both set"):
         _resolve(tmp_path, None, artifacts=str(digits), password="x",
                  password_file=str(secret))
+
+
+@pytest.mark.integration
+def test_a_bundle_answers_locally_while_no_broker(bundle_dir: Path,  # noqa: F811
+                                                  images: np.ndarray[Any, Any],
+                                                  topic_prefix: str, tmp_path: Path) -> None:
+    """A bundle with an edge_only split: ready with no broker at all, answered on the
+    device (Served-By edge) as the full model would."""
+    url = f"mqtt://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
+    x = np.ascontiguousarray(images[:3])
+    with service(["--broker", url, "--prefix", topic_prefix, "--artifacts", str(bundle_dir),
+                  "--device-id", "bundle-1"], tmp_path / "serve.log") as svc:
+        health = svc.wait_ready()
+        status, headers, body = svc.post(_npz(image=x))
+        code, _ = svc.terminate()
+    assert health["connected"] is False and health["answering"] == "locally", health
+    assert status == 200, body
+    assert headers["X-Splitinfer-Served-By"] == "edge"
+    # the policy knows the cloud is down: it picks the edge_only split (no fallback needed)
+    edge_only = [e.split_id for e in Bundle.load(bundle_dir) if e.kind == "edge_only"]
+    assert headers["X-Splitinfer-Split-Id"] in edge_only
+    np.testing.assert_allclose(_outputs(body)["logits"], digits_full_model(x), atol=1e-5)
+    assert code == 0
