@@ -2,7 +2,8 @@
 
 ::
 
-    POST /v1/infer     body: an .npz, one array per model input (first axis = samples)
+    POST /v1/infer     body: an .npz, one array per model input (first axis = samples);
+                       optional X-Splitinfer-Timeout: this request's deadline, seconds
                        200: an .npz of the outputs (Content-Type: application/x-npz)
                             X-Splitinfer-Timings: {"e2e": 4.1, "head": 0.3, …} (ms)
                             X-Splitinfer-Split-Id, -Request-Id, -Served-By, -Attempts
@@ -66,6 +67,8 @@ __all__ = ["LocalAPI", "Backend", "Unavailable", "TooLarge", "read_npz", "write_
 log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 NPZ_TYPE = "application/x-npz"
+TIMEOUT_HEADER = "X-Splitinfer-Timeout"  # a request's own deadline, seconds
+MAX_TIMEOUT_S = 3600.0
 
 
 class Unavailable(TransportError):
@@ -94,8 +97,10 @@ class Backend(Protocol):
         """(ready, the JSON body of /healthz)."""
         ...
 
-    def infer(self, arrays: dict[str, Array]) -> InferenceResult:
-        """Blocking (called from an HTTP thread); raises our errors, :class:`Unavailable`."""
+    def infer(self, arrays: dict[str, Array], timeout: float | None = None
+              ) -> InferenceResult:
+        """Blocking (called from an HTTP thread); ``timeout`` (s) overrides the configured
+        deadline for this request; raises our errors, :class:`Unavailable`."""
         ...
 
 
@@ -135,6 +140,20 @@ def read_npz(body: bytes, names: list[str], max_bytes: int) -> tuple[dict[str, A
         raise BadInputError(f"every input needs the same, non-zero number of samples along "
                             f"the first axis, got {counts}")
     return arrays, sorted(set(found) - set(names))
+
+
+def _timeout_header(text: str | None) -> float | None:
+    """The request's own deadline from ``X-Splitinfer-Timeout`` (seconds), None if absent."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # also refuses nan
+        raise BadInputError(f"{TIMEOUT_HEADER} {text!r}: expected seconds, > 0 and <= "
+                            f"{MAX_TIMEOUT_S:g}")
+    return seconds
 
 
 def write_npz(arrays: dict[str, Array]) -> bytes:
@@ -325,8 +344,9 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                             retry_after=1)
                 return
             try:  # the slot is free again before the answer goes out
+                timeout = _timeout_header(self.headers.get(TIMEOUT_HEADER))
                 arrays, ignored = read_npz(body, names, api.max_body)
-                result = api.backend.infer(arrays)
+                result = api.backend.infer(arrays, timeout)
             except Exception as exc:  # every failure is one answer, never a dropped socket
                 api._slots.release()
                 status, code, outcome = _status_of(exc)

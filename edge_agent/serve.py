@@ -150,15 +150,17 @@ class EdgeService:
         return "disconnected", (f"lost the connection to the broker {self._broker}; "
                                 "reconnecting")
 
-    def infer(self, arrays: dict[str, Array]) -> InferenceResult:
-        """From an HTTP thread: the agent's answer for ``arrays``, or our errors."""
+    def infer(self, arrays: dict[str, Array], timeout: float | None = None
+              ) -> InferenceResult:
+        """From an HTTP thread: the agent's answer for ``arrays`` within ``timeout`` (s;
+        None: the configured one), or our errors."""
         loop = self._loop
         if self._stopping or loop is None or loop.is_closed():
             raise Unavailable("the service is stopping", status="shutting_down")
         reason = self._unavailable_reason()
         if reason is not None:
             raise Unavailable(reason[1], status=reason[0])
-        timeout = self.config.timeout
+        timeout = self.config.timeout if timeout is None else timeout
         try:
             future = asyncio.run_coroutine_threadsafe(self.agent.infer(arrays,
                                                                        timeout=timeout), loop)

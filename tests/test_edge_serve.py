@@ -114,11 +114,12 @@ class Service:
         self.started = time.monotonic()
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+                timeout: float = 30.0, headers: dict[str, str] | None = None
+                ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        sent = {"Content-Type": "application/x-npz"} if body else {}
         try:
-            conn.request(method, path, body=body,
-                         headers={"Content-Type": "application/x-npz"} if body else {})
+            conn.request(method, path, body=body, headers={**sent, **(headers or {})})
             response = conn.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -239,6 +240,8 @@ def test_post_infer_is_bit_exact_with_edge_run(mosquitto: MosquittoBroker, split
         with service([*common, "--device-id", "serve-1"], tmp_path / "serve.log") as svc:
             ready = svc.wait_ready()
             status, headers, body = svc.post(inp.read_bytes())
+            late = svc.request("POST", "/v1/infer", inp.read_bytes(),
+                               headers={"X-Splitinfer-Timeout": "0.000001"})
             _, _, info = svc.request("GET", "/v1/split")
             requests_ok = svc.metric('splitinfer_edge_requests_total{outcome="ok"}')
             code, _ = svc.terminate()
@@ -261,6 +264,8 @@ def test_post_infer_is_bit_exact_with_edge_run(mosquitto: MosquittoBroker, split
     assert json.loads(info)["inputs"] == [{"name": "image", "dtype": "float32",
                                            "shape": ["N", 1, 8, 8]}]
     assert requests_ok == 1.0
+    # a request's own deadline (X-Splitinfer-Timeout) that the head alone overruns: 504
+    assert late[0] == 504 and json.loads(late[2])["error"] == "deadline_expired", late
 
 
 # ---------------------------------------------------------------- (b) broker 10 s late
@@ -560,11 +565,13 @@ class FakeBackend:
         self.hold.set()
         self.entered = threading.Event()
         self.unavailable: str | None = None
+        self.timeouts: list[float | None] = []
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         return True, {"status": "ready"}
 
-    def infer(self, arrays: Arrays) -> InferenceResult:
+    def infer(self, arrays: Arrays, timeout: float | None = None) -> InferenceResult:
+        self.timeouts.append(timeout)
         if self.unavailable:
             raise Unavailable(self.unavailable, status="connecting")
         self.entered.set()
@@ -834,3 +841,26 @@ def test_a_bundle_answers_locally_while_no_broker(bundle_dir: Path,  # noqa: F81
     assert headers["X-Splitinfer-Split-Id"] in edge_only
     np.testing.assert_allclose(_outputs(body)["logits"], digits_full_model(x), atol=1e-5)
     assert code == 0
+
+
+def test_local_api_per_request_deadline(api: tuple[LocalAPI, FakeBackend],
+                                        images: np.ndarray[Any, Any]) -> None:
+    local, backend = api
+    body = _npz(image=images[:1])
+
+    def post(value: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(*local.address, timeout=10)
+        try:
+            conn.request("POST", "/v1/infer", body=body,
+                         headers={"X-Splitinfer-Timeout": value})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    assert post("2.5")[0] == 200 and backend.timeouts == [2.5]
+    for bad in ("0", "-1", "soon", "nan", "7200"):
+        status, answer = post(bad)
+        assert status == 400, (bad, answer)
+        assert "X-Splitinfer-Timeout" in json.loads(answer)["message"]
+    assert backend.timeouts == [2.5]  # refused before the backend
