@@ -161,10 +161,11 @@ class EdgeService:
         if reason is not None:
             raise Unavailable(reason[1], status=reason[0])
         timeout = self.config.timeout if timeout is None else timeout
+        call = self.agent.infer(arrays, timeout=timeout)
         try:
-            future = asyncio.run_coroutine_threadsafe(self.agent.infer(arrays,
-                                                                       timeout=timeout), loop)
+            future = asyncio.run_coroutine_threadsafe(call, loop)
         except RuntimeError:  # the loop closed between the check and now
+            call.close()
             raise Unavailable("the service is stopping", status="shutting_down") from None
         try:
             return future.result(timeout + _GRACE_S)
