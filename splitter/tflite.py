@@ -11,6 +11,11 @@ split is written and verified. The conversion:
    TFLite builtins lack); the wrapper below quantizes with the manifest's scale and zero
    point instead: ``clamp(round_half_even(x / scale) + zero_point)`` cast to the cut's
    dtype, which is what ``QuantizeLinear`` computes.
+   A QDQ head (a static-int8 model, ``splitinfer quantize``) is first written in float
+   arithmetic (:func:`_lower_qdq`: constant ``DequantizeLinear`` folded into float weights,
+   activation ``QuantizeLinear`` → ``DequantizeLinear`` pairs as round/clamp/scale), since
+   onnx2tf 1.28 gets those ops wrong; the TFLite head is then a float model (float weights:
+   a larger file than the int8 ONNX head) whose int8 cut matches to a step.
 3. onnx2tf gives 4-D (3-D, 5-D) outputs channels-last; which permutation each output
    took is found by running both graphs on the samples, not guessed from shapes, and the
    wrapper transposes back, so the cut crosses in the layout the ONNX tail expects.
@@ -53,7 +58,7 @@ from onnx import numpy_helper
 from splitinfer.errors import BadInputError, SplitInferError, VerificationError
 from splitinfer.manifest import Manifest, TensorSpec, TfliteRef, sha256_file
 
-__all__ = ["TfliteConversionError", "TfliteHead", "convert_head", "verify_tflite",
+__all__ = ["TfliteConversionError", "ConvertedHead", "convert_head", "verify_tflite",
            "convert_split", "converter_versions", "SIGNATURE", "EXTRA", "TFLITE_NAME"]
 
 log = logging.getLogger(__name__)
@@ -82,12 +87,13 @@ class _Quantizer:
 
 
 @dataclass(frozen=True)
-class TfliteHead:
+class ConvertedHead:
     """What :func:`convert_head` wrote: the file and its manifest entry."""
 
     path: Path
     ref: TfliteRef
     seconds: float
+    rewrites: Mapping[str, int]  # what :func:`_lower_qdq` rewrote before onnx2tf
 
 
 def _require() -> tuple[Any, Any]:
@@ -133,6 +139,105 @@ def _scalar(model: onnx.ModelProto, name: str, what: str) -> Array | None:
                 if attr.name == "value":
                     return np.asarray(numpy_helper.to_array(attr.t))
     return None
+
+
+def _lower_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """A QDQ head in float arithmetic onnx2tf converts faithfully (it gets the QDQ ops
+    themselves wrong: its QuantizeLinear does not saturate, and on the digits CNN 93% of
+    the first conv's outputs were off):
+
+    - ``DequantizeLinear`` of a constant (weights, biases) → the float constant,
+      ``(q - zero_point) * scale`` along its ``axis``;
+    - ``QuantizeLinear`` → ``DequantizeLinear`` on an activation (per-tensor constants) →
+      ``(min(max(round(x / s) + zp, lo), hi) - zp) * s`` in float: what the pair computes.
+
+    The final ``QuantizeLinear`` of an integer cut stays (:func:`_strip_quantizers` takes
+    it). Returns the model and the count of each rewrite."""
+    from onnx import helper
+
+    graph = model.graph
+    consts = {i.name: np.asarray(numpy_helper.to_array(i)) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = np.asarray(numpy_helper.to_array(node.attribute[0].t))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    counts = {"folded_dequantize": 0, "lowered_qdq_pairs": 0}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    removed: set[int] = set()
+
+    def attr(node: onnx.NodeProto, name: str, default: int) -> int:
+        return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in consts and all(
+                n in consts for n in node.input[1:] if n):
+            q = consts[node.input[0]].astype(np.float64)
+            scale = consts[node.input[1]].astype(np.float64)
+            zero = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 and \
+                node.input[2] else np.zeros_like(scale)
+            if scale.ndim == 1 and q.ndim > 1:
+                shape = [1] * q.ndim
+                shape[attr(node, "axis", 1) % q.ndim] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            value = ((q - zero) * scale).astype(np.float32)
+            new_inits.append(numpy_helper.from_array(value, node.output[0]))
+            counts["folded_dequantize"] += 1
+            continue
+        if node.op_type == "QuantizeLinear" and node.output[0] not in outputs:
+            after = consumers.get(node.output[0], [])
+            q_scale = consts.get(node.input[1])
+            q_zero = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] \
+                else np.zeros((), np.uint8)
+            if after and all(n.op_type == "DequantizeLinear" and n.input[0] == node.output[0]
+                             and list(n.input[1:3]) == list(node.input[1:3])  # same s, zp
+                             for n in after) and q_scale is not None and q_zero is not None \
+                    and q_scale.size == 1 and q_zero.size == 1 \
+                    and q_zero.dtype.name in _INT_RANGE:
+                low, high = _INT_RANGE[q_zero.dtype.name]
+                base = node.output[0] + ".lowered"
+                f32 = {"s": float(q_scale.reshape(())), "zp": float(q_zero.reshape(())),
+                       "lo": float(low), "hi": float(high)}
+                for key, number in f32.items():
+                    new_inits.append(numpy_helper.from_array(np.array(number, np.float32),
+                                                             f"{base}.{key}"))
+                x = node.input[0]
+                steps = [("Div", [x, f"{base}.s"]), ("Round", None), ("Add", f"{base}.zp"),
+                         ("Max", f"{base}.lo"), ("Min", f"{base}.hi"), ("Sub", f"{base}.zp")]
+                prev = x
+                for k, (op, arg) in enumerate(steps):
+                    out = f"{base}.{k}"
+                    ins = arg if isinstance(arg, list) else [prev] + ([arg] if arg else [])
+                    new_nodes.append(helper.make_node(op, ins, [out], name=out))
+                    prev = out
+                for dq in after:  # each DequantizeLinear becomes the final multiply
+                    new_nodes.append(helper.make_node("Mul", [prev, f"{base}.s"],
+                                                      [dq.output[0]], name=dq.output[0]))
+                    removed.add(id(dq))
+                counts["lowered_qdq_pairs"] += 1
+                continue
+        new_nodes.append(node)
+    if not any(counts.values()):
+        return model, counts
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    del lowered.graph.node[:]
+    lowered.graph.node.extend(new_nodes)
+    lowered.graph.initializer.extend(new_inits)
+    used = {i for n in new_nodes for i in n.input}
+    keep = [i for i in lowered.graph.initializer if i.name in used]
+    del lowered.graph.initializer[:]
+    lowered.graph.initializer.extend(keep)
+    kept_inputs = [i for i in lowered.graph.input if i.name not in consts or i.name in used]
+    del lowered.graph.input[:]
+    lowered.graph.input.extend(kept_inputs)
+    return lowered, counts
 
 
 def _strip_quantizers(model: onnx.ModelProto, cut: Sequence[TensorSpec]
@@ -265,7 +370,7 @@ def _tf_select_ops(text: str) -> list[str]:
 
 def convert_head(head_onnx: str | Path, out_path: str | Path, *,
                  inputs: Sequence[TensorSpec], cut: Sequence[TensorSpec],
-                 samples: Mapping[str, Array]) -> TfliteHead:
+                 samples: Mapping[str, Array]) -> ConvertedHead:
     """Convert the ONNX head to ``out_path`` (``head.tflite``) with the layout, dtype and
     quantization of ``cut``; ``samples`` (model inputs, first axis = samples) decide which
     output of onnx2tf is which cut tensor. Raises TfliteConversionError (op and why) or
@@ -280,6 +385,7 @@ def convert_head(head_onnx: str | Path, out_path: str | Path, *,
     model = onnx.load(str(head_onnx))
     _static_inputs(model, inputs)
     stripped, quantizers = _strip_quantizers(model, cut)
+    stripped, rewrites = _lower_qdq(stripped)
     float_names = [quantizers[s.name].float_name if s.name in quantizers else s.name
                    for s in cut]
     probe = {s.name: np.ascontiguousarray(samples[s.name][:4]) for s in inputs}
@@ -317,7 +423,7 @@ def convert_head(head_onnx: str | Path, out_path: str | Path, *,
     ref = TfliteRef(path=out_path.name, sha256=sha256_file(out_path), signature=SIGNATURE,
                     inputs={s.name: f"in_{i}" for i, s in enumerate(inputs)},
                     outputs={s.name: f"out_{i}" for i, s in enumerate(cut)})
-    return TfliteHead(out_path, ref, time.perf_counter() - started)
+    return ConvertedHead(out_path, ref, time.perf_counter() - started, rewrites)
 
 
 def _wrapper(tf: Any, keras_model: Any, inputs: Sequence[TensorSpec],
@@ -388,7 +494,7 @@ def convert_split(directory: str | Path, *, samples: Mapping[str, Array] | None 
 
 # -- verification ---------------------------------------------------------------------------
 
-def verify_tflite(tflite: TfliteHead, head_onnx: Path, tail_onnx: Path | None, *,
+def verify_tflite(tflite: ConvertedHead, head_onnx: Path, tail_onnx: Path | None, *,
                   inputs: Sequence[TensorSpec], cut: Sequence[TensorSpec],
                   samples: Mapping[str, Array], min_agreement: float,
                   threads: int | None = None, split_id: str | None = None
@@ -453,6 +559,7 @@ def verify_tflite(tflite: TfliteHead, head_onnx: Path, tail_onnx: Path | None, *
         "tflite_bytes": tflite.path.stat().st_size,
         "onnx_bytes": head_onnx.stat().st_size,
         "convert_s": round(tflite.seconds, 3),
+        **({"qdq_rewrites": dict(tflite.rewrites)} if any(tflite.rewrites.values()) else {}),
     }
     if agreement < min_agreement:
         raise VerificationError(
