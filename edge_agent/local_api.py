@@ -356,7 +356,10 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                     message = f"internal error ({type(exc).__name__}); see the service's log"
                 else:
                     message = str(exc)
-                log.info("POST /v1/infer: %d %s: %s", status, code, message)
+                # 503 and 429 are states, not events (an app polling at boot would write a
+                # line per frame): counted in /metrics, logged at debug only
+                log.log(logging.DEBUG if status in (429, 503) else logging.INFO,
+                        "POST /v1/infer: %d %s: %s", status, code, message)
                 retry = getattr(exc, "retry_after", 1.0 if status == 503 else None)
                 self._error(status, code, message, retry_after=retry)
                 return
