@@ -277,6 +277,31 @@ def test_conversion_failures_name_the_op_and_leave_no_manifest(tmp_path: Path) -
         split_model(model, "cloud_only", tmp_path / "co", num_samples=2, head_format="tflite")
 
 
+def _one_op(path: Path, node: onnx.NodeProto, x_shape: list[Any]) -> Path:
+    """x → ``node`` → ``node.output[0]`` → Relu → y."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node, helper.make_node("Relu", [node.output[0]], ["y"],
+                                                      name="relu")], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("node", "shape", "message"), [
+    (helper.make_node("LpPool", ["x"], ["p"], kernel_shape=[2, 2], p=2, name="lp"),
+     ["N", 2, 4, 4], "onnx2tf .* has no converter for the ONNX op LpPool \\(node 'lp'\\)"),
+    (helper.make_node("Det", ["x"], ["p"], name="det"), ["N", 3, 3],
+     "no builtin kernel for the TF op\\(s\\) MatrixDeterminant .*from the ONNX node\\(s\\) "
+     "Det 'det'.*no Flex"),
+])
+def test_an_op_tflite_cannot_take_is_named(tmp_path: Path, node: onnx.NodeProto,
+                                           shape: list[Any], message: str) -> None:
+    model = _one_op(tmp_path / "m.onnx", node, shape)
+    with pytest.raises(TfliteConversionError, match=message):
+        split_model(model, "p", tmp_path / "s", num_samples=4, head_format="tflite")
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
 def test_qdq_head_is_lowered_to_float_before_onnx2tf(
         splits: dict[str, tuple[Path, Arrays]]) -> None:
     """A static-int8 QDQ head (splitinfer quantize): onnx2tf 1.28 gets its Q/DQ ops wrong
