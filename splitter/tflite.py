@@ -124,7 +124,7 @@ def converter_versions() -> dict[str, str]:
     return out
 
 
-def _static_inputs(model: onnx.ModelProto, inputs: Sequence[TensorSpec]) -> None:
+def _static_inputs(inputs: Sequence[TensorSpec]) -> None:
     for spec in inputs:
         if any(not isinstance(d, int) for d in spec.shape[1:]):
             raise BadInputError(
@@ -133,7 +133,7 @@ def _static_inputs(model: onnx.ModelProto, inputs: Sequence[TensorSpec]) -> None
                 "--input-shape NAME=DIMS --fix-shapes (or --samples and --fix-shapes)")
 
 
-def _scalar(model: onnx.ModelProto, name: str, what: str) -> Array | None:
+def _scalar(model: onnx.ModelProto, name: str) -> Array | None:
     for init in model.graph.initializer:
         if init.name == name:
             return np.asarray(numpy_helper.to_array(init))
@@ -261,8 +261,8 @@ def _strip_quantizers(model: onnx.ModelProto, cut: Sequence[TensorSpec]
                 f"cut {spec.name!r} is {spec.dtype}, produced by {op}; the TFLite head can "
                 "only give an integer cut made by a QuantizeLinear at the end of the head "
                 "(cut after the quantizer, or float and splitter.surgery.quantize_cut)")
-        scale = _scalar(model, node.input[1], "scale")
-        zero = _scalar(model, node.input[2], "zero_point") if len(node.input) > 2 and \
+        scale = _scalar(model, node.input[1])
+        zero = _scalar(model, node.input[2]) if len(node.input) > 2 and \
             node.input[2] else np.zeros((), np.int8)
         if scale is None or zero is None or scale.size != 1 or zero.size != 1:
             raise TfliteConversionError(
@@ -297,7 +297,9 @@ def _strip_quantizers(model: onnx.ModelProto, cut: Sequence[TensorSpec]
 @contextlib.contextmanager
 def _captured(buffer: io.StringIO) -> Any:
     """Python's and the C++ libraries' stdout/stderr (file descriptors 1 and 2) into
-    ``buffer`` for the block: tensorflow's converter prints whole MLIR dumps there."""
+    ``buffer`` for the block: tensorflow's converter prints whole MLIR dumps there. The
+    descriptors are the process's: other threads' output in the meantime lands there too
+    (conversion is an offline, one-thread step)."""
     import sys
 
     sys.stdout.flush()
@@ -434,7 +436,7 @@ def convert_head(head_onnx: str | Path, out_path: str | Path, *,
     started = time.perf_counter()
     head_onnx, out_path = Path(head_onnx), Path(out_path)
     model = onnx.load(str(head_onnx))
-    _static_inputs(model, inputs)
+    _static_inputs(inputs)
     stripped, quantizers = _strip_quantizers(model, cut)
     stripped, rewrites = _lower_qdq(stripped)
     float_names = [quantizers[s.name].float_name if s.name in quantizers else s.name

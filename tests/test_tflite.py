@@ -344,3 +344,15 @@ def test_bench_tflite_rows() -> None:
     assert row["samples"] == 360 and row["max_abs_diff_cut"] < 1e-4
     assert row["tflite_bytes"] > 0 and row["onnx_bytes"] > 0
     assert "digits_cnn" in format_table(doc) and "tensorflow" in doc["versions"]
+
+
+def test_dynamic_dims_need_fixed_shapes(tmp_path: Path) -> None:
+    """TFLite needs every dim but the batch: --fix-shapes with --input-shape does it."""
+    model = _one_op(tmp_path / "m.onnx", helper.make_node("Abs", ["x"], ["p"], name="abs"),
+                    ["N", 4, "W"])
+    with pytest.raises(BadInputError, match=r"dynamic dims \(N, 4, W\).*--fix-shapes"):
+        split_model(model, "p", tmp_path / "dyn", num_samples=2, head_format="tflite")
+    result = split_model(model, "p", tmp_path / "fixed", num_samples=4, head_format="tflite",
+                         input_shapes={"x": ("N", 4, 6)}, fix_shapes=True)
+    assert result.manifest_obj.head_tflite is not None
+    assert result.manifest_obj.verification["tflite"]["max_abs_diff_cut"] == 0.0
