@@ -9,6 +9,10 @@
 # and python3-venv). Sizes: docs/deploy.md.
 ARG BASE=splitinfer-base:bookworm
 FROM ${BASE}
+# Extra requirements or pins for pip, e.g. --build-arg EXTRA_PIP=onnxruntime==1.27.0 for an
+# arm64 build under qemu-user emulation: onnxruntime 1.28-1.32 die with SIGSEGV on import
+# under Debian 12's qemu-user 7.2 (1.22.1-1.27.0 import fine; measured, docs/deploy.md).
+ARG EXTRA_PIP=""
 ENV PATH=/opt/splitinfer/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -21,7 +25,7 @@ COPY edge_agent edge_agent
 RUN --mount=type=secret,id=pip_cert,required=false \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && python3 -m venv /opt/splitinfer \
-    && pip install --no-cache-dir ".[edge]" \
+    && pip install --no-cache-dir ".[edge]" ${EXTRA_PIP} \
     && pip uninstall -q -y pip setuptools \
     && cd / && rm -rf /src \
     && splitinfer edge run --help > /dev/null \

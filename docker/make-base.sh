@@ -27,4 +27,24 @@ tar -C "$ROOTFS" -c . | docker import $PLATFORM -c 'ENV LANG=C.UTF-8' \
     -m "debootstrap --variant=minbase $SUITE ($MIRROR) + python3 python3-venv ca-certificates" \
     - "$TAG"
 rm -rf "$ROOTFS"
-docker images "$TAG"
+# Older daemons (20.10 without --experimental) ignore import --platform and record their
+# own architecture: rewrite it in the image config (docker save, edit, docker load).
+if [ "$(docker image inspect --format '{{.Architecture}}' "$TAG")" != "$ARCH" ]; then
+    FIX=$(mktemp -d /tmp/splitinfer-base-fix.XXXXXX)
+    docker save "$TAG" | tar -C "$FIX" -x
+    python3 - "$FIX" "$ARCH" <<'PY'
+import json, pathlib, sys
+root, arch = pathlib.Path(sys.argv[1]), sys.argv[2]
+manifest = json.loads((root / "manifest.json").read_text())
+config = root / manifest[0]["Config"]
+doc = json.loads(config.read_text())
+doc["architecture"] = arch
+if arch == "arm64":
+    doc["variant"] = "v8"
+config.write_text(json.dumps(doc))
+PY
+    docker rmi "$TAG" > /dev/null
+    tar -C "$FIX" -c . | docker load
+    rm -rf "$FIX"
+fi
+docker image inspect --format "{{.RepoTags}} {{.Os}}/{{.Architecture}} {{.Size}} bytes" "$TAG"
