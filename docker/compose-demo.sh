@@ -23,8 +23,8 @@ if [ -z "${SPLITINFER_DEMO_PORT:-}" ]; then
     fi
 fi
 export SPLITINFER_DEMO_PORT
-for port in 19101 19102; do
-    free $port || { echo "compose-demo: 127.0.0.1:$port (a worker's metrics port) is in use" >&2; exit 3; }
+for port in 19101 19102 18470; do
+    free $port || { echo "compose-demo: 127.0.0.1:$port (a worker's metrics or the edge service's port) is in use" >&2; exit 3; }
 done
 docker image inspect splitinfer-base:bookworm > /dev/null 2>&1 || {
     echo "compose-demo: no splitinfer-base:bookworm image; run docker/make-base.sh first" >&2; exit 3; }
@@ -44,6 +44,24 @@ status=0
 $COMPOSE -p $project -f docker/compose.yaml run --rm fleet || status=$?
 # The edge image on the same split and workers: one device, the 360 test images.
 [ "$status" != 0 ] || $COMPOSE -p $project -f docker/compose.yaml run --rm --no-deps edge || status=$?
+# The edge image as the device service, and an app calling its local HTTP API.
+if [ "$status" = 0 ]; then
+    # --no-deps: the workers serve already, and 'prepare' must not run again under them
+    $COMPOSE -p $project -f docker/compose.yaml up -d --no-deps edge-serve > /dev/null 2>&1
+    python3 - <<'PY' || status=$?
+import time, urllib.request
+for _ in range(120):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:18470/healthz", timeout=2)
+        break
+    except OSError:
+        time.sleep(0.5)
+else:
+    raise SystemExit("compose-demo: edge-serve never answered /healthz")
+PY
+    [ "$status" != 0 ] || $COMPOSE -p $project -f docker/compose.yaml run --rm --no-deps app \
+        || status=$?
+fi
 # Each worker's share of the answers, from its own /metrics (the $share group at work).
 for port in 19101 19102; do
     python3 - "$port" <<'PY' || true

@@ -464,7 +464,8 @@ def compose() -> Doc:
 
 def test_compose_runs_broker_two_workers_and_a_fleet() -> None:
     services = compose()["services"]
-    assert set(services) == {"broker", "prepare", "worker-1", "worker-2", "fleet", "edge"}
+    assert set(services) == {"broker", "prepare", "worker-1", "worker-2", "fleet", "edge",
+                             "edge-serve", "app"}
     for name, service in services.items():
         assert service["network_mode"] == "host", f"{name} is not on the host network"
         assert "ports" not in service  # host networking publishes nothing
@@ -528,6 +529,22 @@ def test_compose_edge_device_runs_the_edge_image_on_the_same_split() -> None:
     assert args.broker == "mqtt://127.0.0.1:18830"
     assert args.artifacts == services["worker-1"]["environment"]["SPLITINFER_ARTIFACTS"]
     assert "digits_test.npz" in script  # the answers are scored against the labels
+
+
+def test_compose_edge_service_and_its_app_agree_on_the_local_api() -> None:
+    services = compose()["services"]
+    serve = services["edge-serve"]
+    assert serve["image"] == "splitinfer-edge" and serve["command"][0] == "serve"
+    argv = [a.replace("${SPLITINFER_DEMO_PORT:-18830}", "18830") for a in serve["command"]]
+    args = subparser("edge", "serve").parse_args(argv[1:])
+    assert args.broker == "mqtt://127.0.0.1:18830"
+    assert args.artifacts == services["worker-1"]["environment"]["SPLITINFER_ARTIFACTS"]
+    assert args.http.startswith("127.0.0.1:")  # the local API stays on loopback
+    assert args.state_dir.startswith("/tmp/")  # the image's only writable place for 65534
+    assert f"http://{args.http}/healthz" in " ".join(serve["healthcheck"]["test"])
+    app = " ".join(services["app"]["entrypoint"])
+    assert f"http://{args.http}/v1/infer" in app and "application/x-npz" in app
+    assert services["app"]["depends_on"]["edge-serve"]["condition"] == "service_healthy"
 
 
 def test_compose_prepare_writes_what_workers_and_fleet_read(tmp_path: Path) -> None:
