@@ -35,6 +35,7 @@ start=$(date +%s.%N)
 docker/compose-demo.sh > "$log" 2>&1 || { echo "bench-images: the compose demo failed:" >&2;
                                           tail -30 "$log" >&2; exit 1; }
 end=$(date +%s.%N)
-grep -E '^(sent|[0-9]+ |e2e|  tail|accuracy|worker on|edge image)' "$log" || true
+grep -E '^(sent|[0-9]+ |e2e|  tail|accuracy|worker on|edge image|edge serve|[0-9]+/[0-9]+ requests ok)' \
+    "$log" || true
 printf 'compose demo: %.1f s from up to down\n' "$(echo "$end - $start" | bc)"
 rm -f "$log"
