@@ -246,7 +246,12 @@ class _Timed:
         self.run = run
         self.times: list[float] = []
 
-    def measure(self) -> None:
+    def measure(self, *, warm: bool = True) -> None:
+        """Time one run; ``warm``: right after an untimed one, the model's caches and its
+        pool (and the core under it) as warm as a tight loop leaves them, the best this
+        setting can do here, whatever ran before."""
+        if warm:
+            self.run()
         t0 = time.perf_counter()
         self.run()
         self.times.append(time.perf_counter() - t0)
@@ -391,8 +396,9 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
     # The agent's and the worker's own settings: what `edge run` and `cloud serve` open.
     worker_threads = Config.threads if args.threads is None else args.threads
     own_head = OrtHead(head_path, threads=args.threads)
-    own_tail = Tail.open(split_dir, threads=worker_threads,
+    own_tail = Tail.open(split_dir, threads=worker_threads, spinning=Config.spinning,
                          providers=["CPUExecutionProvider"])
+    own_spins = Config.spinning == "always"
     cut = own_head.run(sample)
     feeds = [cut[name] for name in own_tail.input_names]
     request = Envelope(
@@ -466,14 +472,19 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
             n = min(BLOCK, args.requests - done)
             time.sleep(SETTLE_S)
             for _ in range(n):
-                own["head"].measure()
-                own["tail"].measure()
                 for name in heads:
                     heads[name].measure()
                     tails[name].measure()
                 t0 = time.perf_counter()
                 rtt.round_trip(payload)
                 raw.append(time.perf_counter() - t0)
+                # The agent's and the worker's own settings last: the worker's pool may
+                # keep spinning after its run (Config.spinning "always"), so a pause
+                # follows before anything else is measured.
+                own["head"].measure()
+                own["tail"].measure()
+                if own_spins:
+                    time.sleep(SETTLE_S)
             for _ in range(n):
                 if args.pace_ms:
                     await asyncio.sleep(args.pace_ms / 1000)
@@ -510,7 +521,7 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
                 timed.run()
             for _ in range(min(args.requests, HOT_RUNS)):
                 time.sleep(gap)
-                timed.measure()
+                timed.measure(warm=False)
             (hot_heads if side == "head" else hot_tails)[s.name] = timed
             del session, timed
     report = _report(args, times, raw, own, heads, tails, stages, payload_bytes=len(payload),
