@@ -79,8 +79,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="requests waiting, beyond which the worker answers OVERLOADED "
                        "(default %(default)s) [SPLITINFER_QUEUE_SIZE]")
     serve.add_argument("--threads", type=int, default=_env("--threads", 0),
-                       help="onnxruntime intra-op threads per tail, 0 = its default "
+                       help="onnxruntime intra-op threads per tail; 0 = measured per tail "
+                       "at load: its default pool where that is faster, else 1 "
                        "[SPLITINFER_THREADS]")
+    serve.add_argument("--spinning", choices=("always", "run", "off"),
+                       default=_env("--spinning", "always"),
+                       help="when the tails' pool threads spin for work: always (onnxruntime's "
+                       "default: tens of ms after each run, fastest while requests keep "
+                       "coming), run (only during a run), off (never; no CPU between "
+                       "requests) (default %(default)s) [SPLITINFER_SPINNING]")
     serve.add_argument("--tail-workers", type=int, default=_env("--tail-workers", 1),
                        help="tail runs at once (default %(default)s) [SPLITINFER_TAIL_WORKERS]")
     serve.add_argument("--providers", default=_env("--providers", ""),
@@ -152,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields: dict[str, Any] = dict(
         artifacts=args.artifacts, broker=args.broker, group=args.group, prefix=args.prefix,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
-        threads=args.threads, tail_workers=args.tail_workers,
+        threads=args.threads, spinning=args.spinning, tail_workers=args.tail_workers,
         providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
         drain_timeout_s=args.drain_timeout, metrics_interval_s=args.metrics_interval,
         worker_id=args.worker_id or "", session_expiry_s=args.session_expiry,

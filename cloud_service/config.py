@@ -46,8 +46,9 @@ class Config:
     max_delay_ms: float = 2.0
     # Requests waiting for the tail, all splits together; beyond it: OVERLOADED.
     queue_size: int = 1024
-    # onnxruntime intra-op threads per tail session (0 = onnxruntime's default: one per
-    # physical core).
+    # onnxruntime intra-op threads per tail session. 0 = per tail, measured at load: its
+    # default pool (one thread per physical core) where that runs one sample faster than
+    # one thread by registry.POOL_GAIN, else one thread (no pool to wake or spin).
     threads: int = 0
     # When the tail's pool threads spin for work: "off" (never), "run" (while a run
     # lasts; slow to restart after an idle gap), "always" (onnxruntime's default: tens of
