@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cloud_service.config import Config
     from cloud_service.server import Server
-    from simulators.broker import MosquittoBroker
+    from simulators.support.broker import MosquittoBroker
     from splitinfer.errors import BadInputError
     from splitinfer.manifest import Manifest
     from splitinfer.topics import topic_name

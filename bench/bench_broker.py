@@ -5,7 +5,7 @@ for ``seconds`` while the only worker (a subscriber on the workers' shared filte
 client as ``splitinfer cloud serve``: MQTT 5 through :class:`splitinfer.mqtt_client.MqttClient`)
 is SIGSTOPped. The broker's RSS is sampled from ``/proc/PID/status`` throughout and printed
 beside the bound its configuration implies: its RSS at the start + what one stalled
-subscriber may hold (:func:`simulators.broker.subscriber_bound_bytes`: twice
+subscriber may hold (:func:`simulators.support.broker.subscriber_bound_bytes`: twice
 ``max_inflight_bytes`` + ``max_queued_bytes``, because mosquitto 2.0.11 holds about two
 copies of each message it keeps for a subscriber that does not read — measured, its
 ``$SYS/broker/heap/current`` says the same — plus bookkeeping for ``max_queued_messages``)
@@ -35,7 +35,7 @@ import time
 import uuid
 from typing import Any
 
-from simulators.broker import (
+from simulators.support.broker import (
     MAX_INFLIGHT_BYTES,
     MAX_PACKET_SIZE,
     MAX_QUEUED_BYTES,

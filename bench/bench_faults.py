@@ -327,7 +327,7 @@ def build_digits_split(work: Path) -> tuple[Path, Path]:
     ``.npz`` with labels. Returns (split folder, npz)."""
     import numpy as np
 
-    from simulators.demo import choose_cut
+    from simulators.support.demo import choose_cut
     from splitter import list_cuts, split_model
     from splitter.quantize import quantize_static
     from splitter.zoo import digits_calibration_path, digits_cnn_path, digits_test_set

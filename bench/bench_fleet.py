@@ -30,7 +30,7 @@ from typing import Any
 
 def digits_split(work: Path) -> Path:
     """The digits CNN, int8, split at its smallest int8 cut (as ``splitinfer demo``)."""
-    from simulators.demo import choose_cut
+    from simulators.support.demo import choose_cut
     from splitter import list_cuts, split_model
     from splitter.quantize import quantize_static
     from splitter.zoo import digits_calibration_path, digits_cnn_path

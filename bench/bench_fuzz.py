@@ -152,7 +152,7 @@ def run_fuzz(*, messages: int = 10000, seed: int = 0, valid_every: int = 20,
     ``artifacts``: one split directory (default: the digits CNN split at ``relu3``, made
     here). ``broker_url``: a broker speaking MQTT 5 (default: a private mosquitto).
     """
-    from simulators.broker import MosquittoBroker
+    from simulators.support.broker import MosquittoBroker
     from splitinfer.manifest import Manifest, find_split_dirs
     from splitinfer.wire import DEFAULT_MAX_PAYLOAD
 

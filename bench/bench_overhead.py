@@ -386,7 +386,7 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
     from cloud_service.config import Config
     from cloud_service.registry import Tail
     from edge_agent import AgentConfig, EdgeAgent, OrtHead
-    from simulators.broker import MosquittoBroker
+    from simulators.support.broker import MosquittoBroker
     from splitinfer.manifest import Manifest
     from splitinfer.wire import REQUEST, Envelope, WireTensor, encode
 

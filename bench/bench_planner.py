@@ -196,9 +196,9 @@ async def _calibrate(work: Path) -> dict[str, float]:
     1 req/s for 30 s: ``agent`` = the fleet's "other" stage p50 (edge_only, no link;
     cloud_only over "lan"), ``broker`` = half the "broker_queue" p50 over "lan" (two hops,
     with the worker's handling and the shaping proxy's timer lateness)."""
-    from simulators.broker import MosquittoBroker
     from simulators.fleet import Fleet, FleetConfig
     from simulators.fleet_support import WorkerPool
+    from simulators.support.broker import MosquittoBroker
     from splitinfer.topics import DEFAULT_PREFIX
     from splitter import split_model, zoo
 
@@ -250,8 +250,8 @@ def _model_rows(model: str, args: argparse.Namespace, work: Path,
                 log: Any) -> dict[str, Any]:
     import asyncio
 
-    from simulators.broker import MosquittoBroker
     from simulators.fleet_support import WorkerPool
+    from simulators.support.broker import MosquittoBroker
     from splitinfer.bundle import Bundle
     from splitinfer.costmodel import (
         DEFAULT_AGENT_S,

@@ -3,7 +3,7 @@
 What ``splitinfer demo`` does before it serves, written to a volume the workers and the
 fleet share: quantize the bundled digits CNN to int8 (static QDQ, the bundled calibration
 set), pick the int8 cut with the fewest bytes that leaves work on both sides (the demo's
-own rule, simulators.demo.choose_cut), split and verify it. Layout under OUT:
+own rule, simulators.support.demo.choose_cut), split and verify it. Layout under OUT:
 
     OUT/split/                 manifest.json head.onnx tail.onnx (the workers serve it)
     OUT/digits_cnn.int8.onnx   the unsplit int8 model (the fleet's reference)
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulators.demo import choose_cut
+from simulators.support.demo import choose_cut
 from splitter import list_cuts, split_model
 from splitter.quantize import quantize_static
 from splitter.zoo import digits_calibration_path, digits_cnn_path, digits_test_set

@@ -17,7 +17,7 @@ __all__ = ["register_demo", "register_fleet"]
 
 
 def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    add_module_command(sub, "demo", "simulators.demo")
+    add_module_command(sub, "demo", "simulators.support.demo")
 
 
 def register_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -541,7 +541,7 @@ class Fleet:
             return None, cfg.broker or "mqtt://127.0.0.1:1883", "none (edge_only split)"
         if cfg.broker is not None:
             return None, cfg.broker, "external"
-        from simulators.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
+        from simulators.support.broker import EmbeddedBroker, MosquittoBroker, mosquitto_binary
 
         if cfg.embedded_broker or not mosquitto_binary():
             embedded = EmbeddedBroker()

@@ -100,7 +100,7 @@ async def _selftest(nbytes: int, reps: int, mqtt: bool) -> int:
 
     broker = None
     if mqtt:
-        from simulators.broker import MosquittoBroker
+        from simulators.support.broker import MosquittoBroker
 
         broker = MosquittoBroker()
         await asyncio.to_thread(broker.start)

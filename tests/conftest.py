@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from simulators.broker import (
+from simulators.support.broker import (
     EmbeddedBroker,
     MosquittoBroker,
     NatsBroker,

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from cloud_service.broker_setup import dynsec_config
-from simulators.broker import MosquittoBroker, TlsListener, dynsec_plugin, mosquitto_binary
+from simulators.support.broker import MosquittoBroker, TlsListener, dynsec_plugin, mosquitto_binary
 
 pytestmark = pytest.mark.integration
 

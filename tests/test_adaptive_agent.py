@@ -25,7 +25,7 @@ from cloud_service.server import Server
 from edge_agent import AgentConfig, EdgeAgent, HeadRuntime, load_head
 from edge_agent.adaptive import PolicyConfig
 from edge_agent.bundle_agent import BundleAgent
-from simulators.broker import MosquittoBroker
+from simulators.support.broker import MosquittoBroker
 from splitinfer import ort_config
 from splitinfer.bundle import Bundle, BundleSplit
 from splitinfer.manifest import Manifest, sha256_file
@@ -238,7 +238,7 @@ def test_broker_cut_answers_locally_then_splits_again(fresh_mosquitto: Mosquitto
 
 def test_unreachable_broker_at_start_answers_locally(bundle_dir: Path, images: Array,
                                                      topic_prefix: str) -> None:
-    from simulators.broker import free_port
+    from simulators.support.broker import free_port
 
     url = f"mqtt://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
     want = full_model(images[:2])

@@ -17,7 +17,7 @@ import pytest
 from bench.bench_overhead import ECHO_READY, FloorSetting, RawRoundTrip, floor_settings
 from cloud_service.registry import session_options
 from edge_agent.runtime import OrtHead
-from simulators.broker import MosquittoBroker
+from simulators.support.broker import MosquittoBroker
 from splitinfer.errors import BadInputError
 from splitter import zoo
 

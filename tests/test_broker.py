@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import TUNING, EmbeddedBroker, MosquittoBroker
+from simulators.support.broker import TUNING, EmbeddedBroker, MosquittoBroker
 from splitinfer.errors import BadInputError, TransportError
 from splitinfer.mqtt import BrokerConfig
 from splitinfer.mqtt_client import open_client

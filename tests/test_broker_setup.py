@@ -30,7 +30,7 @@ from cloud_service.broker_setup import (
     mosquitto_conf,
     read_ids,
 )
-from simulators.broker import MosquittoBroker, dynsec_plugin, free_port, mosquitto_binary
+from simulators.support.broker import MosquittoBroker, dynsec_plugin, free_port, mosquitto_binary
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import BadInputError
 from splitinfer.wire import DEFAULT_MAX_PAYLOAD
@@ -350,7 +350,7 @@ def test_broker_flood_stays_within_the_bound() -> None:
     """The short version of the figure (bench/bench_broker.py): what reaches the
     resumed worker is what the bounds allow; the RSS stays below the computed bound."""
     from bench.bench_broker import run_broker_flood
-    from simulators.broker import MAX_INFLIGHT_BYTES, MAX_QUEUED_BYTES
+    from simulators.support.broker import MAX_INFLIGHT_BYTES, MAX_QUEUED_BYTES
 
     payload = 256 * 1024
     r = run_broker_flood(seconds=1.0, payload_bytes=payload)

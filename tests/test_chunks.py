@@ -181,7 +181,7 @@ def test_chunks_cross_strict_mosquitto_bit_exact() -> None:
 
     import paho.mqtt.client as mqtt
 
-    from simulators.broker import MosquittoBroker
+    from simulators.support.broker import MosquittoBroker
 
     broker = MosquittoBroker(extra_config=("max_packet_size 131072",))
     broker.start()

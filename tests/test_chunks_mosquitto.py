@@ -22,7 +22,7 @@ from test_cloud_support import TinySplit, make_split
 from test_edge_integration import agent_for, worker
 
 from cloud_service.registry import Registry
-from simulators.broker import MosquittoBroker, mosquitto_binary
+from simulators.support.broker import MosquittoBroker, mosquitto_binary
 
 pytestmark = pytest.mark.integration
 LIMIT = 131072

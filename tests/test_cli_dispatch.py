@@ -115,7 +115,7 @@ def test_a_bench_module_without_add_parser_is_listed_not_hidden(
     assert code == 1 and "bench defines no add_parser" in err, err
 
 
-@pytest.mark.parametrize("command, module", [("demo", "simulators.demo"),
+@pytest.mark.parametrize("command, module", [("demo", "simulators.support.demo"),
                                              ("fleet", "simulators.fleet_cli")])
 def test_demo_and_fleet_failing_to_import_are_listed_and_explain_themselves(
         command: str, module: str, monkeypatch: pytest.MonkeyPatch,

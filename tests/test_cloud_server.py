@@ -22,7 +22,7 @@ from test_cloud_support import Requester, TinySplit, make_split, request_payload
 from cloud_service.config import Config
 from cloud_service.registry import Registry
 from cloud_service.server import Server
-from simulators.broker import EmbeddedBroker, MosquittoBroker, free_port
+from simulators.support.broker import EmbeddedBroker, MosquittoBroker, free_port
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import ErrorCode, StartupError
 from splitinfer.mqtt_client import open_client

@@ -29,7 +29,7 @@ from cloud_service.config import Config
 from cloud_service.registry import Registry
 from cloud_service.server import Server
 from edge_agent import AgentConfig, EdgeAgent
-from simulators.broker import MosquittoBroker
+from simulators.support.broker import MosquittoBroker
 from splitinfer import compression, ort_config
 from splitinfer.errors import BadInputError
 from splitinfer.mqtt import BrokerConfig

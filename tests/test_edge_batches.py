@@ -31,7 +31,7 @@ from test_edge_integration import worker
 
 from cloud_service.registry import Registry
 from edge_agent import AgentConfig, EdgeAgent, SplitClient
-from simulators.broker import MosquittoBroker, free_port
+from simulators.support.broker import MosquittoBroker, free_port
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import (
     EXIT_BAD_INPUT,

@@ -30,7 +30,7 @@ from cloud_service.config import Config
 from cloud_service.registry import Registry
 from cloud_service.server import Server
 from edge_agent import AgentConfig, EdgeAgent, OrtHead, SplitClient, load_head
-from simulators.broker import EmbeddedBroker, MosquittoBroker, free_port
+from simulators.support.broker import EmbeddedBroker, MosquittoBroker, free_port
 from splitinfer import ort_config
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import (

@@ -34,7 +34,7 @@ from test_edge_integration import (  # noqa: F401  (registry, splits: fixtures)
 
 from cloud_service.registry import Registry
 from edge_agent import EdgeAgent, InferenceResult
-from simulators.broker import MosquittoBroker
+from simulators.support.broker import MosquittoBroker
 from splitinfer.errors import NoSubscriberError
 from splitter import zoo
 

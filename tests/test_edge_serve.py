@@ -47,7 +47,7 @@ from edge_agent.local_api import LocalAPI, Unavailable, read_npz
 from edge_agent.metrics import ServiceMetrics
 from edge_agent.serve_config import KEYS, resolve
 from edge_agent.systemd import _OneLine, under_journald
-from simulators.broker import MosquittoBroker, free_port
+from simulators.support.broker import MosquittoBroker, free_port
 from splitinfer.bundle import Bundle
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import EXIT_BAD_INPUT, EXIT_OK, BadInputError

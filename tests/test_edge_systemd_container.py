@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 from test_edge_serve import _npz, worker_process
 
-from simulators.broker import MosquittoBroker, free_port
+from simulators.support.broker import MosquittoBroker, free_port
 from splitter import split_model, zoo
 
 REPO = Path(__file__).resolve().parents[1]

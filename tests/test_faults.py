@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from simulators.broker import MosquittoBroker, wait_for_port
 from simulators.faults import Fault, FaultInjector, FaultPlan
 from simulators.shaper import ShapingProxy
+from simulators.support.broker import MosquittoBroker, wait_for_port
 from splitinfer.errors import BadInputError
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from simulators.broker import MosquittoBroker
 from simulators.fleet import REPORT_STAGES, Fleet, FleetConfig
 from simulators.fleet_stats import FleetResult
 from simulators.fleet_support import WorkerPool
+from simulators.support.broker import MosquittoBroker
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ SHARED_PREFIX = "fleettest"
 def digits_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits CNN, int8 (static QDQ), split at its smallest int8 cut; the quantized
     model sits in the parent folder, where the fleet finds it as the reference."""
-    from simulators.demo import choose_cut
+    from simulators.support.demo import choose_cut
     from splitter import list_cuts, split_model
     from splitter.quantize import quantize_static
     from splitter.zoo import digits_calibration_path, digits_cnn_path

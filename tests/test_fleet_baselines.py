@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fixtures_edge import baseline_dir, dynamic_model, fixed_batch_model, split_at_pool
 
-from simulators.broker import MosquittoBroker
 from simulators.fleet import Fleet, FleetConfig
 from simulators.fleet_stats import FleetResult
+from simulators.support.broker import MosquittoBroker
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from simulators.broker import MosquittoBroker
 from simulators.fleet import Fleet, FleetConfig
 from simulators.fleet_bundle import resolve
 from simulators.fleet_stats import FleetResult
+from simulators.support.broker import MosquittoBroker
 from splitinfer.bundle import Bundle, BundleSplit
 from splitinfer.errors import BadInputError
 

@@ -13,8 +13,8 @@ import pytest
 from test_acl_matrix import make_pki
 
 from edge_agent.transport import NO_MATCHING_SUBSCRIBERS, LastWill, Transport
-from simulators.broker import MosquittoBroker, TlsListener, mosquitto_binary
 from simulators.fleet_transport import connector_for
+from simulators.support.broker import MosquittoBroker, TlsListener, mosquitto_binary
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ from cloud_service.metrics import Metrics
 from cloud_service.registry import Registry, Tail, open_directory, split_directories
 from cloud_service.reload import ChangeDetector, Reloader, fingerprint, scan
 from cloud_service.worker import Incoming, Worker
-from simulators.broker import MosquittoBroker, free_port
+from simulators.support.broker import MosquittoBroker, free_port
 from splitinfer.errors import RemoteError
 from splitinfer.wire import decode
 

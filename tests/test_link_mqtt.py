@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from simulators.broker import MosquittoBroker
 from simulators.shaper import ShapingProxy
+from simulators.support.broker import MosquittoBroker
 from splitinfer.errors import TransportError
 from splitinfer.link import LinkProfile
 from splitinfer.mqtt import BrokerConfig

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from simulators.broker import free_port
 from simulators.shaper import ShapingProxy
+from simulators.support.broker import free_port
 from splitinfer.link import LinkProfile
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -17,7 +17,7 @@ from cloud_service.config import Config
 from cloud_service.http import MetricsHTTP
 from cloud_service.metrics import Metrics
 from cloud_service.server import Server
-from simulators.broker import MosquittoBroker
+from simulators.support.broker import MosquittoBroker
 from splitinfer.topics import Topics
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from simulators.broker import EmbeddedBroker, MosquittoBroker, dynsec_plugin, mosquitto_binary
+from simulators.support.broker import (
+    EmbeddedBroker,
+    MosquittoBroker,
+    dynsec_plugin,
+    mosquitto_binary,
+)
 from splitinfer.errors import BadInputError, TransportError
 from splitinfer.mqtt import BrokerConfig, parse_size
 from splitinfer.mqtt_client import Message, MqttClient, SubscribeRefused, Will
@@ -160,7 +165,7 @@ def test_max_packet_size_from_connack_and_url(limited_mosquitto: MosquittoBroker
         assert client.max_packet_size == 65536  # the smaller of the two
         await client.disconnect()
         client = await _client(_cfg(mosquitto))
-        # the session broker's own limit (simulators/broker.py sets one), well above 128 KiB
+        # the session broker's own limit (simulators/support/broker.py sets one), well above 128 KiB
         assert client.max_packet_size is None or client.max_packet_size > 131072
         await client.disconnect()
         client = await _client(_cfg(mosquitto, max_packet="128KiB"))
@@ -221,7 +226,7 @@ def test_will_and_persistent_session(fresh_mosquitto: MosquittoBroker,
 
 
 def test_unreachable_broker_is_a_transport_error() -> None:
-    from simulators.broker import free_port
+    from simulators.support.broker import free_port
 
     async def main() -> None:
         client = MqttClient(BrokerConfig(port=free_port()), "nobody")

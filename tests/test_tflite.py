@@ -37,7 +37,7 @@ from test_edge_integration import worker
 
 from edge_agent import AgentConfig, EdgeAgent, load_head
 from edge_agent.runtime import OrtHead, TfliteHead, choose_backend
-from simulators.broker import MosquittoBroker
+from simulators.support.broker import MosquittoBroker
 from splitinfer import ort_config
 from splitinfer.cli import main as cli_main
 from splitinfer.errors import (

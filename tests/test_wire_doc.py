@@ -361,7 +361,7 @@ def test_b_as_str_gets_the_documented_error(mosquitto: Any, split_dir: Path,
 
 def main() -> int:
     """Print the example blocks for docs/wire.md (needs mosquitto; about 5 s)."""
-    from simulators.broker import MosquittoBroker
+    from simulators.support.broker import MosquittoBroker
 
     with tempfile.TemporaryDirectory() as tmp:
         split = _digits_split(Path(tmp))

@@ -25,7 +25,7 @@ from test_cloud_support import TinySplit, make_split, request_payload
 
 from cloud_service.config import Config
 from cloud_service.server import Server
-from simulators.broker import EmbeddedBroker, MosquittoBroker
+from simulators.support.broker import EmbeddedBroker, MosquittoBroker
 from splitinfer.topics import Topics
 from splitinfer.wire import decode
 

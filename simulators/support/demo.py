@@ -189,7 +189,7 @@ def _say(args: DemoOptions, text: str) -> None:
 def _serve_and_infer(args: DemoOptions, split_dir: Path, inputs: Mapping[str, Array],
                      ) -> tuple[Array, list[dict[str, float]], str, str]:
     from cloud_service import Config, Server
-    from simulators.broker import EmbeddedBroker, start_broker
+    from simulators.support.broker import EmbeddedBroker, start_broker
 
     broker: Any = None
     url = args.broker

@@ -5,7 +5,7 @@ the same client (:class:`splitinfer.mqtt_client.MqttClient`: paho driven by the 
 TCP_NODELAY, QoS 1) as the edge agent and the worker. Run it in its own process, as the
 worker runs::
 
-    python -m simulators.echo --broker mqtt://127.0.0.1:1883 --listen bench/echo/req \\
+    python -m simulators.support.echo --broker mqtt://127.0.0.1:1883 --listen bench/echo/req \\
         --answer bench/echo/res
 """
 
@@ -36,7 +36,7 @@ async def echo(broker: str, listen: str, answer: str, qos: int = 1) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulators.echo")
+    p = argparse.ArgumentParser(prog="python -m simulators.support.echo")
     p.add_argument("--broker", required=True)
     p.add_argument("--listen", required=True)
     p.add_argument("--answer", required=True)
