@@ -180,12 +180,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _main(args: argparse.Namespace) -> int:
+    from bench.cli import model_list
     from splitinfer.errors import BadInputError
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown or not models:
-        raise BadInputError(f"--models {args.models!r}: expected some of {', '.join(MODELS)}")
+    models = model_list(args.models, MODELS)
     if min(args.samples, args.repeats, args.resolution) < 1:
         raise BadInputError("--samples, --repeats and --resolution must be >= 1")
     doc = run(models, resolution=args.resolution, samples=args.samples, repeats=args.repeats)

@@ -203,12 +203,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _main(args: argparse.Namespace) -> int:
+    from bench.cli import model_list
     from splitinfer.errors import BadInputError
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown or not models:
-        raise BadInputError(f"--models {args.models!r}: expected some of {', '.join(MODELS)}")
+    models = model_list(args.models, MODELS)
     if min(args.samples, args.runs, args.resolution) < 1 or args.threads < 0:
         raise BadInputError("--samples, --runs and --resolution must be >= 1, --threads >= 0")
     doc = run(models, resolution=args.resolution, samples=args.samples, runs=args.runs,

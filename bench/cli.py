@@ -38,3 +38,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, module in BENCHES.items():
         add_module_command(benches, name, module, prog=f"splitinfer bench {name}",
                            extra_of="bench")
+
+
+def model_list(text: str, known: tuple[str, ...] | list[str]) -> list[str]:
+    """A ``--models a,b`` value as a list; BadInputError unless every name is known."""
+    from splitinfer.errors import BadInputError
+
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    if not models or set(models) - set(known):
+        raise BadInputError(f"--models {text!r}: expected some of {', '.join(known)}")
+    return models

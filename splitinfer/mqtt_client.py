@@ -44,7 +44,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -709,7 +709,7 @@ class MqttClient:
     async def unsubscribe(self, topic: str) -> None:
         await self._request(topic, "unsubscribe", self._paho_call("unsubscribe", topic))
 
-    async def messages(self) -> AsyncIterator[Message]:
+    async def messages(self) -> AsyncGenerator[Message, None]:
         """Inbound messages (those ``on_message`` does not take); raises TransportError
         once the connection is lost and the inbox is empty."""
         inbox = self._inbox

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,8 @@ def test_unknown_dims_keep_the_default(split_dir: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(registry, "POOL_GAIN", 1e9)
     tail = Tail.open(split_dir)
     spec = tail.manifest.cut[0]
-    unknown = type(spec)(spec.name, spec.dtype, (spec.shape[0], "h", *spec.shape[2:]))
-    manifest = type(tail.manifest)(**{**tail.manifest.__dict__, "cut": (unknown,)})
+    unknown = dataclasses.replace(spec, shape=(spec.shape[0], "h", *spec.shape[2:]))
+    manifest = dataclasses.replace(tail.manifest, cut=(unknown,))
     kept = registry._fewest_threads(tail.session, split_dir / "tail.onnx", manifest, "off",
                                     ["CPUExecutionProvider"])
     assert kept is tail.session
