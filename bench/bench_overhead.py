@@ -11,10 +11,10 @@ run:
                  + raw round trip
 
 *best head*, *best tail*: plain onnxruntime sessions (``ORT_ENABLE_ALL``, the shared
-:mod:`splitinfer.ort_config` arithmetic) at each of :func:`floor_settings` — all cores
-(``os.cpu_count()``) with their pool threads spinning, all cores without spinning, one
-thread — each side taking its fastest. A user compares splitinfer with what onnxruntime
-can do on their machine, not with our defaults.
+:mod:`splitinfer.ort_config` arithmetic) at each of :func:`floor_settings` — all usable
+cores (:func:`splitinfer.ort_config.usable_cpus`) with their pool threads spinning, all
+cores without spinning, one thread — each side taking its fastest. A user compares
+splitinfer with what onnxruntime can do on their machine, not with our defaults.
 
 *raw round trip*: plain paho-mqtt, nothing of ours on the path: this process publishes the
 request's bytes at QoS 1 (paho's own ``loop()``, TCP_NODELAY) to a paho echo process
@@ -26,8 +26,8 @@ setting, the raw round trip, then the real request — so drift in the machine's
 the state of its caches hit all of them alike, as they hit the real request.
 
 Spinning: in the floor's spinning setting the pool threads spin while a run lasts and stop
-when it returns (``session.force_spinning_stop``; the worker and the agent default to no
-spinning, see :func:`cloud_service.registry.session_options`). onnxruntime's own default
+when it returns (``session.force_spinning_stop``; the worker's and the agent's default too,
+see :func:`cloud_service.registry.session_options`). onnxruntime's own default
 keeps them spinning for tens of milliseconds after every run — on a 2-core machine a whole
 core, which would slow whatever is measured next. That setting, and the spinning
 one beside it, are measured for the *hot floor*: after the loop, each session alone, one
@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from splitinfer import ort_config
 from splitinfer.cli import env_default
 from splitinfer.errors import BadInputError, StartupError, TransportError
 
@@ -225,11 +226,11 @@ class FloorSetting:
 
 
 def floor_settings(cores: int | None = None) -> list[FloorSetting]:
-    """The settings the floors try: all cores (``os.cpu_count()``) spinning while a run
+    """The settings the floors try: all usable cores spinning while a run
     lasts, without spinning, one thread (which beats a pool on small models), and — for
     the hot floor only (``spins_after_run``) — onnxruntime's default spinning, on after
     runs too."""
-    n = max(1, cores if cores is not None else (os.cpu_count() or 1))
+    n = max(1, cores if cores is not None else ort_config.usable_cpus())
     one = FloorSetting("1 thread", 1, "off")
     if n == 1:
         return [one]
@@ -578,7 +579,7 @@ def _report(args: argparse.Namespace, times: list[float], raw: list[float],
         "settings_ms": {name: {"head": round(head_p50[name], 4),
                                "tail": round(tail_p50[name], 4)} for name in head_p50},
         "threads": "defaults" if args.threads is None else args.threads,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": ort_config.usable_cpus(),
         "requests": len(times),
         "mqtt_protocol": protocol,
         "broker": "external" if external else "mosquitto (latency-tuned, loopback)",

@@ -14,6 +14,11 @@ leave at once: under load, batches form by themselves.
 
 All lanes share one bound on waiting jobs; :meth:`Batcher.offer` says no when it is
 reached (the caller answers OVERLOADED). Deadlines are checked again when a batch forms.
+
+A caller may instead :meth:`Batcher.claim` a lone job and run it itself: granted only when
+nothing waits or runs and the lane's arrivals are further apart than the caller says
+(for the worker: the batching delay and a few tail runs), so no batch is given up; the
+arrival is counted in the lane's gap as if offered, and :meth:`Batcher.release` ends it.
 """
 
 from __future__ import annotations
@@ -109,24 +114,50 @@ class Batcher(Generic[J]):
         for thread in self._threads:
             thread.start()
 
-    def offer(self, job: J) -> bool:
-        """Queue ``job``; False (and nothing queued) when full or stopping."""
+    def offer(self, job: J, *, counted: bool = False) -> bool:
+        """Queue ``job``; False (and nothing queued) when full or stopping. ``counted``:
+        its arrival was already counted by a :meth:`claim` that said no."""
         with self._cond:
             if self._depth >= self.max_queue or self._stopping:
                 return False
-            lane = self._lanes.get(job.lane)
+            lane = self._lanes.get(job.lane) if counted else None
             if lane is None:
-                lane = self._lanes[job.lane] = _Lane()
-            now = self._clock()
-            if lane.last is not None:
-                gap = now - lane.last
-                lane.gap = gap if math.isinf(lane.gap) else (
-                    _GAP_WEIGHT * gap + (1 - _GAP_WEIGHT) * lane.gap)
-            lane.last = now
-            lane.queue.append((now, job))
+                lane = self._arrival(job.lane)
+            lane.queue.append((self._clock(), job))
             self._depth += 1
             self._cond.notify_all()
         return True
+
+    def claim(self, lane_name: str, min_gap_s: float) -> bool:
+        """Count an arrival on ``lane_name``; True when its caller may run it right away,
+        outside the queue: nothing waits or runs, the batcher is not stopping and the
+        lane's mean gap between arrivals exceeds ``min_gap_s``. While claimed, the job
+        counts as a running batch (``join`` waits for it); :meth:`release` ends that."""
+        with self._cond:
+            lane = self._arrival(lane_name)
+            if self._depth or self._running or self._stopping or lane.gap <= min_gap_s:
+                return False
+            self._running += 1
+            return True
+
+    def release(self) -> None:
+        """End a :meth:`claim` that returned True."""
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def _arrival(self, name: str) -> _Lane[J]:
+        """The lane ``name`` (made on first use), its gap updated for an arrival now."""
+        lane = self._lanes.get(name)
+        if lane is None:
+            lane = self._lanes[name] = _Lane()
+        now = self._clock()
+        if lane.last is not None:
+            gap = now - lane.last
+            lane.gap = gap if math.isinf(lane.gap) else (
+                _GAP_WEIGHT * gap + (1 - _GAP_WEIGHT) * lane.gap)
+        lane.last = now
+        return lane
 
     def join(self, timeout: float | None = None) -> bool:
         """Block until no job waits and no batch runs; False on timeout."""

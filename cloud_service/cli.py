@@ -10,6 +10,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from splitinfer.cli import env_default
+from splitinfer.ort_config import SPINNING
 from splitinfer.topics import DEFAULT_GROUP, DEFAULT_PREFIX
 
 if TYPE_CHECKING:
@@ -80,16 +81,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        "(default %(default)s) [SPLITINFER_QUEUE_SIZE]")
     serve.add_argument("--threads", type=int, default=_env("--threads", 0),
                        help="onnxruntime intra-op threads per tail; 0 = measured per tail "
-                       "at load: its default pool where that is faster, else 1 "
+                       "at load: one per usable CPU where that is faster, else 1 "
                        "[SPLITINFER_THREADS]")
-    serve.add_argument("--spinning", choices=("always", "run", "off"),
-                       default=_env("--spinning", "always"),
-                       help="when the tails' pool threads spin for work: always (onnxruntime's "
-                       "default: tens of ms after each run, fastest while requests keep "
-                       "coming), run (only during a run), off (never; no CPU between "
-                       "requests) (default %(default)s) [SPLITINFER_SPINNING]")
+    serve.add_argument("--spinning", choices=SPINNING, default=_env("--spinning", "run"),
+                       help="when the tails' pool threads spin for work: run (only during "
+                       "a run), always (onnxruntime's default: also tens of ms after each "
+                       "run, a core busy meanwhile), off (never: each op wakes them) "
+                       "(default %(default)s) [SPLITINFER_SPINNING]")
     serve.add_argument("--tail-workers", type=int, default=_env("--tail-workers", 1),
                        help="tail runs at once (default %(default)s) [SPLITINFER_TAIL_WORKERS]")
+    serve.add_argument("--inline", action=argparse.BooleanOptionalAction,
+                       default=env_default("--inline"),
+                       help="run a lone request at low load on the event loop that received "
+                       "it, not on a tail thread (two thread wake-ups fewer); under load "
+                       "requests queue and batch as always (default on) "
+                       "[SPLITINFER_INLINE=1|0]")
     serve.add_argument("--providers", default=_env("--providers", ""),
                        help="comma-separated onnxruntime execution providers (default: CUDA "
                        "when available, else CPU) [SPLITINFER_PROVIDERS]")
@@ -160,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         artifacts=args.artifacts, broker=args.broker, group=args.group, prefix=args.prefix,
         max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
         threads=args.threads, spinning=args.spinning, tail_workers=args.tail_workers,
+        inline=_flag_bool(args.inline, "--inline", True),
         providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
         drain_timeout_s=args.drain_timeout, metrics_interval_s=args.metrics_interval,
         worker_id=args.worker_id or "", session_expiry_s=args.session_expiry,

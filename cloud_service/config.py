@@ -17,12 +17,12 @@ from pathlib import Path
 from cloud_service.dedupe import DEFAULT_MAX_BYTES
 from splitinfer.errors import BadInputError
 from splitinfer.mqtt import BrokerConfig
+from splitinfer.ort_config import SPINNING
 from splitinfer.topics import DEFAULT_GROUP, DEFAULT_PREFIX, Topics, check_level
 from splitinfer.wire import DEFAULT_MAX_PAYLOAD
 
 __all__ = ["Config"]
 
-_SPINNING = ("run", "always", "off")  # cloud_service.registry.SPINNING (no onnxruntime here)
 
 
 def _default_client_id() -> str:
@@ -46,19 +46,25 @@ class Config:
     max_delay_ms: float = 2.0
     # Requests waiting for the tail, all splits together; beyond it: OVERLOADED.
     queue_size: int = 1024
-    # onnxruntime intra-op threads per tail session. 0 = per tail, measured at load: its
-    # default pool (one thread per physical core) where that runs one sample faster than
-    # one thread by registry.POOL_GAIN, else one thread (no pool to wake or spin).
+    # onnxruntime intra-op threads per tail session. 0 = per tail, measured at load: one
+    # per usable CPU (splitinfer.ort_config.pool_threads) where that runs one sample
+    # faster than one thread by registry.POOL_GAIN, else one thread (no pool to wake).
     threads: int = 0
-    # When the tail's pool threads spin for work: "off" (never), "run" (while a run
-    # lasts; slow to restart after an idle gap), "always" (onnxruntime's default: tens of
-    # ms after each run, so while requests keep coming the pool never sleeps; a core is
-    # busy meanwhile). Default "always": `splitinfer bench overhead`, MobileNetV2 tail in
-    # the worker with requests back to back, 5.3 ms p50 against 7.7-8.1 ms with "off" (its
-    # best plain-onnxruntime floor 5.2-5.7 ms). See cloud_service.registry.session_options.
-    spinning: str = "always"
+    # When the tail's pool threads spin for work (splitinfer.ort_config.SPINNING): "run"
+    # (while a run lasts), "always" (onnxruntime's default: also tens of ms after each
+    # run, a core busy meanwhile), "off" (never). Default "run": `splitinfer bench
+    # overhead` (MobileNetV2, 2-vCPU VM, one request at a time) e2e/floor 1.31-1.43 against
+    # 1.37-1.64 with "always", whose spinning after the run slowed the device's next head
+    # on the shared cores. See cloud_service.registry.session_options.
+    spinning: str = "run"
     # Tail runs at once (all splits together); each run may use `threads` threads.
     tail_workers: int = 1
+    # A lone request, with nothing queued or running and its split's requests arriving
+    # further apart than the batching delay and INLINE_LOAD tail runs, runs on the event
+    # loop that received it: no hand-over to a tail thread and back (two thread wake-ups,
+    # ~0.5 ms on an idle 2-vCPU VM). Under load requests queue for the tail threads and
+    # batch as before. False: every request goes through the queue.
+    inline: bool = True
     # onnxruntime execution providers in preference order; () = CUDA if present, else CPU.
     providers: tuple[str, ...] = ()
     max_payload: int = DEFAULT_MAX_PAYLOAD
@@ -107,9 +113,9 @@ class Config:
         if not isinstance(self.threads, int) or self.threads < 0:
             raise BadInputError(f"threads = {self.threads!r}: expected an integer >= 0 "
                                 "(0 = onnxruntime's default)")
-        if self.spinning not in _SPINNING:
+        if self.spinning not in SPINNING:
             raise BadInputError(f"spinning = {self.spinning!r}: expected one of "
-                                f"{', '.join(_SPINNING)}")
+                                f"{', '.join(SPINNING)}")
         for name in ("max_delay_ms", "drain_timeout_s", "reply_timeout_s",
                      "metrics_interval_s", "reconnect_min_s", "reconnect_max_s"):
             value = float(getattr(self, name))

@@ -49,6 +49,7 @@ class Metrics:
     batches: int = 0
     batched_samples: int = 0
     batched_requests: int = 0
+    inline: int = 0  # runs of a lone request on the event loop (Config.inline)
     queue_wait_s: float = 0.0  # sum over requests: receipt -> batch formed
     tail_s: float = 0.0  # sum over batches: onnxruntime run time
     reconnects: int = 0
@@ -154,6 +155,7 @@ class Metrics:
             "replies_in_flight": self.in_flight(),
             "reconnects": self.reconnects,
             "duplicates": self.duplicates,
+            "inline_runs": self.inline,
             "fenced": self.fenced,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
@@ -173,6 +175,7 @@ _COUNTERS = (
     ("batched_samples", "samples run through a tail"),
     ("reconnects", "broker reconnections"),
     ("duplicates", "requests received again (same device and id), not run twice"),
+    ("inline_runs", "tail runs of a lone request on the event loop, past the queue"),
     ("fenced", "silent peer workers fenced off the broker"),
     ("reloads", "splits added, replaced or removed by the hot reload"),
     ("reload_failures", "new split versions that failed to load (the old one kept serving)"),

@@ -90,28 +90,28 @@ def _preload_cuda() -> None:
 
 # onnxruntime pool threads: spin while a run lasts ("run"), also after it ("always",
 # onnxruntime's own default), or never ("off").
-SPINNING = ("run", "always", "off")
+SPINNING = ort_config.SPINNING
 
 
-# threads = 0 (the default): one thread instead of a pool when a pool is not this much faster
-# on one sample. A pool wakes its threads for every run and, spinning, keeps a core busy
-# after it: on a small tail (the digits CNN's: 0.3 ms) one thread is as fast, and a
-# 1,000-device fleet of such requests kept a spinning pool 0.68 cores busy (p99 1,004 ms
-# against 38 ms with one thread, bench/bench_fleet.py on 2 cores).
+# threads = 0 (the default): one thread instead of a pool of all usable CPUs when the pool
+# is not this much faster on one sample. A pool wakes its threads for every run and,
+# spinning, keeps a core busy after it: on a small tail (the digits CNN's: 0.3 ms) one
+# thread is as fast, and a 1,000-device fleet of such requests kept a spinning pool 0.68
+# cores busy (p99 1,004 ms against 38 ms with one thread, bench/bench_fleet.py on 2 cores).
 POOL_GAIN = 1.2
 _CALIBRATION_RUNS = 7
 
 
 def _fewest_threads(session: Any, path: Path, manifest: Manifest, spinning: str,
                     providers: Sequence[str]) -> Any:
-    """``session`` (onnxruntime's default threads) or a one-thread session of the same
+    """``session`` (a pool of all usable CPUs) or a one-thread session of the same
     tail, whichever runs one sample faster by :data:`POOL_GAIN`; measured here and now
     on zeros of the cut's shape. Shapes with unknown dimensions keep the default."""
     import time
 
     import onnxruntime as ort
 
-    if (os.cpu_count() or 1) < 2:
+    if ort_config.usable_cpus() < 2:
         return session
     feeds: dict[str, Array] = {}
     for spec in manifest.cut:
@@ -123,48 +123,48 @@ def _fewest_threads(session: Any, path: Path, manifest: Manifest, spinning: str,
         single = ort.InferenceSession(str(path), sess_options=session_options(
             1, spinning=spinning), providers=list(providers))
 
-        def best(candidate: Any) -> float:
-            times = []
-            for i in range(_CALIBRATION_RUNS + 2):
+        # Interleaved, best of each: machine noise hits both alike, and the best run is
+        # what each can do (a median flipped the choice on a busy 2-vCPU VM: 1 thread
+        # 7.0 ms vs the pool's 5.8 one time, 4.9 another).
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for i in range(_CALIBRATION_RUNS + 2):
+            for which, candidate in enumerate((session, single)):
                 t0 = time.perf_counter()
                 candidate.run(None, feeds)
-                if i >= 2:  # two warm-up runs
-                    times.append(time.perf_counter() - t0)
-            return float(np.median(times))
-
-        pool_s, single_s = best(session), best(single)
+                if i >= 2:  # two warm-up runs each
+                    times[which].append(time.perf_counter() - t0)
+        pool_s, single_s = min(times[0]), min(times[1])
     except Exception as exc:  # a tail that cannot run on zeros still serves as before
         log.debug("split %s: thread calibration skipped: %r", manifest.split_id, exc)
         return session
     chosen = single if single_s <= pool_s * POOL_GAIN else session
-    log.info("split %s: tail %s (one sample: 1 thread %.3f ms, default pool %.3f ms)",
-             manifest.split_id, "on 1 thread" if chosen is single else "on the default pool",
-             single_s * 1e3, pool_s * 1e3)
+    pool = ort_config.pool_threads(0)
+    log.info("split %s: tail on %s (one sample: 1 thread %.3f ms, %d threads %.3f ms)",
+             manifest.split_id, "1 thread" if chosen is single else f"{pool} threads",
+             single_s * 1e3, pool, pool_s * 1e3)
     return chosen
 
 
 def session_options(threads: int = 0, *, spinning: str | bool = "off") -> ort.SessionOptions:
     """Options for a tail session; the benchmarks' own-settings floors use the same.
 
-    ``threads``: intra-op threads, 0 = onnxruntime's default (one per physical core).
-    ``spinning`` (:data:`SPINNING`; True / False mean "always" / "off"), measured on the
-    2-vCPU development VM (MobileNetV2 tail at 2 threads, p50; ``splitinfer bench
-    overhead`` and docs/cloud.md "Performance"):
+    ``threads``: intra-op threads, 0 = one per usable CPU, set explicitly (never
+    onnxruntime's own default, which pins its threads to cores:
+    :func:`splitinfer.ort_config.pool_threads`).
+    ``spinning`` (:data:`SPINNING`; True / False mean "always" / "off"); this function's
+    default is "off", the worker's (``Config.spinning``) and the agent's "run". Measured
+    with ``splitinfer bench overhead`` (MobileNetV2 tail, one request at a time, agent,
+    broker and worker on one 2-vCPU VM; tail p50 in the worker against plain onnxruntime
+    at its best beside it):
 
-    * "off" (this function's default; the agent's): pool threads sleep when out of
-      work. Never the worst case: 3.8-5.2 ms back to back, 5-9 ms after 20-50 ms idle,
-      no CPU burned between requests.
+    * "off": pool threads sleep when out of work, so every op of a run wakes them:
+      1.3-2.5 ms over the best, no CPU burned between requests.
     * "run": they spin while a run lasts and stop when it returns
-      (``session.force_spinning_stop``): best back to back (3.5-4.3 ms) but the worst
-      after an idle gap (8.5-12.5 ms after 20-50 ms idle: the restart is slow), which
-      is how a worker serving a few devices sees its requests.
-    * "always": onnxruntime's own default, they keep spinning ~50 ms after each run: the
-      fastest after short gaps (3.8-5.7 ms) because the pool never sleeps, at the cost of
-      a core for 50 ms after every request — taken from the event loop that receives,
-      decodes and answers, and from the broker beside it on a small machine. The
-      worker's default (``Config.spinning``): with requests coming back to back the
-      MobileNetV2 tail in ``cloud serve`` ran in 5.3 ms p50 against 7.7-8.1 ms with "off"
-      (plain onnxruntime at its best, the same run: 5.2-5.7 ms).
+      (``session.force_spinning_stop``): 0.3-1.9 ms over the best, nothing burned after.
+    * "always": onnxruntime's own default, they keep spinning tens of ms after each run,
+      so the pool never sleeps while requests keep coming — at the cost of a core after
+      every request, taken from the loop, the broker and (on a shared machine) the next
+      head: e2e/floor 1.37-1.64 against 1.31-1.43 with "run".
     """
     import onnxruntime as ort
 
@@ -173,7 +173,7 @@ def session_options(threads: int = 0, *, spinning: str | bool = "off") -> ort.Se
     if spinning not in SPINNING:
         raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")
     opts = ort_config.apply(ort.SessionOptions())  # int8 cuts bit-exact (see ort_config)
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = ort_config.pool_threads(threads)
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning",
                                   "0" if spinning == "off" else "1")
@@ -203,6 +203,7 @@ class Tail:
         self.session = session
         self.version = next(_versions)
         self.in_flight = 0
+        self.sample_s = 0.0  # moving average of a run's seconds per sample (observe_run)
         self.specs: tuple[TensorSpec, ...] = manifest.cut
         self.input_names = tuple(spec.name for spec in manifest.cut)
         self.output_names = tuple(spec.name for spec in manifest.outputs)
@@ -219,6 +220,13 @@ class Tail:
     @property
     def split_id(self) -> str:
         return self.manifest.split_id
+
+    def observe_run(self, seconds: float, samples: int) -> None:
+        """Count a run of ``samples`` that took ``seconds`` in :attr:`sample_s`."""
+        if samples <= 0 or seconds < 0:
+            return
+        per = seconds / samples
+        self.sample_s = per if self.sample_s == 0.0 else 0.8 * self.sample_s + 0.2 * per
 
     @classmethod
     def open(cls, directory: str | Path, *, threads: int = 0,

@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
 _REASSEMBLY_TOTAL = 256 * 1024 * 1024  # bytes of partial chunked requests, all devices
+# Config.inline: a lone request runs on the loop only while its split's requests arrive
+# further apart than this many of its tail runs (a load under 2/3 of one tail thread: a
+# sequential client, whose gap is its whole round trip, has at least 1.5 on any real link).
+INLINE_LOAD = 1.5
 # publish(topic, payload, correlation): QoS 1, returns once acknowledged; raises when it
 # gives up (the server's gives up after Config.reply_timeout_s without a broker).
 Publish = Callable[[str, bytes, "bytes | None"], Awaitable[None]]
@@ -262,7 +266,9 @@ class Worker:
             self._fail(ErrorCode.BAD_MESSAGE, "no reply address (no response topic, no 'rt', "
                        "not a request topic)", msg=msg, addr=None, now=now, env=env)
             return
-        if not self._batcher.offer(Job(env, prepared, addr, now, key, tail)):
+        job = Job(env, prepared, addr, now, key, tail)
+        inline = self.config.inline and self._batcher.claim(job.lane, self._inline_gap(job))
+        if not inline and not self._batcher.offer(job, counted=self.config.inline):
             self._fail(ErrorCode.OVERLOADED, f"queue full ({self.config.queue_size} requests "
                        "waiting); retry later", msg=msg, addr=addr, now=now, env=env)
             return
@@ -271,6 +277,28 @@ class Worker:
         tail.in_flight += 1
         self._accepted += 1
         self._settled.clear()
+        if inline:
+            self._run_inline(job)
+
+    def _inline_gap(self, job: Job) -> float:
+        """How far apart a lane's requests must arrive for ``job`` to run on the loop: more
+        than the batching delay (no batch is given up) and INLINE_LOAD runs of this size
+        (the loop stays free most of the time for what else arrives)."""
+        run_s = job.tail.sample_s * job.samples if job.tail is not None else 0.0
+        return max(self.config.max_delay_s, INLINE_LOAD * run_s)
+
+    def _run_inline(self, job: Job) -> None:
+        """Run a claimed lone job here, on the event loop, and answer it."""
+        batched = time.time()
+        try:
+            per_job, t0, t1 = _run(self._tail_of(job.lane, (job,)), (job,))
+        except Exception as exc:
+            self._answer_batch(job.lane, [job], exc, batched, batched, batched)
+            return
+        finally:
+            self._batcher.release()
+        self.metrics.inline += 1
+        self._answer_batch(job.lane, [job], per_job, batched, t0, t1)
 
     def _dedupe_key(self, msg: Incoming, env: Envelope) -> Key | None:
         parsed = self.topics.parse_request(msg.topic)
@@ -528,7 +556,9 @@ def _run(tail: Tail, jobs: Sequence[Job]) -> tuple[list[Outputs | Exception], fl
             per_job = [_run_one(tail, job) for job in jobs]
     else:
         per_job = [_run_one(tail, job) for job in jobs]
-    return per_job, t0, time.time()
+    t1 = time.time()
+    tail.observe_run(t1 - t0, sum(job.samples for job in jobs))
+    return per_job, t0, t1
 
 
 def _run_concatenated(tail: Tail, jobs: Sequence[Job]) -> list[Outputs | Exception] | None:

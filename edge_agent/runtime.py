@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
 
 # onnxruntime pool threads: spin while a run lasts ("run"), also after it ("always",
-# onnxruntime's default), or never ("off").
-SPINNING = ("run", "always", "off")
+# onnxruntime's default), or never ("off"): splitinfer.ort_config.SPINNING.
+SPINNING = ort_config.SPINNING
 # head backends: "onnx" (onnxruntime, head.onnx), "tflite" (LiteRT, head.tflite), "auto"
 BACKENDS = ("auto", "onnx", "tflite")
 BACKEND_ENV = "SPLITINFER_HEAD_BACKEND"
@@ -63,30 +63,31 @@ class HeadRuntime(Protocol):
 class OrtHead:
     """An ONNX head on onnxruntime (CPU unless ``providers`` says otherwise).
 
-    ``threads`` caps onnxruntime's intra-op pool (default: onnxruntime's, one per core; a
-    Pi 4 has four, an agent sharing the board with other work may want fewer). One session
+    ``threads`` caps onnxruntime's intra-op pool (default: one per usable CPU, set
+    explicitly so that the threads are not pinned — see
+    :func:`splitinfer.ort_config.pool_threads`; a Pi 4 has four, an agent sharing the
+    board with other work may want fewer). One session
     may serve many agents.
 
-    ``spinning`` (see :data:`SPINNING`): by default the pool threads sleep when out of
-    work. onnxruntime's own default ("always") keeps them spinning ~50 ms after every
-    run: a whole core, on a 2-core board, taken from the agent's loop that encodes and
-    sends the cut and from everything else the device does; "run" spins while a run lasts
-    only, which is fastest back to back but slowest after an idle gap — a device running
-    its head once per frame or per event sees mostly gaps (measured in
-    ``cloud_service.registry.session_options`` and by ``splitinfer bench overhead``).
+    ``spinning`` (see :data:`SPINNING`): by default ("run") the pool threads spin while a
+    run lasts and sleep as soon as it returns: no CPU is burned between frames, and the
+    ops of one run do not each wake a sleeping thread ("off": the MobileNetV2 head of
+    ``splitinfer bench overhead`` ran 0.8-1.4 ms over its best on a 2-vCPU VM, "run"
+    0.1-0.5 ms). onnxruntime's own default ("always") keeps them spinning tens of ms
+    after every run: a whole core, on a 2-core board, taken from the agent's loop that
+    encodes and sends the cut and from everything else the device does.
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None,
-                 providers: Sequence[str] | None = None, spinning: str = "off") -> None:
+                 providers: Sequence[str] | None = None, spinning: str = "run") -> None:
         import onnxruntime as ort
 
         if spinning not in SPINNING:
             raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")
         self.path = Path(path)
         options = ort_config.apply(ort.SessionOptions())  # the same arithmetic as the worker
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options.intra_op_num_threads = ort_config.pool_threads(threads)  # never pinned
+        options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning",
                                          "0" if spinning == "off" else "1")
         if spinning == "run":

@@ -18,13 +18,25 @@ model's answer" means the same thing everywhere.
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["SESSION_CONFIG", "apply"]
+__all__ = ["SESSION_CONFIG", "SPINNING", "apply", "usable_cpus", "pool_threads"]
 
 SESSION_CONFIG: dict[str, str] = {
     "session.qdqisint8allowed": "1",
 }
+
+# When onnxruntime's pool threads spin for work: "run" — while a run lasts, stopping when it
+# returns (session.force_spinning_stop); "always" — onnxruntime's own default, also for
+# tens of ms after every run (a core busy meanwhile); "off" — never (every op of a run
+# wakes them). The agent's and the worker's default is "run": measured on a 2-vCPU VM
+# (splitinfer bench overhead, MobileNetV2, one request at a time) "off" left the head
+# 0.8-1.4 ms over its best and "always" made the agent and the worker, sharing the cores,
+# slow each other down.
+SPINNING = ("run", "always", "off")
 
 _Options = TypeVar("_Options")
 
@@ -35,3 +47,49 @@ def apply(options: _Options) -> _Options:
     for key, value in SESSION_CONFIG.items():
         add(key, value)
     return options
+
+
+def usable_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    A container limited to 2 CPUs on a 64-core node sees 64 in ``os.cpu_count()`` (and
+    in its affinity mask); its quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``) says 2, rounded up.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    root = Path(cgroup_root)
+    quota: float | None = None
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            quota = int(text[0]) / int(text[1])
+    except (OSError, ValueError, ZeroDivisionError):
+        try:
+            q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+            if q > 0 and period > 0:
+                quota = q / period
+        except (OSError, ValueError):
+            pass
+    if quota is not None and quota > 0:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def pool_threads(threads: int | None) -> int:
+    """The intra-op thread count to give onnxruntime for ``threads`` (0 or None: all
+    :func:`usable_cpus`).
+
+    Always an explicit number: with 0, onnxruntime picks one thread per physical core
+    *and pins each to its core*. Two processes doing so on one machine (an agent and a
+    worker, two workers, a worker beside the broker's host) fight over the same pinned
+    cores, and neither can move away: the MobileNetV2 tail of ``splitinfer bench
+    overhead`` ran 7.8 ms in the worker with onnxruntime's default pool against 4.9 ms
+    with the same two threads set explicitly (2-vCPU VM, head and tail on default pools).
+    """
+    if threads is None or threads <= 0:
+        return usable_cpus()
+    return threads

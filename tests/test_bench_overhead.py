@@ -101,12 +101,13 @@ def test_worker_and_agent_pools_sleep_when_idle_by_default() -> None:
         always.get_session_config_entry(STOP)
     with pytest.raises(BadInputError, match="spinning 'sometimes'"):
         session_options(spinning="sometimes")
+    # the agent's head: spinning while a run lasts, asleep as soon as it returns
     head = OrtHead(zoo.digits_cnn_path())
     got = head._session.get_session_options()  # our own attribute, not onnxruntime's
-    assert got.get_session_config_entry(SPIN) == "0"
-    spun = OrtHead(zoo.digits_cnn_path(), spinning="run")._session.get_session_options()
-    assert (spun.get_session_config_entry(SPIN), spun.get_session_config_entry(STOP)) == (
+    assert (got.get_session_config_entry(SPIN), got.get_session_config_entry(STOP)) == (
         "1", "1")
+    off = OrtHead(zoo.digits_cnn_path(), spinning="off")._session.get_session_options()
+    assert off.get_session_config_entry(SPIN) == "0"
     with pytest.raises(BadInputError, match="spinning"):
         OrtHead(zoo.digits_cnn_path(), spinning="yes")
 
@@ -176,7 +177,7 @@ def test_worker_spinning_setting_reaches_its_tail_sessions(tmp_path: Path) -> No
     from cloud_service.registry import Registry
     from splitter import split_model
 
-    assert Config(artifacts=tmp_path).spinning == "always"
+    assert Config(artifacts=tmp_path).spinning == "run"
     with pytest.raises(BadInputError, match="spinning = 'fast'"):
         Config(artifacts=tmp_path, spinning="fast")
     split_model(zoo.digits_cnn_path(), ["pool"], tmp_path / "split", num_samples=2)

@@ -153,3 +153,56 @@ def test_stop_discarding_drops_the_queue() -> None:
         b.offer(FakeJob(f"j{i}"))
     assert b.stop(discard=True) == 3
     assert b.depth == 0 and rec.batches == []
+
+
+# --- claim: a lone job run by the caller ---------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_claim_only_when_idle_and_arrivals_are_far_apart() -> None:
+    rec, clock = Recorder(), Clock()
+    b = make(rec, max_delay_s=0.0, clock=clock, start=False)  # a frozen clock: never hold
+    assert b.claim("split-a", 0.002)  # first arrival: no gap known, nothing queued
+    assert b.running == 1
+    assert not b.claim("split-b", 0.0)  # one claimed job counts as running
+    b.release()
+    clock.now += 0.001  # 1 ms after the last: closer than the 2 ms asked for
+    assert not b.claim("split-a", 0.002)
+    assert b.offer(FakeJob("j0"), counted=True)  # the same arrival, not counted twice
+    assert not b.claim("split-c", 0.0)  # something waits: never past the queue
+    b.start()
+    assert b.join(10)
+    assert rec.batches == [["j0"]]
+    clock.now += 1.0  # the mean gap grows past 2 ms again (0.2 * 1 s + 0.8 * 1 ms)
+    assert b.claim("split-a", 0.002)
+    b.release()
+    finish(b)
+
+
+def test_counted_arrivals_keep_the_gap_an_offer_gives() -> None:
+    clock = Clock()
+    one = make(Recorder(), clock=clock, start=False)
+    two = make(Recorder(), clock=clock, start=False)
+    for _ in range(3):
+        clock.now += 0.01
+        assert one.offer(FakeJob("x"))
+        if two.claim("split-a", 1.0):  # the first: no gap known yet
+            two.release()
+        else:  # later ones: a gap of 10 ms is under the 1 s asked
+            assert two.offer(FakeJob("x"), counted=True)
+    assert one._lanes["split-a"].gap == pytest.approx(two._lanes["split-a"].gap) == 0.01
+    one.stop(discard=True)
+    two.stop(discard=True)
+
+
+def test_no_claim_while_stopping() -> None:
+    b = make(Recorder(), start=False)
+    b.stop()
+    assert not b.claim("split-a", 0.0)

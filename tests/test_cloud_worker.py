@@ -189,6 +189,61 @@ def test_batched_answers_are_each_requests_own(registry: Registry,
     assert not registry["tiny-odd"].batchable  # learnt that its outputs are not batch-first
 
 
+def test_lone_requests_run_on_the_loop_and_answer_the_same(
+        registry: Registry, splits: dict[str, TinySplit], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = splits["q"]
+    tail = registry["tiny-q"]
+    real_run = tail.run
+    ran_on: list[str] = []
+
+    def recording_run(feeds: Any) -> Any:
+        ran_on.append(threading.current_thread().name)
+        return real_run(feeds)
+
+    monkeypatch.setattr(tail, "run", recording_run)
+    arrays = [q.sample(1 + i % 2, seed=i) for i in range(4)]
+
+    def lone(inline: bool) -> tuple[dict[str, Any], Worker]:
+        async def body(worker: Worker) -> None:
+            for i, array in enumerate(arrays):
+                _, m = msg(q, array, device=f"d{i}")
+                worker.submit(m)
+                while worker.accepted:  # one at a time, far apart (20 ms > 1.5 tail runs)
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(0.02)
+
+        pub, worker = run_worker(registry, body, inline=inline)
+        return pub.answers(), worker
+
+    ran_on.clear()
+    queued, w_queued = lone(False)
+    assert all(name.startswith("tail-") for name in ran_on) and w_queued.metrics.inline == 0
+    ran_on.clear()
+    inlined, w_inline = lone(True)
+    assert ran_on == ["MainThread"] * 4 and w_inline.metrics.inline == 4
+    assert w_inline.metrics.snapshot()["answered"] == 4
+    by_device = {env.device_id: env.arrays()["logits"] for _, env, _ in inlined.values()}
+    for _, env, _ in queued.values():  # bit-exact with the queued path
+        np.testing.assert_array_equal(by_device[env.device_id], env.arrays()["logits"])
+        assert env.error is None
+
+
+def test_requests_arriving_together_queue_and_batch(registry: Registry,
+                                                    splits: dict[str, TinySplit]) -> None:
+    q = splits["q"]
+
+    async def body(worker: Worker) -> None:
+        for i in range(20):  # all in one go: 0 s apart, under the 2 ms batching delay
+            worker.submit(msg(q, q.sample(seed=i), device=f"d{i}")[1])
+
+    _, worker = run_worker(registry, body, max_batch=8)
+    snap = worker.metrics.snapshot()
+    assert snap["answered"] == 20
+    assert worker.metrics.inline <= 1  # only the very first could go past the queue
+    assert snap["mean_batch_size"] > 1
+
+
 def test_fixed_batch_tail_answers_any_sample_count(tmp_path: Path) -> None:
     """A tail fixed at batch 2 runs 1, 3 and 5 samples in chunks (the last one padded)."""
     split = make_split(tmp_path, "tiny-fixed2", fixed_batch=2, seed=5)
@@ -338,7 +393,8 @@ def test_overloaded_and_shutting_down(registry: Registry, splits: dict[str, Tiny
         worker.submit(m)
         gate.set()
 
-    pub, _ = run_worker(registry, body, max_batch=1, queue_size=4)
+    # inline=False: the first request must wait on a tail thread, not on the loop
+    pub, _ = run_worker(registry, body, max_batch=1, queue_size=4, inline=False)
     answers = pub.answers()
     got = [answers[r][1].error.code if answers[r][1].error else None for r in codes]
     assert got[:5] == [None] * 5  # one running, four queued

@@ -98,7 +98,8 @@ def test_duplicate_of_a_queued_request_runs_once(registry: Registry, split: Tiny
         worker.submit(incoming(split, "rid-q", device="dev-2"))  # another device's id
         gate.set()
 
-    pub, worker = run_worker(registry, body, max_batch=1)
+    # inline=False: the first request is held on a tail thread while the loop takes copies
+    pub, worker = run_worker(registry, body, max_batch=1, inline=False)
     by_topic = [(t, decode(p).request_id) for t, p, _ in pub.sent]
     assert sorted(by_topic) == [(TOPICS.result("dev-1"), "rid-q"),
                                 (TOPICS.result("dev-2"), "rid-q")]

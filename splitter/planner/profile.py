@@ -320,14 +320,12 @@ class _Session:
         from splitinfer.errors import ManifestError
 
         opts = ort_config.apply(ort.SessionOptions())
-        if side == "cloud":  # cloud_service.registry.session_options (spinning "run")
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        # an explicit count on both sides, as they run (never onnxruntime's pinned pool)
+        opts.intra_op_num_threads = ort_config.pool_threads(threads)
+        opts.inter_op_num_threads = 1
+        if side == "cloud":  # cloud_service.registry.session_options
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        elif threads:  # edge_agent.runtime.OrtHead (spinning "run")
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         # both sides' default: pool threads spin while a run lasts, stop when it returns
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
         opts.add_session_config_entry("session.force_spinning_stop", "1")
