@@ -8,6 +8,7 @@
                             X-Splitinfer-Timings: {"e2e": 4.1, "head": 0.3, …} (ms)
                             X-Splitinfer-Split-Id, -Request-Id, -Served-By, -Attempts
                             X-Splitinfer-Ignored: keys of the body that are not inputs
+                            (comma-separated, each percent-encoded: label, %E3%83%A9)
     GET  /v1/split     the split served: id, model, inputs and outputs (name, dtype, shape)
     GET  /healthz      200 {"status": "ready", …} when requests can be answered, else 503
                        {"status": "connecting" | "disconnected" | "stopping", "reason": …}
@@ -17,8 +18,9 @@
          -o out.npz http://127.0.0.1:8470/v1/infer
 
 Errors are JSON ``{"error": CODE, "message": …}`` naming what was wrong and what was
-expected: 400 a body that is no readable .npz (``np.load(allow_pickle=False)``: object
-arrays and pickles are refused), lacks an input, or has the wrong dtype or shape; 411 no
+expected: 400 a body that is no readable .npz (``allow_pickle=False``: object arrays and
+pickles are refused; each input's .npy header is checked against the bytes its member
+holds before numpy allocates), lacks an input, or has the wrong dtype or shape; 411 no
 ``Content-Length``; 413 a body (or its arrays unpacked) over ``max_body``; 429 more than
 ``max_in_flight`` requests at once (``Retry-After: 1``); 503 not connected to the broker
 (at boot until the first connection, or while reconnecting: ``Retry-After``), no worker
@@ -38,10 +40,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import lzma
+import math
 import threading
 import zipfile
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
@@ -104,42 +110,81 @@ class Backend(Protocol):
         ...
 
 
+# what zipfile and numpy raise for a damaged member: a bad deflate/bzip2/lzma stream, an
+# unsupported compression method or encryption, a truncated array, a bad .npy header
+_READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError,
+                NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError)
+
+
 def read_npz(body: bytes, names: list[str], max_bytes: int) -> tuple[dict[str, Array],
                                                                      list[str]]:
-    """The model inputs ``names`` from an .npz body, and the other keys (ignored).
+    """The model inputs ``names`` from an .npz body, and the other keys (ignored, not read).
 
-    BadInputError naming what is wrong: not an .npz (a bare .npy, a pickle, garbage), an
-    object array, a missing input, inputs whose sample counts differ; :class:`TooLarge`
-    for arrays that unpack past ``max_bytes`` (a zip bomb)."""
+    BadInputError naming what is wrong: not an .npz (a bare .npy, a pickle, garbage), a
+    member that is no .npy array or is damaged, an object array, a missing input, inputs
+    whose sample counts differ; :class:`TooLarge` for arrays that unpack past
+    ``max_bytes`` (a zip bomb). Each input's .npy header is checked before numpy allocates
+    anything: the shape and dtype it declares must fit the bytes the member holds, so a
+    forged header cannot make numpy allocate gigabytes for a few bytes of body."""
     expected = f"expected an .npz (numpy.savez) with one array per model input {names}"
     if body[:6] == b"\x93NUMPY":
         raise BadInputError(f"the body is a single .npy array; {expected}")
     try:
-        with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            unpacked = sum(info.file_size for info in archive.infolist())
-    except zipfile.BadZipFile:
-        raise BadInputError(f"the body is not an .npz (no zip archive); {expected}") from None
-    if unpacked > max_bytes:
-        raise TooLarge(f"the .npz unpacks to {unpacked} bytes, over the {max_bytes} byte "
-                       "limit (max_body); send fewer samples per request")
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except _READ_ERRORS as exc:
+        raise BadInputError(f"the body is not an .npz ({exc}); {expected}") from None
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as data:
-            found = {key: data[key] for key in data.files}
-    except ValueError as exc:  # object arrays / pickles refused by allow_pickle=False
-        raise BadInputError(f"the .npz holds something other than plain arrays ({exc}); "
-                            f"{expected}, no object arrays") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise BadInputError(f"the .npz cannot be read ({exc}); {expected}") from None
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise BadInputError(f"the .npz lacks input(s) {missing}: {expected}, got keys "
-                            f"{sorted(found)}")
-    arrays = {n: found[n] for n in names}
+        with archive:
+            members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i
+                       for i in archive.infolist()}
+            unpacked = sum(info.file_size for info in members.values())
+            if unpacked > max_bytes:
+                raise TooLarge(f"the .npz unpacks to {unpacked} bytes, over the {max_bytes} "
+                               "byte limit (max_body); send fewer samples per request")
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise BadInputError(f"the .npz lacks input(s) {missing}: {expected}, got keys "
+                                    f"{sorted(members)}")
+            arrays = {n: _read_member(archive, members[n], n, expected) for n in names}
+    except SplitInferError:
+        raise
+    except _READ_ERRORS as exc:  # a damaged or unreadable member, however zipfile says it
+        raise BadInputError(f"the .npz cannot be read ({type(exc).__name__}: {exc}); "
+                            f"{expected}") from None
     counts = {n: (a.shape[0] if a.ndim else 0) for n, a in arrays.items()}
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise BadInputError(f"every input needs the same, non-zero number of samples along "
                             f"the first axis, got {counts}")
-    return arrays, sorted(set(found) - set(names))
+    return arrays, sorted(set(members) - set(names))
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str,
+                 expected: str) -> Array:
+    """One input's array, its header checked against the member's size before numpy
+    allocates it (``allow_pickle=False``: no object arrays)."""
+    fmt = np.lib.format
+    with archive.open(info) as member:
+        if member.read(len(fmt.MAGIC_PREFIX)) != fmt.MAGIC_PREFIX:
+            raise BadInputError(f"input {name!r} ({info.filename}) is not a .npy array; "
+                                f"{expected}")
+        major, minor = member.read(2)
+        if (major, minor) not in ((1, 0), (2, 0)):
+            raise BadInputError(f"input {name!r}: .npy format version {major}.{minor} is "
+                                "not read; expected 1.0 or 2.0 (numpy.savez of a plain array)")
+        header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+        shape, _, dtype = header(member)
+        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+            raise BadInputError(f"input {name!r} has dtype {dtype}: {expected}, plain "
+                                "numeric arrays, no object arrays or records")
+        declared = math.prod(shape) * dtype.itemsize
+        held = info.file_size - member.tell()
+    if declared != held:
+        raise BadInputError(f"input {name!r}: its .npy header declares shape {shape} "
+                            f"{dtype} ({declared} bytes) but the member holds {held} bytes "
+                            "of data; the .npz is damaged")
+    with archive.open(info) as member:
+        array: Array = fmt.read_array(member, allow_pickle=False)
+    return array
 
 
 def _timeout_header(text: str | None) -> float | None:
@@ -154,6 +199,11 @@ def _timeout_header(text: str | None) -> float | None:
         raise BadInputError(f"{TIMEOUT_HEADER} {text!r}: expected seconds, > 0 and <= "
                             f"{MAX_TIMEOUT_S:g}")
     return seconds
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes '²', which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def write_npz(arrays: dict[str, Array]) -> bytes:
@@ -308,7 +358,7 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                             "(chunked transfer encoding is not read)")
                 return
             length_text = self.headers.get("Content-Length")
-            if length_text is None or not length_text.strip().isdigit():
+            if length_text is None or not _is_decimal(length_text.strip()):
                 self.close_connection = True
                 metrics.observe("bad_input")
                 self._error(411, "length_required", f"Content-Length {length_text!r}: "
@@ -374,8 +424,8 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                        "X-Splitinfer-Attempts": str(result.attempts)}
             if result.fallback:
                 headers["X-Splitinfer-Fallback"] = result.fallback
-            if ignored:
-                headers["X-Splitinfer-Ignored"] = ",".join(ignored)
+            if ignored:  # the body's own key names: percent-encoded, never raw in a header
+                headers["X-Splitinfer-Ignored"] = ",".join(quote(k, safe="") for k in ignored)
             self._send(200, payload, NPZ_TYPE, headers)
 
         # -------------------------------------------------------------- replies
@@ -390,10 +440,23 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
 
         def _drain_body(self) -> None:
             length = self.headers.get("Content-Length", "0")
-            if length.isdigit() and int(length) <= api.max_body:
+            if _is_decimal(length) and int(length) <= api.max_body:
                 self.rfile.read(int(length))
             else:
                 self.close_connection = True
+
+        def send_error(self, code: int, message: str | None = None,
+                       explain: str | None = None) -> None:
+            """What http.server answers by itself (an unknown method, a bad request line,
+            headers too long): JSON like every other error, not its HTML page."""
+            self.close_connection = True
+            short = self.responses.get(code, ("error", ""))[0]
+            text = message or short
+            if explain:
+                text = f"{text}: {explain}"
+            if self.command not in (None, "", "HEAD"):
+                text += "; expected POST /v1/infer, GET /v1/split, GET /healthz, GET /metrics"
+            self._error(code, "".join(c if c.isalnum() else "_" for c in short.lower()), text)
 
         def _not_found(self) -> None:
             self._error(404, "not_found", f"no {self.path}; expected POST /v1/infer, "
@@ -425,7 +488,8 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":  # only send_error answers HEAD: headers only
+                    self.wfile.write(body)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 log.info("%s %s: the client left before the answer (%s)", self.command,
                          self.path, exc)

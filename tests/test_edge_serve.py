@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -864,3 +865,75 @@ def test_local_api_per_request_deadline(api: tuple[LocalAPI, FakeBackend],
         assert status == 400, (bad, answer)
         assert "X-Splitinfer-Timeout" in json.loads(answer)["message"]
     assert backend.timeouts == [2.5]  # refused before the backend
+
+
+def _zip(members: dict[str, bytes], method: int = zipfile.ZIP_STORED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", method) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_read_npz_refuses_damaged_and_forged_members(images: np.ndarray[Any, Any]) -> None:
+    """Every malformed .npz is a 400 naming what is wrong, never a 500 from numpy or zlib,
+    and a forged .npy header cannot make numpy allocate what the body does not hold."""
+    npy = io.BytesIO()
+    np.save(npy, np.ascontiguousarray(images[:2]))
+    good = npy.getvalue()
+    forged = io.BytesIO()
+    np.lib.format.write_array_header_1_0(forged, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2 ** 28, 1, 8, 8)})  # 64 GiB
+    deflated = bytearray(_zip({"image.npy": good}, zipfile.ZIP_DEFLATED))
+    start = deflated.index(b"image.npy") + len("image.npy") + 8
+    deflated[start:start + 24] = b"\xff" * 24  # a broken deflate stream
+    unsupported = bytearray(_zip({"image.npy": good}))
+    central = unsupported.rindex(b"PK\x01\x02")
+    for at in (8, central + 10):  # compression method 99 (AES) in both headers
+        unsupported[at:at + 2] = (99).to_bytes(2, "little")
+    cases = [
+        (_zip({"image.npy": b"not an array"}), r"input 'image' \(image.npy\) is not a .npy"),
+        (_zip({"image.npy": forged.getvalue() + b"\0" * 64}),
+         r"declares shape \(268435456, 1, 8, 8\) float32 \(68719476736 bytes\) but the "
+         r"member holds 64 bytes"),
+        (_zip({"image.npy": good[:-7]}), r"but the member holds \d+ bytes"),
+        (bytes(deflated), r"cannot be read \((error|BadZipFile): "),
+        (bytes(unsupported), r"cannot be read \(NotImplementedError"),
+    ]
+    for body, message in cases:
+        with pytest.raises(BadInputError, match=message):
+            read_npz(body, ["image"], 1 << 20)
+    # members that are not inputs are listed, never read (here: not even arrays)
+    arrays, ignored = read_npz(_zip({"image.npy": good, "notes.txt": b"hi"}), ["image"],
+                               1 << 20)
+    assert ignored == ["notes.txt"] and arrays["image"].tobytes() == images[:2].tobytes()
+
+
+def test_local_api_headers_never_carry_raw_body_keys(api: tuple[LocalAPI, FakeBackend],
+                                                     images: np.ndarray[Any, Any]) -> None:
+    """X-Splitinfer-Ignored names keys the client chose: a CR LF in one cannot add a header,
+    a non-Latin-1 one cannot drop the answer."""
+    local, _ = api
+    body = _npz(**{"image": images[:1], "a\r\nX-Evil: 1": np.arange(1), "ラベル": np.arange(1)})
+    status, headers, answer = _call(local, "POST", "/v1/infer", body)
+    assert status == 200, answer
+    assert "X-Evil" not in headers
+    assert headers["X-Splitinfer-Ignored"] == "a%0D%0AX-Evil%3A%201,%E3%83%A9%E3%83%99%E3%83%AB"
+
+
+def test_local_api_answers_protocol_errors_in_json(api: tuple[LocalAPI, FakeBackend]) -> None:
+    local, _ = api
+    conn = http.client.HTTPConnection(*local.address, timeout=10)
+    try:  # a Content-Length of a non-ASCII digit: str.isdigit takes it, int() does not
+        conn.putrequest("POST", "/v1/infer")
+        conn.putheader("Content-Length", "\u00b2")
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 411
+        assert json.loads(response.read())["error"] == "length_required"
+    finally:
+        conn.close()
+    status, headers, answer = _call(local, "PUT", "/v1/infer", b"x")
+    assert status == 501 and headers["Content-Type"] == "application/json"
+    error = json.loads(answer)
+    assert error["error"] == "not_implemented" and "POST /v1/infer" in error["message"]
