@@ -227,14 +227,21 @@ class EdgeService:
             self._attempts += 1
             try:
                 await self.agent.start()
-            except StartupError as exc:
-                self._last_error = str(exc.__cause__ or exc)
+            except Exception as exc:
+                # StartupError: the broker is not there (yet). Anything else (a TLS file that
+                # became unreadable, a bug) must not end this task unseen, leaving the
+                # service 'connecting' for ever with no line in the journal: it is logged
+                # with its traceback and retried the same way.
+                expected = isinstance(exc, StartupError)
+                self._last_error = (str(exc.__cause__ or exc) if expected
+                                    else f"{type(exc).__name__}: {exc}")
                 now = loop.time()
                 if warned_at is None or now - warned_at >= _REMIND_S:
                     warned_at = now
                     log.warning("broker %s unreachable (%s); answering 503 and retrying "
                                 "every <= %g s (attempt %d)", self._broker, self._last_error,
-                                self.config.reconnect_max, self._attempts)
+                                self.config.reconnect_max, self._attempts,
+                                exc_info=None if expected else exc)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter, not crypto
                 delay = min(delay * 2, self.config.reconnect_max)
                 continue

@@ -19,7 +19,8 @@ so ``splitinfer edge serve --broker URL --artifacts DIR --device-id cam-7 --http
 naming the key, where its value came from (``edge.toml: threads``, ``SPLITINFER_THREADS``,
 ``--threads``), what it was and what was expected: an unknown key (with the nearest known
 one), a wrong type, a missing or unusable ``artifacts``, a bad broker URL, device id or
-``HOST:PORT``, a TLS file that is not there. Nothing here imports numpy, onnxruntime or paho.
+``HOST:PORT``, a TLS or password file that is not there, cannot be read or (TLS) holds
+no usable PEM. Nothing here imports numpy, onnxruntime or paho.
 """
 
 from __future__ import annotations
@@ -280,8 +281,11 @@ def _convert(key: Key, value: Any, where: str) -> Any:
             raise BadInputError(f"{where}: expected a string, got {got}")
         return value
     if key.kind == "int":
-        if text and value.strip().lstrip("+-").isdigit():
-            return int(value)
+        if text and value.strip().isascii():
+            try:
+                return int(value)
+            except ValueError:  # '+-1', '4.5', '²' (isdigit says yes, int says no)
+                pass
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise BadInputError(f"{where}: expected an integer, got {got}")
@@ -356,6 +360,24 @@ def _check(config: ServeConfig) -> None:
                             "needs its certificate")
     if config.password is not None and config.password_file is not None:
         raise BadInputError("password and password_file are both set; keep one")
+    # read the files now, as the service's user: one it cannot read (a root-only 0600 key)
+    # or that holds no PEM is exit 2 naming the key, not a connect that fails forever
+    try:
+        broker = config.broker_config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{where('password_file')} {config.password_file!r}: cannot be "
+                            f"read ({exc}); expected a UTF-8 file this user can read "
+                            "(systemd: LoadCredential=)") from None
+    try:
+        broker.tls_context()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        tls = ", ".join(f"{where(k)} {getattr(config, k)!r}"
+                        for k in ("tls_ca", "tls_cert", "tls_key")
+                        if getattr(config, k) is not None) or "the system's CA store"
+        raise BadInputError(f"TLS set-up from {tls} failed ({exc}); expected PEM files this "
+                            "user can read: tls_ca the CA that signed the broker's "
+                            "certificate, tls_cert and tls_key this device's certificate and "
+                            "its private key") from None
     for name, low in (("threads", 0), ("max_in_flight", 1), ("max_body", 1024)):
         if getattr(config, name) < low:
             raise BadInputError(f"{where(name)}: expected an integer >= {low}, got "

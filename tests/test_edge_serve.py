@@ -802,11 +802,27 @@ def test_broker_lost_after_boot_503_then_back(fresh_mosquitto: MosquittoBroker, 
     assert after[0] == 200 and code == 0
 
 
+# a self-signed CA certificate (no key anywhere): something ssl can load as tls_ca
+CA_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBkDCCATegAwIBAgIUa1zaxEsFX6ypclYC/7AOIjKkVDkwCgYIKoZIzj0EAwIw
+HTEbMBkGA1UEAwwSc3BsaXRpbmZlci10ZXN0LWNhMCAXDTI2MTIwMzE0MDkzMloY
+DzIxMjYxMTA5MTQwOTMyWjAdMRswGQYDVQQDDBJzcGxpdGluZmVyLXRlc3QtY2Ew
+WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAT+7+8JnPCe5WamJYERab+I2eeG6rx/
+2UixVjwDKy054ONZDF9Nih+RfN+ep9gUPg9wdGDch4Div1v5cZ5poJeEo1MwUTAd
+BgNVHQ4EFgQUpJsXuhy1lbRqkoWG9ZchcfJ/bpIwHwYDVR0jBBgwFoAUpJsXuhy1
+lbRqkoWG9ZchcfJ/bpIwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBE
+AiBWazubHpq3MCvBe97Ixh0cfK9eh7npceA3ENKTnjKqsQIgWEGKWI/gHI9quRvR
+2mDc3HZGjDbCy/D+S8ePrQO2QUs=
+-----END CERTIFICATE-----
+"""
+
+
 def test_credentials_and_tls_keys_lay_over_the_url(tmp_path: Path, digits: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
     ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca.write_text(CA_PEM)
     cfg = _resolve(tmp_path, None, artifacts=str(digits), broker="mqtt://b.example",
                    username="cam-7", password_file=str(secret), tls_ca=str(ca))
     broker = cfg.broker_config()
@@ -937,3 +953,75 @@ def test_local_api_answers_protocol_errors_in_json(api: tuple[LocalAPI, FakeBack
     assert status == 501 and headers["Content-Type"] == "application/json"
     error = json.loads(answer)
     assert error["error"] == "not_implemented" and "POST /v1/infer" in error["message"]
+
+
+def test_unusable_tls_password_and_number_settings_are_exit_2(tmp_path: Path,
+                                                              digits: Path) -> None:
+    """Files are read at start as the service's user: one that holds no PEM, or a password
+    that is no text, stops the start naming the key (they used to pass the is_file check
+    and fail every connect attempt, or raise a traceback)."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca = tmp_path / "real-ca.pem"
+    ca.write_text(CA_PEM)
+    binary = tmp_path / "pw"
+    binary.write_bytes(b"\xff\xfe\x00")
+    cases = [
+        ({"tls_ca": str(not_pem)}, r"TLS set-up from tls_ca \(from --tls-ca\) '.*ca.pem' "
+                                   r"failed \(.*\); expected PEM files"),
+        ({"tls_ca": str(ca), "tls_cert": str(ca)},  # a certificate without its key
+         r"TLS set-up from tls_ca .*, tls_cert \(from --tls-cert\) .* failed"),
+        ({"password_file": str(binary)}, r"password_file \(from --password-file\) '.*pw': "
+                                         r"cannot be read"),
+        ({"threads": "+-1"}, r"--threads: expected an integer, got '\+-1'"),
+        ({"max_in_flight": "\u00b2"}, r"--max-in-flight: expected an integer"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(BadInputError, match=message):
+            _resolve(tmp_path, None, artifacts=str(digits), **flags)
+    assert _resolve(tmp_path, None, artifacts=str(digits), tls_ca=str(ca)).tls_ca == str(ca)
+
+
+class _StartFails:
+    """An agent whose start() raises ``errors`` in turn, then connects."""
+
+    def __init__(self, manifest: Manifest, errors: list[BaseException]) -> None:
+        self.manifest, self.kind, self.device_id = manifest, "split", "cam-7"
+        self.counters, self.protocol, self.connected = None, "5", False
+        self.errors = errors
+
+    async def start(self) -> None:
+        if self.errors:
+            raise self.errors.pop(0)
+        self.connected = True
+
+
+def test_boot_retry_survives_an_error_other_than_startup_error(
+        tmp_path: Path, digits: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """agent.start() raising, say, PermissionError (a TLS key made root-only after the
+    start) used to end the connecting task unseen: 'connecting' for ever, no log line."""
+    from edge_agent.serve import EdgeService
+    from splitinfer.errors import StartupError
+
+    cfg = _resolve(tmp_path, None, artifacts=str(digits), reconnect_max="0.05",
+                   device_id="cam-7")
+    agent = _StartFails(Manifest.load(digits), [
+        PermissionError(13, "Permission denied", "/etc/splitinfer/cam-7.key"),
+        StartupError("cannot reach the broker")])
+    svc = EdgeService(cfg, agent)  # type: ignore[arg-type]
+    healths: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        task = asyncio.create_task(svc._keep_connecting())
+        while len(agent.errors) == 2 and not task.done():  # until the first one raised
+            await asyncio.sleep(0.001)
+        healths.append(svc.health()[1])
+        await asyncio.wait_for(task, 5)
+
+    with caplog.at_level("WARNING", logger="edge_agent.serve"):
+        asyncio.run(scenario())
+    assert agent.connected and svc.health()[0] and svc._attempts == 3
+    assert "PermissionError" in caplog.text and "cam-7.key" in caplog.text
+    assert healths[0]["status"] == "connecting", healths
+    assert "(last error: PermissionError: [Errno 13] Permission denied" in \
+        healths[0]["reason"], healths
