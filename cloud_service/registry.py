@@ -93,12 +93,8 @@ def _preload_cuda() -> None:
 SPINNING = ort_config.SPINNING
 
 
-# threads = 0 (the default): one thread instead of a pool of all usable CPUs when the pool
-# is not this much faster on one sample. A pool wakes its threads for every run and,
-# spinning, keeps a core busy after it: on a small tail (the digits CNN's: 0.3 ms) one
-# thread is as fast, and a 1,000-device fleet of such requests kept a spinning pool 0.68
-# cores busy (p99 1,004 ms against 38 ms with one thread, bench/bench_fleet.py on 2 cores).
-POOL_GAIN = 1.2
+# threads = 0: one thread unless a pool pays this much (splitinfer.ort_config.POOL_GAIN).
+POOL_GAIN = ort_config.POOL_GAIN
 _CALIBRATION_RUNS = 7
 
 
@@ -107,8 +103,6 @@ def _fewest_threads(session: Any, path: Path, manifest: Manifest, spinning: str,
     """``session`` (a pool of all usable CPUs) or a one-thread session of the same
     tail, whichever runs one sample faster by :data:`POOL_GAIN`; measured here and now
     on zeros of the cut's shape. Shapes with unknown dimensions keep the default."""
-    import time
-
     import onnxruntime as ort
 
     if ort_config.usable_cpus() < 2:
@@ -123,17 +117,9 @@ def _fewest_threads(session: Any, path: Path, manifest: Manifest, spinning: str,
         single = ort.InferenceSession(str(path), sess_options=session_options(
             1, spinning=spinning), providers=list(providers))
 
-        # Interleaved, best of each: machine noise hits both alike, and the best run is
-        # what each can do (a median flipped the choice on a busy 2-vCPU VM: 1 thread
-        # 7.0 ms vs the pool's 5.8 one time, 4.9 another).
-        times: dict[int, list[float]] = {0: [], 1: []}
-        for i in range(_CALIBRATION_RUNS + 2):
-            for which, candidate in enumerate((session, single)):
-                t0 = time.perf_counter()
-                candidate.run(None, feeds)
-                if i >= 2:  # two warm-up runs each
-                    times[which].append(time.perf_counter() - t0)
-        pool_s, single_s = min(times[0]), min(times[1])
+        pool_s, single_s = ort_config.best_times(
+            (lambda: session.run(None, feeds), lambda: single.run(None, feeds)),
+            rounds=_CALIBRATION_RUNS)
     except Exception as exc:  # a tail that cannot run on zeros still serves as before
         log.debug("split %s: thread calibration skipped: %r", manifest.split_id, exc)
         return session

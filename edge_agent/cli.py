@@ -127,8 +127,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     flag("--concurrency", "1", type=int, metavar="N",
          help="requests in flight at once (default 1: latency without self-queueing)")
     flag("--threads", "0", type=int, metavar="N",
-         help="intra-op threads for the head (default 0: onnxruntime decides; LiteRT: one "
-              "per core)")
+         help="intra-op threads for the head (default 0: measured at start, one per usable "
+              "CPU where that is faster than one thread, else 1; LiteRT: one per core)")
     flag("--head-backend", "auto", choices=("auto", "onnx", "tflite"), dest="head_backend",
          help="run head.onnx on onnxruntime or head.tflite on LiteRT (splitinfer split "
               "--head-format tflite); auto: onnxruntime where installed, else LiteRT")

@@ -33,6 +33,7 @@ from splitinfer.errors import BadInputError, ManifestError, StartupError, Tensor
 from splitinfer.manifest import Manifest, TfliteRef, sha256_file
 
 __all__ = ["HeadRuntime", "OrtHead", "TfliteHead", "PassThroughHead", "load_head",
+           "fewest_threads",
            "fixed_batch", "choose_backend", "SPINNING", "BACKENDS"]
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class OrtHead:
         if spinning not in SPINNING:
             raise BadInputError(f"spinning {spinning!r}: expected one of {SPINNING}")
         self.path = Path(path)
+        self.spinning = spinning
+        self.providers = tuple(providers) if providers else ("CPUExecutionProvider",)
         options = ort_config.apply(ort.SessionOptions())  # the same arithmetic as the worker
         options.intra_op_num_threads = ort_config.pool_threads(threads)  # never pinned
         options.inter_op_num_threads = 1
@@ -94,8 +97,7 @@ class OrtHead:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self._session = ort.InferenceSession(
-                str(self.path), sess_options=options,
-                providers=list(providers) if providers else ["CPUExecutionProvider"])
+                str(self.path), sess_options=options, providers=list(self.providers))
         except Exception as exc:  # onnxruntime raises its own, unrelated types
             raise ManifestError(f"{self.path}: onnxruntime cannot load the head model: "
                                 f"{exc}") from exc
@@ -289,8 +291,39 @@ def load_head(manifest: Manifest, directory: str | Path, *, threads: int | None 
                             "tflite')", split_id=manifest.split_id)
     else:
         head = OrtHead(path, threads=threads)
+        if not threads:
+            head = fewest_threads(head, manifest)
     check_head(head, manifest)
     return head
+
+
+def fewest_threads(head: OrtHead, manifest: Manifest) -> OrtHead:
+    """``head`` (a pool of all usable CPUs) or a one-thread head of the same file,
+    whichever runs one sample faster by :data:`splitinfer.ort_config.POOL_GAIN`; measured
+    here and now on zeros of the inputs' shapes, as the worker does for its tails. Inputs
+    with unknown dimensions, or a head that cannot run on zeros, keep the pool."""
+    if ort_config.usable_cpus() < 2 or head.providers != ("CPUExecutionProvider",):
+        return head
+    feeds: dict[str, Array] = {}
+    for spec in manifest.inputs:
+        dims = spec.shape[1:]
+        sizes = [d for d in dims if isinstance(d, int)]
+        if len(sizes) != len(dims):
+            return head
+        feeds[spec.name] = np.zeros((1, *sizes), dtype=spec.dtype)
+    try:
+        single = OrtHead(head.path, threads=1, spinning=head.spinning)
+        pool_s, single_s = ort_config.best_times(
+            (lambda: head.run(feeds), lambda: single.run(feeds)))
+    except Exception as exc:  # a head that cannot run on zeros still serves as before
+        log.debug("split %s: head thread calibration skipped: %r", manifest.split_id, exc)
+        return head
+    chosen = single if single_s <= pool_s * ort_config.POOL_GAIN else head
+    log.info("split %s: head on %s (one sample: 1 thread %.3f ms, %d threads %.3f ms)",
+             manifest.split_id, "1 thread" if chosen is single else
+             f"{ort_config.pool_threads(0)} threads", single_s * 1e3,
+             ort_config.pool_threads(0), pool_s * 1e3)
+    return chosen
 
 
 def check_head(head: HeadRuntime, manifest: Manifest) -> None:

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["SESSION_CONFIG", "SPINNING", "apply", "usable_cpus", "pool_threads"]
+__all__ = ["SESSION_CONFIG", "SPINNING", "POOL_GAIN", "apply", "usable_cpus", "pool_threads",
+           "best_times"]
 
 SESSION_CONFIG: dict[str, str] = {
     "session.qdqisint8allowed": "1",
@@ -37,6 +40,14 @@ SESSION_CONFIG: dict[str, str] = {
 # 0.8-1.4 ms over its best and "always" made the agent and the worker, sharing the cores,
 # slow each other down.
 SPINNING = ("run", "always", "off")
+
+# threads = 0 (the default) on either side: one thread instead of a pool of all usable CPUs
+# unless the pool runs one sample this much faster (best_times). A pool wakes its threads
+# for every run: on a small model one thread is faster (the digits CNN's head: 0.32 ms on
+# one thread, 0.53 on two spinning, 0.39 on two sleeping, runs 5 ms apart; its tail 0.084
+# vs 0.100 ms), and a 1,000-device fleet of such requests kept a worker's spinning pool
+# 0.68 cores busy (p99 1,004 ms against 38 ms with one thread, bench/bench_fleet.py).
+POOL_GAIN = 1.2
 
 _Options = TypeVar("_Options")
 
@@ -93,3 +104,19 @@ def pool_threads(threads: int | None) -> int:
     if threads is None or threads <= 0:
         return usable_cpus()
     return threads
+
+
+def best_times(runs: Sequence[Callable[[], object]], *, rounds: int = 7,
+               warmup: int = 2) -> list[float]:
+    """The best of ``rounds`` timed calls (seconds) of each of ``runs``, called in turn
+    (``warmup`` untimed rounds first): noise on a busy machine hits all of them alike,
+    and the best call is what each can do (a median flipped a pool-or-one-thread choice
+    on a busy 2-vCPU VM: 1 thread 7.0 ms vs the pool's 5.8 one time, 4.9 another)."""
+    times: list[list[float]] = [[] for _ in runs]
+    for i in range(warmup + rounds):
+        for which, run in enumerate(runs):
+            t0 = time.perf_counter()
+            run()
+            if i >= warmup:
+                times[which].append(time.perf_counter() - t0)
+    return [min(t) if t else math.inf for t in times]

@@ -53,3 +53,49 @@ def test_the_head_gets_an_explicit_count(tmp_path: Path) -> None:
     threads = head._session.get_session_options().intra_op_num_threads
     assert threads == ort_config.usable_cpus() >= 1
 
+
+
+# --- the agent's head: one thread unless a pool pays, as the worker's tails -------------
+
+
+def head_threads(head: object) -> int:
+    return int(head._session.get_session_options().intra_op_num_threads)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def digits_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("head-threads") / "split"
+    split_model(zoo.digits_cnn_path(), ["pool"], out, num_samples=2)
+    return out
+
+
+def test_head_keeps_a_pool_only_where_it_pays(digits_split: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.runtime import load_head
+    from splitinfer.manifest import Manifest
+
+    manifest = Manifest.load(digits_split)
+    monkeypatch.setattr(ort_config, "POOL_GAIN", 1e9)  # a pool never pays
+    assert head_threads(load_head(manifest, digits_split)) == 1
+    monkeypatch.setattr(ort_config, "POOL_GAIN", 0.0)  # one thread never wins
+    assert head_threads(load_head(manifest, digits_split)) == ort_config.usable_cpus()
+    monkeypatch.setattr(ort_config, "POOL_GAIN", 1e9)
+    assert head_threads(load_head(manifest, digits_split, threads=2)) == 2  # asked for: kept
+
+
+def test_best_times_interleaves_and_takes_the_best() -> None:
+    calls: list[str] = []
+    slow = iter([0.05, 0.0, 0.0, 0.0])
+
+    def a() -> None:
+        calls.append("a")
+
+    def b() -> None:
+        calls.append("b")
+        import time
+        time.sleep(next(slow, 0.0))
+
+    best_a, best_b = ort_config.best_times((a, b), rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # in turn, warm-up included
+    assert best_b < 0.04  # the slow first (warm-up) call is not counted
+    assert best_a >= 0.0
