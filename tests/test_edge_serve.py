@@ -1025,3 +1025,50 @@ def test_boot_retry_survives_an_error_other_than_startup_error(
     assert healths[0]["status"] == "connecting", healths
     assert "(last error: PermissionError: [Errno 13] Permission denied" in \
         healths[0]["reason"], healths
+
+
+@contextlib.contextmanager
+def _blackhole() -> Iterator[int]:
+    """A port whose accept queue is full: a connect() to it hangs as to a broker whose
+    packets are dropped (no network at boot)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    try:
+        for _ in range(3):
+            client = socket.socket()
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(("127.0.0.1", port))
+            held.append(client)
+        time.sleep(0.2)
+        probe = socket.create_connection  # the premise: a new connect hangs
+        with pytest.raises(TimeoutError):
+            probe(("127.0.0.1", port), timeout=0.5).close()
+        yield port
+    finally:
+        for client in held:
+            client.close()
+        listener.close()
+
+
+@pytest.mark.integration
+def test_sigterm_while_the_connect_hangs_exits_at_once(digits: Path, topic_prefix: str,
+                                                       tmp_path: Path) -> None:
+    """A blocking connect (TLS, or a broker not on loopback) runs in an executor thread;
+    SIGTERM while it hangs used to wait out its 10 s connect timeout (asyncio.run and the
+    interpreter join the pool's threads): exit 8 s after the signal, not within 5 s."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text(CA_PEM)
+    with _blackhole() as port, service(
+            ["--broker", f"mqtts://127.0.0.1:{port}", "--tls-ca", str(ca), "--prefix",
+             topic_prefix, "--artifacts", str(digits), "--device-id", "hang-1"],
+            tmp_path / "serve.log") as svc:
+        svc.wait_listening()
+        status, health = svc.health()
+        time.sleep(1.0)  # the first connect attempt is under way, hanging
+        code, took = svc.terminate(timeout=20)
+    assert status == 503 and health["status"] == "connecting", health
+    assert code == 0 and took < 3.0, (code, took, svc.log())
