@@ -7,8 +7,9 @@ retained presence topic (a new id per start leaves one retained ``offline`` behi
 time). :func:`stable_device_id` gives the configured id when there is one; otherwise it
 reads ``STATE_DIR/device_id``, and when that file is absent derives
 ``edge-<hostname>-<8 random hex>`` once and writes it there (atomically, so a crash never
-leaves half an id). Copy an SD card image only before its first start, or delete the file
-in the copy: two devices with one id take each other's connection.
+leaves half an id, and two starts at once agree on one). Copy an SD card image only before
+its first start, or delete the file in the copy: two devices with one id take each other's
+connection.
 """
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ def stable_device_id(configured: str | None, state_dir: str | Path) -> tuple[str
             raise BadInputError(f"{exc}; delete {path} to derive a new one, or set "
                                 "device_id") from None
     device_id = derive_device_id()
-    _write_atomically(path, device_id + "\n")
+    if not _create_once(path, device_id + "\n"):  # another start wrote one first: use it
+        return stable_device_id(None, state_dir)
     return device_id, "new"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _create_once(path: Path, text: str) -> bool:
+    """Write ``path`` whole, only if it does not exist yet (False when it does). Linked into
+    place rather than renamed over, so two starts racing on one state dir agree on one id;
+    the directory is synced too, or a power cut soon after the first start (a Pi's usual
+    way to stop) could lose the new entry and the next start would derive another id."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".device_id.", dir=path.parent)
@@ -66,10 +72,20 @@ def _write_atomically(path: Path, text: str) -> None:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this file system (vfat): renamed instead
+                os.replace(tmp, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            return True
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
     except OSError as exc:
         raise StartupError(f"cannot keep the device id in {path}: {exc}; give the service a "
                            "writable state_dir (systemd: StateDirectory=splitinfer) or set "

@@ -26,6 +26,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -1072,3 +1073,34 @@ def test_sigterm_while_the_connect_hangs_exits_at_once(digits: Path, topic_prefi
         code, took = svc.terminate(timeout=20)
     assert status == 503 and health["status"] == "connecting", health
     assert code == 0 and took < 3.0, (code, took, svc.log())
+
+
+def test_derived_device_id_one_winner_and_synced_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two starts deriving at once keep one id (the second reads the first's, instead of
+    renaming its own over it while the first runs under another), and the new directory
+    entry is fsynced (a power cut soon after the first start must not lose it)."""
+    import edge_agent.identity as identity
+
+    state = tmp_path / "state"
+    real_derive = identity.derive_device_id
+
+    def derive_while_another_start_writes() -> str:
+        mine = real_derive()
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "device_id").write_text("edge-other-start\n")  # it won the race
+        return mine
+
+    monkeypatch.setattr(identity, "derive_device_id", derive_while_another_start_writes)
+    assert identity.stable_device_id(None, state) == ("edge-other-start", "persisted")
+    assert (state / "device_id").read_text() == "edge-other-start\n"
+    assert [p.name for p in state.iterdir()] == ["device_id"]  # no temporary left
+    monkeypatch.setattr(identity, "derive_device_id", real_derive)
+    synced: list[bool] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(
+        stat.S_ISDIR(os.fstat(fd).st_mode)), real_fsync(fd))[1])
+    fresh = tmp_path / "fresh"
+    device_id, how = identity.stable_device_id(None, fresh)
+    assert how == "new" and (fresh / "device_id").read_text() == device_id + "\n"
+    assert synced == [False, True], synced  # the file, then its directory
