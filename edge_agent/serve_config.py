@@ -91,8 +91,8 @@ KEYS: tuple[Key, ...] = (
     Key("split", "str", None, "with a bundle: serve this split only (split id or folder)",
         "ID"),
     Key("prefix", "str", "splitinfer", "topic prefix", "PREFIX"),
-    Key("threads", "int", 0, "onnxruntime intra-op threads for the head (0: onnxruntime "
-        "decides)", "N"),
+    Key("threads", "int", 0, "onnxruntime intra-op threads for the head (0: one per usable "
+        "CPU, a cgroup CPU quota such as the unit's CPUQuota= counted)", "N"),
     Key("timeout", "float", 10.0, "deadline of one request, head included, seconds", "S"),
     Key("reconnect_max", "float", 2.0, "longest pause between attempts to reach the broker "
         "(at boot and after a loss), seconds", "S"),
