@@ -25,6 +25,10 @@ one in, is never acted on. Then:
 * **a new version that cannot be loaded**: logged as an error naming the directory and
   why, counted in ``reload_failures``, the previous version (if any) keeps serving; the
   directory is listed by ``/readyz``. It is tried again when it changes.
+* **a second directory with a split id already served** (``cp -r live live-v2``): refused
+  as above while both are there; when the first goes (``rm -r live``), the second serves
+  that split in the same swap, so no request finds it missing. Any other refused
+  directory is tried again whenever a split stops being served.
 
 Readiness (:func:`readiness_problems`): every split directory found has a tail serving it
 (the previous version counts), none is still loading for the first time.
@@ -140,6 +144,10 @@ class ChangeDetector:
                 settled.append(Change(directory, current))
         return settled
 
+    def forget(self, directory: str) -> None:
+        """Treat ``directory`` as never applied: as it stands, it is a change again."""
+        self.known.pop(directory, None)
+
     def done(self, change: Change) -> None:
         """``change`` was applied, or failed: its state is the known one now."""
         self._pending.pop(change.directory, None)
@@ -188,6 +196,9 @@ class Reloader:
         self._scan = scanner
         self._clock = clock
         self._retiring: list[Tail] = []
+        # directory -> a loaded tail refused because its split id is served from another
+        # directory; it takes over, in the same swap, when that directory goes
+        self._standby: dict[str, Tail] = {}
         self._root_missing = False
         self.last_load_s: float | None = None  # the last new version's load time
         metrics.reload_pending = self.pending_count
@@ -283,6 +294,7 @@ class Reloader:
         for change in changes:
             directory = change.directory
             old = served.get(directory)
+            self._standby.pop(directory, None)  # decided again below
             if change.gone:
                 registry.failed.pop(directory, None)
                 registry.edge_only.discard(directory)
@@ -315,6 +327,8 @@ class Reloader:
                 if other is not None:
                     self._failed(directory, f"split {new.split_id} is already served from "
                                  f"{other}; one split id, one directory", old)
+                    if old is None:
+                        self._standby[directory] = new
                 else:
                     claimed[new.split_id] = directory
                     registry.failed.pop(directory, None)
@@ -332,12 +346,32 @@ class Reloader:
                              "in flight" if old is not None else "")
             self.detector.done(change)
         remove = [split_id for split_id in remove if split_id not in claimed]
+        if remove:
+            self._take_over(remove, put)
         registry.swap(put=put, remove=remove)
         self.metrics.splits = self.metrics.splits | frozenset(registry)
         self._retiring += [tail for tail in retire if tail not in put]
         if not registry:
             log.warning("hot reload: no split left to serve under %s; every request is "
                         "answered unknown_split until one is back", self.root)
+
+    def _take_over(self, remove: list[str], put: list[Tail]) -> None:
+        """Split ids this swap stops serving: a directory refused earlier because it held
+        the same split id (``cp -r a b`` before ``rm -r a``) serves it now, in the same
+        swap, instead of staying refused while nothing serves that split. A refused
+        directory with no tail at hand (a duplicate found at start-up) is loaded again."""
+        for directory, tail in sorted(self._standby.items()):
+            if tail.split_id in remove:
+                remove.remove(tail.split_id)
+                put.append(tail)
+                del self._standby[directory]
+                self.registry.failed.pop(directory, None)
+                self.metrics.reloads += 1
+                log.info("hot reload: split %s now served from %s (its other directory "
+                         "went)", tail.split_id, directory)
+        for directory in list(self.registry.failed):
+            if directory not in self._standby:
+                self.detector.forget(directory)
 
     def _failed(self, directory: str, why: str, old: Tail | None) -> None:
         self.registry.failed[directory] = why

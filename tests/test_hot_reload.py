@@ -356,6 +356,43 @@ def test_appearing_going_moving_and_conflicting_directories(tmp_path: Path) -> N
     assert rig.reloader.problems() == []
 
 
+def test_a_copy_refused_as_a_duplicate_takes_over_when_the_original_goes(
+        tmp_path: Path) -> None:
+    """``cp -r live live-v2 && rm -r live``: the copy is refused while both hold split
+    'live' (one split id, one directory), and serves it in the very swap that removes the
+    original; it used to stay refused, known and not retried, while nothing served 'live'
+    (every request unknown_split until someone touched the copy)."""
+    root = tmp_path / "artifacts"
+    v1 = make_split(root, "live", seed=1)
+    rig = Rig(root, settle_s=0.5)
+    x = v1.sample(2, seed=3)
+    shutil.copytree(v1.directory, root / "live-v2")
+    rig.settle()
+    assert rig.registry["live"].directory == v1.directory
+    (problem,) = rig.reloader.problems()
+    assert str(root / "live-v2") in problem and "already served from" in problem
+    shutil.rmtree(v1.directory)
+    asyncio.run(rig.reloader.tick())
+    assert "live" in rig.registry  # not settled: the original still serves
+    rig.clock.now += 0.6
+    asyncio.run(rig.reloader.tick())
+    assert rig.registry["live"].directory == root / "live-v2"  # no tick without 'live'
+    np.testing.assert_allclose(rig.answer("live", x), v1.expected(x), rtol=1e-5, atol=1e-5)
+    assert rig.reloader.problems() == [] and rig.reloader.stale() == []
+
+    # a duplicate found at start-up has no loaded tail at hand: it is loaded again
+    other = make_split(tmp_path / "boot", "b", seed=2)
+    shutil.copytree(other.directory, tmp_path / "boot" / "b-copy")
+    rig = Rig(tmp_path / "boot", settle_s=0.5)
+    assert str(tmp_path / "boot" / "b-copy") in rig.registry.failed
+    shutil.rmtree(other.directory)
+    rig.settle()  # the original goes; the copy is a change again
+    assert "b" not in rig.registry
+    rig.settle()
+    assert rig.registry["b"].directory == tmp_path / "boot" / "b-copy"
+    assert rig.reloader.problems() == []
+
+
 def test_a_symbolic_link_swap_is_a_replacement(tmp_path: Path) -> None:
     """``digits -> .versions/v1`` re-pointed at ``.versions/v2`` in one rename."""
     root = tmp_path / "artifacts"
