@@ -42,6 +42,7 @@ import json
 import logging
 import lzma
 import math
+import socket
 import threading
 import zipfile
 import zlib
@@ -233,6 +234,15 @@ def _status_of(exc: BaseException) -> tuple[int, str, str]:
     return 500, ErrorCode.INTERNAL.value, "error"
 
 
+def _server_class(host: str) -> type[ThreadingHTTPServer]:
+    """ThreadingHTTPServer binds IPv4 only (``address_family`` is a class attribute): an
+    IPv6 address such as ``[::1]:8470`` needs an AF_INET6 socket."""
+    if ":" not in host:
+        return ThreadingHTTPServer
+    return type("ThreadingHTTPServer6", (ThreadingHTTPServer,),
+                {"address_family": socket.AF_INET6})
+
+
 class LocalAPI:
     """Serve :class:`Backend` on ``host:port`` (0: a free port) until :meth:`close`."""
 
@@ -245,7 +255,7 @@ class LocalAPI:
         self._idle = threading.Condition()
         self._in_flight = 0
         self.draining = False
-        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._httpd = _server_class(host)((host, port), _handler(self))
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread: threading.Thread | None = None

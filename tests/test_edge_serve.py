@@ -1104,3 +1104,32 @@ def test_derived_device_id_one_winner_and_synced_directory(
     device_id, how = identity.stable_device_id(None, fresh)
     assert how == "new" and (fresh / "device_id").read_text() == device_id + "\n"
     assert synced == [False, True], synced  # the file, then its directory
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_local_api_listens_on_ipv6(digits: Path, images: np.ndarray[Any, Any]) -> None:
+    """http = "[::1]:8470" is documented; ThreadingHTTPServer alone binds IPv4 only, and
+    the start failed: 'cannot listen on [::1]:8470 ... Address family for hostname not
+    supported' (exit 3)."""
+    local = LocalAPI(FakeBackend(Manifest.load(digits)), host="::1", port=0).start()
+    try:
+        assert local.url.startswith("http://[::1]:")
+        conn = http.client.HTTPConnection("::1", local.address[1], timeout=10)
+        try:
+            conn.request("POST", "/v1/infer", body=_npz(image=images[:2]))
+            response = conn.getresponse()
+            assert response.status == 200
+            assert _outputs(response.read())["logits"].shape == (2, 10)
+        finally:
+            conn.close()
+    finally:
+        local.close()
