@@ -117,8 +117,8 @@ _READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError,
                 NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError)
 
 
-def read_npz(body: bytes, names: list[str], max_bytes: int) -> tuple[dict[str, Array],
-                                                                     list[str]]:
+def read_npz(body: bytes, names: list[str], max_bytes: int, *,
+             content_type: str | None = None) -> tuple[dict[str, Array], list[str]]:
     """The model inputs ``names`` from an .npz body, and the other keys (ignored, not read).
 
     BadInputError naming what is wrong: not an .npz (a bare .npy, a pickle, garbage), a
@@ -126,14 +126,19 @@ def read_npz(body: bytes, names: list[str], max_bytes: int) -> tuple[dict[str, A
     whose sample counts differ; :class:`TooLarge` for arrays that unpack past
     ``max_bytes`` (a zip bomb). Each input's .npy header is checked before numpy allocates
     anything: the shape and dtype it declares must fit the bytes the member holds, so a
-    forged header cannot make numpy allocate gigabytes for a few bytes of body."""
+    forged header cannot make numpy allocate gigabytes for a few bytes of body.
+    ``content_type``, the request's, is named when the body is no .npz at all (a JSON or
+    an image posted by mistake)."""
     expected = f"expected an .npz (numpy.savez) with one array per model input {names}"
     if body[:6] == b"\x93NUMPY":
         raise BadInputError(f"the body is a single .npy array; {expected}")
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except _READ_ERRORS as exc:
-        raise BadInputError(f"the body is not an .npz ({exc}); {expected}") from None
+        sent = (f", sent as Content-Type {content_type}" if content_type and
+                content_type.split(";")[0].strip().lower() != NPZ_TYPE else "")
+        raise BadInputError(f"the body is not an .npz ({exc}{sent}); {expected}, sent as "
+                            f"{NPZ_TYPE}") from None
     try:
         with archive:
             members = {(i.filename[:-4] if i.filename.endswith(".npy") else i.filename): i
@@ -405,7 +410,8 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                 return
             try:  # the slot is free again before the answer goes out
                 timeout = _timeout_header(self.headers.get(TIMEOUT_HEADER))
-                arrays, ignored = read_npz(body, names, api.max_body)
+                arrays, ignored = read_npz(body, names, api.max_body,
+                                           content_type=self.headers.get("Content-Type"))
                 result = api.backend.infer(arrays, timeout)
             except Exception as exc:  # every failure is one answer, never a dropped socket
                 api._slots.release()

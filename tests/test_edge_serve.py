@@ -638,6 +638,15 @@ def test_local_api_refuses_bad_bodies(api: tuple[LocalAPI, FakeBackend],
     conn.send(b"0\r\n\r\n")
     assert conn.getresponse().status == 411
     conn.close()
+    conn = http.client.HTTPConnection(*local.address, timeout=10)
+    conn.request("POST", "/v1/infer", body=b'{"image": [[0.5]]}',
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    message = json.loads(response.read())["message"]
+    conn.close()
+    assert response.status == 400
+    assert "not an .npz (File is not a zip file, sent as Content-Type application/json)" \
+        in message and "sent as application/x-npz" in message, message
     assert _call(local, "GET", "/v1/infer")[0] == 405
     assert _call(local, "POST", "/healthz", b"")[0] == 405
     assert _call(local, "GET", "/nope")[0] == 404
