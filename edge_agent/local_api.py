@@ -21,11 +21,11 @@ Errors are JSON ``{"error": CODE, "message": …}`` naming what was wrong and wh
 expected: 400 a body that is no readable .npz (``allow_pickle=False``: object arrays and
 pickles are refused; each input's .npy header is checked against the bytes its member
 holds before numpy allocates), lacks an input, or has the wrong dtype or shape; 411 no
-``Content-Length``; 413 a body (or its arrays unpacked) over ``max_body``; 429 more than
-``max_in_flight`` requests at once (``Retry-After: 1``); 503 not connected to the broker
-(at boot until the first connection, or while reconnecting: ``Retry-After``), no worker
-subscribed, or shutting down; 504 no answer before the deadline; 502 the worker answered
-with an error.
+``Content-Length``; 408 a body that has not arrived whole within 30 s; 413 a body (or its
+arrays unpacked) over ``max_body``; 429 more than ``max_in_flight`` requests at once
+(``Retry-After: 1``); 503 not connected to the broker (at boot until the first
+connection, or while reconnecting: ``Retry-After``), no worker subscribed, or shutting
+down; 504 no answer before the deadline; 502 the worker answered with an error.
 
 The standard library's :class:`~http.server.ThreadingHTTPServer` serves it in threads (one
 per connection; bodies are read and parsed there), and each inference hops onto the
@@ -44,6 +44,7 @@ import lzma
 import math
 import socket
 import threading
+import time
 import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -252,9 +253,11 @@ class LocalAPI:
     """Serve :class:`Backend` on ``host:port`` (0: a free port) until :meth:`close`."""
 
     def __init__(self, backend: Backend, *, host: str = "127.0.0.1", port: int = 8470,
-                 max_body: int = 16 * 1024 ** 2, max_in_flight: int = 16) -> None:
+                 max_body: int = 16 * 1024 ** 2, max_in_flight: int = 16,
+                 body_timeout_s: float = 30.0) -> None:
         self.backend = backend
         self.max_body = max_body
+        self.body_timeout_s = body_timeout_s  # the whole body, not each read of it
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
         self._idle = threading.Condition()
@@ -390,7 +393,13 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
                             f" is over the {api.max_body} byte limit (max_body); send fewer "
                             "samples per request")
                 return
-            body = self.rfile.read(length)
+            body = self._read_body(length)
+            if body is None:
+                self.close_connection = True
+                metrics.observe("bad_input")
+                self._error(408, "request_timeout", f"the body of {length} bytes did not "
+                            f"arrive within {api.body_timeout_s:g} s; send it whole, at once")
+                return
             if len(body) != length:
                 self.close_connection = True
                 metrics.observe("bad_input")
@@ -445,6 +454,30 @@ def _handler(api: LocalAPI) -> type[BaseHTTPRequestHandler]:
             self._send(200, payload, NPZ_TYPE, headers)
 
         # -------------------------------------------------------------- replies
+
+        def _read_body(self, length: int) -> bytes | None:
+            """The body; None when it did not arrive whole within ``body_timeout_s``. The
+            socket's own timeout is per read: a client trickling a byte every 29 s held a
+            thread, and counted as in flight (stretching every SIGTERM drain), for ever."""
+            deadline = time.monotonic() + api.body_timeout_s
+            chunks: list[bytes] = []
+            left = length
+            try:
+                while left > 0:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self.connection.settimeout(remaining)
+                    chunk = self.rfile.read1(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    left -= len(chunk)
+            except TimeoutError:
+                return None
+            finally:
+                self.connection.settimeout(self.timeout)
+            return b"".join(chunks)
 
         def _discard(self, length: int) -> None:
             left = length if length <= max(4 * api.max_body, 1 << 20) else 0

@@ -1142,3 +1142,38 @@ def test_local_api_listens_on_ipv6(digits: Path, images: np.ndarray[Any, Any]) -
             conn.close()
     finally:
         local.close()
+
+
+def test_local_api_a_trickled_body_gets_408_within_body_timeout(
+        digits: Path, images: np.ndarray[Any, Any]) -> None:
+    """The socket timeout is per read: a client sending one byte at a time, each well
+    inside it, used to hold its thread (and the in-flight count a SIGTERM drain waits on)
+    for as long as it liked. The whole body has body_timeout_s."""
+    local = LocalAPI(FakeBackend(Manifest.load(digits)), host="127.0.0.1", port=0).start()
+    local.body_timeout_s = 0.5  # read per request (the constructor's default is 30 s)
+    try:
+        body = _npz(image=images[:1])
+        with socket.create_connection(local.address, timeout=10) as sock:
+            sock.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n")
+            started = time.monotonic()
+            answer = b""
+            for byte in body[:40]:  # 40 bytes over 2 s: never 0.5 s without one
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:  # answered and closed: the server stopped reading
+                    break
+                time.sleep(0.05)
+            sock.settimeout(5)
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(4096):
+                    answer += chunk
+            took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"request_timeout"' in answer and b"within 0.5 s" in answer
+        assert took < 2.5, took
+        assert local.wait_idle(1)  # no longer in flight
+        # a body sent at once is answered as before
+        assert _call(local, "POST", "/v1/infer", body)[0] == 200
+    finally:
+        local.close()
