@@ -59,11 +59,12 @@ class Config:
     spinning: str = "run"
     # Tail runs at once (all splits together); each run may use `threads` threads.
     tail_workers: int = 1
-    # A lone request, with nothing queued or running and its split's requests arriving
-    # further apart than the batching delay and INLINE_LOAD tail runs, runs on the event
-    # loop that received it: no hand-over to a tail thread and back (two thread wake-ups,
-    # ~0.5 ms on an idle 2-vCPU VM). Under load requests queue for the tail threads and
-    # batch as before. False: every request goes through the queue.
+    # A lone request, with nothing queued or running, its split's requests arriving
+    # further apart than the batching delay and INLINE_LOAD tail runs, and its run known to
+    # take at most INLINE_MAX_S (cloud_service.worker), runs on the event loop that got
+    # it: no hand-over to a tail thread and back (two thread wake-ups, ~0.3 ms on an idle
+    # 2-vCPU VM). Under load requests queue for the tail threads and batch as before.
+    # False: every request goes through the queue.
     inline: bool = True
     # onnxruntime execution providers in preference order; () = CUDA if present, else CPU.
     providers: tuple[str, ...] = ()

@@ -70,6 +70,9 @@ _REASSEMBLY_TOTAL = 256 * 1024 * 1024  # bytes of partial chunked requests, all 
 # further apart than this many of its tail runs (a load under 2/3 of one tail thread: a
 # sequential client, whose gap is its whole round trip, has at least 1.5 on any real link).
 INLINE_LOAD = 1.5
+# ... and only when that run is expected to take at most this long (the loop answers
+# nothing else meanwhile; the heartbeat is 1 s, peers fence after 3 s).
+INLINE_MAX_S = 0.05
 # publish(topic, payload, correlation): QoS 1, returns once acknowledged; raises when it
 # gives up (the server's gives up after Config.reply_timeout_s without a broker).
 Publish = Callable[[str, bytes, "bytes | None"], Awaitable[None]]
@@ -267,8 +270,11 @@ class Worker:
                        "not a request topic)", msg=msg, addr=None, now=now, env=env)
             return
         job = Job(env, prepared, addr, now, key, tail)
-        inline = self.config.inline and self._batcher.claim(job.lane, self._inline_gap(job))
-        if not inline and not self._batcher.offer(job, counted=self.config.inline):
+        claimed: bool | None = None  # None: not asked (the arrival is counted by offer)
+        if self.config.inline and self._short_run(job):
+            claimed = self._batcher.claim(job.lane, self._inline_gap(job))
+        inline = bool(claimed)
+        if not inline and not self._batcher.offer(job, counted=claimed is not None):
             self._fail(ErrorCode.OVERLOADED, f"queue full ({self.config.queue_size} requests "
                        "waiting); retry later", msg=msg, addr=addr, now=now, env=env)
             return
@@ -279,6 +285,14 @@ class Worker:
         self._settled.clear()
         if inline:
             self._run_inline(job)
+
+    @staticmethod
+    def _short_run(job: Job) -> bool:
+        """Whether ``job``'s tail run is known to be short enough to hold the event loop
+        for (INLINE_MAX_S: heartbeats, PUBACKs and keep-alives wait meanwhile). A tail
+        never run yet is not: its first run is measured on a tail thread."""
+        run_s = job.tail.sample_s * job.samples if job.tail is not None else 0.0
+        return 0.0 < run_s <= INLINE_MAX_S
 
     def _inline_gap(self, job: Job) -> float:
         """How far apart a lane's requests must arrive for ``job`` to run on the loop: more

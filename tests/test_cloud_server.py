@@ -300,7 +300,7 @@ def test_answers_wait_for_the_broker_to_come_back(
     monkeypatch.setattr(tail, "run", held_run)
     monkeypatch.setattr("cloud_service.server.open_client", held_connect)
     cfg = config(fresh_mosquitto.url, root, topic_prefix, reconnect_min_s=0.02,
-                 reconnect_max_s=0.05)
+                 reconnect_max_s=0.05, inline=False)  # held on a tail thread, not the loop
     server = Server(cfg, registry=registry)
     thread = server.start_in_thread(30)
     sent: dict[str, np.ndarray[Any, Any]] = {}

@@ -18,7 +18,7 @@ from test_cloud_support import TinySplit, make_split, request_payload
 from cloud_service.config import Config
 from cloud_service.metrics import ErrorLog, Metrics, render_prometheus
 from cloud_service.registry import Registry, Tail
-from cloud_service.worker import Incoming, ReplyAddress, Worker, reply_address
+from cloud_service.worker import Incoming, Job, ReplyAddress, Worker, reply_address
 from splitinfer.errors import BadInputError, ErrorCode, ManifestError, StartupError, TensorError
 from splitinfer.manifest import Manifest, Quantization
 from splitinfer.topics import Topics
@@ -515,3 +515,24 @@ def test_cloud_only_split_is_served_like_any_other(tmp_path: Path) -> None:
     (_topic, answer, _corr), = pub.answers().values()
     assert answer.error is None
     np.testing.assert_allclose(answer.tensors[0].array, split.expected(x), rtol=1e-6)
+
+
+def test_only_short_known_runs_go_past_the_queue(registry: Registry,
+                                                 splits: dict[str, TinySplit],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_service import worker as worker_module
+
+    tail = registry["tiny-q"]
+    job = Job(*_job_parts(splits["q"], tail))
+    monkeypatch.setattr(tail, "sample_s", 0.0)  # never run: measured on a tail thread first
+    assert not Worker._short_run(job)
+    monkeypatch.setattr(tail, "sample_s", worker_module.INLINE_MAX_S / 2)
+    assert Worker._short_run(job)
+    monkeypatch.setattr(tail, "sample_s", worker_module.INLINE_MAX_S * 2)  # would hold the loop
+    assert not Worker._short_run(job)
+
+
+def _job_parts(split: TinySplit, tail: Any) -> tuple[Any, ...]:
+    _, payload = request_payload(split, split.sample(), device_id="d1")
+    env = decode(payload)
+    return env, tail.prepare(env), ReplyAddress(TOPICS.result("d1")), time.time(), None, tail

@@ -468,8 +468,8 @@ def test_a_request_accepted_before_the_swap_is_answered_by_its_version(
         return real_run(feeds)
 
     blocker.run = slow_run  # type: ignore[method-assign]
-    cfg = Config(artifacts=root, threads=1, max_batch=8, tail_workers=1,
-                 metrics_interval_s=0, heartbeat_s=0, fence_after_s=0)
+    cfg = Config(artifacts=root, threads=1, max_batch=8, tail_workers=1, inline=False,
+                 metrics_interval_s=0, heartbeat_s=0, fence_after_s=0)  # the queue's path
     topics = cfg.topics()
     answers: dict[str, Any] = {}
 
