@@ -544,14 +544,17 @@ class EdgeAgent(Supervisor, PendingRequests):
         self._pending[request_id] = pending
         try:
             self._send(pending)
+            # The deadline is a timer on the future itself, not asyncio.wait_for: that
+            # costs a loop iteration (and a future) between the answer and this task.
+            timer = loop.call_at(expires, _expire, pending.future)
             try:
-                reply = await asyncio.wait_for(pending.future, max(0.0, expires - loop.time()))
-            except asyncio.TimeoutError:
-                if pending.future.done() and not pending.future.cancelled():
-                    raise  # a TimeoutError the future itself carried
+                reply = await pending.future
+            except _Expired:
                 raise DeadlineExceeded(self._deadline_message(request_id, timeout, state),
                                        split_id=manifest.split_id,
                                        device_id=self.device_id) from None
+            finally:
+                timer.cancel()
         except Exception as exc:
             self._counters.errors[getattr(exc, "code", type(exc).__name__)] += 1
             self._observe_failure(pending, exc)
@@ -633,6 +636,15 @@ class EdgeAgent(Supervisor, PendingRequests):
                 f"{state.request_topic} within {timeout:.3g} s{where}; is a cloud worker "
                 f"serving model {state.manifest.model!r} under prefix "
                 f"{self.config.prefix!r}? start one with: {self.serve_hint(state)}")
+
+
+class _Expired(Exception):
+    """A request's deadline passed before its answer (becomes DeadlineExceeded)."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
 
 
 def _samples(arrays: Mapping[str, Array]) -> int | None:

@@ -161,6 +161,21 @@ class PendingRequests:
             return  # published by _establish() after the reconnect
         pending.epoch = self._epoch
         pending.due = 0.0  # this publish supersedes a re-send scheduled before it
+        nowait = getattr(transport, "publish_nowait", None)
+        if nowait is not None and not self._chunked(transport, pending):
+            # Sent now, no task: the PUBACK's future finishes the bookkeeping.
+            begun = self._begin(pending)
+            if begun is None:
+                return
+            topic, options, started = begun
+            try:
+                acked = nowait(topic, pending.payload, qos=self.config.qos, options=options)
+            except TransportError as exc:
+                self._unpublished(pending, exc)
+                self._published(pending, None, started)
+                return
+            acked.add_done_callback(lambda fut: self._acked(pending, fut, started))
+            return
         self._spawn(self._publish(transport, pending), f"edge-publish:{pending.request_id[:8]}")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -168,12 +183,18 @@ class PendingRequests:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish(self, transport: Transport, pending: _Pending) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    def _chunked(self, transport: Transport, pending: _Pending) -> bool:
+        limit = getattr(transport, "max_packet_size", None)
+        topic = pending.split.request_topic if pending.split is not None else self.request_topic
+        return bool(limit) and chunks.needs_chunking(len(pending.payload), limit, topic)
+
+    def _begin(self, pending: _Pending) -> tuple[str, PublishOptions, float] | None:
+        """Count a publish of ``pending`` about to go out: its topic, MQTT 5 options and
+        loop time; None when it need not go (answered, or past its deadline)."""
+        started = asyncio.get_running_loop().time()
         remaining = pending.expires - started
         if remaining <= 0 or pending.future.done():
-            return
+            return None
         options = PublishOptions(response_topic=self.result_topic,
                                  correlation=pending.request_id.encode(), expiry_s=remaining)
         if not pending.publishes:
@@ -182,6 +203,13 @@ class PendingRequests:
         pending.publishes += 1
         self._counters.published += 1
         topic = pending.split.request_topic if pending.split is not None else self.request_topic
+        return topic, options, started
+
+    async def _publish(self, transport: Transport, pending: _Pending) -> None:
+        begun = self._begin(pending)
+        if begun is None:
+            return
+        topic, options, started = begun
         try:
             limit = getattr(transport, "max_packet_size", None)
             if limit and chunks.needs_chunking(len(pending.payload), limit, topic):
@@ -190,11 +218,33 @@ class PendingRequests:
                 reason = await transport.publish(topic, pending.payload,
                                                  qos=self.config.qos, options=options)
         except TransportError as exc:
-            # A lost connection: the supervisor re-publishes after reconnecting (that
-            # supersedes the re-send scheduled below); anything else: the re-send retries.
-            log.debug("%s: request %s not published: %s", self.device_id,
-                      pending.request_id, exc)
+            self._unpublished(pending, exc)
             reason = None
+        self._published(pending, reason, started)
+
+    def _acked(self, pending: _Pending, acked: asyncio.Future[int | None],
+               started: float) -> None:
+        """The PUBACK (or the loss) of a request sent by ``publish_nowait``."""
+        if acked.cancelled():
+            return  # the connection's teardown; a reconnect re-publishes it
+        exc = acked.exception()
+        if exc is None:
+            self._published(pending, acked.result(), started)
+        elif isinstance(exc, TransportError):
+            self._unpublished(pending, exc)
+            self._published(pending, None, started)
+        else:  # a bug: let the retry timer carry the request, but say so
+            log.error("%s: request %s: publish failed: %r", self.device_id,
+                      pending.request_id, exc)
+            self._published(pending, None, started)
+
+    def _unpublished(self, pending: _Pending, exc: TransportError) -> None:
+        # A lost connection: the supervisor re-publishes after reconnecting (that
+        # supersedes the re-send scheduled below); anything else: the re-send retries.
+        log.debug("%s: request %s not published: %s", self.device_id, pending.request_id, exc)
+
+    def _published(self, pending: _Pending, reason: int | None, started: float) -> None:
+        """After the PUBACK's ``reason`` (None: none came): fail, re-send or wait."""
         if pending.future.done():
             return
         if reason == NO_MATCHING_SUBSCRIBERS:
@@ -204,7 +254,7 @@ class PendingRequests:
             self._refused(pending, reason)
             return
         if reason == 0:  # an MQTT 5 PUBACK that found a subscriber: a worker is there
-            self._worker_seen = loop.time()
+            self._worker_seen = asyncio.get_running_loop().time()
         pending.nosub = 0
         wait = self.backoff.wait(pending.silent)
         if wait is not None:  # counted from the publish, not from its PUBACK

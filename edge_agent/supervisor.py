@@ -141,6 +141,13 @@ class Supervisor:
                 log.info("%s: reconnected to %s", self.device_id, self._broker_name())
 
     async def _pump(self, transport: Transport) -> None:
+        # A transport that can (MqttTransport) hands results over as they are read: no
+        # task wakes per message, no loop turn between the answer and its caller.
+        deliver_to = getattr(transport, "deliver_to", None)
+        wait_lost = getattr(transport, "wait_lost", None)
+        if deliver_to is not None and wait_lost is not None:
+            deliver_to(self._dispatch)
+            raise await wait_lost()
         async for message in transport.messages():
             self._dispatch(message)
         raise TransportError(f"the message stream from {self._broker_name()} ended")

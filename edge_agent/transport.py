@@ -36,14 +36,16 @@ topic), so the agent gives no ACL hint there; requests then end in ``deadline_ex
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from splitinfer.errors import TransportError
 from splitinfer.mqtt import BrokerConfig
 from splitinfer.mqtt_client import (  # the one MQTT client, and its table of reasons
+    Message,
     MqttClient,
     SubscribeRefused,
     Will,
@@ -97,7 +99,12 @@ class LastWill:
 
 
 class Transport(Protocol):
-    """One connected session to a broker."""
+    """One connected session to a broker.
+
+    Optional fast paths, used where a transport has them (:class:`MqttTransport` does):
+    ``publish_nowait`` (publish now, a future for the PUBACK's reason) and ``deliver_to``
+    with ``wait_lost`` (messages handed to a callback as they are read).
+    """
 
     @property
     def protocol(self) -> str:
@@ -173,6 +180,47 @@ class MqttTransport:
         if reason is not None and reason >= 0x80:
             self._refused(topic, reason)
         return reason
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1,
+                       options: PublishOptions | None = None) -> asyncio.Future[int | None]:
+        """:meth:`publish` without a task or a loop turn: written at once; the future
+        resolves with the PUBACK's reason (refusals logged as there), or fails with
+        TransportError. Raises TransportError when not connected."""
+        if options is None:
+            acked = self._mqtt.publish(topic, payload, qos=qos)
+        else:
+            acked = self._mqtt.publish(topic, payload, qos=qos,
+                                       response_topic=options.response_topic,
+                                       correlation=options.correlation,
+                                       expiry_s=options.expiry_s)
+        acked.add_done_callback(lambda fut: self._checked(topic, fut))
+        return acked
+
+    def _checked(self, topic: str, acked: asyncio.Future[int | None]) -> None:
+        if acked.cancelled() or acked.exception() is not None:
+            return
+        reason = acked.result()
+        if reason is not None and reason >= 0x80:
+            self._refused(topic, reason)
+
+    def deliver_to(self, handler: Callable[[IncomingMessage], None]) -> None:
+        """Hand every incoming message to ``handler`` as it is read (what the inbox
+        holds first), instead of through :meth:`messages`: no task, no loop turn. The
+        handler must not block; an exception it raises is logged and the message dropped.
+        """
+        def deliver(message: Message) -> None:
+            try:
+                handler(IncomingMessage(message.topic, message.payload, message.correlation))
+            except Exception:
+                log.exception("handling a message on %s failed; dropped", message.topic)
+
+        self._mqtt.deliver_to(deliver)
+
+    async def wait_lost(self) -> TransportError:
+        """Return (not raise) the connection's loss, once it happens."""
+        await self._mqtt.lost.wait()
+        return self._mqtt.lost_reason or TransportError(f"the connection to {self._url} "
+                                                        "was lost")
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
         try:

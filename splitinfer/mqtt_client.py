@@ -30,7 +30,9 @@ Writes are coalesced: paho asks for a write (``on_socket_register_write``) and o
 ``call_soon`` callback per loop iteration writes everything queued meanwhile (the PUBACKs
 and answers of a burst go out in one ``send``); only a full socket buffer registers a
 writer. Reads: one ``loop_read()`` per readiness, repeated while it still produces
-packets. Keep-alive: one timer per event loop runs ``loop_misc()`` for all its clients.
+packets, except that a publish made while reading (a worker answering from
+``on_message``) is written as soon as paho's callback returns, before the next read.
+Keep-alive: one timer per event loop runs ``loop_misc()`` for all its clients.
 """
 
 from __future__ import annotations
@@ -278,6 +280,10 @@ class MqttClient:
         self._reading = False
         self._writing = False
         self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
+        # a publish was queued while reading (an answer sent from on_message): it goes
+        # out before the next packet is read, not after the whole read burst
+        self._urgent = False
         self._packets = 0
         self._acks: dict[int, asyncio.Future[Any]] = {}
         self._subs: dict[int, asyncio.Future[Any]] = {}
@@ -495,10 +501,13 @@ class MqttClient:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._loop is not None and self._fd >= 0:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flush_scheduled = self._urgent = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # a no-op when it is the handle running this
+            self._flush_handle = None
         paho = self._paho
         if paho is None or self._fd < 0:
             return
@@ -522,13 +531,18 @@ class MqttClient:
             for _ in range(_READS_PER_READY):
                 before = self._packets
                 rc = paho.loop_read()
-                if rc or self._packets == before or not self._reading:
-                    break
+                if rc or self._packets == before or not self._reading or self._urgent:
+                    break  # urgent: an answer waits to go out; the socket stays readable
         except Exception as exc:  # paho raises OSError & co. from a broken socket
             self._lose(f"read failed: {exc}")
             return
         if rc and self._lost_exc is None:
             self._lose(f"paho rc {rc}")
+        elif self._urgent and self._flush_scheduled:
+            # Written here, outside paho's callbacks (a write from inside one could
+            # complete a QoS 0 publish, whose on_publish takes paho's callback lock),
+            # rather than at the loop's next turn after a further read.
+            self._flush()
 
     def _misc(self) -> None:
         paho = self._paho
@@ -665,6 +679,7 @@ class MqttClient:
         elif self.protocol != "5":
             properties = None
         info = paho.publish(topic, payload, qos, retain, properties)
+        self._urgent = True
         if info.rc:
             future.set_exception(TransportError(
                 f"publish to {topic} via {self.cfg.url()} failed (paho rc {info.rc})",
@@ -727,6 +742,16 @@ class MqttClient:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def deliver_to(self, handler: Callable[[Message], None]) -> None:
+        """From now on hand every inbound message to ``handler`` as it is read (the
+        ``on_message`` fast path), what the inbox holds first; :meth:`messages` then
+        waits only for the loss of the connection."""
+        while self._inbox:
+            handler(self._inbox.popleft())
+        self.on_message = handler
+        if not self._reading:
+            self._resume_reading()
 
     def pending(self) -> int:
         """Messages waiting in the inbox."""
