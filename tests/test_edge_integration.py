@@ -199,6 +199,38 @@ def test_deadline_exceeded_when_no_worker_answers(mosquitto: MosquittoBroker, sp
     assert 0.3 <= asyncio.run(main()) < 2.0
 
 
+def test_requests_and_results_skip_the_task_path(mosquitto: MosquittoBroker, splits: Path,
+                                                 registry: Registry,
+                                                 images: np.ndarray[Any, Any],
+                                                 topic_prefix: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over MqttTransport a request goes out by publish_nowait (no task per publish) and
+    its result comes in by deliver_to (no inbox, no pump task): the async paths, made to
+    fail here, are never taken; the answers still match."""
+    from edge_agent.transport import MqttTransport
+
+    async def refuse_publish(*_a: object, **_k: object) -> None:
+        raise AssertionError("the task path published")
+
+    def refuse_messages(*_a: object, **_k: object) -> None:
+        raise AssertionError("the inbox path read")
+
+    async def main() -> None:
+        monkeypatch.setattr(MqttTransport, "messages", refuse_messages)  # from the start
+        async with agent_for(splits / "splits" / "fp32", mosquitto.url,
+                             topic_prefix) as agent:
+            # presence goes out by publish() (connecting, closing); requests must not
+            with monkeypatch.context() as patch:
+                patch.setattr(MqttTransport, "publish", refuse_publish)
+                for i in range(5):
+                    result = await agent.infer({"image": images[i:i + 1]})
+                    assert result.outputs and result.attempts == 1
+                assert agent.pending == 0 and not agent._tasks
+
+    with worker(mosquitto.url, topic_prefix, registry):
+        asyncio.run(main())
+
+
 def test_unknown_split_comes_back_as_remote_error(mosquitto: MosquittoBroker, splits: Path,
                                                   registry: Registry, tmp_path: Path,
                                                   images: np.ndarray[Any, Any],

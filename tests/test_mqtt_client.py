@@ -145,6 +145,47 @@ def test_bounded_inbox_pauses_reading(mosquitto: MosquittoBroker) -> None:
     asyncio.run(main())
 
 
+def test_deliver_to_drains_the_inbox_then_hands_over_as_read(
+        mosquitto: MosquittoBroker) -> None:
+    """deliver_to: what the full inbox holds first, in order, then every message as it
+    is read (reading resumed); a publish made from the handler (a worker answering
+    inline) is written and acknowledged."""
+    async def main() -> None:
+        sub = await _client(_cfg(mosquitto), inbox_size=10)
+        pub = await _client(_cfg(mosquitto))
+        topic, answers = _topic(), _topic()
+        await sub.subscribe(topic)
+        await pub.subscribe(answers)
+        await asyncio.gather(*(pub.publish(topic, bytes([i])) for i in range(100)))
+        await asyncio.sleep(0.3)
+        assert 10 <= sub.pending() < 100  # reading paused on the full inbox
+        got: list[int] = []
+        acks: list[asyncio.Future[int | None]] = []
+
+        def handler(msg: Message) -> None:
+            got.append(msg.payload[0])
+            acks.append(sub.publish(answers, msg.payload))
+
+        sub.deliver_to(handler)
+        assert sub.pending() == 0 and got  # the inbox went to the handler at once
+        await asyncio.gather(*(pub.publish(topic, bytes([i])) for i in range(100, 150)))
+        for _ in range(500):
+            if len(got) == 150:
+                break
+            await asyncio.sleep(0.01)
+        assert got == list(range(150))
+        assert set(await asyncio.wait_for(asyncio.gather(*acks), 5)) == {0}
+        echoed = []
+        it = pub.messages()
+        while len(echoed) < 150:
+            echoed.append((await asyncio.wait_for(it.__anext__(), 5)).payload[0])
+        assert echoed == list(range(150))
+        await sub.disconnect()
+        await pub.disconnect()
+
+    asyncio.run(main())
+
+
 @pytest.fixture()
 def limited_mosquitto() -> Iterator[MosquittoBroker]:
     if not mosquitto_binary():
