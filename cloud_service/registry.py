@@ -95,7 +95,6 @@ SPINNING = ort_config.SPINNING
 
 # threads = 0: one thread unless a pool pays this much (splitinfer.ort_config.POOL_GAIN).
 POOL_GAIN = ort_config.POOL_GAIN
-_CALIBRATION_RUNS = 7
 
 
 def _fewest_threads(session: Any, path: Path, manifest: Manifest, spinning: str,
@@ -117,9 +116,8 @@ def _fewest_threads(session: Any, path: Path, manifest: Manifest, spinning: str,
         single = ort.InferenceSession(str(path), sess_options=session_options(
             1, spinning=spinning), providers=list(providers))
 
-        pool_s, single_s = ort_config.best_times(
-            (lambda: session.run(None, feeds), lambda: single.run(None, feeds)),
-            rounds=_CALIBRATION_RUNS)
+        pool_s, single_s = ort_config.calibration_times(
+            lambda: session.run(None, feeds), lambda: single.run(None, feeds))
     except Exception as exc:  # a tail that cannot run on zeros still serves as before
         log.debug("split %s: thread calibration skipped: %r", manifest.split_id, exc)
         return session

@@ -313,8 +313,8 @@ def fewest_threads(head: OrtHead, manifest: Manifest) -> OrtHead:
         feeds[spec.name] = np.zeros((1, *sizes), dtype=spec.dtype)
     try:
         single = OrtHead(head.path, threads=1, spinning=head.spinning)
-        pool_s, single_s = ort_config.best_times(
-            (lambda: head.run(feeds), lambda: single.run(feeds)))
+        pool_s, single_s = ort_config.calibration_times(
+            lambda: head.run(feeds), lambda: single.run(feeds))
     except Exception as exc:  # a head that cannot run on zeros still serves as before
         log.debug("split %s: head thread calibration skipped: %r", manifest.split_id, exc)
         return head

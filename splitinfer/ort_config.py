@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = ["SESSION_CONFIG", "SPINNING", "POOL_GAIN", "apply", "usable_cpus", "pool_threads",
-           "best_times"]
+           "best_times", "calibration_times"]
 
 SESSION_CONFIG: dict[str, str] = {
     "session.qdqisint8allowed": "1",
@@ -48,6 +48,19 @@ SPINNING = ("run", "always", "off")
 # vs 0.100 ms), and a 1,000-device fleet of such requests kept a worker's spinning pool
 # 0.68 cores busy (p99 1,004 ms against 38 ms with one thread, bench/bench_fleet.py).
 POOL_GAIN = 1.2
+# How the pool-or-one-thread choice is measured (calibration_times): groups of rounds,
+# and, where one thread would win on a run long enough for the choice to cost
+# milliseconds, a second and third look a while later. On a 2-vCPU VM the second vCPU
+# sometimes gives no parallel speed-up for a few hundred ms at a time (every pool at
+# once: a 2-thread MobileNetV2 tail at 4.6 ms against its usual 2.6-3.3, beside 4.8 on
+# one thread); a choice made then would run every request of the worker's life on one
+# thread.
+CALIBRATION_ROUNDS = 5
+CALIBRATION_GROUPS = 3
+CALIBRATION_GAP_S = 0.05
+CALIBRATION_RECHECKS = 2
+CALIBRATION_RECHECK_GAP_S = 0.25
+CALIBRATION_RECHECK_MIN_S = 1e-3  # one-thread runs shorter than this are not re-checked
 
 _Options = TypeVar("_Options")
 
@@ -107,16 +120,45 @@ def pool_threads(threads: int | None) -> int:
 
 
 def best_times(runs: Sequence[Callable[[], object]], *, rounds: int = 7,
-               warmup: int = 2) -> list[float]:
+               warmup: int = 2, groups: int = 1, gap_s: float = 0.0) -> list[float]:
     """The best of ``rounds`` timed calls (seconds) of each of ``runs``, called in turn
     (``warmup`` untimed rounds first): noise on a busy machine hits all of them alike,
     and the best call is what each can do (a median flipped a pool-or-one-thread choice
-    on a busy 2-vCPU VM: 1 thread 7.0 ms vs the pool's 5.8 one time, 4.9 another)."""
+    on a busy 2-vCPU VM: 1 thread 7.0 ms vs the pool's 5.8 one time, 4.9 another).
+
+    ``groups`` > 1 repeats that ``groups`` times, ``gap_s`` apart, each after one untimed
+    round: a pool whose threads the scheduler keeps on one core for a while (seen for
+    tens of ms on such a VM: a 2-thread MobileNetV2 tail at 4.6 ms against 3.3, beside
+    4.9 on one thread) has its best measured in another group."""
     times: list[list[float]] = [[] for _ in runs]
-    for i in range(warmup + rounds):
-        for which, run in enumerate(runs):
-            t0 = time.perf_counter()
-            run()
-            if i >= warmup:
-                times[which].append(time.perf_counter() - t0)
+    for group in range(max(1, groups)):
+        if group:
+            time.sleep(gap_s)
+        for i in range((warmup if not group else 1) + rounds):
+            for which, run in enumerate(runs):
+                t0 = time.perf_counter()
+                run()
+                if i >= (warmup if not group else 1):
+                    times[which].append(time.perf_counter() - t0)
     return [min(t) if t else math.inf for t in times]
+
+
+def calibration_times(pool: Callable[[], object], single: Callable[[], object],
+                      ) -> tuple[float, float]:
+    """(pool, one thread): the best one-sample times the POOL_GAIN choice compares
+    (best_times in :data:`CALIBRATION_GROUPS` groups), looked at again up to
+    :data:`CALIBRATION_RECHECKS` times while one thread would win a run of at least
+    :data:`CALIBRATION_RECHECK_MIN_S`; the best of every look."""
+    def look() -> tuple[float, float]:
+        p, s = best_times((pool, single), rounds=CALIBRATION_ROUNDS,
+                          groups=CALIBRATION_GROUPS, gap_s=CALIBRATION_GAP_S)
+        return p, s
+
+    pool_s, single_s = look()
+    for _ in range(CALIBRATION_RECHECKS):
+        if single_s > pool_s * POOL_GAIN or single_s < CALIBRATION_RECHECK_MIN_S:
+            break
+        time.sleep(CALIBRATION_RECHECK_GAP_S)
+        again_pool, again_single = look()
+        pool_s, single_s = min(pool_s, again_pool), min(single_s, again_single)
+    return pool_s, single_s

@@ -99,3 +99,46 @@ def test_best_times_interleaves_and_takes_the_best() -> None:
     assert calls == ["a", "b"] * 4  # in turn, warm-up included
     assert best_b < 0.04  # the slow first (warm-up) call is not counted
     assert best_a >= 0.0
+
+
+def test_best_times_in_groups_warms_each_group() -> None:
+    calls: list[str] = []
+    best = ort_config.best_times((lambda: calls.append("a"), lambda: calls.append("b")),
+                                 rounds=2, warmup=2, groups=3, gap_s=0.0)
+    # 2 warm-up + 2 timed rounds, then per further group 1 warm-up + 2 timed rounds
+    assert calls == ["a", "b"] * (4 + 3 + 3)
+    assert len(best) == 2
+
+
+def test_calibration_looks_again_before_one_thread_wins_a_long_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setattr(ort_config, "CALIBRATION_GAP_S", 0.0)
+    monkeypatch.setattr(ort_config, "CALIBRATION_RECHECK_GAP_S", 0.0)
+    looks = {"pool": 0}
+    per_look = ((ort_config.CALIBRATION_GROUPS - 1) * (1 + ort_config.CALIBRATION_ROUNDS)
+                + 2 + ort_config.CALIBRATION_ROUNDS)
+
+    def pool() -> None:  # a pool with no speed-up during the first look, then twice as fast
+        looks["pool"] += 1
+        time.sleep(0.004 if looks["pool"] <= per_look else 0.001)
+
+    def single() -> None:
+        time.sleep(0.002)
+
+    pool_s, single_s = ort_config.calibration_times(pool, single)
+    assert looks["pool"] == 2 * per_look  # looked again once, then the pool won
+    assert pool_s < 0.002 <= single_s
+    assert single_s > pool_s * ort_config.POOL_GAIN
+
+    short = {"n": 0}
+
+    def quick() -> None:  # a short run: one thread winning it is not looked at again
+        short["n"] += 1
+
+    def slow_pool() -> None:
+        time.sleep(0.0002)
+
+    ort_config.calibration_times(slow_pool, quick)
+    assert short["n"] == per_look
