@@ -486,6 +486,10 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
                 own["tail"].measure()
                 if own_spins:
                     time.sleep(SETTLE_S)
+            # One untimed request first, as every floor run follows an untimed one: the
+            # floors just measured ran other sessions over the agent's caches and left
+            # the worker idle, which a device streaming frames never sees.
+            await agent.infer(dict(sample))
             for _ in range(n):
                 if args.pace_ms:
                     await asyncio.sleep(args.pace_ms / 1000)
@@ -507,6 +511,7 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
                 proc.kill()
         if broker is not None:
             broker.close()
+    worker_tail = _worker_tail(split_dir / "worker.log")
     # The hot floor: each spinning session alone, one run per e2e p50 (the cadence a
     # request sees), nothing in between: the caches keep the model, and onnxruntime's
     # default spinning keeps its pool awake from one run to the next. Measured after
@@ -529,7 +534,16 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
                      reply_bytes=reply_bytes, protocol=rtt.protocol if rtt else "?",
                      external=broker is None)
     report.update(_hot_report(report, hot_heads, hot_tails))
+    report["worker_tail"] = worker_tail
     return report
+
+
+def _worker_tail(log: Path) -> str | None:
+    """What the worker chose for its tail at load (its "tail on ..." log line)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if ": tail on " in line:
+            return line.split(": tail on ", 1)[1].strip()
+    return None
 
 
 def _hot_report(report: Mapping[str, Any], heads: Mapping[str, _Timed],
@@ -601,6 +615,8 @@ def _print(r: Mapping[str, Any]) -> None:
           f"({r['best_head']}) + tail {r['tail_p50_ms']:.3f} ({r['best_tail']}) + raw paho "
           f"round trip {r['rtt_p50_ms']:.3f}")
     print(f"  ratio          {r['ratio']:9.3f}  (e2e / floor)")
+    if r.get("worker_tail"):
+        print(f"  worker tail on {r['worker_tail']}")
     print(f"  own floor p50  {r['own_floor_p50_ms']:9.3f} ms = head {r['own_head_p50_ms']:.3f} "
           f"+ tail {r['own_tail_p50_ms']:.3f} (the agent's and worker's settings) + round trip")
     print(f"  own ratio      {r['own_ratio']:9.3f}  (e2e / own floor)")
