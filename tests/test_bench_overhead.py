@@ -62,6 +62,8 @@ def test_bench_overhead_json_shape() -> None:
     assert r["requests"] == 20
     assert r["threads"] == "defaults"
     assert r["mqtt_protocol"] == "5"
+    # what the worker chose for its tail at load, read from its log
+    assert r["worker_tail"] is not None and "thread" in r["worker_tail"], r["worker_tail"]
     # e2e minus its stages: what no stage names (never much below 0: stages fit in e2e).
     assert -0.1 < r["unaccounted_p50_ms"] < r["e2e_p50_ms"]
 
