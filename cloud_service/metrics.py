@@ -98,6 +98,16 @@ class Metrics:
             "batch_size_samples", "samples per tail run", ["split"], namespace=ns,
             buckets=BATCH_BUCKETS, registry=self.registry)
         self.registry.register(_Collector(self))
+        # (histogram, split label) -> its child: labels() takes a lock and checks its
+        # arguments on every call, four times per request
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def _child(self, histogram: Histogram, label: str) -> Any:
+        key = (id(histogram), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = histogram.labels(label)
+        return child
 
     def split_label(self, split: str | None) -> str:
         return split if split and split in self.splits else UNKNOWN_SPLIT
@@ -113,12 +123,12 @@ class Metrics:
 
     def replied(self, split: str, latency_s: float) -> None:
         """An answer with tensors published ``latency_s`` after its request arrived."""
-        self.latency.labels(self.split_label(split)).observe(max(latency_s, 0.0))
+        self._child(self.latency, self.split_label(split)).observe(max(latency_s, 0.0))
 
     def queued(self, split: str, wait_s: float) -> None:
         """A request waited ``wait_s`` from receipt until its batch ran."""
         self.queue_wait_s += wait_s
-        self.queue_wait.labels(self.split_label(split)).observe(max(wait_s, 0.0))
+        self._child(self.queue_wait, self.split_label(split)).observe(max(wait_s, 0.0))
 
     def error(self, code: ErrorCode, split: str | None = None) -> None:
         self.errors[code.value] += 1
@@ -130,8 +140,8 @@ class Metrics:
         self.batched_samples += samples
         self.tail_s += tail_s
         label = self.split_label(split)
-        self.tail_run.labels(label).observe(max(tail_s, 0.0))
-        self.batch_size.labels(label).observe(samples)
+        self._child(self.tail_run, label).observe(max(tail_s, 0.0))
+        self._child(self.batch_size, label).observe(samples)
 
     def snapshot(self) -> dict[str, Any]:
         batches = self.batches

@@ -240,7 +240,10 @@ def test_requests_arriving_together_queue_and_batch(registry: Registry,
     _, worker = run_worker(registry, body, max_batch=8)
     snap = worker.metrics.snapshot()
     assert snap["answered"] == 20
-    assert worker.metrics.inline <= 1  # only the very first could go past the queue
+    # Only the first could go past the queue, and the second when the first's inline run
+    # held the loop past the batching delay (a loaded machine: the next arrival is
+    # stamped after it, as a socket's backlog would be); the rest queue and batch.
+    assert worker.metrics.inline <= 2
     assert snap["mean_batch_size"] > 1
 
 
