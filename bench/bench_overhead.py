@@ -39,14 +39,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -438,6 +440,7 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
     procs: list[subprocess.Popen[bytes]] = []
     rtt: RawRoundTrip | None = None
     agent = None
+    head_choice = _HeadChoice()
     times: list[float] = []
     raw: list[float] = []
     stages: list[dict[str, float]] = []
@@ -451,9 +454,10 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
         knobs: dict[str, Any] = {}
         if args.head_in_thread != "auto":
             knobs["head_in_thread"] = args.head_in_thread == "yes"
-        agent = EdgeAgent.from_artifacts(split_dir, config=AgentConfig(
-            device_id="bench-dev", broker=url, prefix=prefix, timeout_s=30.0, **knobs),
-            threads=args.threads)
+        with head_choice.listening():
+            agent = EdgeAgent.from_artifacts(split_dir, config=AgentConfig(
+                device_id="bench-dev", broker=url, prefix=prefix, timeout_s=30.0, **knobs),
+                threads=args.threads)
         await agent.start()
         await agent.infer(dict(sample), timeout=60.0)  # worker up, sessions warm
         for _ in range(20):
@@ -535,7 +539,36 @@ async def _measure(args: argparse.Namespace, split_dir: Path, sample: Mapping[st
                      external=broker is None)
     report.update(_hot_report(report, hot_heads, hot_tails))
     report["worker_tail"] = worker_tail
+    report["agent_head"] = head_choice.choice if agent is not None else None
     return report
+
+
+class _HeadChoice(logging.Handler):
+    """What the agent chose for its head at load (edge_agent.runtime's "head on ...")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.choice: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if ": head on " in message:
+            self.choice = message.split(": head on ", 1)[1].strip()
+
+    @contextlib.contextmanager
+    def listening(self) -> Iterator[None]:
+        """Hear the agent's INFO line while it loads, without passing it on."""
+        logger = logging.getLogger("edge_agent.runtime")
+        level, propagate = logger.level, logger.propagate
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _worker_tail(log: Path) -> str | None:
@@ -617,6 +650,8 @@ def _print(r: Mapping[str, Any]) -> None:
     print(f"  ratio          {r['ratio']:9.3f}  (e2e / floor)")
     if r.get("worker_tail"):
         print(f"  worker tail on {r['worker_tail']}")
+    if r.get("agent_head"):
+        print(f"  agent head on  {r['agent_head']}")
     print(f"  own floor p50  {r['own_floor_p50_ms']:9.3f} ms = head {r['own_head_p50_ms']:.3f} "
           f"+ tail {r['own_tail_p50_ms']:.3f} (the agent's and worker's settings) + round trip")
     print(f"  own ratio      {r['own_ratio']:9.3f}  (e2e / own floor)")

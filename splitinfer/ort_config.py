@@ -50,16 +50,16 @@ SPINNING = ("run", "always", "off")
 POOL_GAIN = 1.2
 # How the pool-or-one-thread choice is measured (calibration_times): groups of rounds,
 # and, where one thread would win on a run long enough for the choice to cost
-# milliseconds, a second and third look a while later. On a 2-vCPU VM the second vCPU
-# sometimes gives no parallel speed-up for a few hundred ms at a time (every pool at
-# once: a 2-thread MobileNetV2 tail at 4.6 ms against its usual 2.6-3.3, beside 4.8 on
-# one thread); a choice made then would run every request of the worker's life on one
-# thread.
+# milliseconds, up to four more looks half a second apart (at most 2 s more at load).
+# On a 2-vCPU VM the second vCPU sometimes gives no parallel speed-up for up to ~1.5 s
+# at a time, every pool at once (fresh MobileNetV2 tail sessions 0.5 s apart: a 2-thread
+# run at 4.6 ms in such spells against 2.6-3.3 otherwise, 4.8 on one thread); a choice
+# made then would run every request of the process's life on one thread.
 CALIBRATION_ROUNDS = 5
 CALIBRATION_GROUPS = 3
 CALIBRATION_GAP_S = 0.05
-CALIBRATION_RECHECKS = 2
-CALIBRATION_RECHECK_GAP_S = 0.25
+CALIBRATION_RECHECKS = 4
+CALIBRATION_RECHECK_GAP_S = 0.5
 CALIBRATION_RECHECK_MIN_S = 1e-3  # one-thread runs shorter than this are not re-checked
 
 _Options = TypeVar("_Options")

@@ -62,8 +62,9 @@ def test_bench_overhead_json_shape() -> None:
     assert r["requests"] == 20
     assert r["threads"] == "defaults"
     assert r["mqtt_protocol"] == "5"
-    # what the worker chose for its tail at load, read from its log
+    # what the worker chose for its tail and the agent for its head at load (their logs)
     assert r["worker_tail"] is not None and "thread" in r["worker_tail"], r["worker_tail"]
+    assert r["agent_head"] is not None and "thread" in r["agent_head"], r["agent_head"]
     # e2e minus its stages: what no stage names (never much below 0: stages fit in e2e).
     assert -0.1 < r["unaccounted_p50_ms"] < r["e2e_p50_ms"]
 
