@@ -191,7 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(server.ready_line(), flush=True)
 
     config = config_from_args(args)
-    server = Server(config, on_started=ready)
+    server = Server(config, on_started=ready, tune_gc=True)
     http = None
     if config.metrics_port:
         from cloud_service.http import MetricsHTTP

@@ -63,6 +63,7 @@ from cloud_service.metrics import ErrorLog, Metrics
 from cloud_service.registry import Registry, open_directory
 from cloud_service.reload import Reloader, readiness_problems, scan
 from cloud_service.worker import Incoming, Worker
+from splitinfer import gctune
 from splitinfer.errors import StartupError, TransportError
 from splitinfer.mqtt_client import (
     Message,
@@ -98,9 +99,13 @@ class Server:
     """One worker process: see the module docstring."""
 
     def __init__(self, config: Config, *, registry: Registry | None = None,
-                 on_started: Callable[[Server], None] | None = None) -> None:
+                 on_started: Callable[[Server], None] | None = None,
+                 tune_gc: bool = False) -> None:
         self.config = config
         self.registry = registry
+        # The process is ours (cloud serve): tune its garbage collector once the tails are
+        # loaded (splitinfer.gctune). A worker embedded in another program leaves it be.
+        self.tune_gc = tune_gc
         # Called once (on the serving loop) when the subscription is in place; the CLI
         # prints ready_line() from it.
         self.on_started = on_started
@@ -305,6 +310,8 @@ class Server:
             self.registry = await asyncio.to_thread(
                 Registry.load, cfg.artifacts, threads=cfg.threads, providers=cfg.providers,
                 spinning=cfg.spinning)
+        if self.tune_gc:
+            gctune.tune_for_serving()
         # The worker exists before the connection: a persistent session's queued requests
         # arrive right after the CONNACK, before anything is subscribed.
         worker = self.worker = Worker(cfg, self.registry, self._publish, metrics=self.metrics,

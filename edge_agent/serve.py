@@ -61,6 +61,7 @@ from edge_agent.metrics import ServiceMetrics
 from edge_agent.serve_config import ServeConfig, is_loopback, resolve
 from edge_agent.systemd import configure_logging, notify, watchdog_interval
 from edge_agent.transport import MqttConnector
+from splitinfer import gctune
 from splitinfer.bundle import is_bundle
 from splitinfer.errors import DeadlineExceeded, StartupError, TransportError
 from splitinfer.manifest import MANIFEST_NAME, Manifest
@@ -326,4 +327,5 @@ def main(args: argparse.Namespace) -> int:
     config = resolve(vars(args))
     configure_logging(getattr(args, "verbose", 0))
     service = EdgeService.from_config(config)
+    gctune.tune_for_serving()  # the daemon's own process, its heads loaded
     return asyncio.run(service.run())

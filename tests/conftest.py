@@ -7,6 +7,7 @@ machine lacks them. Never a system broker, never a public one.
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +23,19 @@ from simulators.support.broker import (
     rabbitmq_binary,
 )
 from splitinfer.errors import StartupError
+
+
+@pytest.fixture(autouse=True)
+def _collector_as_it_was() -> Iterator[None]:
+    """A test that runs ``cloud serve`` / ``edge serve`` in this process has them tune its
+    collector (splitinfer.gctune: freeze, higher threshold); the next test gets the
+    collector back as it was."""
+    thresholds = gc.get_threshold()
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
+    if gc.get_threshold() != thresholds:
+        gc.set_threshold(*thresholds)
 
 
 def _mosquitto(*, tuned: bool = True) -> Iterator[MosquittoBroker]:
