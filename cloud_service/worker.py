@@ -373,9 +373,9 @@ class Worker:
             self._errors.report("encode_failed", "cannot encode the answer to %r: %s",
                                 answer.request_id, exc)
             return None
-        if ok:
-            self.metrics.replied(answer.split_id, reply - answer.timestamps.get("recv", reply))
         self._send_payload(addr, payload, ok=ok, split=answer.split_id)
+        if ok:  # counted after the answer is on its way, not in its latency
+            self.metrics.replied(answer.split_id, reply - answer.timestamps.get("recv", reply))
         return payload
 
     def _send_payload(self, addr: ReplyAddress, payload: bytes, *, ok: bool,
@@ -475,15 +475,24 @@ class Worker:
         for job in jobs:
             self._forget(job)
             job.request.timestamps["batched"] = batched
-            self.metrics.queued(split_id, batched - job.received)
+        try:
+            self._answer_jobs(split_id, jobs, per_job, t0, t1)
+        finally:  # the metrics after the answers are on their way, not in their latency
+            for job in jobs:
+                self.metrics.queued(split_id, batched - job.received)
+            if not isinstance(per_job, Exception):
+                self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0,
+                                   split=split_id)
+
+    def _answer_jobs(self, split_id: str, jobs: list[Job],
+                     per_job: list[Outputs | Exception] | Exception, t0: float,
+                     t1: float) -> None:
         if isinstance(per_job, Exception):
             for job in jobs:
                 self._fail(ErrorCode.INTERNAL, f"the tail of split {split_id!r} failed on "
                            "this request", msg=None, addr=job.reply, now=job.received,
                            env=job.request, exc_info=per_job)
             return
-        self.metrics.batch(len(jobs), sum(job.samples for job in jobs), t1 - t0,
-                           split=split_id)
         tail = self._tail_of(split_id, jobs)
         specs = tail.output_specs
         for job, outputs in zip(jobs, per_job, strict=True):
