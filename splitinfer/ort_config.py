@@ -127,9 +127,9 @@ def best_times(runs: Sequence[Callable[[], object]], *, rounds: int = 7,
     on a busy 2-vCPU VM: 1 thread 7.0 ms vs the pool's 5.8 one time, 4.9 another).
 
     ``groups`` > 1 repeats that ``groups`` times, ``gap_s`` apart, each after one untimed
-    round: a pool whose threads the scheduler keeps on one core for a while (seen for
-    tens of ms on such a VM: a 2-thread MobileNetV2 tail at 4.6 ms against 3.3, beside
-    4.9 on one thread) has its best measured in another group."""
+    round: a pool that gets no parallel speed-up for a moment (on such a VM the second
+    vCPU is sometimes away: a 2-thread MobileNetV2 tail at 4.6 ms against 3.3, beside 4.9
+    on one thread) has its best measured in another group."""
     times: list[list[float]] = [[] for _ in runs]
     for group in range(max(1, groups)):
         if group:
