@@ -135,13 +135,16 @@ def test_adaptive_fleet_reports_splits_switches_and_draws(
 
 def test_link_schedule_moves_every_link_and_switches_are_well_formed(
         digits_bundle: Path, mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=5.0, speed=SLOW,
-                  link_schedule="wifi@0s,3g@3s").report
+    # 3.5 s on 3g: a device that started on edge_only and moved to the cloud on wifi (at
+    # ~2 s) needs 1.2-1.4 s of 3g observations to move back, sometimes more (2 s was
+    # seen to be too short now and then, on both sides of 2026-12-04's changes)
+    report = _run(digits_bundle, mosquitto, tmp_path, duration_s=6.0, speed=SLOW,
+                  link_schedule="wifi@0s,3g@2.5s").report
     _accounted(report)
     assert report["lost"] == 0
     assert [e["link"] for e in report["link_schedule"]] == ["wifi", "3g"]
     applied = [e["applied_s"] for e in report["link_schedule"]]
-    assert applied[0] == pytest.approx(0.0, abs=0.2) and applied[1] == pytest.approx(3.0,
+    assert applied[0] == pytest.approx(0.0, abs=0.2) and applied[1] == pytest.approx(2.5,
                                                                                      abs=0.2)
     # the proxies started from the schedule's first entry (no --link given)
     assert [g["spec"] for g in report["links"]] == ["wifi"]
@@ -155,9 +158,19 @@ def test_link_schedule_moves_every_link_and_switches_are_well_formed(
     assert len(devices) <= 3
     times = [s["t_s"] for s in report["switches"]]
     assert times == sorted(times)
-    # on 3g the devices' own observations moved them to edge_only: the proxies did change
+    # on 3g the devices' own observations put them on edge_only: the proxies did change.
+    # Every device ends there; one that was on a cloud split when 3g came moved after it.
+    # (A device may start on edge_only and find wifi no better at x60: it never moves.)
     edge = Bundle.load(digits_bundle).get("edge_only").split_id
-    assert any(s["t_s"] > 3.0 and s["to"] == edge for s in report["switches"])
+    assert report["adaptive"]["current"] == {edge: 3}, report["adaptive"]["current"]
+    on_cloud = {}  # device -> on a cloud split at the 3g switch
+    for s in report["switches"]:
+        if s["t_s"] <= 2.5:
+            on_cloud[s["device"]] = s["to"] != edge
+    for device, cloud in on_cloud.items():
+        if cloud:
+            assert any(s["device"] == device and s["t_s"] > 2.5 and s["to"] == edge
+                       for s in report["switches"]), device
 
 
 def test_link_cut_is_answered_on_the_device_and_nothing_is_lost(
