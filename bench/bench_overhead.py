@@ -23,7 +23,10 @@ the worker's result envelope holds; the trip ends when the answer arrives.
 
 One request at a time, its floors measured right beside it — head and tail at every
 setting, the raw round trip, then the real request — so drift in the machine's speed and
-the state of its caches hit all of them alike, as they hit the real request.
+the state of its caches hit all of them alike, as they hit the real request. As every
+floor run follows an untimed run of its session, every block of real requests follows
+one untimed request. The report names the thread counts the worker chose for its tail
+and the agent for its head at load (``worker_tail``, ``agent_head``).
 
 Spinning: in the floor's spinning setting the pool threads spin while a run lasts and stop
 when it returns (``session.force_spinning_stop``; the worker's and the agent's default too,
