@@ -554,9 +554,7 @@ class _HeadChoice(logging.Handler):
         self.choice: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if ": head on " in message:
-            self.choice = message.split(": head on ", 1)[1].strip()
+        self.choice = _chosen(record.getMessage(), "head") or self.choice
 
     @contextlib.contextmanager
     def listening(self) -> Iterator[None]:
@@ -574,11 +572,17 @@ class _HeadChoice(logging.Handler):
             logger.propagate = propagate
 
 
+def _chosen(line: str, side: str) -> str | None:
+    """The threads named by a "split …: {side} on N threads (…)" log line, else None."""
+    marker = f": {side} on "
+    return line.split(marker, 1)[1].strip() if marker in line else None
+
+
 def _worker_tail(log: Path) -> str | None:
     """What the worker chose for its tail at load (its "tail on ..." log line)."""
     for line in log.read_text(errors="replace").splitlines():
-        if ": tail on " in line:
-            return line.split(": tail on ", 1)[1].strip()
+        if (choice := _chosen(line, "tail")) is not None:
+            return choice
     return None
 
 

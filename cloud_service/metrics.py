@@ -100,10 +100,10 @@ class Metrics:
         self.registry.register(_Collector(self))
         # (histogram, split label) -> its child: labels() takes a lock and checks its
         # arguments on every call, four times per request
-        self._children: dict[tuple[int, str], Any] = {}
+        self._children: dict[tuple[Histogram, str], Any] = {}
 
     def _child(self, histogram: Histogram, label: str) -> Any:
-        key = (id(histogram), label)
+        key = (histogram, label)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = histogram.labels(label)

@@ -162,7 +162,7 @@ class PendingRequests:
         pending.epoch = self._epoch
         pending.due = 0.0  # this publish supersedes a re-send scheduled before it
         nowait = getattr(transport, "publish_nowait", None)
-        if nowait is not None and not self._chunked(transport, pending):
+        if nowait is not None and self._chunk_limit(transport, pending) is None:
             # Sent now, no task: the PUBACK's future finishes the bookkeeping.
             begun = self._begin(pending)
             if begun is None:
@@ -183,10 +183,15 @@ class PendingRequests:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _chunked(self, transport: Transport, pending: _Pending) -> bool:
+    def _topic(self, pending: _Pending) -> str:
+        return pending.split.request_topic if pending.split is not None else self.request_topic
+
+    def _chunk_limit(self, transport: Transport, pending: _Pending) -> int | None:
+        """The broker's packet limit when ``pending`` must go in chunks under it, else None."""
         limit = getattr(transport, "max_packet_size", None)
-        topic = pending.split.request_topic if pending.split is not None else self.request_topic
-        return bool(limit) and chunks.needs_chunking(len(pending.payload), limit, topic)
+        if limit and chunks.needs_chunking(len(pending.payload), limit, self._topic(pending)):
+            return int(limit)
+        return None
 
     def _begin(self, pending: _Pending) -> tuple[str, PublishOptions, float] | None:
         """Count a publish of ``pending`` about to go out: its topic, MQTT 5 options and
@@ -202,8 +207,7 @@ class PendingRequests:
         pending.sent_at = started
         pending.publishes += 1
         self._counters.published += 1
-        topic = pending.split.request_topic if pending.split is not None else self.request_topic
-        return topic, options, started
+        return self._topic(pending), options, started
 
     async def _publish(self, transport: Transport, pending: _Pending) -> None:
         begun = self._begin(pending)
@@ -211,8 +215,8 @@ class PendingRequests:
             return
         topic, options, started = begun
         try:
-            limit = getattr(transport, "max_packet_size", None)
-            if limit and chunks.needs_chunking(len(pending.payload), limit, topic):
+            limit = self._chunk_limit(transport, pending)
+            if limit is not None:
                 reason = await self._publish_chunks(transport, topic, pending, limit, options)
             else:
                 reason = await transport.publish(topic, pending.payload,

@@ -279,8 +279,7 @@ class MqttClient:
         self._fd = -1
         self._reading = False
         self._writing = False
-        self._flush_scheduled = False
-        self._flush_handle: asyncio.Handle | None = None
+        self._flush_handle: asyncio.Handle | None = None  # a write waiting for its turn
         # a publish was queued while reading (an answer sent from on_message): it goes
         # out before the next packet is read, not after the whole read burst
         self._urgent = False
@@ -499,12 +498,11 @@ class MqttClient:
         self._writing = False
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._loop is not None and self._fd >= 0:
-            self._flush_scheduled = True
+        if self._flush_handle is None and self._loop is not None and self._fd >= 0:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = self._urgent = False
+        self._urgent = False
         if self._flush_handle is not None:
             self._flush_handle.cancel()  # a no-op when it is the handle running this
             self._flush_handle = None
@@ -538,7 +536,7 @@ class MqttClient:
             return
         if rc and self._lost_exc is None:
             self._lose(f"paho rc {rc}")
-        elif self._urgent and self._flush_scheduled:
+        elif self._urgent and self._flush_handle is not None:
             # Written here, outside paho's callbacks (a write from inside one could
             # complete a QoS 0 publish, whose on_publish takes paho's callback lock),
             # rather than at the loop's next turn after a further read.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,8 @@ from splitinfer import gctune
 from splitinfer.errors import StartupError
 
 
-@pytest.fixture()
-def restored_gc() -> Iterator[None]:
-    before = gc.get_threshold()
-    yield
-    gc.unfreeze()
-    gc.set_threshold(*before)
-
-
-@pytest.mark.usefixtures("restored_gc")
 def test_tune_for_serving_freezes_the_heap_and_raises_the_young_threshold() -> None:
+    # conftest's autouse fixture gives the collector back afterwards
     gc.set_threshold(700, 10, 10)
     keep = [object() for _ in range(100)]  # start-up objects: frozen, never walked again
     assert gctune.tune_for_serving() == (gctune.YOUNG_THRESHOLD, 10, 10)
